@@ -1,0 +1,9 @@
+"""The one exception type that means "the user gave us something we cannot use".
+
+The CLI turns it into a single line on stderr and exit code 2; everything else
+is a bug or a failed run and is reported as such.
+"""
+
+
+class GradlabError(Exception):
+    """Bad input: the message names what is wrong and how to fix it."""

@@ -1,0 +1,359 @@
+"""Trials: every arm from the same initial weights, on the same examples in the same order.
+
+For each trial the baseline arm trains first and leaves its weights before every
+step. Then each arm
+
+* trains on its own for ``steps`` steps (the trajectory: where training ends up),
+* and, every ``probe_every`` steps, computes its gradient at the *baseline's*
+  weights on the baseline's batch (the probe: the gradient alone, nothing else
+  differs),
+
+and the numbers go to the run directory as each trial finishes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradlab import engine, probe, zoo
+from gradlab.errors import GradlabError
+from gradlab.spec import Arm, Settings, Trial
+from gradlab.store import RunDir
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64,
+          "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# the CSV files of a run directory, in the order they are written
+TABLES = ("summary", "steps", "probe", "eval", "trace", "weights", "checks")
+
+# summary keys: the --json contract reads these names
+SUMMARY_METRICS = ("max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "final_loss",
+                   "max_rel_loss_diff", "final_weight_dist", "final_test_loss",
+                   "final_test_accuracy")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GradlabError("device=cuda but this machine has no CUDA device (or this torch "
+                           "build has no CUDA); use --set device=cpu or device=auto")
+    return torch.device(name)
+
+
+@dataclass
+class Prepared:
+    """An arm with its data and a freshly initialised model, ready to train."""
+    arm: Arm
+    data: zoo.Data
+    model: nn.Module
+    device: torch.device
+
+    @property
+    def s(self) -> Settings:
+        return self.arm.settings
+
+
+def call_factory(kind: str, name: str, *args) -> Any:
+    """Call a built-in or user factory; a user's exception becomes a one-line input error."""
+    factory = zoo.resolve(kind, name)
+    try:
+        return factory(*args)
+    except GradlabError:
+        raise
+    except Exception as err:
+        signature = "(settings)" if kind == "dataset" else "(settings, data)"
+        raise GradlabError(f"{kind} '{name}' failed: {type(err).__name__}: {err}; a {kind} "
+                           f"factory is called as factory{signature}") from None
+
+
+def load_data(s: Settings, device: torch.device) -> zoo.Data:
+    data = call_factory("dataset", s.dataset, s)
+    if isinstance(data, tuple):  # a user's factory may return just (x, y)
+        x, y = data
+        data = zoo.Data(x, y, loss="cross_entropy" if not y.is_floating_point() else "mse")
+    if not isinstance(data, zoo.Data):
+        raise GradlabError(f"dataset '{s.dataset}' returned {type(data).__name__}; "
+                           f"return gradlab.zoo.Data or a tuple (x, y)")
+    dtype = DTYPES[s.dtype]
+
+    def cast(t):
+        if t is None:
+            return None
+        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+    return zoo.Data(cast(data.x_train), cast(data.y_train), cast(data.x_test),
+                    cast(data.y_test), data.loss, data.shuffle)
+
+
+def build_model(s: Settings, data: zoo.Data, device: torch.device) -> nn.Module:
+    torch.manual_seed(s.seed)  # every arm of a trial starts from the same weights
+    model = call_factory("model", s.model, s, data)
+    if not isinstance(model, nn.Module):
+        raise GradlabError(f"model '{s.model}' returned {type(model).__name__}, "
+                           f"not a torch.nn.Module")
+    return model.to(device, DTYPES[s.dtype])
+
+
+def check_micro_batches(arm: Arm, model: nn.Module) -> None:
+    """BatchNorm1d needs two values per channel; a micro-batch of one example has one."""
+    s = arm.settings
+    smallest = s.batch_size // s.accum_steps
+    has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    if has_bn1d and smallest == 1 and s.bn_mode == "train":
+        raise GradlabError(
+            f"arm '{arm.name}': BatchNorm1d would see micro-batches of 1 example "
+            f"(batch_size={s.batch_size}, accum_steps={s.accum_steps}), so one value per "
+            f"channel and no batch statistics; use norm=gn or norm=ln, or a smaller accum_steps")
+
+
+def prepare(arm: Arm, data_cache: dict) -> Prepared:
+    s = arm.settings
+    device = resolve_device(s.device)
+    key = (s.dataset, s.dtype, str(device))
+    if key not in data_cache:
+        data_cache[key] = load_data(s, device)
+    data = data_cache[key]
+    model = build_model(s, data, device)
+    check_micro_batches(arm, model)
+    return Prepared(arm, data, model, device)
+
+
+def preflight(trials: list[Trial]) -> None:
+    """Build every arm once before anything is written, so bad input fails fast and clean."""
+    cache: dict = {}
+    for trial in trials:
+        for arm in trial.arms:
+            prepared = prepare(arm, cache)
+            if len(prepared.data.x_train) < arm.settings.batch_size:
+                raise GradlabError(
+                    f"arm '{arm.name}': batch_size={arm.settings.batch_size} but dataset "
+                    f"'{arm.settings.dataset}' has {len(prepared.data.x_train)} training "
+                    f"examples; use a smaller batch_size")
+            try_forward(prepared)
+
+
+def try_forward(p: Prepared) -> None:
+    """One forward and loss on the smallest micro-batch, to catch shape and dtype mismatches."""
+    s = p.s
+    x, y = engine.split(p.data.x_train[:s.batch_size], p.data.y_train[:s.batch_size],
+                        s.accum_steps)[-1]
+    engine.set_train_mode(p.model, s)
+    try:
+        with torch.no_grad():
+            engine.mean_loss(p.model, x, y, p.data.loss)
+    except (RuntimeError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise GradlabError(f"arm '{p.arm.name}': model '{s.model}' on dataset '{s.dataset}' "
+                           f"(micro-batch of {len(x)}, {s.dtype}) failed: {first}") from None
+
+
+def batches(data: zoo.Data, s: Settings) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The seeded stream of examples, B at a time; every arm of a trial reads the same one."""
+    n = len(data.x_train)
+    g = torch.Generator().manual_seed(s.seed)
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(order) < s.batch_size:  # epochs are concatenated, reshuffled each time
+            epoch = torch.randperm(n, generator=g) if data.shuffle else torch.arange(n)
+            order = torch.cat([order, epoch])
+        idx, order = order[:s.batch_size].to(data.x_train.device), order[s.batch_size:]
+        yield data.x_train[idx], data.y_train[idx]
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().double().flatten() for p in model.parameters()])
+
+
+def evaluate(model: nn.Module, data: zoo.Data) -> dict[str, float]:
+    if data.x_test is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(data.x_test)
+        loss = engine.mean_loss(model, data.x_test, data.y_test, data.loss).item()
+    model.train(was_training)
+    accuracy = (float((out.argmax(1) == data.y_test).double().mean())
+                if data.loss == "cross_entropy" else math.nan)
+    return {"test_loss": loss, "test_accuracy": accuracy}
+
+
+@dataclass
+class BaselineRecord:
+    """What the baseline leaves for the other arms: its weights along the way."""
+    states: list[dict[str, torch.Tensor]] = field(default_factory=list)  # before each step
+    params_after: dict[int, torch.Tensor] = field(default_factory=dict)  # examples -> params
+    loss_at: dict[int, float] = field(default_factory=dict)  # examples -> step loss
+    grads: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # step -> gradient
+
+
+@dataclass
+class TrialResult:
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    probe: list[dict[str, Any]] = field(default_factory=list)
+    eval: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    weights: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_trial(trial: Trial, data_cache: dict, advance: Callable[[int], None]) -> TrialResult:
+    result = TrialResult()
+    base = prepare(trial.baseline, data_cache)
+    record = BaselineRecord()
+    ordered = [base] + [prepare(a, data_cache) for a in trial.arms if not a.baseline]
+    for prepared in ordered:
+        rows = train_arm(trial, prepared, base, record, result)
+        result.summary.append(summarise(trial, prepared, rows))
+        advance(prepared.s.steps)
+    return result
+
+
+def same_architecture(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
+
+
+def train_arm(trial: Trial, p: Prepared, base: Prepared, record: BaselineRecord,
+              result: TrialResult) -> dict[str, list]:
+    s, is_base = p.s, p.arm.baseline
+    ids = {"trial": trial.index, "arm": p.arm.name}
+    comparable = same_architecture(p.model, base.model)
+    probe_model = build_model(s, p.data, p.device) if comparable and not is_base else None
+    optimizer = engine.make_optimizer(p.model, s)
+    collected: dict[str, list] = {"probe": [], "steps": [], "eval": []}
+    stream = batches(p.data, s)
+    examples = 0
+    if s.trace:
+        result.weights += _weights(ids, 0, p.model)
+    for step in range(1, s.steps + 1):
+        x, y = next(stream)
+        if is_base:
+            record.states.append({k: v.clone() for k, v in p.model.state_dict().items()})
+        elif probe_model is not None and _probe_due(s, step) and step <= len(record.states) \
+                and s.batch_size == base.s.batch_size:
+            rows = probe_step(probe_model, s, base, record, step, x, y)
+            collected["probe"] += [{**ids, "step": step, **r} for r in rows]
+
+        trace = _trace_hook(ids, step, result.trace) if s.trace else None
+        stats = engine.train_step(p.model, optimizer, x, y, s, p.data.loss, trace)
+        examples += s.batch_size
+        if s.trace:
+            result.weights += _weights(ids, step, p.model)
+
+        params = flat_params(p.model)
+        if is_base:
+            record.params_after[examples] = params
+            record.loss_at[examples] = stats.loss
+        ref = record.params_after.get(examples) if comparable else None
+        ref_loss = record.loss_at.get(examples, math.nan)
+        collected["steps"].append({
+            **ids, "step": step, "examples": examples, "loss": stats.loss,
+            "grad_norm": stats.grad_norm, "update_norm": stats.update_norm,
+            "weight_dist": (params - ref).norm().item() if ref is not None else math.nan,
+            "rel_loss_diff": abs(stats.loss - ref_loss) / abs(ref_loss) if ref_loss else math.nan,
+        })
+        if (s.eval_every and step % s.eval_every == 0) or step == s.steps:
+            metrics = evaluate(p.model, p.data)
+            if metrics:
+                collected["eval"].append({**ids, "step": step, "examples": examples, **metrics})
+
+    result.probe += collected["probe"]
+    result.steps += collected["steps"]
+    result.eval += collected["eval"]
+    return collected
+
+
+def _probe_due(s: Settings, step: int) -> bool:
+    return step == 1 or (s.probe_every > 0 and (step - 1) % s.probe_every == 0)
+
+
+def gradient_at(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor, s: Settings, loss_kind: str) -> dict[str, torch.Tensor]:
+    """The gradient an arm's policy produces for one batch at the given weights."""
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    engine.accumulate(model, x, y, s, loss_kind)
+    return probe.grads_of(model)
+
+
+def probe_step(probe_model: nn.Module, s: Settings, base: Prepared, record: BaselineRecord,
+               step: int, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
+    """Arm's gradient vs the baseline's, both at the baseline's weights before ``step``."""
+    state = record.states[step - 1]
+    if step not in record.grads:  # the baseline has finished training, so its model is free
+        record.grads[step] = gradient_at(base.model, state, x, y, base.s, base.data.loss)
+    arm = gradient_at(probe_model, state, x, y, s, base.data.loss)
+    return probe.compare_grads(arm, record.grads[step])
+
+
+def _trace_hook(ids: dict, step: int, sink: list) -> engine.TraceHook:
+    def record(micro_batch: int, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            grad = p.grad.detach().double().flatten() if p.grad is not None else None
+            for element in range(p.numel()):
+                sink.append({**ids, "step": step, "micro_batch": micro_batch + 1,
+                             "param": name, "element": element,
+                             "grad": grad[element].item() if grad is not None else 0.0})
+    return record
+
+
+def _weights(ids: dict, step: int, model: nn.Module) -> list[dict[str, Any]]:
+    """Every parameter element after ``step`` (0: the initial weights), for traced runs."""
+    return [{**ids, "step": step, "param": name, "element": i, "value": v}
+            for name, p in model.named_parameters()
+            for i, v in enumerate(p.detach().double().flatten().tolist())]
+
+
+def summarise(trial: Trial, p: Prepared, rows: dict[str, list]) -> dict[str, Any]:
+    s = p.s
+    overall = [r for r in rows["probe"] if r["param"] == "*"]
+    steps, evals = rows["steps"], rows["eval"]
+    tolerance = probe.rel_tolerance(s.dtype, s.accum_steps)
+    out: dict[str, Any] = {
+        "trial": trial.index, "arm": p.arm.name, "baseline": p.arm.baseline,
+        **{key: getattr(s, key) for key in trial.swept},  # the arm's own value of each
+        "batch_size": s.batch_size, "accum_steps": s.accum_steps, "micro_batch": s.micro_batch,
+        "dtype": s.dtype,
+        "max_rel_grad_err": max((r["rel_l2_err"] for r in overall), default=math.nan),
+        "max_abs_grad_err": max((r["max_abs_err"] for r in overall), default=math.nan),
+        "min_grad_cosine": min((r["cosine"] for r in overall), default=math.nan),
+        "final_loss": steps[-1]["loss"],
+        "max_rel_loss_diff": max((r["rel_loss_diff"] for r in steps), default=math.nan),
+        "final_weight_dist": steps[-1]["weight_dist"],
+        "final_test_loss": evals[-1]["test_loss"] if evals else math.nan,
+        "final_test_accuracy": evals[-1]["test_accuracy"] if evals else math.nan,
+        "rel_tolerance": math.nan if p.arm.baseline else tolerance,
+        "expect": p.arm.expect or "",
+    }
+    out["verdict"] = verdict(p.arm, out["max_rel_grad_err"], tolerance)
+    return out
+
+
+def verdict(arm: Arm, rel_err: float, tolerance: float) -> str:
+    if arm.baseline:
+        return "baseline"
+    if math.isnan(rel_err):
+        return "not probed"
+    return "equivalent" if rel_err <= tolerance else "differs"
+
+
+def run_trials(trials: list[Trial], run_dir: RunDir,
+               advance: Callable[[int], None] = lambda n: None) -> list[TrialResult]:
+    """Run every trial, appending its rows to the run directory as soon as it is done."""
+    cache: dict = {}
+    results = []
+    for trial in trials:
+        result = run_trial(trial, cache, advance)
+        for table in TABLES:
+            run_dir.append(table, getattr(result, table))
+        results.append(result)
+    return results

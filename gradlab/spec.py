@@ -1,0 +1,327 @@
+"""Specs, arms and trials: what to run, as data.
+
+A spec is a TOML file: base ``[settings]``, named ``[arms.NAME]`` tables that
+override them (one marked ``baseline = true``) and ``[sweep]`` axes. Expanding a
+spec gives trials; each trial holds every arm, fully resolved into frozen
+``Settings``. Precedence, lowest first: defaults < [settings] < sweep value <
+arm override. ``--set key=v`` replaces the setting in [settings] and drops a
+sweep axis of that key; ``--set key=a,b`` makes it a sweep axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gradlab.errors import GradlabError
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+NORMS = ("none", "bn", "gn", "ln", "in")
+ZERO_GRAD_POLICIES = ("every-n", "every-step", "never", "after-backward")
+LOSS_SCALES = ("by-size", "by-count", "none")
+
+
+def _setting(default, help: str, choices: tuple[str, ...] | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides how one arm trains. Names are part of the CLI contract."""
+
+    model: str = _setting(
+        "mlp", "toy-linear | mlp | cnn, or your own 'pkg.module:factory'")
+    dataset: str = _setting(
+        "regression", "toy-pairs | regression | digits, or your own 'pkg.module:factory'")
+    norm: str = _setting("none", "normalisation layer in mlp/cnn: bn | gn | ln | in | none", NORMS)
+    hidden: int = _setting(5, "mlp: width of each hidden layer")
+    depth: int = _setting(1, "mlp: number of hidden layers")
+    channels: int = _setting(8, "cnn: channels of the first conv layer (the second has twice)")
+    groups: int = _setting(4, "GroupNorm: number of groups; must divide the channels")
+    batch_size: int = _setting(64, "B, the effective batch: examples per optimizer step")
+    accum_steps: int = _setting(1, "N, micro-batches per optimizer step (micro-batch = B/N)")
+    loss_scale: str = _setting(
+        "by-size",
+        "how each micro-batch loss is scaled before backward: by-size (x n_i/B, exact), "
+        "by-count (x 1/N, the textbook loss/N), none (forget to scale)",
+        LOSS_SCALES)
+    zero_grad: str = _setting(
+        "every-n",
+        "where zero_grad() runs: every-n (after each optimizer step, i.e. every N batches), "
+        "every-step (before every batch's backward), never, after-backward (between "
+        "backward and step)",
+        ZERO_GRAD_POLICIES)
+    set_to_none: bool = _setting(True, "zero_grad(set_to_none=...): drop .grad or fill it with 0")
+    bn_mode: str = _setting(
+        "train", "BatchNorm while training: train (batch statistics) or frozen (eval mode)",
+        ("train", "frozen"))
+    optimizer: str = _setting("sgd", "sgd | adam | adamw", ("sgd", "adam", "adamw"))
+    lr: float = _setting(0.05, "learning rate")
+    momentum: float = _setting(0.0, "sgd momentum")
+    weight_decay: float = _setting(0.0, "weight decay (L2 for sgd/adam, decoupled for adamw)")
+    steps: int = _setting(20, "optimizer steps each arm trains for")
+    seed: int = _setting(0, "seed for initial weights and the order of examples")
+    dtype: str = _setting("float32", "float32 | float64 | bfloat16 | float16", DTYPES)
+    device: str = _setting("cpu", "cpu | cuda | auto (cuda when available)", ("cpu", "cuda", "auto"))
+    probe_every: int = _setting(
+        1, "compare gradients at the baseline's weights every K steps (0: only before step 1)")
+    eval_every: int = _setting(0, "held-out evaluation every K steps (0: only after the last)")
+    trace: bool = _setting(False, "record the accumulated gradient after every micro-batch")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def field_of(cls, key: str) -> dataclasses.Field:
+        return {f.name: f for f in dataclasses.fields(cls)}[key]
+
+    @property
+    def micro_batch(self) -> int:
+        """Examples in the largest micro-batch (all are this size when N divides B)."""
+        return -(-self.batch_size // self.accum_steps)
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    settings: Settings
+    baseline: bool = False
+    expect: str | None = None  # "equivalent" | "differs" | None: what the spec promises
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Trial:
+    index: int
+    swept: dict[str, Any]  # the sweep values that define this trial
+    arms: tuple[Arm, ...]
+
+    @property
+    def baseline(self) -> Arm:
+        return next(a for a in self.arms if a.baseline)
+
+
+@dataclass
+class ArmSpec:
+    overrides: dict[str, Any]
+    baseline: bool = False
+    expect: str | None = None
+    help: str = ""
+
+
+@dataclass
+class Spec:
+    name: str
+    source: str  # path or "built-in NAME", for error messages
+    description: str
+    settings: dict[str, Any]
+    arms: dict[str, ArmSpec]
+    sweep: dict[str, list[Any]]
+    text: str = ""  # the TOML as read, kept in run.json
+
+
+ARM_META_KEYS = ("baseline", "expect", "help")
+TOP_KEYS = ("name", "description", "settings", "arms", "sweep")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def builtin_dir() -> Path:
+    return Path(str(resources.files("gradlab") / "experiments"))
+
+
+def builtin_specs() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(builtin_dir().glob("*.toml"))}
+
+
+def find_spec(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise GradlabError(f"spec file '{name_or_path}' does not exist; "
+                               f"give a .toml path or a built-in name ({_builtin_names()})")
+        return path
+    specs = builtin_specs()
+    if name_or_path not in specs:
+        raise GradlabError(f"no built-in experiment '{name_or_path}'; "
+                           f"choose one of {_builtin_names()} or give a path to a .toml spec")
+    return specs[name_or_path]
+
+
+def _builtin_names() -> str:
+    return ", ".join(builtin_specs()) or "none installed"
+
+
+def load_spec(name_or_path: str) -> Spec:
+    path = find_spec(name_or_path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise GradlabError(f"{path}: not valid TOML ({err}); fix the syntax") from None
+    return parse_spec(data, source=str(path), default_name=path.stem, text=text)
+
+
+def parse_spec(data: dict, source: str, default_name: str = "spec", text: str = "") -> Spec:
+    _reject_unknown(data, TOP_KEYS, source, "top level")
+    settings = data.get("settings", {})
+    _expect_table(settings, source, "[settings]")
+    for key, value in settings.items():
+        settings[key] = coerce(key, value, f"{source} [settings]")
+
+    arms: dict[str, ArmSpec] = {}
+    arm_tables = data.get("arms") or {"baseline": {"baseline": True}}
+    _expect_table(arm_tables, source, "[arms]")
+    for arm_name, table in arm_tables.items():
+        _expect_table(table, source, f"[arms.{arm_name}]")
+        where = f"{source} [arms.{arm_name}]"
+        overrides = {k: coerce(k, v, where) for k, v in table.items() if k not in ARM_META_KEYS}
+        expect = table.get("expect")
+        if expect not in (None, "equivalent", "differs"):
+            raise GradlabError(f"{where}: expect = {expect!r}; allowed: 'equivalent', 'differs'")
+        arms[arm_name] = ArmSpec(overrides, bool(table.get("baseline", False)), expect,
+                                 str(table.get("help", "")))
+    baselines = [n for n, a in arms.items() if a.baseline]
+    if len(baselines) != 1:
+        raise GradlabError(f"{source}: exactly one arm needs 'baseline = true' "
+                           f"(found {len(baselines)}: {', '.join(baselines) or 'none'})")
+
+    sweep = data.get("sweep", {})
+    _expect_table(sweep, source, "[sweep]")
+    for axis, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise GradlabError(f"{source} [sweep]: '{axis}' must be a non-empty list of values")
+        where = f"{source} [sweep] {axis}"
+        if all(isinstance(v, dict) for v in values):  # a zipped axis: each value sets several keys
+            sweep[axis] = [{k: coerce(k, x, where) for k, x in v.items()} for v in values]
+        else:
+            sweep[axis] = [coerce(axis, v, where) for v in values]
+
+    return Spec(name=str(data.get("name", default_name)), source=source,
+                description=str(data.get("description", "")), settings=settings,
+                arms=arms, sweep=sweep, text=text)
+
+
+def _reject_unknown(data: dict, allowed, source: str, where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise GradlabError(f"{source}: unknown key '{key}' at {where}; "
+                               f"allowed: {', '.join(allowed)}")
+
+
+def _expect_table(value, source: str, where: str) -> None:
+    if not isinstance(value, dict):
+        raise GradlabError(f"{source}: {where} must be a table")
+
+
+# ----------------------------------------------------------------------------- values
+
+def coerce(key: str, value: Any, where: str) -> Any:
+    """Check one setting against its declared type and choices; parse it if it is a string."""
+    if key not in Settings.names():
+        raise GradlabError(f"{where}: unknown setting '{key}'; allowed: "
+                           f"{', '.join(Settings.names())} (see 'gradlab list')")
+    f = Settings.field_of(key)
+    kind = type(f.default)
+    if isinstance(value, str) and kind is not str:
+        value = _parse(value, kind, key, where)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise GradlabError(f"{where}: {key} = {value!r} must be {kind.__name__} "
+                           f"(e.g. {key} = {f.default!r})")
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise GradlabError(f"{where}: {key} = {value!r} is not allowed; "
+                           f"choose one of: {', '.join(choices)}")
+    return value
+
+
+def _parse(text: str, kind: type, key: str, where: str) -> Any:
+    text = text.strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        return kind(text)
+    except ValueError:
+        raise GradlabError(f"{where}: {key} = {text!r} is not a valid {kind.__name__}") from None
+
+
+def apply_overrides(spec: Spec, assignments: list[str]) -> Spec:
+    """Apply ``--set key=value`` (one value: a setting; a comma list: a sweep axis)."""
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise GradlabError(f"--set {item!r}: write --set key=value (or key=v1,v2 to sweep)")
+        values = [coerce(key, v, f"--set {key}") for v in raw.split(",")]
+        if len(values) == 1:
+            spec.settings[key] = values[0]
+            spec.sweep.pop(key, None)
+        else:
+            spec.sweep[key] = values
+        # a --set beats the same key inside a zipped sweep axis
+        for axis, axis_values in spec.sweep.items():
+            if axis != key and axis_values and isinstance(axis_values[0], dict):
+                for v in axis_values:
+                    v.pop(key, None)
+    return spec
+
+
+# ----------------------------------------------------------------------------- expansion
+
+def expand(spec: Spec) -> list[Trial]:
+    """All trials of a spec: the product of its sweep axes, each with every arm resolved."""
+    axes = list(spec.sweep.items())
+    trials: list[Trial] = []
+    seen: set = set()
+    for combo in itertools.product(*(values for _, values in axes)):
+        swept: dict[str, Any] = {}
+        for (axis, _), value in zip(axes, combo, strict=True):
+            swept.update(value if isinstance(value, dict) else {axis: value})
+        key = tuple(sorted(swept.items()))
+        if key in seen:  # a --set made two sweep values identical
+            continue
+        seen.add(key)
+        arms = []
+        for arm_name, arm in spec.arms.items():
+            merged = {**spec.settings, **swept, **arm.overrides}
+            settings = Settings(**merged)
+            validate(settings, f"{spec.source} arm '{arm_name}'")
+            arms.append(Arm(arm_name, settings, arm.baseline, arm.expect, arm.help))
+        trials.append(Trial(len(trials), swept, tuple(arms)))
+    return trials
+
+
+def validate(s: Settings, where: str) -> None:
+    """Checks that need more than one setting, or a range. Raises GradlabError."""
+    def fail(msg: str):
+        raise GradlabError(f"{where}: {msg}")
+
+    if s.batch_size < 1:
+        fail(f"batch_size={s.batch_size}; it must be at least 1")
+    if s.accum_steps < 1:
+        fail(f"accum_steps={s.accum_steps}; N must be at least 1 (1 = no accumulation)")
+    if s.accum_steps > s.batch_size:
+        fail(f"accum_steps={s.accum_steps} is larger than batch_size={s.batch_size}, so a "
+             f"micro-batch would be empty; use accum_steps <= batch_size")
+    if s.steps < 1:
+        fail(f"steps={s.steps}; train for at least 1 step")
+    if s.lr < 0:
+        fail(f"lr={s.lr}; the learning rate cannot be negative")
+    for name in ("hidden", "depth", "channels", "groups"):
+        if getattr(s, name) < 1:
+            fail(f"{name}={getattr(s, name)}; it must be at least 1")
+    for name in ("probe_every", "eval_every", ):
+        if getattr(s, name) < 0:
+            fail(f"{name}={getattr(s, name)}; use 0 or a positive number of steps")

@@ -1,0 +1,40 @@
+"""Built-in models and datasets, and the import-path hook for your own.
+
+A dataset factory takes the arm's ``Settings`` and returns ``Data``; a model
+factory takes ``(settings, data)`` and returns a ``torch.nn.Module`` whose
+forward maps a batch of ``data.x_train`` to predictions for ``data.loss``.
+Your own: ``--set model=mypkg.models:make_net`` (or ``dataset=...``), where
+``make_net(settings, data)`` has that same signature.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from gradlab.errors import GradlabError
+from gradlab.zoo.data import DATASETS, Data
+from gradlab.zoo.models import MODELS
+
+__all__ = ["Data", "DATASETS", "MODELS", "resolve"]
+
+
+def resolve(kind: str, name: str) -> Callable:
+    """A built-in factory by name, or the user's own from 'pkg.module:callable'."""
+    table = {"model": MODELS, "dataset": DATASETS}[kind]
+    if name in table:
+        return table[name][0]
+    if ":" not in name:
+        raise GradlabError(f"unknown {kind} '{name}'; choose one of {', '.join(table)} "
+                           f"or give your own as 'pkg.module:factory'")
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise GradlabError(f"{kind} '{name}': cannot import module '{module_name}' ({err}); "
+                           f"check the name and that it is on PYTHONPATH") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise GradlabError(f"{kind} '{name}': module '{module_name}' has no callable "
+                           f"'{attr}'; give 'pkg.module:factory'")
+    return factory

@@ -1,0 +1,60 @@
+"""Built-in datasets. Nothing is downloaded: digits ship with scikit-learn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Data:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor | None = None
+    y_test: torch.Tensor | None = None
+    loss: str = "mse"  # "mse" (targets shaped like predictions) | "cross_entropy" (class ids)
+    shuffle: bool = True  # False keeps the examples in the order given (the toy)
+
+    @property
+    def n_outputs(self) -> int:
+        return int(self.y_train.max()) + 1 if self.loss == "cross_entropy" else self.y_train.shape[1]
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def toy_pairs(settings) -> Data:
+    """The StackOverflow toy: two examples, x=4 then x=2, target 2x, in that order."""
+    x = torch.tensor([[4.0], [2.0]], dtype=torch.float64)
+    return Data(x, 2 * x, loss="mse", shuffle=False)
+
+
+def regression(settings) -> Data:
+    """Synthetic linear regression with noise: 1024 train and 256 test examples, 10 features."""
+    g = torch.Generator().manual_seed(1234)  # fixed data; the trial seed varies init and order
+    x = torch.randn(1280, 10, generator=g, dtype=torch.float64)
+    w = torch.randn(10, 1, generator=g, dtype=torch.float64)
+    y = x @ w + 0.1 * torch.randn(1280, 1, generator=g, dtype=torch.float64)
+    return Data(x[:1024], y[:1024], x[1024:], y[1024:], loss="mse")
+
+
+def digits(settings) -> Data:
+    """scikit-learn's 1797 8x8 digit images, scaled to [0, 1]; a fixed 20 % held out."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data, dtype=torch.float64).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    n_test = len(x) // 5
+    return Data(x[n_test:], y[n_test:], x[:n_test], y[:n_test], loss="cross_entropy")
+
+
+DATASETS = {
+    "toy-pairs": (toy_pairs, "two one-example batches x=4 then x=2, target 2x (the classic toy)"),
+    "regression": (regression, "synthetic linear regression, 10 features, 1024 train / 256 test"),
+    "digits": (digits, "scikit-learn's 8x8 digit images, 10 classes, 1438 train / 359 test"),
+}
