@@ -67,7 +67,8 @@ class Settings:
     steps: int = _setting(20, "optimizer steps each arm trains for")
     seed: int = _setting(0, "seed for initial weights and the order of examples")
     dtype: str = _setting("float32", "float32 | float64 | bfloat16 | float16", DTYPES)
-    device: str = _setting("cpu", "cpu | cuda | auto (cuda when available)", ("cpu", "cuda", "auto"))
+    device: str = _setting(
+        "cpu", "cpu | cuda | auto (cuda when available)", ("cpu", "cuda", "auto"))
     probe_every: int = _setting(
         1, "compare gradients at the baseline's weights every K steps (0: only before step 1)")
     eval_every: int = _setting(0, "held-out evaluation every K steps (0: only after the last)")

@@ -31,7 +31,7 @@ STATUSES = ("running", "complete", "failed", "interrupted")
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds")
 
 
 def versions() -> dict[str, str]:

@@ -18,7 +18,9 @@ class Data:
 
     @property
     def n_outputs(self) -> int:
-        return int(self.y_train.max()) + 1 if self.loss == "cross_entropy" else self.y_train.shape[1]
+        if self.loss == "cross_entropy":
+            return int(self.y_train.max()) + 1
+        return self.y_train.shape[1]
 
     @property
     def example_shape(self) -> tuple[int, ...]:
