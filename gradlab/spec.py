@@ -301,7 +301,11 @@ def expand(spec: Spec) -> list[Trial]:
             validate(settings, f"{spec.source} arm '{arm_name}'")
             arms.append(Arm(arm_name, settings, arm.baseline, arm.expect, arm.help))
         trials.append(Trial(len(trials), swept, tuple(arms)))
-    return trials
+    # every trial names the same keys, so CSV columns line up when zipped axes differ
+    keys = list(dict.fromkeys(k for t in trials for k in t.swept))
+    base = {**{f.name: f.default for f in dataclasses.fields(Settings)}, **spec.settings}
+    return [dataclasses.replace(t, swept={k: t.swept.get(k, base[k]) for k in keys})
+            for t in trials]
 
 
 def validate(s: Settings, where: str) -> None:
