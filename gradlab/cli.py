@@ -7,18 +7,19 @@ Data goes to stdout (the run directory's path, or one JSON document with
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import traceback
 from pathlib import Path
 from typing import Annotated
 
+import pandas as pd
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gradlab import probe, runner, spec, store, zoo
+from gradlab import compare, probe, runner, spec, store, zoo
 from gradlab.errors import GradlabError
 
 app = typer.Typer(
@@ -124,16 +125,6 @@ def json_document(run_dir: store.RunDir, trials: list[spec.Trial], summaries: li
                        for t in trials]}
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        return f"{value:.3g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
-    return str(value)
-
-
-HEADERS = {"accum_steps": "N", "max_rel_grad_err": "rel grad err", "rel_tolerance": "tolerance",
-           "min_grad_cosine": "min cos", "final_test_accuracy": "test acc"}
 NUMERIC = ("accum_steps", "max_rel_grad_err", "rel_tolerance", "min_grad_cosine", "final_loss",
            "final_test_accuracy")
 VERDICT_STYLE = {"equivalent": "green", "differs": "red", "baseline": "dim"}
@@ -146,13 +137,13 @@ def render_summary(name: str, trials: list[spec.Trial], summaries: list[dict]) -
     columns = [*swept, "arm", "accum_steps", "max_rel_grad_err", "rel_tolerance",
                "min_grad_cosine", "final_loss", "final_test_accuracy", "expect", "verdict"]
     columns = [c for c in dict.fromkeys(columns)
-               if any(not _is_nan(row.get(c)) and row.get(c) != "" for row in summaries)]
+               if any(not compare.is_missing(row.get(c)) and row.get(c) != "" for row in summaries)]
     for column in columns:
-        table.add_column(HEADERS.get(column, column.replace("_", " ")), no_wrap=True,
+        table.add_column(compare.HEADERS.get(column, column.replace("_", " ")), no_wrap=True,
                          justify="right" if column in NUMERIC else "left")
     for row in summaries:
         style = VERDICT_STYLE.get(row["verdict"], "")
-        cells = [_fmt(row.get(c)) for c in columns]
+        cells = [compare.fmt(row.get(c)) for c in columns]
         cells[-1] = f"[{style}]{cells[-1]}[/]" if style and columns[-1] == "verdict" else cells[-1]
         table.add_row(*cells)
     err.print(table)
@@ -160,10 +151,6 @@ def render_summary(name: str, trials: list[spec.Trial], summaries: list[dict]) -
               f"{probe.TOLERANCE_FACTOR:g} * max(N, 2) * u, u the unit roundoff of the dtype "
               f"(float32 2^-24, float64 2^-53); rel err = ||g_arm - g_baseline|| / "
               f"||g_baseline||.", highlight=False)
-
-
-def _is_nan(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def render_trace(traces: list[dict], weights: list[dict]) -> None:
@@ -223,3 +210,100 @@ def _first_comment(path: Path) -> str:
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+RunsArg = Annotated[list[Path], typer.Argument(
+    help="Run directories (the path `gradlab run` printed), or a folder holding several.",
+    show_default=False)]
+FormatOpt = Annotated[str, typer.Option(
+    "--format", "-f", help="table (for people, on stderr), csv, json or md (on stdout; md "
+                           "pastes into a pull request).")]
+
+
+@app.command("compare")
+def compare_(
+    runs: RunsArg,
+    baseline: Annotated[str | None, typer.Option(
+        help="Arm the loss difference is measured against (default: the run's baseline).")]
+    = None,
+    at_step: Annotated[int | None, typer.Option(
+        "--at-step", min=1, help="Read the metrics at step K instead of at the end.")] = None,
+    rtol: Annotated[float | None, typer.Option(
+        min=0.0, help="Relative gradient tolerance, in place of 16·max(N,2)·u.")] = None,
+    atol: Annotated[float | None, typer.Option(
+        min=0.0, help="Also call an arm equivalent when its max abs gradient error <= ATOL.")]
+    = None,
+    all_: Annotated[bool, typer.Option(
+        "--all", help="Show every column, not only the settings that differ between rows.")]
+    = False,
+    sort: Annotated[str | None, typer.Option(help="Sort the rows by this column.")] = None,
+    reverse: Annotated[bool, typer.Option("--reverse", "-r", help="Sort descending.")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Exit 1 when an arm does not do what its spec expects (for CI).")]
+    = False,
+    format_: FormatOpt = "table",
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare arms against their baseline, across trials and runs, with verdicts.
+
+    Rows that differ only by seed are shown as mean ± std.
+
+    Examples:
+
+    * `gradlab compare results/equivalence-20250101-120000`
+
+    * `gradlab compare results/ --format md` - every run in results/, as a Markdown table
+
+    * `gradlab compare RUN --check` - exit 1 if an arm expected equivalent is not (CI)
+    """
+    format_ = "json" if json_out else format_
+    if format_ not in compare.FORMATS:
+        raise fail(f"--format {format_}: choose one of {', '.join(compare.FORMATS)}")
+    try:
+        result = compare.compare(
+            store.load_runs(runs), reference=baseline, at_step=at_step,
+            tol=compare.Tolerance(rtol, atol), show_all=all_, sort=sort, descending=reverse)
+    except GradlabError as e:
+        raise fail(str(e)) from None
+    if format_ == "json":
+        typer.echo(store.dumps({"title": result.title, "columns": result.columns,
+                                "grouped_over_seeds": result.grouped, "rows": result.records(),
+                                "notes": result.notes, "check_failures": result.failures}))
+    elif format_ == "csv":
+        typer.echo(pd.DataFrame(result.records()).to_csv(index=False), nl=False)
+    elif format_ == "md":
+        typer.echo(result.markdown(), nl=False)
+    else:
+        render_comparison(result)
+    for line in result.failures:
+        err.print(f"[bold red]expectation failed:[/] {line}", highlight=False, soft_wrap=True)
+    if check and result.failures:
+        raise typer.Exit(1)
+
+
+def render_comparison(result: compare.Comparison) -> None:
+    # no vertical rules: a comparison is wide, and every character goes to the numbers
+    table = Table(title=result.title, title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, padding=(0, 1, 0, 0))
+    for column in result.columns:
+        header = result.header(column)
+        table.add_column(header, no_wrap=True, min_width=min(len(header), 8),
+                         justify="right" if result.numeric(column) else "left")
+    for cells in result.cells():
+        table.add_row(*(_styled(c, cell) for c, cell in zip(result.columns, cells, strict=True)))
+    # a terminal squeezes the table to fit; a log file or CI output gets it whole
+    natural = err.measure(table, options=err.options.update(max_width=10_000)).maximum
+    out = err if err.is_terminal else Console(stderr=True, width=max(err.width, natural))
+    out.print(table)
+    for note in result.notes:
+        err.print(note, highlight=False, soft_wrap=True)
+
+
+CHECK_STYLE = {"ok": "green", "FAIL": "bold red", "n/a": "dim"}
+
+
+def _styled(column: str, cell: str) -> str:
+    style = {"verdict": VERDICT_STYLE, "check": CHECK_STYLE}.get(column, {}).get(cell)
+    return f"[{style}]{cell}[/]" if style else cell

@@ -17,15 +17,19 @@ copied from other machines.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import math
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from gradlab.errors import GradlabError
 
 STATUSES = ("running", "complete", "failed", "interrupted")
 
@@ -102,3 +106,160 @@ def _jsonable(value: Any) -> Any:
 
 def dumps(value: Any) -> str:
     return json.dumps(_jsonable(value), indent=2)
+
+
+# ----------------------------------------------------------------------------- reading
+
+# what compare and plots need from each table; a file without these columns is not ours
+REQUIRED_COLUMNS = {
+    "summary": ("trial", "arm", "baseline", "accum_steps", "micro_batch", "max_rel_grad_err",
+                "max_abs_grad_err", "final_loss", "expect", "verdict"),
+    "steps": ("trial", "arm", "step", "examples", "loss", "grad_norm"),
+    "probe": ("trial", "arm", "step", "param", "max_abs_err", "rel_l2_err", "cosine"),
+    "eval": ("trial", "arm", "step", "examples", "test_loss", "test_accuracy"),
+}
+# the columns that must hold numbers: text in one means the file was damaged
+TEXT_COLUMNS = ("arm", "param", "expect", "verdict", "check")
+
+
+@dataclass
+class Run:
+    """A finished run directory, read back: run.json as ``meta``, each CSV as a DataFrame."""
+    path: Path
+    meta: dict[str, Any]
+    _tables: dict[str, pd.DataFrame | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def experiment(self) -> str:
+        return self.meta["experiment"]
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        """One CSV as a DataFrame (None when the run did not write it), checked on first read."""
+        if name not in self._tables:
+            self._tables[name] = _read_table(self.path / f"{name}.csv", name)
+        return self._tables[name]
+
+    def arm_settings(self) -> pd.DataFrame:
+        """One row per (trial, arm) with every setting of that arm, from run.json."""
+        return pd.DataFrame([{"trial": t["trial"], "arm": arm, **spec["settings"]}
+                             for t in self.meta["trials"] for arm, spec in t["arms"].items()])
+
+    def swept_keys(self) -> list[str]:
+        return list(dict.fromkeys(k for t in self.meta["trials"] for k in t.get("swept", {})))
+
+
+def load_run(path: Path) -> Run:
+    """Read a run directory, refusing anything unfinished or damaged. Reads only, never writes."""
+    path = Path(path)
+    if not path.is_dir():
+        raise GradlabError(f"'{path}' does not exist or is not a folder; give a run directory "
+                           f"(the path 'gradlab run' printed) or a folder of runs")
+    meta = _read_meta(path)
+    status = meta["status"]
+    if status == "running":
+        raise GradlabError(f"run '{path}' is still running (started {meta.get('started')}); "
+                           f"wait for it to finish, or rerun it if its process died")
+    if status in ("failed", "interrupted"):
+        reason = str(meta.get("error") or "").strip().splitlines()
+        why = f": {reason[-1]}" if reason else ""
+        raise GradlabError(f"run '{path}' {status}{why}; its results are incomplete, so rerun "
+                           f"the experiment ({' '.join(meta.get('command') or ['gradlab run'])})")
+    run = Run(path, meta)
+    for name in REQUIRED_COLUMNS:  # the tables compare and plots read, checked up front
+        run.table(name)
+    for name in ("summary", "steps"):
+        if run.table(name) is None:
+            raise GradlabError(f"run '{path}' has no {name}.csv although run.json says it is "
+                               f"complete; the folder is damaged, so rerun the experiment")
+    _check_complete(run)
+    return run
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / "run.json"
+    if not meta_path.is_file():
+        if not any(path.iterdir()):
+            raise GradlabError(f"'{path}' is an empty folder, not a run directory; give the "
+                               f"path 'gradlab run' printed")
+        raise GradlabError(f"'{path}' is not a run directory (no run.json in it); give the "
+                           f"path 'gradlab run' printed, or a folder that holds run directories")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise GradlabError(f"'{meta_path}' is corrupted or truncated ({err}); rerun the "
+                           f"experiment") from None
+    missing = [k for k in ("experiment", "status", "trials") if not isinstance(meta, dict)
+               or k not in meta]
+    if missing or meta["status"] not in STATUSES:
+        raise GradlabError(f"'{meta_path}' is not a gradlab run.json (missing or bad: "
+                           f"{', '.join(missing) or 'status'}); rerun the experiment")
+    return meta
+
+
+def _read_table(path: Path, name: str) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    damaged = f"'{path}' is truncated or corrupted"
+    raw = path.read_bytes()
+    # pandas fills a half-written last line with NaN without a word; every line we write ends
+    if not raw.endswith(b"\n") or not raw.startswith(b"trial,arm"):
+        where = "its last line is cut off" if raw.startswith(b"trial,arm") else \
+            "it does not start with the header 'trial,arm,...'"
+        raise GradlabError(f"{damaged} ({where}); rerun the experiment")
+    try:
+        frame = pd.read_csv(io.StringIO(raw.decode("utf-8")))
+    except (UnicodeDecodeError, pd.errors.ParserError) as err:
+        detail = str(err).strip().splitlines()[-1]
+        raise GradlabError(f"{damaged} ({detail}); rerun the experiment") from None
+    missing = [c for c in REQUIRED_COLUMNS.get(name, ("trial", "arm")) if c not in frame]
+    if missing:
+        raise GradlabError(f"{damaged} (no column {', '.join(missing)}); rerun the experiment")
+    for column in REQUIRED_COLUMNS.get(name, ()):
+        if column not in TEXT_COLUMNS and not pd.api.types.is_numeric_dtype(frame[column]):
+            raise GradlabError(f"{damaged} (column '{column}' holds text where numbers belong); "
+                               f"rerun the experiment")
+    return frame
+
+
+def _check_complete(run: Run) -> None:
+    """Every (trial, arm) of run.json has its summary row and all of its steps."""
+    summary, steps = run.table("summary"), run.table("steps")
+    last_step = steps.groupby(["trial", "arm"])["step"].max()
+    have = set(zip(summary["trial"], summary["arm"], strict=True))
+    for trial in run.meta["trials"]:
+        for arm, spec in trial["arms"].items():
+            key = (trial["trial"], arm)
+            if key not in have:
+                raise GradlabError(f"'{run.path / 'summary.csv'}' is truncated: no row for "
+                                   f"trial {key[0]} arm '{arm}'; rerun the experiment")
+            if last_step.get(key) != spec["settings"]["steps"]:
+                raise GradlabError(f"'{run.path / 'steps.csv'}' is truncated: trial {key[0]} "
+                                   f"arm '{arm}' stops before step {spec['settings']['steps']}; "
+                                   f"rerun the experiment")
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories named, or held one level down in a folder named."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir() and not (path / "run.json").exists():
+            inside = sorted(p for p in path.iterdir() if (p / "run.json").is_file())
+            found += inside or [path]  # no runs inside: load_run says what it is instead
+        else:
+            found.append(path)
+    return list(dict.fromkeys(found))
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    """Several runs of one experiment (a comparison across experiments compares nothing)."""
+    runs = [load_run(p) for p in find_runs(paths)]
+    experiments = dict.fromkeys(r.experiment for r in runs)
+    if len(experiments) > 1:
+        named = ", ".join(f"{r.name} ({r.experiment})" for r in runs)
+        raise GradlabError(f"these runs are of different experiments: {named}; compare runs of "
+                           f"one experiment at a time")
+    return runs

@@ -1,0 +1,390 @@
+"""Tables and verdicts across runs and arms: what differs from the baseline, and by how much.
+
+Reads only what store wrote (run.json and the CSVs), so it works on old runs and
+on runs copied from other machines. The verdict rule is the run's own:
+
+    equivalent  when  max_rel_grad_err <= rel_tolerance(dtype, N)   (probe.py: c * max(N,2) * u)
+                  or  max_abs_grad_err <= atol                      (only with --atol)
+
+``--rtol`` replaces the dtype-derived tolerance by one number. An arm that
+expects ``differs`` is checked only where its N > 1: with one micro-batch there
+is nothing to accumulate, so an accumulation mistake has nothing to act on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from gradlab import probe
+from gradlab.errors import GradlabError
+from gradlab.store import Run
+
+FORMATS = ("table", "csv", "json", "md")
+
+# short headers for tables meant for people (CSV and JSON keep the column names)
+HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel grad err",
+           "max_abs_grad_err": "abs grad err", "rel_tolerance": "tolerance",
+           "min_grad_cosine": "min cos", "final_test_accuracy": "test acc",
+           "final_test_loss": "test loss", "final_weight_dist": "weight dist",
+           "max_rel_loss_diff": "max rel loss diff", "loss_diff": "loss diff"}
+# the numbers a reader looks at first; --all adds every other column
+KEY_METRICS = ("max_rel_grad_err", "rel_tolerance", "min_grad_cosine", "final_loss",
+               "loss_diff", "final_test_accuracy")
+OUTCOME = ("expect", "verdict", "check")
+# columns that say which row is which rather than what was measured
+IDENTITY = ("run", "trial", "arm", "micro_batch")
+# metrics that the run measured along the way, and so can be read at an earlier step
+STEP_METRICS = ("final_loss", "max_rel_loss_diff", "final_weight_dist", "max_rel_grad_err",
+                "max_abs_grad_err", "min_grad_cosine", "final_test_loss", "final_test_accuracy")
+
+
+def fmt(value: Any) -> str:
+    """A number as a person reads it: 3 significant digits, scientific when tiny or huge."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.3g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+    return str(value)
+
+
+def is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+# ----------------------------------------------------------------------------- rows
+
+def arm_rows(runs: list[Run]) -> pd.DataFrame:
+    """One row per (run, trial, arm): summary.csv joined with every setting from run.json."""
+    frames = []
+    for run in runs:
+        summary = run.table("summary")
+        settings = run.arm_settings()
+        extra = [c for c in settings if c not in summary or c in ("trial", "arm")]
+        rows = summary.merge(settings[extra], on=["trial", "arm"], how="left")
+        rows.insert(0, "run", run.name)
+        # the trial's sweep point without its seed: rows alike in it and the arm are repeats
+        point = {t["trial"]: ", ".join(f"{k}={v}" for k, v in t.get("swept", {}).items()
+                                       if k != "seed") for t in run.meta["trials"]}
+        rows["sweep_point"] = rows["trial"].map(point)
+        frames.append(rows)
+    rows = pd.concat(frames, ignore_index=True)
+    rows["baseline"] = rows["baseline"].astype(bool)
+    rows["expect"] = rows["expect"].fillna("").astype(str)
+    return rows
+
+
+def setting_columns(runs: list[Run], rows: pd.DataFrame) -> list[str]:
+    """The settings of the arms (run.json), in the order a spec lists them."""
+    names = dict.fromkeys(k for run in runs for t in run.meta["trials"]
+                          for arm in t["arms"].values() for k in arm["settings"])
+    return [c for c in names if c in rows]
+
+
+def differing(rows: pd.DataFrame, columns) -> list[str]:
+    """The columns whose value is not the same in every row."""
+    return [c for c in columns if c in rows and rows[c].astype(str).nunique(dropna=False) > 1]
+
+
+def metrics_at(runs: list[Run], rows: pd.DataFrame, step: int) -> pd.DataFrame:
+    """Replace the end-of-run metrics by their values at ``step`` (worst probe up to it)."""
+    for run in runs:
+        last = int(run.table("steps")["step"].max())
+        if step > last:
+            raise GradlabError(f"--at-step {step} is past the end of run '{run.name}' "
+                               f"({last} steps); choose a step from 1 to {last}")
+    parts = []
+    for run in runs:
+        keys = ["trial", "arm"]
+        steps = run.table("steps")
+        steps = steps[steps["step"] <= step].sort_values("step")
+        at = steps.groupby(keys).agg(final_loss=("loss", "last"),
+                                     max_rel_loss_diff=("rel_loss_diff", "max"),
+                                     final_weight_dist=("weight_dist", "last"))
+        probes = run.table("probe")
+        if probes is not None:
+            overall = probes[(probes["param"] == "*") & (probes["step"] <= step)]
+            at = at.join(overall.groupby(keys).agg(max_rel_grad_err=("rel_l2_err", "max"),
+                                                   max_abs_grad_err=("max_abs_err", "max"),
+                                                   min_grad_cosine=("cosine", "min")))
+        evals = run.table("eval")
+        if evals is not None:
+            done = evals[evals["step"] <= step].sort_values("step")
+            at = at.join(done.groupby(keys).agg(final_test_loss=("test_loss", "last"),
+                                                final_test_accuracy=("test_accuracy", "last")))
+        parts.append(at.reset_index().assign(run=run.name))
+    measured = pd.concat(parts, ignore_index=True)
+    replaced = [c for c in STEP_METRICS if c in rows]
+    rows = rows.drop(columns=replaced).merge(measured, on=["run", "trial", "arm"], how="left")
+    for column in replaced:  # a metric never measured by then is missing, not zero
+        if column not in rows:
+            rows[column] = math.nan
+    return rows
+
+
+def loss_against(runs: list[Run], rows: pd.DataFrame, reference: str,
+                 step: int | None) -> pd.DataFrame:
+    """|loss - reference's loss| / |reference's loss| at ``step`` (default: the last)."""
+    for run in runs:
+        arms = set(run.table("summary")["arm"])
+        if reference not in arms:
+            raise GradlabError(f"--baseline {reference}: run '{run.name}' has no arm of that "
+                               f"name; its arms are {', '.join(sorted(arms))}")
+    parts = []
+    for run in runs:
+        steps = run.table("steps")
+        steps = steps[steps["step"] <= step] if step else steps
+        loss = steps.sort_values("step").groupby(["trial", "arm"])["loss"].last().reset_index()
+        ref = loss[loss["arm"] == reference][["trial", "loss"]].rename(columns={"loss": "ref"})
+        loss = loss.merge(ref, on="trial", how="left")
+        loss["loss_diff"] = (loss["loss"] - loss["ref"]).abs() / loss["ref"].abs()
+        parts.append(loss[["trial", "arm", "loss_diff"]].assign(run=run.name))
+    return rows.merge(pd.concat(parts), on=["run", "trial", "arm"], how="left")
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float | None = None  # replaces rel_tolerance(dtype, N)
+    atol: float | None = None  # an arm within atol on max_abs_grad_err is equivalent too
+
+    def rel(self, dtype: str, accum_steps: int) -> float:
+        return self.rtol if self.rtol is not None else probe.rel_tolerance(dtype, accum_steps)
+
+
+def verdict(row: pd.Series, tol: Tolerance) -> str:
+    if row["baseline"]:
+        return "baseline"
+    rel, abs_ = row["max_rel_grad_err"], row["max_abs_grad_err"]
+    if is_missing(rel):
+        return "not probed"
+    if rel <= row["rel_tolerance"] or (tol.atol is not None and abs_ <= tol.atol):
+        return "equivalent"
+    return "differs"
+
+
+def check(row: pd.Series) -> str:
+    """Did the arm do what its spec expects? ok, FAIL, n/a (differs at N = 1) or ''."""
+    expect = row["expect"]
+    if not expect:
+        return ""
+    if expect == "differs" and row["accum_steps"] <= 1:
+        return "n/a"
+    return "ok" if row["verdict"] == expect else "FAIL"
+
+
+def judge(rows: pd.DataFrame, tol: Tolerance) -> pd.DataFrame:
+    rows = rows.copy()
+    rows["rel_tolerance"] = [math.nan if base else tol.rel(dtype, int(n)) for base, dtype, n
+                             in zip(rows["baseline"], rows["dtype"], rows["accum_steps"],
+                                    strict=True)]
+    rows["verdict"] = rows.apply(verdict, axis=1, tol=tol)
+    rows["check"] = rows.apply(check, axis=1)
+    return rows
+
+
+def failures(rows: pd.DataFrame, settings: list[str]) -> list[str]:
+    """One line per failed expectation, naming the row well enough to find it."""
+    shown = differing(rows, settings)
+    lines = []
+    for _, row in rows[rows["check"] == "FAIL"].iterrows():
+        where = " ".join(f"{k}={fmt(row[k])}" for k in shown if k != "seed")
+        lines.append(f"{row['run']} trial {row['trial']} ({where}) arm '{row['arm']}': expected "
+                     f"{row['expect']}, got {row['verdict']} (rel grad err "
+                     f"{fmt(row['max_rel_grad_err'])}, tolerance {fmt(row['rel_tolerance'])})")
+    return lines
+
+
+# ----------------------------------------------------------------------------- seeds
+
+def group_over_seeds(rows: pd.DataFrame, identity: list[str],
+                     metrics: list[str]) -> pd.DataFrame | None:
+    """Rows that differ only by seed, as one row of mean and std; None if none do."""
+    keys = ["sweep_point", *(c for c in identity if c not in ("run", "trial", "seed"))]
+    groups = rows.fillna({c: "" for c in keys}).groupby(keys, sort=False, dropna=False)
+    if groups.ngroups == len(rows):
+        return None
+    out = []
+    for _, group in groups:
+        first = group.iloc[0]
+        row = {k: first[k] for k in keys}
+        row["seeds"] = ",".join(str(s) for s in sorted(dict.fromkeys(group["seed"])))
+        row["n"] = len(group)
+        for m in metrics:
+            values = pd.to_numeric(group[m], errors="coerce")
+            row[f"{m}_mean"] = values.mean()
+            row[f"{m}_std"] = values.std() if len(group) > 1 else math.nan
+        for column in ("rel_tolerance", "expect", "baseline", "accum_steps"):
+            row[column] = first[column]
+        verdicts = group["verdict"].value_counts()
+        row["verdict"] = verdicts.index[0] if len(verdicts) == 1 else "mixed (" + ", ".join(
+            f"{n} {v}" for v, n in verdicts.items()) + ")"
+        checks = set(group["check"])
+        row["check"] = "FAIL" if "FAIL" in checks else first["check"]
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+# ----------------------------------------------------------------------------- the comparison
+
+@dataclass
+class Comparison:
+    """What compare shows: the selected columns of every row, and how to read them."""
+    title: str
+    columns: list[str]            # display columns, in order
+    rows: pd.DataFrame            # raw values (grouped: NAME_mean and NAME_std per metric)
+    grouped: bool
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def cell(self, row: pd.Series, column: str) -> str:
+        if self.grouped and f"{column}_mean" in row:
+            mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+            # one digit of the spread is all a reader needs, and it keeps the column narrow
+            return fmt(mean) if is_missing(std) else f"{fmt(mean)} ± {std:.1g}"
+        return fmt(row[column])
+
+    def header(self, column: str) -> str:
+        return HEADERS.get(column, column.replace("_", " "))
+
+    def cells(self) -> list[list[str]]:
+        return [[self.cell(row, c) for c in self.columns] for _, row in self.rows.iterrows()]
+
+    def records(self) -> list[dict[str, Any]]:
+        """Raw values for CSV and JSON: grouped metrics as NAME_mean and NAME_std."""
+        keys = [k for c in self.columns for k in
+                ((f"{c}_mean", f"{c}_std") if self.grouped and f"{c}_mean" in self.rows else (c,))]
+        return [{k: (None if is_missing(v) else v) for k, v in row.items()}
+                for row in self.rows[keys].to_dict("records")]
+
+    def markdown(self) -> str:
+        """A GitHub table (pipes in cells escaped), then the notes as a paragraph each."""
+        def line(cells):
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        numeric = [self.numeric(c) for c in self.columns]
+        lines = [line([self.header(c) for c in self.columns]),
+                 line(["---:" if n else "---" for n in numeric]),
+                 *map(line, self.cells())]
+        return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in self.notes)
+
+    def numeric(self, column: str) -> bool:
+        values = self.rows.get(f"{column}_mean", self.rows.get(column))
+        return values is not None and pd.api.types.is_numeric_dtype(values) \
+            and column not in ("trial",)
+
+
+def compare(runs: list[Run], *, reference: str | None = None, at_step: int | None = None,
+            tol: Tolerance = Tolerance(), show_all: bool = False, sort: str | None = None,
+            descending: bool = False) -> Comparison:
+    rows = arm_rows(runs)
+    settings = setting_columns(runs, rows)
+    recorded = str(rows.loc[rows["baseline"], "arm"].iloc[0])
+    reference = reference or recorded
+    if at_step is not None:
+        rows = metrics_at(runs, rows, at_step)
+    rows = judge(loss_against(runs, rows, reference, at_step), tol)
+
+    identity = [c for c in IDENTITY if c in rows] + [c for c in settings if c not in IDENTITY]
+    metrics = [c for c in rows if c not in identity and c not in OUTCOME
+               and c not in ("baseline", "rel_tolerance", "batch_size")
+               and pd.api.types.is_numeric_dtype(rows[c])]
+    fails = failures(rows, settings)
+
+    grouped = group_over_seeds(rows, identity, metrics)
+
+    shown_identity = identity if show_all else ["arm", *telling(rows, settings)]
+    if grouped is None:
+        shown_identity = (["run"] if len(runs) > 1 else []) + ["trial", *shown_identity]
+        table = rows
+    else:
+        shown_identity = [c for c in shown_identity if c not in ("run", "trial", "seed")]
+        shown_identity += ["seeds", "n"]
+        table = grouped
+    shown_metrics = metrics if show_all else [m for m in KEY_METRICS if m in metrics]
+    shown_metrics = [m for m in shown_metrics if m == "rel_tolerance" or _has_values(rows[m])]
+    if "rel_tolerance" not in shown_metrics:
+        shown_metrics.insert(1, "rel_tolerance")
+    outcome = OUTCOME if show_all else ("verdict", "check")  # check says if it was expected
+    if not (rows["expect"] != "").any():
+        outcome = ("verdict",)
+    columns = list(dict.fromkeys([*shown_identity, *shown_metrics, *outcome]))
+
+    if sort:
+        table = sort_rows(table, sort, columns, grouped is not None, descending)
+    title = f"{runs[0].experiment}: each arm against the baseline '{recorded}'"
+    if at_step is not None:
+        title += f", at step {at_step}"
+    return Comparison(title, columns, table.reset_index(drop=True), grouped is not None,
+                      notes(rows, tol, recorded, reference, at_step, grouped is not None), fails)
+
+
+def telling(rows: pd.DataFrame, settings: list[str]) -> list[str]:
+    """Settings that differ between rows and that the arm's name does not already say.
+
+    loss_scale differs between the arms of the equivalence run, but always with the arm,
+    so the arm column tells it; micro_batch is B/N, so it tells something only when B varies.
+    """
+    by_arm = rows.groupby("arm")
+    shown = [c for c in differing(rows, settings)
+             if c == "accum_steps" or (by_arm[c].nunique(dropna=False) > 1).any()]
+    if "batch_size" in shown:
+        shown.append("micro_batch")
+    return shown
+
+
+def _has_values(column: pd.Series) -> bool:
+    return bool(column.notna().any())
+
+
+def sort_rows(table: pd.DataFrame, column: str, columns: list[str], grouped: bool,
+              descending: bool) -> pd.DataFrame:
+    column = {h: c for c, h in HEADERS.items()}.get(column, column)  # `--sort N` works too
+    key = f"{column}_mean" if grouped and f"{column}_mean" in table else column
+    if key not in table:
+        raise GradlabError(f"--sort {column}: no such column; choose one of "
+                           f"{', '.join(c for c in columns if c in table or f'{c}_mean' in table)}")
+    return table.sort_values(key, ascending=not descending, kind="stable", na_position="last")
+
+
+def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
+          at_step: int | None, grouped: bool) -> list[str]:
+    """How to read the table: which tolerance, and why."""
+    out = []
+    if tol.rtol is not None:
+        rule = (f"rel grad err <= {fmt(tol.rtol)} (--rtol, in place of "
+                f"{fmt(probe.TOLERANCE_FACTOR)}·max(N,2)·u)")
+    else:
+        judged = rows[~rows["baseline"]]
+        per_dtype = []
+        for dtype, part in judged.groupby("dtype", sort=False):
+            u = probe.UNIT_ROUNDOFF[dtype]
+            span = sorted(set(part["accum_steps"].astype(int)))
+            tols = ", ".join(f"N={n}: {fmt(probe.rel_tolerance(dtype, n))}" for n in span)
+            per_dtype.append(f"{dtype} (u = 2^{round(math.log2(u))}) {tols}")
+        rule = (f"rel grad err <= tolerance = {fmt(probe.TOLERANCE_FACTOR)}·max(N,2)·u, u the "
+                f"unit roundoff of the dtype; here " + "; ".join(per_dtype))
+    if tol.atol is not None:
+        rule += f"; or abs grad err <= {fmt(tol.atol)} (--atol)"
+    out.append(f"verdict: equivalent when {rule}. rel grad err = max over probed steps of "
+               f"||g_arm - g_{recorded}|| / ||g_{recorded}||, both at {recorded}'s weights.")
+    if (rows["expect"] == "differs").any():
+        out.append("check: an arm expected to differ is checked only where N > 1 (n/a at N = 1: "
+                   "with one micro-batch there is nothing to accumulate).")
+    out.append(f"loss diff: |loss - loss of '{reference}'| / |loss of '{reference}'| at "
+               f"{'step ' + str(at_step) if at_step else 'the last step'}.")
+    if reference != recorded:
+        out.append(f"--baseline {reference} changes only loss diff: gradient errors and "
+                   f"verdicts are against the run's baseline '{recorded}', at whose weights the "
+                   f"run probed every arm.")
+    if at_step is not None:
+        out.append(f"at step {at_step}: losses and accuracies at that step, gradient errors the "
+                   f"worst over the probes up to it.")
+    if grouped:
+        out.append("mean ± std (sample std) over rows that differ only by seed; n rows each.")
+    return out
