@@ -307,3 +307,58 @@ CHECK_STYLE = {"ok": "green", "FAIL": "bold red", "n/a": "dim"}
 def _styled(column: str, cell: str) -> str:
     style = {"verdict": VERDICT_STYLE, "check": CHECK_STYLE}.get(column, {}).get(cell)
     return f"[{style}]{cell}[/]" if style else cell
+
+
+@app.command()
+def plot(
+    runs: RunsArg,
+    y: Annotated[str | None, typer.Option(
+        "-y", "--y", help="Metric(s) to draw, comma-separated (e.g. loss,grad_norm or "
+                          "max_rel_grad_err); default: the standard figures.")] = None,
+    x: Annotated[str | None, typer.Option(
+        "-x", "--x", help="x axis: step, examples, N or micro_batch.")] = None,
+    format_: Annotated[str, typer.Option("--format", "-f", help="png or svg.")] = "png",
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Folder for the figures (default: RUN/figures for one run, "
+                            "./figures for several).")] = None,
+) -> None:
+    """Draw the standard figures of runs (or the metrics you name); print the paths written.
+
+    Examples:
+
+    * `gradlab plot results/equivalence-20250101-120000` - loss curves, gradient error
+      against N with the rounding bound, accuracy against micro-batch size...
+
+    * `gradlab plot RUN -y grad_norm -x examples --format svg --out figs/`
+    """
+    try:
+        from gradlab import plots  # matplotlib is slow to import: only plot needs it
+
+        paths = plots.write(store.load_runs(runs), out, format_,
+                            [m.strip() for m in y.split(",") if m.strip()] if y else None, x)
+    except GradlabError as e:
+        raise fail(str(e)) from None
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(
+        help="One run directory (the path `gradlab run` printed).", show_default=False)],
+) -> None:
+    """Write report.md and a self-contained index.html (figures embedded) into a run directory.
+
+    Both hold what was run, the comparison table with its verdicts, and the standard
+    figures (also saved in RUN/figures). Prints the two paths.
+
+    Example: `gradlab report results/equivalence-20250101-120000`
+    """
+    try:
+        from gradlab import report as reports  # imports matplotlib: slow, so only here
+
+        paths = reports.write(store.load_run(run_dir))
+    except GradlabError as e:
+        raise fail(str(e)) from None
+    for path in paths:
+        typer.echo(str(path))

@@ -191,10 +191,10 @@ def judge(rows: pd.DataFrame, tol: Tolerance) -> pd.DataFrame:
 
 def failures(rows: pd.DataFrame, settings: list[str]) -> list[str]:
     """One line per failed expectation, naming the row well enough to find it."""
-    shown = differing(rows, settings)
+    shown = [*telling(rows, settings), *differing(rows, ["seed"])]
     lines = []
     for _, row in rows[rows["check"] == "FAIL"].iterrows():
-        where = " ".join(f"{k}={fmt(row[k])}" for k in shown if k != "seed")
+        where = " ".join(f"{k}={fmt(row[k])}" for k in shown)
         lines.append(f"{row['run']} trial {row['trial']} ({where}) arm '{row['arm']}': expected "
                      f"{row['expect']}, got {row['verdict']} (rel grad err "
                      f"{fmt(row['max_rel_grad_err'])}, tolerance {fmt(row['rel_tolerance'])})")
@@ -328,14 +328,26 @@ def telling(rows: pd.DataFrame, settings: list[str]) -> list[str]:
     """Settings that differ between rows and that the arm's name does not already say.
 
     loss_scale differs between the arms of the equivalence run, but always with the arm,
-    so the arm column tells it; micro_batch is B/N, so it tells something only when B varies.
+    so the arm column tells it; micro_batch is B/N, so it tells something only when B varies;
+    dataset=digits whenever model=cnn, so the model tells the dataset.
     """
     by_arm = rows.groupby("arm")
     shown = [c for c in differing(rows, settings)
              if c == "accum_steps" or (by_arm[c].nunique(dropna=False) > 1).any()]
     if "batch_size" in shown:
         shown.append("micro_batch")
-    return shown
+    return told_apart(rows, shown)
+
+
+def told_apart(rows: pd.DataFrame, columns: list[str], known: list[str] = ()) -> list[str]:
+    """Drop a column that an earlier one already determines (dataset=digits whenever model=cnn)."""
+    kept: list[str] = []
+    for column in columns:
+        if column == "arm" or not any(
+                (rows.groupby(k)[column].nunique(dropna=False) <= 1).all()
+                for k in [*known, *kept]):
+            kept.append(column)
+    return kept
 
 
 def _has_values(column: pd.Series) -> bool:
