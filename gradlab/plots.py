@@ -190,6 +190,11 @@ def _tuple(key) -> tuple:
     return key if isinstance(key, tuple) else (key,)
 
 
+def group_keys(frame: pd.DataFrame, columns: list[str]) -> list[tuple]:
+    """The distinct values of columns, as tuples, in order of appearance."""
+    return [_tuple(key) for key, _ in frame.groupby(columns, sort=False, dropna=False)]
+
+
 def _order(key: tuple) -> list:
     """Sort keys with numbers as numbers (N=2 before N=16) and text as text."""
     return [(isinstance(v, str), v) for v in key]
@@ -198,12 +203,12 @@ def _order(key: tuple) -> list:
 def colors(data: pd.DataFrame, lines: list[str]) -> dict[tuple, tuple]:
     """Baseline black; each other arm its own hue, darker along its lines (e.g. larger N)."""
     if "arm" not in lines:  # the arms are panels: lines are other settings, one colour each
-        keys = sorted(map(_tuple, data.groupby(lines, dropna=False).groups), key=_order)
+        keys = sorted(group_keys(data, lines), key=_order)
         return {key: plt.get_cmap("tab10")(i % 10) for i, key in enumerate(keys)}
     out = {}
     hues = iter(ARM_COLORMAPS * 4)
     for _, arm in data.groupby("arm", sort=False):
-        keys = sorted(map(_tuple, arm.groupby(lines, dropna=False).groups), key=_order)
+        keys = sorted(group_keys(arm, lines), key=_order)
         if arm["baseline"].iloc[0]:
             out.update({key: (0.0, 0.0, 0.0, 1.0) for key in keys})
             continue
@@ -226,7 +231,7 @@ def draw(plot: Plot, experiment: str) -> plt.Figure:
                            f"no values of it")
     for column in plot.panels + plot.lines:  # NaN keys would fall out of groupby
         data[column] = data[column].fillna("-")
-    panel_keys = list(data.groupby(plot.panels, sort=False).groups) if plot.panels else [()]
+    panel_keys = group_keys(data, plot.panels) if plot.panels else [()]
     ncols = 2 if len(panel_keys) == 4 else min(3, len(panel_keys))
     nrows = -(-len(panel_keys) // ncols)
     fig, axes = plt.subplots(nrows, ncols, squeeze=False, sharex=True,
@@ -234,7 +239,7 @@ def draw(plot: Plot, experiment: str) -> plt.Figure:
     palette = colors(data, plot.lines)
     handles: dict[str, object] = {}
     footnotes: set[str] = set()
-    for ax, panel in zip(axes.flat, map(_tuple, panel_keys), strict=False):
+    for ax, panel in zip(axes.flat, panel_keys, strict=False):
         part = data
         for column, value in zip(plot.panels, panel, strict=True):
             part = part[part[column] == value]

@@ -166,7 +166,8 @@ def load_run(path: Path) -> Run:
     if status in ("failed", "interrupted"):
         reason = str(meta.get("error") or "").strip().splitlines()
         why = f": {reason[-1]}" if reason else ""
-        raise GradlabError(f"run '{path}' {status}{why}; its results are incomplete, so rerun "
+        happened = "was interrupted" if status == "interrupted" else "failed"
+        raise GradlabError(f"run '{path}' {happened}{why}; its results are incomplete, so rerun "
                            f"the experiment ({' '.join(meta.get('command') or ['gradlab run'])})")
     run = Run(path, meta)
     for name in REQUIRED_COLUMNS:  # the tables compare and plots read, checked up front
