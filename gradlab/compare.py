@@ -220,7 +220,7 @@ def group_over_seeds(rows: pd.DataFrame, identity: list[str],
             values = pd.to_numeric(group[m], errors="coerce")
             row[f"{m}_mean"] = values.mean()
             row[f"{m}_std"] = values.std() if len(group) > 1 else math.nan
-        for column in ("rel_tolerance", "expect", "baseline", "accum_steps"):
+        for column in ("rel_tolerance", "expect", "baseline"):  # the same for every seed
             row[column] = first[column]
         verdicts = group["verdict"].value_counts()
         row["verdict"] = verdicts.index[0] if len(verdicts) == 1 else "mixed (" + ", ".join(
@@ -291,12 +291,10 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
     rows = judge(loss_against(runs, rows, reference, at_step), tol)
 
     identity = [c for c in IDENTITY if c in rows] + [c for c in settings if c not in IDENTITY]
-    metrics = [c for c in rows if c not in identity and c not in OUTCOME
-               and c not in ("baseline", "rel_tolerance", "batch_size")
-               and pd.api.types.is_numeric_dtype(rows[c])]
-    fails = failures(rows, settings)
-
-    grouped = group_over_seeds(rows, identity, metrics)
+    measured = [c for c in rows if c not in identity and c not in OUTCOME
+                and c not in ("baseline", "rel_tolerance", "batch_size")
+                and pd.api.types.is_numeric_dtype(rows[c])]
+    grouped = group_over_seeds(rows, identity, measured)
 
     shown_identity = identity if show_all else ["arm", *telling(rows, settings)]
     if grouped is None:
@@ -306,10 +304,8 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
         shown_identity = [c for c in shown_identity if c not in ("run", "trial", "seed")]
         shown_identity += ["seeds", "n"]
         table = grouped
-    shown_metrics = metrics if show_all else [m for m in KEY_METRICS if m in metrics]
-    shown_metrics = [m for m in shown_metrics if m == "rel_tolerance" or _has_values(rows[m])]
-    if "rel_tolerance" not in shown_metrics:
-        shown_metrics.insert(1, "rel_tolerance")
+    shown_metrics = [m for m in (["rel_tolerance", *measured] if show_all else KEY_METRICS)
+                     if m in rows and rows[m].notna().any()]  # test acc: not for regression
     outcome = OUTCOME if show_all else ("verdict", "check")  # check says if it was expected
     if not (rows["expect"] != "").any():
         outcome = ("verdict",)
@@ -321,7 +317,8 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
     if at_step is not None:
         title += f", at step {at_step}"
     return Comparison(title, columns, table.reset_index(drop=True), grouped is not None,
-                      notes(rows, tol, recorded, reference, at_step, grouped is not None), fails)
+                      notes(rows, tol, recorded, reference, at_step, grouped is not None),
+                      failures(rows, settings))
 
 
 def telling(rows: pd.DataFrame, settings: list[str]) -> list[str]:
@@ -348,10 +345,6 @@ def told_apart(rows: pd.DataFrame, columns: list[str], known: list[str] = ()) ->
                 for k in [*known, *kept]):
             kept.append(column)
     return kept
-
-
-def _has_values(column: pd.Series) -> bool:
-    return bool(column.notna().any())
 
 
 def sort_rows(table: pd.DataFrame, column: str, columns: list[str], grouped: bool,

@@ -49,6 +49,7 @@ LABELS = {
 # a sequential colormap per arm: lines of one arm share a hue, darker for larger N
 ARM_COLORMAPS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "YlOrBr", "PuRd", "Greys")
 PANEL_SIZE = (4.8, 3.8)
+DIVERGED = 1000  # a curve this many times above the baseline's largest value has diverged
 
 
 @dataclass
@@ -304,6 +305,9 @@ def draw_panel(ax, plot: Plot, part: pd.DataFrame, palette: dict, handles: dict)
         draw_bounds(ax, part, handles)
     if log_y:
         ax.set_yscale("log")
+    if not sweep and clip_divergence(ax, part, plot.y):
+        footnotes.add(f"A line that leaves the top of a panel diverged: it grew past "
+                      f"{DIVERGED:g}× the baseline's largest value.")
     if sweep:
         xs = sorted(set(part[plot.x]))
         if len(xs) > 1 and xs[-1] / max(xs[0], 1) >= 4:
@@ -315,6 +319,18 @@ def draw_panel(ax, plot: Plot, part: pd.DataFrame, palette: dict, handles: dict)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="major", alpha=0.3)
     return footnotes
+
+
+def clip_divergence(ax, part: pd.DataFrame, y: str) -> bool:
+    """Keep a diverging arm (loss 1e24, then inf) from squashing every other line flat."""
+    base = part.loc[part["baseline"], y]
+    finite = part[y][np.isfinite(part[y])]
+    if base.empty or finite.empty or base.max() <= 0 or finite.max() <= DIVERGED * base.max():
+        return False
+    top, low = DIVERGED * base.max(), finite.min()
+    # autoscaling saw the huge values too, so the bottom needs setting as well
+    ax.set_ylim(low / 2 if ax.get_yscale() == "log" else low - 0.05 * (top - low), top)
+    return True
 
 
 def draw_bounds(ax, part: pd.DataFrame, handles: dict) -> None:

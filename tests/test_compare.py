@@ -11,18 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import gradlab
+from minirun import MINI, run_dir
 
 from gradlab import probe, spec
-
-# the equivalence experiment cut down to the mlp, float32, N = 1, 2, 4 and 3 steps: about a second
-MINI = ["--set", "model=mlp", "--set", "dataset=regression", "--set", "norm=none",
-        "--set", "dtype=float32", "--set", "accum_steps=1,2,4", "--set", "steps=3"]
-
-
-def run_dir(*args) -> Path:
-    result = gradlab("run", *args, "--json")
-    assert result.exit_code == 0, result.stderr
-    return Path(json.loads(result.stdout)["run_dir"])
 
 
 @pytest.fixture(scope="module")

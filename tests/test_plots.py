@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 from conftest import gradlab
+from minirun import MINI, run_dir
 
 from gradlab import compare, plots, store
 
-MINI = ["--set", "model=mlp", "--set", "dataset=regression", "--set", "norm=none",
-        "--set", "dtype=float32", "--set", "accum_steps=1,2,4", "--set", "steps=3"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 # a zero_grad experiment in miniature: the arm that never zeroes keeps adding old gradients
@@ -33,11 +31,6 @@ zero_grad = "never"
 seed = [0, 1]
 """
 
-
-def run_dir(*args) -> Path:
-    result = gradlab("run", *args, "--json")
-    assert result.exit_code == 0, result.stderr
-    return Path(json.loads(result.stdout)["run_dir"])
 
 
 @pytest.fixture(scope="module")
