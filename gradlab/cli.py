@@ -103,10 +103,12 @@ def run(
     run_dir.finish("complete")
 
     summaries = [row for r in results for row in r.summary]
+    checks = [row for r in results for row in r.checks]
     if json_out:
-        typer.echo(store.dumps(json_document(run_dir, trials, summaries)))
+        typer.echo(store.dumps(json_document(run_dir, trials, summaries, checks)))
         return
     render_summary(loaded.name, trials, summaries)
+    render_checks(checks)
     traces = [row for r in results for row in r.trace]
     if traces and len(traces) <= 64:
         render_trace(traces, [w for r in results for w in r.weights])
@@ -114,10 +116,14 @@ def run(
     typer.echo(str(run_dir.path))
 
 
-def json_document(run_dir: store.RunDir, trials: list[spec.Trial], summaries: list[dict]) -> dict:
+def json_document(run_dir: store.RunDir, trials: list[spec.Trial], summaries: list[dict],
+                  checks: list[dict] = ()) -> dict:
     by_trial: dict[int, list] = {t.index: [] for t in trials}
     for row in summaries:
-        by_trial[row["trial"]].append({k: v for k, v in row.items() if k != "trial"})
+        arm_checks = [{k: v for k, v in c.items() if k not in ("trial", "arm")} for c in checks
+                      if (c["trial"], c["arm"]) == (row["trial"], row["arm"])]
+        by_trial[row["trial"]].append({**{k: v for k, v in row.items() if k != "trial"},
+                                       "checks": arm_checks})
     return {"run_dir": str(run_dir.path), "status": run_dir.meta["status"],
             "experiment": run_dir.meta["experiment"],
             "trials": [{"trial": t.index, "settings": t.swept, "arms": by_trial[t.index]}
@@ -160,6 +166,14 @@ def render_summary(name: str, trials: list[spec.Trial], summaries: list[dict]) -
               f"{probe.TOLERANCE_FACTOR:g} * max(N, 2) * u, u the unit roundoff of the dtype "
               f"(float32 2^-24, float64 2^-53); rel err = ||g_arm - g_baseline|| / "
               f"||g_baseline||.", highlight=False)
+
+
+def render_checks(checks: list[dict]) -> None:
+    for c in checks:
+        outcome = "[green]passed[/]" if c["passed"] else "[bold red]FAILED[/]"
+        err.print(f"check, trial {c['trial']} arm {c['arm']}: {c['check']}: max rel err "
+                  f"{_fmt(c['value'])}, tolerance {_fmt(c['tolerance'])}: {outcome}",
+                  highlight=False)
 
 
 def _is_nan(value) -> bool:
