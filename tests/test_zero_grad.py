@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import arm_rows, gradlab, run_json
 from torch.testing import assert_close
 
+from conftest import arm_rows, gradlab, run_json
 from gradlab import engine, probe, runner, spec
 from gradlab.spec import Settings
 
