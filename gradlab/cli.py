@@ -25,6 +25,8 @@ from gradlab.errors import GradlabError
 app = typer.Typer(
     help="gradlab: does your gradient accumulation compute the big-batch gradient? "
          "Run paired experiments (B x 1 against (B/N) x N) and measure.",
+    epilog="Start with `gradlab run toy`, then `gradlab run` (the equivalence experiment); "
+           "`gradlab list` shows what there is.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",
@@ -104,10 +106,12 @@ def run(
     run_dir.finish("complete")
 
     summaries = [row for r in results for row in r.summary]
+    checks = [row for r in results for row in r.checks]
     if json_out:
-        typer.echo(store.dumps(json_document(run_dir, trials, summaries)))
+        typer.echo(store.dumps(json_document(run_dir, trials, summaries, checks)))
         return
     render_summary(loaded.name, trials, summaries)
+    render_checks(checks)
     traces = [row for r in results for row in r.trace]
     if traces and len(traces) <= 64:
         render_trace(traces, [w for r in results for w in r.weights])
@@ -115,10 +119,14 @@ def run(
     typer.echo(str(run_dir.path))
 
 
-def json_document(run_dir: store.RunDir, trials: list[spec.Trial], summaries: list[dict]) -> dict:
+def json_document(run_dir: store.RunDir, trials: list[spec.Trial], summaries: list[dict],
+                  checks: list[dict] = ()) -> dict:
     by_trial: dict[int, list] = {t.index: [] for t in trials}
     for row in summaries:
-        by_trial[row["trial"]].append({k: v for k, v in row.items() if k != "trial"})
+        arm_checks = [{k: v for k, v in c.items() if k not in ("trial", "arm")} for c in checks
+                      if (c["trial"], c["arm"]) == (row["trial"], row["arm"])]
+        by_trial[row["trial"]].append({**{k: v for k, v in row.items() if k != "trial"},
+                                       "checks": arm_checks})
     return {"run_dir": str(run_dir.path), "status": run_dir.meta["status"],
             "experiment": run_dir.meta["experiment"],
             "trials": [{"trial": t.index, "settings": t.swept, "arms": by_trial[t.index]}
@@ -147,10 +155,20 @@ def render_summary(name: str, trials: list[spec.Trial], summaries: list[dict]) -
         cells[-1] = f"[{style}]{cells[-1]}[/]" if style and columns[-1] == "verdict" else cells[-1]
         table.add_row(*cells)
     err.print(table)
-    err.print(f"verdict: equivalent when max_rel_grad_err <= rel_tolerance = "
-              f"{probe.TOLERANCE_FACTOR:g} * max(N, 2) * u, u the unit roundoff of the dtype "
-              f"(float32 2^-24, float64 2^-53); rel err = ||g_arm - g_baseline|| / "
-              f"||g_baseline||.", highlight=False)
+    dtypes = dict.fromkeys(row["dtype"] for row in summaries)
+    units = ", ".join(f"{d} 2^{math.log2(probe.UNIT_ROUNDOFF[d]):.0f}" for d in dtypes)
+    err.print(f"verdict: equivalent when rel grad err = ||g_arm - g_baseline|| / ||g_baseline|| "
+              f"<= tolerance = {probe.TOLERANCE_FACTOR:g} * max(N, 2) * u\n"
+              f"         (unit roundoff u: {units}); gradients taken at the baseline's weights",
+              highlight=False)
+
+
+def render_checks(checks: list[dict]) -> None:
+    for c in checks:
+        outcome = "[green]passed[/]" if c["passed"] else "[bold red]FAILED[/]"
+        err.print(f"check, trial {c['trial']} arm {c['arm']}: {c['check']}: max rel err "
+                  f"{_fmt(c['value'])}, tolerance {_fmt(c['tolerance'])}: {outcome}",
+                  highlight=False)
 
 
 def render_trace(traces: list[dict], weights: list[dict]) -> None:
@@ -171,7 +189,10 @@ def render_trace(traces: list[dict], weights: list[dict]) -> None:
 
 @app.command("list")
 def list_(json_out: JsonOpt = False) -> None:
-    """Show the built-in experiments, models, datasets and every setting with its default."""
+    """Show the built-in experiments, models, datasets and every setting with its default.
+
+    Example: `gradlab list`, then `gradlab run norm --set seed=0,1,2`.
+    """
     experiments = {name: _first_comment(path) for name, path in spec.builtin_specs().items()}
     settings = [{"name": f.name, "default": f.default, "help": f.metadata["help"]}
                 for f in dataclasses.fields(spec.Settings)]

@@ -13,6 +13,7 @@ and the numbers go to the run directory as each trial finishes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -232,6 +233,7 @@ def train_arm(trial: Trial, p: Prepared, base: Prepared, record: BaselineRecord,
     collected: dict[str, list] = {"probe": [], "steps": [], "eval": []}
     stream = batches(p.data, s)
     examples = 0
+    held = HeldGradientCheck(p) if s.zero_grad == "never" else None
     if s.trace:
         result.weights += _weights(ids, 0, p.model)
     for step in range(1, s.steps + 1):
@@ -244,7 +246,11 @@ def train_arm(trial: Trial, p: Prepared, base: Prepared, record: BaselineRecord,
             collected["probe"] += [{**ids, "step": step, **r} for r in rows]
 
         trace = _trace_hook(ids, step, result.trace) if s.trace else None
+        if held is not None:
+            held.add_fresh(p.model, x, y)
         stats = engine.train_step(p.model, optimizer, x, y, s, p.data.loss, trace)
+        if held is not None:
+            held.compare(p.model)
         examples += s.batch_size
         if s.trace:
             result.weights += _weights(ids, step, p.model)
@@ -269,6 +275,8 @@ def train_arm(trial: Trial, p: Prepared, base: Prepared, record: BaselineRecord,
     result.probe += collected["probe"]
     result.steps += collected["steps"]
     result.eval += collected["eval"]
+    if held is not None:
+        result.checks.append(held.row(ids))
     return collected
 
 
@@ -293,6 +301,41 @@ def probe_step(probe_model: nn.Module, s: Settings, base: Prepared, record: Base
         record.grads[step] = gradient_at(base.model, state, x, y, base.s, base.data.loss)
     arm = gradient_at(probe_model, state, x, y, s, base.data.loss)
     return probe.compare_grads(arm, record.grads[step])
+
+
+class HeldGradientCheck:
+    """Under zero_grad='never', the .grad held after step t must be the sum of the fresh
+    gradients of steps 1..t, each taken at the weights of its own step.
+
+    A fresh gradient is what the ordinary loop would compute at those weights: the
+    same settings with zero_grad='every-n', on a scratch model, before the step.
+    """
+
+    name = "held grad = sum of fresh grads"
+
+    def __init__(self, p: Prepared):
+        self.scratch = build_model(p.s, p.data, p.device)
+        self.settings = dataclasses.replace(p.s, zero_grad="every-n")
+        self.loss_kind = p.data.loss
+        self.total: dict[str, torch.Tensor] | None = None  # float64 sum of fresh gradients
+        self.worst = 0.0  # largest relative error over the steps so far
+
+    def add_fresh(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        fresh = gradient_at(self.scratch, model.state_dict(), x, y, self.settings,
+                            self.loss_kind)
+        self.total = fresh if self.total is None else {
+            name: self.total[name] + fresh[name] for name in fresh}
+
+    def compare(self, model: nn.Module) -> None:
+        overall = probe.compare_grads(probe.grads_of(model), self.total)[-1]
+        self.worst = max(self.worst, overall["rel_l2_err"])
+
+    def row(self, ids: dict) -> dict[str, Any]:
+        # the sum of steps*N terms rounds like one accumulation of that many terms
+        s = self.settings
+        tolerance = probe.rel_tolerance(s.dtype, s.steps * s.accum_steps)
+        return {**ids, "check": self.name, "value": self.worst, "tolerance": tolerance,
+                "passed": self.worst <= tolerance}
 
 
 def _trace_hook(ids: dict, step: int, sink: list) -> engine.TraceHook:

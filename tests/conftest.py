@@ -13,7 +13,7 @@ from gradlab.cli import app
 
 def gradlab(*args: str):
     """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return CliRunner().invoke(app, [str(a) for a in args], prog_name="gradlab")
 
 
 def run_json(*args: str) -> dict:
