@@ -7,6 +7,7 @@ Data goes to stdout (the run directory's path, or one JSON document with
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -167,7 +168,7 @@ def render_checks(checks: list[dict]) -> None:
     for c in checks:
         outcome = "[green]passed[/]" if c["passed"] else "[bold red]FAILED[/]"
         err.print(f"check, trial {c['trial']} arm {c['arm']}: {c['check']}: max rel err "
-                  f"{_fmt(c['value'])}, tolerance {_fmt(c['tolerance'])}: {outcome}",
+                  f"{compare.fmt(c['value'])}, tolerance {compare.fmt(c['tolerance'])}: {outcome}",
                   highlight=False)
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import gradlab
-from minirun import MINI, run_dir
 
+from conftest import gradlab
 from gradlab import probe, spec
+from minirun import MINI, run_dir
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import gradlab
-from minirun import MINI, run_dir
 
+from conftest import gradlab
 from gradlab import compare, plots, store
+from minirun import MINI, run_dir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
