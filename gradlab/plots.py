@@ -48,6 +48,7 @@ LABELS = {
 }
 # a sequential colormap per arm: lines of one arm share a hue, darker for larger N
 ARM_COLORMAPS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "YlOrBr", "PuRd", "Greys")
+ARM_DASHES = ("--", "-", "-.", ":")  # the first arm after the baseline often lies on it
 PANEL_SIZE = (4.8, 3.8)
 DIVERGED = 1000  # a curve this many times above the baseline's largest value has diverged
 
@@ -129,12 +130,12 @@ def standard_plots(runs: list[Run]) -> list[Plot]:
     rows = compare.arm_rows(runs)
     steps = per_step(runs, rows)
     settings = compare.setting_columns(runs, rows)
-    varies = set(compare.differing(rows, [*settings, "micro_batch"]))
+    varies = set(compare.differing(rows, settings))
     dtype = ["dtype"]
     plots = [curve_plot(runs, steps, "loss", name="loss",
                         title="Training loss of each arm")]
-    errors = rows[~rows["baseline"]]
-    if errors["max_rel_grad_err"].notna().any() and errors["accum_steps"].nunique() > 1:
+    probed = rows[rows["max_rel_grad_err"].notna()]
+    if swept_within_an_arm(probed, "accum_steps"):
         plots.append(sweep_plot(runs, rows, "max_rel_grad_err", "accum_steps", dtype,
                                 name="grad-error",
                                 title="Gradient error against N, at the baseline's weights"))
@@ -145,11 +146,17 @@ def standard_plots(runs: list[Run]) -> list[Plot]:
     if "zero_grad" in varies:
         plots.append(curve_plot(runs, steps, "grad_norm", name="grad-norm",
                                 title="Gradient norm: where zero_grad() runs"))
-    if rows["final_test_accuracy"].notna().any() and "micro_batch" in varies:
+    evaluated = rows[rows["final_test_accuracy"].notna()]
+    if swept_within_an_arm(evaluated, "micro_batch"):
         plots.append(sweep_plot(runs, rows, "final_test_accuracy", "micro_batch", dtype,
                                 name="accuracy",
                                 title="Test accuracy against micro-batch size"))
     return plots
+
+
+def swept_within_an_arm(rows: pd.DataFrame, column: str) -> bool:
+    """Does some arm take several values of column? (Else 'against column' draws only dots.)"""
+    return not rows.empty and rows.groupby("arm")[column].nunique().max() > 1
 
 
 def requested_plots(runs: list[Run], ys: list[str], x: str | None) -> list[Plot]:
@@ -201,21 +208,23 @@ def _order(key: tuple) -> list:
     return [(isinstance(v, str), v) for v in key]
 
 
-def colors(data: pd.DataFrame, lines: list[str]) -> dict[tuple, tuple]:
-    """Baseline black; each other arm its own hue, darker along its lines (e.g. larger N)."""
+def styles(data: pd.DataFrame, lines: list[str]) -> dict[tuple, tuple]:
+    """(colour, dashes) per line. The baseline is black; each other arm has its own hue,
+    darker along its lines (e.g. larger N), and its own dashes, so that an arm lying exactly
+    on the baseline or on another arm still shows."""
     if "arm" not in lines:  # the arms are panels: lines are other settings, one colour each
         keys = sorted(group_keys(data, lines), key=_order)
-        return {key: plt.get_cmap("tab10")(i % 10) for i, key in enumerate(keys)}
+        return {key: (plt.get_cmap("tab10")(i % 10), "-") for i, key in enumerate(keys)}
     out = {}
-    hues = iter(ARM_COLORMAPS * 4)
+    hues, dashes = iter(ARM_COLORMAPS * 4), iter(ARM_DASHES * 8)
     for _, arm in data.groupby("arm", sort=False):
         keys = sorted(group_keys(arm, lines), key=_order)
         if arm["baseline"].iloc[0]:
-            out.update({key: (0.0, 0.0, 0.0, 1.0) for key in keys})
+            out.update({key: ((0.0, 0.0, 0.0, 1.0), "-") for key in keys})
             continue
-        cmap = plt.get_cmap(next(hues))
+        cmap, dash = plt.get_cmap(next(hues)), next(dashes)
         for i, key in enumerate(keys):
-            out[key] = cmap(0.75 if len(keys) == 1 else 0.45 + 0.5 * i / (len(keys) - 1))
+            out[key] = (cmap(0.75 if len(keys) == 1 else 0.45 + 0.5 * i / (len(keys) - 1)), dash)
     return out
 
 
@@ -237,7 +246,7 @@ def draw(plot: Plot, experiment: str) -> plt.Figure:
     nrows = -(-len(panel_keys) // ncols)
     fig, axes = plt.subplots(nrows, ncols, squeeze=False, sharex=True,
                              figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows))
-    palette = colors(data, plot.lines)
+    palette = styles(data, plot.lines)
     handles: dict[str, object] = {}
     footnotes: set[str] = set()
     for ax, panel in zip(axes.flat, panel_keys, strict=False):
@@ -247,7 +256,10 @@ def draw(plot: Plot, experiment: str) -> plt.Figure:
         footnotes |= draw_panel(ax, plot, part, palette, handles)
         title = [f"{k}={v}" for k, v in zip(plot.panels, panel, strict=True)]
         if plot.tolerance and part["dtype"].nunique() == 1:  # the u of the bounds drawn
-            title.append(f"u = 2^{round(np.log2(probe.UNIT_ROUNDOFF[part['dtype'].iloc[0]]))}")
+            dtype = part["dtype"].iloc[0]
+            if "dtype" not in plot.panels:
+                title.append(f"dtype={dtype}")
+            title.append(f"u = 2^{round(np.log2(probe.UNIT_ROUNDOFF[dtype]))}")
         ax.set_title(", ".join(title), fontsize=10)
     for ax in axes.flat[len(panel_keys):]:
         ax.set_visible(False)
@@ -269,11 +281,14 @@ def draw_panel(ax, plot: Plot, part: pd.DataFrame, palette: dict, handles: dict)
     sweep = plot.x in ("accum_steps", "micro_batch")
     log_y = plot.tolerance or spans_decades(part[plot.y])
     footnotes = set()
+    arm_rank = {arm: i for i, arm in enumerate(dict.fromkeys(plot.data["arm"]))}  # spec order
+    lines = [(_tuple(k), line) for k, line in part.groupby(plot.lines, dropna=False)]
     # the baseline first and wide, so arms that match it are seen lying on it
-    order = sorted(((_tuple(k), line) for k, line in part.groupby(plot.lines, dropna=False)),
-                   key=lambda item: (not item[1]["baseline"].iloc[0], _order(item[0])))
-    for key, line in order:
+    for key, line in sorted(lines, key=lambda item: (not item[1]["baseline"].iloc[0],
+                                                      arm_rank[item[1]["arm"].iloc[0]],
+                                                      _order(item[0]))):
         baseline = bool(line["baseline"].iloc[0])
+        rank = arm_rank[line["arm"].iloc[0]]
         stats = line.groupby(plot.x)[plot.y].agg(["mean", "std", "count"]).reset_index()
         if log_y and (stats["mean"] <= 0).any():
             footnotes.add("A value of exactly 0 (e.g. a bit-identical gradient) cannot be drawn "
@@ -282,9 +297,11 @@ def draw_panel(ax, plot: Plot, part: pd.DataFrame, palette: dict, handles: dict)
         if stats.empty:
             continue
         label = line_label(dict(zip(plot.lines, key, strict=True)), baseline)
-        color = palette[key]
-        style = dict(color=color, lw=3.5 if baseline else 1.4, alpha=0.45 if baseline else 1.0,
-                     zorder=1 if baseline else 2)
+        color, dashes = palette[key]
+        style = dict(color=color, ls=dashes, lw=3.5 if baseline else 1.4,
+                     alpha=0.45 if baseline else 1.0,
+                     # earlier arms on top: the first arm is usually the one that matches
+                     zorder=1 if baseline else 3 - 0.01 * rank)
         several = bool((stats["count"] > 1).any() and stats["std"].fillna(0).gt(0).any())
         if several:
             seeds = ",".join(map(str, sorted(set(line["seed"]))))
@@ -341,8 +358,8 @@ def draw_bounds(ax, part: pd.DataFrame, handles: dict) -> None:
         which = f" ({dtype})" if len(dtypes) > 1 else ""  # else the panel's title says
         u = probe.UNIT_ROUNDOFF[dtype]
         tol = [probe.rel_tolerance(dtype, int(n)) for n in ns]
-        (t,) = ax.plot(ns, tol, ls="--", color="0.25", lw=1.2, zorder=3)
-        (b,) = ax.plot(ns, ns * u, ls=":", color="0.25", lw=1.2, zorder=3)
+        (t,) = ax.plot(ns, tol, ls="-", color="firebrick", lw=1.6, zorder=4)
+        (b,) = ax.plot(ns, ns * u, ls=":", color="0.25", lw=1.2, zorder=4)
         c = f"{probe.TOLERANCE_FACTOR:g}"
         handles.setdefault(f"tolerance {c}·max(N,2)·u{which}: above it, 'differs'", t)
         handles.setdefault(f"N·u, the rounding bound of summing N terms{which}", b)
