@@ -37,6 +37,8 @@ KEY_METRICS = ("max_rel_grad_err", "rel_tolerance", "min_grad_cosine", "final_lo
 OUTCOME = ("expect", "verdict", "check")
 # columns that say which row is which rather than what was measured
 IDENTITY = ("run", "trial", "arm", "micro_batch")
+# columns compare keeps for itself: neither settings nor metrics
+BOOKKEEPING = ("baseline", "rel_tolerance", "batch_size", "run_checks", "failed_checks")
 # metrics that the run measured along the way, and so can be read at an earlier step
 STEP_METRICS = ("final_loss", "max_rel_loss_diff", "final_weight_dist", "max_rel_grad_err",
                 "max_abs_grad_err", "min_grad_cosine", "final_test_loss", "final_test_accuracy")
@@ -72,11 +74,28 @@ def arm_rows(runs: list[Run]) -> pd.DataFrame:
         point = {t["trial"]: ", ".join(f"{k}={v}" for k, v in t.get("swept", {}).items()
                                        if k != "seed") for t in run.meta["trials"]}
         rows["sweep_point"] = rows["trial"].map(point)
-        frames.append(rows)
+        frames.append(rows.merge(run_checks(run), on=["trial", "arm"], how="left"))
     rows = pd.concat(frames, ignore_index=True)
     rows["baseline"] = rows["baseline"].astype(bool)
     rows["expect"] = rows["expect"].fillna("").astype(str)
+    rows["run_checks"] = rows["run_checks"].fillna(0).astype(int)
+    rows["failed_checks"] = rows["failed_checks"].fillna("")
     return rows
+
+
+def run_checks(run: Run) -> pd.DataFrame:
+    """Per (trial, arm): how many checks the run itself recorded, and the failed ones named."""
+    checks = run.table("checks")
+    if checks is None:
+        return pd.DataFrame(columns=["trial", "arm", "run_checks", "failed_checks"])
+    checks = checks.assign(failed=[
+        "" if passed else f"'{name}' ({fmt(value)} > tolerance {fmt(tol)})"
+        for name, value, tol, passed in zip(checks["check"], checks["value"],
+                                            checks["tolerance"], checks["passed"].astype(bool),
+                                            strict=True)])
+    return checks.groupby(["trial", "arm"]).agg(
+        run_checks=("check", "size"),
+        failed_checks=("failed", lambda f: "; ".join(x for x in f if x))).reset_index()
 
 
 def setting_columns(runs: list[Run], rows: pd.DataFrame) -> list[str]:
@@ -169,7 +188,7 @@ def verdict(row: pd.Series, tol: Tolerance) -> str:
     return "differs"
 
 
-def check(row: pd.Series) -> str:
+def expectation(row: pd.Series) -> str:
     """Did the arm do what its spec expects? ok, FAIL, n/a (differs at N = 1) or ''."""
     expect = row["expect"]
     if not expect:
@@ -177,6 +196,13 @@ def check(row: pd.Series) -> str:
     if expect == "differs" and row["accum_steps"] <= 1:
         return "n/a"
     return "ok" if row["verdict"] == expect else "FAIL"
+
+
+def check(row: pd.Series) -> str:
+    """The expectation, and FAIL as well when a check the run recorded (checks.csv) failed."""
+    if row["failed_checks"]:
+        return "FAIL"
+    return expectation(row) or ("ok" if row["run_checks"] else "")
 
 
 def judge(rows: pd.DataFrame, tol: Tolerance) -> pd.DataFrame:
@@ -195,9 +221,15 @@ def failures(rows: pd.DataFrame, settings: list[str]) -> list[str]:
     lines = []
     for _, row in rows[rows["check"] == "FAIL"].iterrows():
         where = " ".join(f"{k}={fmt(row[k])}" for k in shown)
-        lines.append(f"{row['run']} trial {row['trial']} ({where}) arm '{row['arm']}': expected "
-                     f"{row['expect']}, got {row['verdict']} (rel grad err "
-                     f"{fmt(row['max_rel_grad_err'])}, tolerance {fmt(row['rel_tolerance'])})")
+        reasons = []
+        if expectation(row) == "FAIL":
+            reasons.append(f"expected {row['expect']}, got {row['verdict']} (rel grad err "
+                           f"{fmt(row['max_rel_grad_err'])}, tolerance "
+                           f"{fmt(row['rel_tolerance'])})")
+        if row["failed_checks"]:
+            reasons.append(f"the run's check failed: {row['failed_checks']}")
+        lines.append(f"{row['run']} trial {row['trial']} ({where}) arm '{row['arm']}': "
+                     + "; ".join(reasons))
     return lines
 
 
@@ -292,8 +324,7 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
 
     identity = [c for c in IDENTITY if c in rows] + [c for c in settings if c not in IDENTITY]
     measured = [c for c in rows if c not in identity and c not in OUTCOME
-                and c not in ("baseline", "rel_tolerance", "batch_size")
-                and pd.api.types.is_numeric_dtype(rows[c])]
+                and c not in BOOKKEEPING and pd.api.types.is_numeric_dtype(rows[c])]
     grouped = group_over_seeds(rows, identity, measured)
 
     shown_identity = identity if show_all else ["arm", *telling(rows, settings)]
@@ -307,7 +338,7 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
     shown_metrics = [m for m in (["rel_tolerance", *measured] if show_all else KEY_METRICS)
                      if m in rows and rows[m].notna().any()]  # test acc: not for regression
     outcome = OUTCOME if show_all else ("verdict", "check")  # check says if it was expected
-    if not (rows["expect"] != "").any():
+    if not ((rows["expect"] != "") | (rows["run_checks"] > 0)).any():
         outcome = ("verdict",)
     columns = list(dict.fromkeys([*shown_identity, *shown_metrics, *outcome]))
 
@@ -378,6 +409,9 @@ def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
         rule += f"; or abs grad err <= {fmt(tol.atol)} (--atol)"
     out.append(f"verdict: equivalent when {rule}. rel grad err = max over probed steps of "
                f"||g_arm - g_{recorded}|| / ||g_{recorded}||, both at {recorded}'s weights.")
+    if rows["run_checks"].any():
+        out.append(f"check also covers the {rows['run_checks'].sum()} check(s) the run recorded "
+                   f"in checks.csv: FAIL when one of them failed.")
     if (rows["expect"] == "differs").any():
         out.append("check: an arm expected to differ is checked only where N > 1 (n/a at N = 1: "
                    "with one micro-batch there is nothing to accumulate).")

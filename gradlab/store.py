@@ -117,6 +117,7 @@ REQUIRED_COLUMNS = {
     "steps": ("trial", "arm", "step", "examples", "loss", "grad_norm"),
     "probe": ("trial", "arm", "step", "param", "max_abs_err", "rel_l2_err", "cosine"),
     "eval": ("trial", "arm", "step", "examples", "test_loss", "test_accuracy"),
+    "checks": ("trial", "arm", "check", "value", "tolerance", "passed"),
 }
 # the columns that must hold numbers: text in one means the file was damaged
 TEXT_COLUMNS = ("arm", "param", "expect", "verdict", "check")

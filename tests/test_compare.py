@@ -104,6 +104,21 @@ def test_check_exits_1_when_an_arm_promised_equivalent_differs(broken_promise):
     assert gradlab("compare", broken_promise).exit_code == 0
 
 
+@pytest.mark.parametrize("passed", [True, False])
+def test_check_covers_the_checks_the_run_recorded(mini, tmp_path, passed):
+    run = tmp_path / mini.name
+    shutil.copytree(mini, run)
+    trial = row(as_json(mini), "no-loss-scaling", 1)["trial"]
+    (run / "checks.csv").write_text("trial,arm,check,value,tolerance,passed\n"
+                                    f"{trial},no-loss-scaling,held grad,0.5,1e-13,{passed}\n")
+    result = gradlab("compare", run, "--check")
+    assert result.exit_code == (0 if passed else 1), result.stderr
+    if not passed:  # at N = 1 its expectation is n/a, so only the recorded check fails it
+        assert "arm 'no-loss-scaling': the run's check failed: 'held grad' (0.5 > tolerance " \
+               "1.00e-13)" in result.stderr
+        assert row(as_json(run), "no-loss-scaling", 1)["check"] == "FAIL"
+
+
 def test_rtol_replaces_and_atol_widens_the_tolerance(mini):
     loose = as_json(mini, "--rtol", "5")  # above N - 1 = 3: the forgotten scaling passes
     assert row(loose, "no-loss-scaling", 4)["rel_tolerance"] == 5
