@@ -7,8 +7,10 @@ on runs copied from other machines. The verdict rule is the run's own:
                   or  max_abs_grad_err <= atol                      (only with --atol)
 
 ``--rtol`` replaces the dtype-derived tolerance by one number. An arm that
-expects ``differs`` is checked only where its N > 1: with one micro-batch there
-is nothing to accumulate, so an accumulation mistake has nothing to act on.
+expects ``differs`` is not checked in a trial whose sweep sets N = 1: with one
+micro-batch there is nothing to accumulate, so an accumulation mistake has
+nothing to act on. (An arm that sets N = 1 itself, like zero_grad after-backward,
+is checked.)
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ OUTCOME = ("expect", "verdict", "check")
 # columns that say which row is which rather than what was measured
 IDENTITY = ("run", "trial", "arm", "micro_batch")
 # columns compare keeps for itself: neither settings nor metrics
-BOOKKEEPING = ("baseline", "rel_tolerance", "batch_size", "run_checks", "failed_checks")
+BOOKKEEPING = ("baseline", "rel_tolerance", "batch_size", "run_checks", "failed_checks",
+               "swept_accum_steps")
 # metrics that the run measured along the way, and so can be read at an earlier step
 STEP_METRICS = ("final_loss", "max_rel_loss_diff", "final_weight_dist", "max_rel_grad_err",
                 "max_abs_grad_err", "min_grad_cosine", "final_test_loss", "final_test_accuracy")
@@ -74,6 +77,9 @@ def arm_rows(runs: list[Run]) -> pd.DataFrame:
         point = {t["trial"]: ", ".join(f"{k}={v}" for k, v in t.get("swept", {}).items()
                                        if k != "seed") for t in run.meta["trials"]}
         rows["sweep_point"] = rows["trial"].map(point)
+        # N where the sweep sets it: the baseline's own accum_steps is 1 in every trial
+        swept_n = {t["trial"]: t.get("swept", {}).get("accum_steps") for t in run.meta["trials"]}
+        rows["swept_accum_steps"] = rows["trial"].map(swept_n)
         frames.append(rows.merge(run_checks(run), on=["trial", "arm"], how="left"))
     rows = pd.concat(frames, ignore_index=True)
     rows["baseline"] = rows["baseline"].astype(bool)
@@ -178,22 +184,16 @@ class Tolerance:
 
 
 def verdict(row: pd.Series, tol: Tolerance) -> str:
-    if row["baseline"]:
-        return "baseline"
-    rel, abs_ = row["max_rel_grad_err"], row["max_abs_grad_err"]
-    if is_missing(rel):
-        return "not probed"
-    if rel <= row["rel_tolerance"] or (tol.atol is not None and abs_ <= tol.atol):
-        return "equivalent"
-    return "differs"
+    return probe.verdict(row["baseline"], row["max_rel_grad_err"], row["rel_tolerance"],
+                         row["max_abs_grad_err"], tol.atol)
 
 
 def expectation(row: pd.Series) -> str:
-    """Did the arm do what its spec expects? ok, FAIL, n/a (differs at N = 1) or ''."""
+    """Did the arm do what its spec expects? ok, FAIL, n/a (differs at a sweep's N = 1) or ''."""
     expect = row["expect"]
     if not expect:
         return ""
-    if expect == "differs" and row["accum_steps"] <= 1:
+    if expect == "differs" and row["swept_accum_steps"] == 1:
         return "n/a"
     return "ok" if row["verdict"] == expect else "FAIL"
 
@@ -413,8 +413,8 @@ def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
         out.append(f"check also covers the {rows['run_checks'].sum()} check(s) the run recorded "
                    f"in checks.csv: FAIL when one of them failed.")
     if (rows["expect"] == "differs").any():
-        out.append("check: an arm expected to differ is checked only where N > 1 (n/a at N = 1: "
-                   "with one micro-batch there is nothing to accumulate).")
+        out.append("check: an arm expected to differ is not checked where the sweep sets N = 1 "
+                   "(n/a: with one micro-batch there is nothing to accumulate).")
     out.append(f"loss diff: |loss - loss of '{reference}'| / |loss of '{reference}'| at "
                f"{'step ' + str(at_step) if at_step else 'the last step'}.")
     if reference != recorded:

@@ -36,6 +36,22 @@ def rel_tolerance(dtype: str, accum_steps: int) -> float:
     return TOLERANCE_FACTOR * max(accum_steps, 2) * UNIT_ROUNDOFF[dtype]
 
 
+def verdict(baseline: bool, rel_err: float, rel_tol: float, abs_err: float = math.nan,
+            abs_tol: float | None = None) -> str:
+    """baseline | not probed | equivalent | differs: the one rule, for run and compare alike.
+
+    Equivalent when the relative error is within rel_tol, or (only when an
+    absolute tolerance is given) the largest absolute error is within abs_tol.
+    """
+    if baseline:
+        return "baseline"
+    if rel_err is None or math.isnan(rel_err):
+        return "not probed"
+    if rel_err <= rel_tol or (abs_tol is not None and abs_err <= abs_tol):
+        return "equivalent"
+    return "differs"
+
+
 def compare(arm: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     """max_abs_err, rel_l2_err and cosine of one gradient against a reference."""
     a, r = arm.detach().double().flatten(), ref.detach().double().flatten()

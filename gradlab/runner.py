@@ -377,16 +377,8 @@ def summarise(trial: Trial, p: Prepared, rows: dict[str, list]) -> dict[str, Any
         "rel_tolerance": math.nan if p.arm.baseline else tolerance,
         "expect": p.arm.expect or "",
     }
-    out["verdict"] = verdict(p.arm, out["max_rel_grad_err"], tolerance)
+    out["verdict"] = probe.verdict(p.arm.baseline, out["max_rel_grad_err"], tolerance)
     return out
-
-
-def verdict(arm: Arm, rel_err: float, tolerance: float) -> str:
-    if arm.baseline:
-        return "baseline"
-    if math.isnan(rel_err):
-        return "not probed"
-    return "equivalent" if rel_err <= tolerance else "differs"
 
 
 def run_trials(trials: list[Trial], run_dir: RunDir,
