@@ -133,9 +133,10 @@ def _fmt(value) -> str:
 
 
 HEADERS = {"accum_steps": "N", "max_rel_grad_err": "rel grad err", "rel_tolerance": "tolerance",
-           "min_grad_cosine": "min cos", "final_test_accuracy": "test acc"}
+           "min_grad_cosine": "min cos", "final_test_accuracy": "test acc",
+           "max_rel_buffer_diff": "rel BN stats diff"}
 NUMERIC = ("accum_steps", "max_rel_grad_err", "rel_tolerance", "min_grad_cosine", "final_loss",
-           "final_test_accuracy")
+           "final_test_accuracy", "max_rel_buffer_diff")
 VERDICT_STYLE = {"equivalent": "green", "differs": "red", "baseline": "dim"}
 
 
@@ -144,7 +145,8 @@ def render_summary(name: str, trials: list[spec.Trial], summaries: list[dict]) -
     table = Table(title=f"{name}: gradient at the baseline's weights, and training on its own",
                   title_justify="left")
     columns = [*swept, "arm", "accum_steps", "max_rel_grad_err", "rel_tolerance",
-               "min_grad_cosine", "final_loss", "final_test_accuracy", "expect", "verdict"]
+               "min_grad_cosine", "final_loss", "final_test_accuracy", "max_rel_buffer_diff",
+               "expect", "verdict"]
     columns = [c for c in dict.fromkeys(columns)
                if any(not _is_nan(row.get(c)) and row.get(c) != "" for row in summaries)]
     for column in columns:
