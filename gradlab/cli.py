@@ -135,7 +135,7 @@ def json_document(run_dir: store.RunDir, trials: list[spec.Trial], summaries: li
 
 
 NUMERIC = ("accum_steps", "max_rel_grad_err", "rel_tolerance", "min_grad_cosine", "final_loss",
-           "final_test_accuracy")
+           "final_test_accuracy", "max_rel_buffer_diff")
 VERDICT_STYLE = {"equivalent": "green", "differs": "red", "baseline": "dim"}
 
 
@@ -144,7 +144,8 @@ def render_summary(name: str, trials: list[spec.Trial], summaries: list[dict]) -
     table = Table(title=f"{name}: gradient at the baseline's weights, and training on its own",
                   title_justify="left")
     columns = [*swept, "arm", "accum_steps", "max_rel_grad_err", "rel_tolerance",
-               "min_grad_cosine", "final_loss", "final_test_accuracy", "expect", "verdict"]
+               "min_grad_cosine", "final_loss", "final_test_accuracy", "max_rel_buffer_diff",
+               "expect", "verdict"]
     columns = [c for c in dict.fromkeys(columns)
                if any(not compare.is_missing(row.get(c)) and row.get(c) != "" for row in summaries)]
     for column in columns:

@@ -32,7 +32,8 @@ HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel 
            "max_abs_grad_err": "abs grad err", "rel_tolerance": "tolerance",
            "min_grad_cosine": "min cos", "final_test_accuracy": "test acc",
            "final_test_loss": "test loss", "final_weight_dist": "weight dist",
-           "max_rel_loss_diff": "max rel loss diff", "loss_diff": "loss diff"}
+           "max_rel_loss_diff": "max rel loss diff", "loss_diff": "loss diff",
+           "max_rel_buffer_diff": "rel BN stats diff"}
 # the numbers a reader looks at first; --all adds every other column
 KEY_METRICS = ("max_rel_grad_err", "rel_tolerance", "min_grad_cosine", "final_loss",
                "loss_diff", "final_test_accuracy")

@@ -31,12 +31,12 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # the CSV files of a run directory, in the order they are written
-TABLES = ("summary", "steps", "probe", "eval", "trace", "weights", "checks")
+TABLES = ("summary", "steps", "probe", "buffers", "eval", "trace", "weights", "checks")
 
 # summary keys: the --json contract reads these names
 SUMMARY_METRICS = ("max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "final_loss",
                    "max_rel_loss_diff", "final_weight_dist", "final_test_loss",
-                   "final_test_accuracy")
+                   "final_test_accuracy", "max_rel_buffer_diff")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -193,6 +193,8 @@ class BaselineRecord:
     params_after: dict[int, torch.Tensor] = field(default_factory=dict)  # examples -> params
     loss_at: dict[int, float] = field(default_factory=dict)  # examples -> step loss
     grads: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # step -> gradient
+    # step -> running statistics after the baseline's probe forward (BatchNorm only)
+    buffers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -200,6 +202,7 @@ class TrialResult:
     summary: list[dict[str, Any]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     probe: list[dict[str, Any]] = field(default_factory=list)
+    buffers: list[dict[str, Any]] = field(default_factory=list)
     eval: list[dict[str, Any]] = field(default_factory=list)
     trace: list[dict[str, Any]] = field(default_factory=list)
     weights: list[dict[str, Any]] = field(default_factory=list)
@@ -230,7 +233,7 @@ def train_arm(trial: Trial, p: Prepared, base: Prepared, record: BaselineRecord,
     comparable = same_architecture(p.model, base.model)
     probe_model = build_model(s, p.data, p.device) if comparable and not is_base else None
     optimizer = engine.make_optimizer(p.model, s)
-    collected: dict[str, list] = {"probe": [], "steps": [], "eval": []}
+    collected: dict[str, list] = {"probe": [], "buffers": [], "steps": [], "eval": []}
     stream = batches(p.data, s)
     examples = 0
     held = HeldGradientCheck(p) if s.zero_grad == "never" else None
@@ -244,6 +247,8 @@ def train_arm(trial: Trial, p: Prepared, base: Prepared, record: BaselineRecord,
                 and s.batch_size == base.s.batch_size:
             rows = probe_step(probe_model, s, base, record, step, x, y)
             collected["probe"] += [{**ids, "step": step, **r} for r in rows]
+            rows = probe_buffers(probe_model, p.data, record.buffers[step])
+            collected["buffers"] += [{**ids, "step": step, **r} for r in rows]
 
         trace = _trace_hook(ids, step, result.trace) if s.trace else None
         if held is not None:
@@ -273,6 +278,7 @@ def train_arm(trial: Trial, p: Prepared, base: Prepared, record: BaselineRecord,
                 collected["eval"].append({**ids, "step": step, "examples": examples, **metrics})
 
     result.probe += collected["probe"]
+    result.buffers += collected["buffers"]
     result.steps += collected["steps"]
     result.eval += collected["eval"]
     if held is not None:
@@ -299,6 +305,7 @@ def probe_step(probe_model: nn.Module, s: Settings, base: Prepared, record: Base
     state = record.states[step - 1]
     if step not in record.grads:  # the baseline has finished training, so its model is free
         record.grads[step] = gradient_at(base.model, state, x, y, base.s, base.data.loss)
+        record.buffers[step] = running_stats(base.model)
     arm = gradient_at(probe_model, state, x, y, s, base.data.loss)
     return probe.compare_grads(arm, record.grads[step])
 
@@ -338,6 +345,34 @@ class HeldGradientCheck:
                 "passed": self.worst <= tolerance}
 
 
+def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """BatchNorm running means and variances (num_batches_tracked is a counter, not a statistic)."""
+    return {name: b.detach().clone() for name, b in model.named_buffers()
+            if name.endswith(("running_mean", "running_var"))}
+
+
+def probe_buffers(probe_model: nn.Module, data: zoo.Data,
+                  ref: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Running statistics an arm's probe pass left, vs the baseline's, and what they do to eval.
+
+    Called right after ``probe_step``: both passes started from the baseline's weights
+    and statistics, the baseline's forward updated them once, the arm's N times.
+    The '*' row also evaluates the baseline's weights with the arm's statistics and
+    with the baseline's, so the accuracy change is due to the statistics alone.
+    """
+    if not ref:
+        return []
+    rows = [{"buffer": r.pop("param"), **r}
+            for r in probe.compare_grads(running_stats(probe_model), ref)]
+    with_arm = evaluate(probe_model, data)
+    probe_model.load_state_dict(ref, strict=False)
+    with_ref = evaluate(probe_model, data)
+    if with_arm:
+        rows[-1].update(test_accuracy=with_arm["test_accuracy"],
+                        ref_test_accuracy=with_ref["test_accuracy"])
+    return rows
+
+
 def _trace_hook(ids: dict, step: int, sink: list) -> engine.TraceHook:
     def record(micro_batch: int, model: nn.Module) -> None:
         for name, p in model.named_parameters():
@@ -374,6 +409,8 @@ def summarise(trial: Trial, p: Prepared, rows: dict[str, list]) -> dict[str, Any
         "final_weight_dist": steps[-1]["weight_dist"],
         "final_test_loss": evals[-1]["test_loss"] if evals else math.nan,
         "final_test_accuracy": evals[-1]["test_accuracy"] if evals else math.nan,
+        "max_rel_buffer_diff": max((r["rel_l2_err"] for r in rows["buffers"] if r["buffer"] == "*"),
+                                   default=math.nan),
         "rel_tolerance": math.nan if p.arm.baseline else tolerance,
         "expect": p.arm.expect or "",
     }

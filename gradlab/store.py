@@ -5,6 +5,8 @@ Layout (schema in the README):
     summary.csv   one row per (trial, arm): the headline numbers and the verdict
     steps.csv     one row per (trial, arm, step): the trajectory
     probe.csv     one row per (trial, arm, step, param): gradient vs the baseline's
+    buffers.csv   one row per (trial, arm, step, buffer): BatchNorm running statistics vs
+                  the baseline's after the same probe forward ('*': all, with eval accuracy)
     eval.csv      one row per (trial, arm, evaluated step): held-out loss and accuracy
     trace.csv     with trace=true: accumulated .grad after every micro-batch
     weights.csv   with trace=true: every parameter after every step (step 0: initial)
