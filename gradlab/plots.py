@@ -212,7 +212,8 @@ def styles(data: pd.DataFrame, lines: list[str]) -> dict[tuple, tuple]:
     """(colour, dashes) per line. The baseline is black; each other arm has its own hue,
     darker along its lines (e.g. larger N), and its own dashes, so that an arm lying exactly
     on the baseline or on another arm still shows."""
-    if "arm" not in lines:  # the arms are panels: lines are other settings, one colour each
+    if "arm" not in lines or data["arm"].nunique() == 1:
+        # the arms are panels, or there is one arm: lines are other settings, one colour each
         keys = sorted(group_keys(data, lines), key=_order)
         return {key: (plt.get_cmap("tab10")(i % 10), "-") for i, key in enumerate(keys)}
     out = {}
@@ -287,7 +288,8 @@ def draw_panel(ax, plot: Plot, part: pd.DataFrame, palette: dict, handles: dict)
     for key, line in sorted(lines, key=lambda item: (not item[1]["baseline"].iloc[0],
                                                       arm_rank[item[1]["arm"].iloc[0]],
                                                       _order(item[0]))):
-        baseline = bool(line["baseline"].iloc[0])
+        # a lone arm is the baseline of nothing: draw it like any other line
+        baseline = bool(line["baseline"].iloc[0]) and len(arm_rank) > 1
         rank = arm_rank[line["arm"].iloc[0]]
         stats = line.groupby(plot.x)[plot.y].agg(["mean", "std", "count"]).reset_index()
         if log_y and (stats["mean"] <= 0).any():
