@@ -30,9 +30,9 @@ def arm_rows(doc: dict, arm: str) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def equivalence_run(tmp_path_factory) -> dict:
-    """A small but complete equivalence run (N = 2 and 4, 5 steps), shared by tests."""
+    """A complete equivalence run at N = 2 and 4 (20 steps, as the default), shared by tests."""
     out = tmp_path_factory.mktemp("runs")
-    return run_json("equivalence", "--set", "accum_steps=2,4", "--set", "steps=5",
+    return run_json("equivalence", "--set", "accum_steps=2,4", "--set", "steps=20",
                     "--out", str(out))
 
 
