@@ -183,10 +183,8 @@ def parse_spec(data: dict, source: str, default_name: str = "spec", text: str = 
         _expect_table(table, source, f"[arms.{arm_name}]")
         where = f"{source} [arms.{arm_name}]"
         overrides = {k: coerce(k, v, where) for k, v in table.items() if k not in ARM_META_KEYS}
-        expect = table.get("expect")
-        if expect not in (None, "equivalent", "differs"):
-            raise GradlabError(f"{where}: expect = {expect!r}; allowed: 'equivalent', 'differs'")
-        arms[arm_name] = ArmSpec(overrides, bool(table.get("baseline", False)), expect,
+        arms[arm_name] = ArmSpec(overrides, bool(table.get("baseline", False)),
+                                 _expectation(table.get("expect"), where),
                                  str(table.get("help", "")))
     baselines = [n for n, a in arms.items() if a.baseline]
     if len(baselines) != 1:
@@ -200,13 +198,21 @@ def parse_spec(data: dict, source: str, default_name: str = "spec", text: str = 
             raise GradlabError(f"{source} [sweep]: '{axis}' must be a non-empty list of values")
         where = f"{source} [sweep] {axis}"
         if all(isinstance(v, dict) for v in values):  # a zipped axis: each value sets several keys
-            sweep[axis] = [{k: coerce(k, x, where) for k, x in v.items()} for v in values]
+            # ... and may promise what the arms without an expect of their own do there
+            sweep[axis] = [{k: _expectation(x, where) if k == "expect" else coerce(k, x, where)
+                            for k, x in v.items()} for v in values]
         else:
             sweep[axis] = [coerce(axis, v, where) for v in values]
 
     return Spec(name=str(data.get("name", default_name)), source=source,
                 description=str(data.get("description", "")), settings=settings,
                 arms=arms, sweep=sweep, text=text)
+
+
+def _expectation(value: Any, where: str) -> str | None:
+    if value not in (None, "equivalent", "differs"):
+        raise GradlabError(f"{where}: expect = {value!r}; allowed: 'equivalent', 'differs'")
+    return value
 
 
 def _reject_unknown(data: dict, allowed, source: str, where: str) -> None:
@@ -290,6 +296,7 @@ def expand(spec: Spec) -> list[Trial]:
         swept: dict[str, Any] = {}
         for (axis, _), value in zip(axes, combo, strict=True):
             swept.update(value if isinstance(value, dict) else {axis: value})
+        trial_expect = swept.pop("expect", None)  # from a zipped sweep value
         key = tuple(sorted(swept.items()))
         if key in seen:  # a --set made two sweep values identical
             continue
@@ -299,7 +306,8 @@ def expand(spec: Spec) -> list[Trial]:
             merged = {**spec.settings, **swept, **arm.overrides}
             settings = Settings(**merged)
             validate(settings, f"{spec.source} arm '{arm_name}'")
-            arms.append(Arm(arm_name, settings, arm.baseline, arm.expect, arm.help))
+            expect = arm.expect or (None if arm.baseline else trial_expect)
+            arms.append(Arm(arm_name, settings, arm.baseline, expect, arm.help))
         trials.append(Trial(len(trials), swept, tuple(arms)))
     # every trial names the same keys, so CSV columns line up when zipped axes differ
     keys = list(dict.fromkeys(k for t in trials for k in t.swept))

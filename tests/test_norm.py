@@ -1,6 +1,7 @@
 """The norm experiments: BatchNorm breaks accumulation, per-example norms do not."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -150,3 +151,16 @@ def test_batchnorm1d_with_one_example_per_micro_batch_is_refused(tmp_path):
 def test_groups_that_do_not_divide_the_channels_are_refused(tmp_path):
     assert_bad_input(["--set", "norm=gn", "--set", "groups=3"], tmp_path / "runs",
                      "groups=3 does not divide 8 channels", "[1, 2, 4, 8]")
+
+
+def test_each_case_promises_and_compare_check_holds_it(norm_run):
+    promises = {(r["norm"], r["bn_mode"]): r["expect"] for r in arm_rows(norm_run, "accumulated")}
+    assert promises == {("bn", "train"): "differs", ("bn", "frozen"): "equivalent",
+                        ("gn", "train"): "equivalent", ("ln", "train"): "equivalent",
+                        ("in", "train"): "equivalent", ("none", "train"): "equivalent"}
+    result = gradlab("compare", norm_run["run_dir"], "--check", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    checks = {(r["norm"], r["bn_mode"], r["accum_steps"]): r["check"]
+              for r in json.loads(result.stdout)["rows"] if r["arm"] == "accumulated"}
+    assert checks[("bn", "train", 1)] == "n/a"  # nothing to accumulate at N = 1
+    assert {v for (norm, _, n), v in checks.items() if n > 1} == {"ok"}
