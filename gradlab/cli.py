@@ -195,7 +195,7 @@ def list_(json_out: JsonOpt = False) -> None:
 
     Example: `gradlab list`, then `gradlab run norm --set seed=0,1,2`.
     """
-    experiments = {name: _first_comment(path) for name, path in spec.builtin_specs().items()}
+    experiments = {name: _describe(path) for name, path in spec.builtin_specs().items()}
     settings = [{"name": f.name, "default": f.default, "help": f.metadata["help"]}
                 for f in dataclasses.fields(spec.Settings)]
     if json_out:
@@ -223,16 +223,12 @@ def list_(json_out: JsonOpt = False) -> None:
     err.print(table)
 
 
-def _first_comment(path: Path) -> str:
-    """A spec's description: its 'description' key, else its first comment line."""
+def _describe(path: Path) -> str:
+    """A built-in spec's one-line description (its 'description' key)."""
     try:
         return spec.load_spec(str(path)).description
     except GradlabError as e:
         return f"(broken spec: {e})"
-
-
-def main() -> None:  # pragma: no cover
-    app()
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -254,7 +250,8 @@ def compare_(
     at_step: Annotated[int | None, typer.Option(
         "--at-step", min=1, help="Read the metrics at step K instead of at the end.")] = None,
     rtol: Annotated[float | None, typer.Option(
-        min=0.0, help="Relative gradient tolerance, in place of 16·max(N,2)·u.")] = None,
+        min=0.0, help=f"Relative gradient tolerance, in place of "
+                       f"{probe.TOLERANCE_FACTOR:g}·max(N,2)·u.")] = None,
     atol: Annotated[float | None, typer.Option(
         min=0.0, help="Also call an arm equivalent when its max abs gradient error <= ATOL.")]
     = None,
