@@ -48,7 +48,11 @@ def loss_scale(s: Settings, micro_size: int) -> float:
 
 
 def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
-    out = model(x)
+    return loss_of(model(x), y, kind)
+
+
+def loss_of(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean loss over the examples of predictions ``out`` against targets ``y``."""
     if kind == "cross_entropy":
         return F.cross_entropy(out, y)
     return F.mse_loss(out, y)

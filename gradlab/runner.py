@@ -179,7 +179,7 @@ def evaluate(model: nn.Module, data: zoo.Data) -> dict[str, float]:
     model.eval()
     with torch.no_grad():
         out = model(data.x_test)
-        loss = engine.mean_loss(model, data.x_test, data.y_test, data.loss).item()
+        loss = engine.loss_of(out, data.y_test, data.loss).item()
     model.train(was_training)
     accuracy = (float((out.argmax(1) == data.y_test).double().mean())
                 if data.loss == "cross_entropy" else math.nan)
@@ -375,20 +375,25 @@ def probe_buffers(probe_model: nn.Module, data: zoo.Data,
 
 def _trace_hook(ids: dict, step: int, sink: list) -> engine.TraceHook:
     def record(micro_batch: int, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            grad = p.grad.detach().double().flatten() if p.grad is not None else None
-            for element in range(p.numel()):
-                sink.append({**ids, "step": step, "micro_batch": micro_batch + 1,
-                             "param": name, "element": element,
-                             "grad": grad[element].item() if grad is not None else 0.0})
+        sink.extend({**ids, "step": step, "micro_batch": micro_batch + 1, "param": name,
+                     "element": i, "grad": value}
+                    for name, i, value in _elements(model, lambda p: p.grad))
     return record
 
 
 def _weights(ids: dict, step: int, model: nn.Module) -> list[dict[str, Any]]:
     """Every parameter element after ``step`` (0: the initial weights), for traced runs."""
-    return [{**ids, "step": step, "param": name, "element": i, "value": v}
-            for name, p in model.named_parameters()
-            for i, v in enumerate(p.detach().double().flatten().tolist())]
+    return [{**ids, "step": step, "param": name, "element": i, "value": value}
+            for name, i, value in _elements(model, lambda p: p)]
+
+
+def _elements(model: nn.Module, tensor_of) -> Iterator[tuple[str, int, float]]:
+    """(parameter name, element index, value) of ``tensor_of(param)`` (None reads as zeros)."""
+    for name, p in model.named_parameters():
+        tensor = tensor_of(p)
+        values = (tensor.detach().double().flatten().tolist() if tensor is not None
+                  else [0.0] * p.numel())
+        yield from ((name, i, v) for i, v in enumerate(values))
 
 
 def summarise(trial: Trial, p: Prepared, rows: dict[str, list]) -> dict[str, Any]:
