@@ -228,6 +228,7 @@ def window(model_class, min_len: int):
 @pytest.mark.parametrize(("micro_batch", "n_micro"), PAIRS)
 def test_global_token_normalisation_is_the_big_batch(model_class, micro_batch, n_micro):
     model, batch, big = window(model_class, min_len=8)
+    assert len(batch["input_ids"]) == micro_batch * n_micro
     lengths = lengths_of(batch)
     assert lengths.max() >= 5 * lengths.min()
     tokens_per_micro = [int(count_tokens({"labels": t})) for t in batch["labels"].chunk(n_micro)]
@@ -244,6 +245,7 @@ def test_global_token_normalisation_is_the_big_batch(model_class, micro_batch, n
 @pytest.mark.parametrize(("micro_batch", "n_micro"), PAIRS)
 def test_mean_of_means_is_exact_when_lengths_are_equal(model_class, micro_batch, n_micro):
     model, batch, big = window(model_class, min_len=64)
+    assert len(batch["input_ids"]) == micro_batch * n_micro
     assert (lengths_of(batch) == 64).all()
     mean_of_means = accumulated_grad(model, batch, n_micro, "mean-of-means")
     torch.testing.assert_close(mean_of_means, big, rtol=1e-12, atol=1e-15)
