@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gradlab import compare, probe, runner, spec, store, zoo
+from gradlab import compare, runner, schema, spec, store, zoo
 from gradlab.errors import GradlabError
 
 app = typer.Typer(
@@ -86,7 +86,7 @@ def run(
                              for a in t.arms}} for t in trials],
         "device": str(runner.resolve_device(trials[0].baseline.settings.device)),
     })
-    total = sum(a.settings.steps for t in trials for a in t.arms)
+    total = sum(a.settings.steps for t in trials for a in t.arms)  # progress counts steps
     show_progress = not json_out and sys.stdout.isatty()
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -106,16 +106,16 @@ def run(
                    f"{run_dir.path / 'run.json'})", 1) from None
     run_dir.finish("complete")
 
-    summaries = [row for r in results for row in r.summary]
-    checks = [row for r in results for row in r.checks]
+    summaries = [row for r in results for row in r["summary"]]
+    checks = [row for r in results for row in r["checks"]]
     if json_out:
         typer.echo(store.dumps(json_document(run_dir, trials, summaries, checks)))
         return
     render_summary(loaded.name, trials, summaries)
     render_checks(checks)
-    traces = [row for r in results for row in r.trace]
+    traces = [row for r in results for row in r["trace"]]
     if traces and len(traces) <= 64:
-        render_trace(traces, [w for r in results for w in r.weights])
+        render_trace(traces, [w for r in results for w in r["weights"]])
     err.print(f"run directory ({len(trials)} trials, status complete):", highlight=False)
     typer.echo(str(run_dir.path))
 
@@ -158,9 +158,9 @@ def render_summary(name: str, trials: list[spec.Trial], summaries: list[dict]) -
         table.add_row(*cells)
     err.print(table)
     dtypes = dict.fromkeys(row["dtype"] for row in summaries)
-    units = ", ".join(f"{d} 2^{math.log2(probe.UNIT_ROUNDOFF[d]):.0f}" for d in dtypes)
+    units = ", ".join(f"{d} 2^{math.log2(schema.UNIT_ROUNDOFF[d]):.0f}" for d in dtypes)
     err.print(f"verdict: equivalent when rel grad err = ||g_arm - g_baseline|| / ||g_baseline|| "
-              f"<= tolerance = {probe.TOLERANCE_FACTOR:g} * max(N, 2) * u\n"
+              f"<= tolerance = {schema.TOLERANCE_FACTOR:g} * max(N, 2) * u\n"
               f"         (unit roundoff u: {units}); gradients taken at the baseline's weights",
               highlight=False)
 
@@ -251,7 +251,7 @@ def compare_(
         "--at-step", min=1, help="Read the metrics at step K instead of at the end.")] = None,
     rtol: Annotated[float | None, typer.Option(
         min=0.0, help=f"Relative gradient tolerance, in place of "
-                       f"{probe.TOLERANCE_FACTOR:g}·max(N,2)·u.")] = None,
+                       f"{schema.TOLERANCE_FACTOR:g}·max(N,2)·u.")] = None,
     atol: Annotated[float | None, typer.Option(
         min=0.0, help="Also call an arm equivalent when its max abs gradient error <= ATOL.")]
     = None,

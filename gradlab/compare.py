@@ -3,7 +3,7 @@
 Reads only what store wrote (run.json and the CSVs), so it works on old runs and
 on runs copied from other machines. The verdict rule is the run's own:
 
-    equivalent  when  max_rel_grad_err <= rel_tolerance(dtype, N)   (probe.py: c * max(N,2) * u)
+    equivalent  when  max_rel_grad_err <= rel_tolerance(dtype, N)   (schema.py: c * max(N,2) * u)
                   or  max_abs_grad_err <= atol                      (only with --atol)
 
 ``--rtol`` replaces the dtype-derived tolerance by one number. An arm that
@@ -21,19 +21,13 @@ from typing import Any
 
 import pandas as pd
 
-from gradlab import probe
+from gradlab import schema
 from gradlab.errors import GradlabError
 from gradlab.store import Run
 
 FORMATS = ("table", "csv", "json", "md")
 
-# short headers for tables meant for people (CSV and JSON keep the column names)
-HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel grad err",
-           "max_abs_grad_err": "abs grad err", "rel_tolerance": "tolerance",
-           "min_grad_cosine": "min cos", "final_test_accuracy": "test acc",
-           "final_test_loss": "test loss", "final_weight_dist": "weight dist",
-           "max_rel_loss_diff": "max rel loss diff", "loss_diff": "loss diff",
-           "max_rel_buffer_diff": "rel BN stats diff"}
+HEADERS = schema.HEADERS
 # the numbers a reader looks at first; --all adds every other column
 KEY_METRICS = ("max_rel_grad_err", "rel_tolerance", "min_grad_cosine", "final_loss",
                "loss_diff", "final_test_accuracy")
@@ -118,39 +112,34 @@ def differing(rows: pd.DataFrame, columns) -> list[str]:
 
 
 def metrics_at(runs: list[Run], rows: pd.DataFrame, step: int) -> pd.DataFrame:
-    """Replace the end-of-run metrics by their values at ``step`` (worst probe up to it)."""
+    """Replace the end-of-run metrics by their values at ``step`` (worst probe up to it),
+    computed by the same summary function the run used at its end."""
     for run in runs:
         last = int(run.table("steps")["step"].max())
         if step > last:
             raise GradlabError(f"--at-step {step} is past the end of run '{run.name}' "
                                f"({last} steps); choose a step from 1 to {last}")
-    parts = []
+    measured = []
     for run in runs:
-        keys = ["trial", "arm"]
-        steps = run.table("steps")
-        steps = steps[steps["step"] <= step].sort_values("step")
-        at = steps.groupby(keys).agg(final_loss=("loss", "last"),
-                                     max_rel_loss_diff=("rel_loss_diff", "max"),
-                                     final_weight_dist=("weight_dist", "last"))
-        probes = run.table("probe")
-        if probes is not None:
-            overall = probes[(probes["param"] == "*") & (probes["step"] <= step)]
-            at = at.join(overall.groupby(keys).agg(max_rel_grad_err=("rel_l2_err", "max"),
-                                                   max_abs_grad_err=("max_abs_err", "max"),
-                                                   min_grad_cosine=("cosine", "min")))
-        evals = run.table("eval")
-        if evals is not None:
-            done = evals[evals["step"] <= step].sort_values("step")
-            at = at.join(done.groupby(keys).agg(final_test_loss=("test_loss", "last"),
-                                                final_test_accuracy=("test_accuracy", "last")))
-        parts.append(at.reset_index().assign(run=run.name))
-    measured = pd.concat(parts, ignore_index=True)
+        upto = {name: _records_by_arm(run.table(name), step)
+                for name in ("steps", "probe", "eval", "buffers")}
+        for key, steps in upto["steps"].items():
+            metrics = schema.summarise(steps, upto["probe"].get(key, []),
+                                       upto["eval"].get(key, []), upto["buffers"].get(key, []))
+            measured.append({"run": run.name, "trial": key[0], "arm": key[1], **metrics})
     replaced = [c for c in STEP_METRICS if c in rows]
-    rows = rows.drop(columns=replaced).merge(measured, on=["run", "trial", "arm"], how="left")
-    for column in replaced:  # a metric never measured by then is missing, not zero
-        if column not in rows:
-            rows[column] = math.nan
-    return rows
+    return rows.drop(columns=replaced).merge(
+        pd.DataFrame(measured)[["run", "trial", "arm", *replaced]],
+        on=["run", "trial", "arm"], how="left")
+
+
+def _records_by_arm(table: pd.DataFrame | None, step: int) -> dict[tuple, list[dict]]:
+    """A table's rows up to ``step``, in step order, grouped by (trial, arm)."""
+    if table is None:
+        return {}
+    upto = table[table["step"] <= step].sort_values("step", kind="stable")
+    return {key: group.to_dict("records")
+            for key, group in upto.groupby(["trial", "arm"], sort=False)}
 
 
 def loss_against(runs: list[Run], rows: pd.DataFrame, reference: str,
@@ -181,11 +170,11 @@ class Tolerance:
     atol: float | None = None  # an arm within atol on max_abs_grad_err is equivalent too
 
     def rel(self, dtype: str, accum_steps: int) -> float:
-        return self.rtol if self.rtol is not None else probe.rel_tolerance(dtype, accum_steps)
+        return self.rtol if self.rtol is not None else schema.rel_tolerance(dtype, accum_steps)
 
 
 def verdict(row: pd.Series, tol: Tolerance) -> str:
-    return probe.verdict(row["baseline"], row["max_rel_grad_err"], row["rel_tolerance"],
+    return schema.verdict(row["baseline"], row["max_rel_grad_err"], row["rel_tolerance"],
                          row["max_abs_grad_err"], tol.atol)
 
 
@@ -395,16 +384,16 @@ def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
     out = []
     if tol.rtol is not None:
         rule = (f"rel grad err <= {fmt(tol.rtol)} (--rtol, in place of "
-                f"{fmt(probe.TOLERANCE_FACTOR)}·max(N,2)·u)")
+                f"{fmt(schema.TOLERANCE_FACTOR)}·max(N,2)·u)")
     else:
         judged = rows[~rows["baseline"]]
         per_dtype = []
         for dtype, part in judged.groupby("dtype", sort=False):
-            u = probe.UNIT_ROUNDOFF[dtype]
+            u = schema.UNIT_ROUNDOFF[dtype]
             span = sorted(set(part["accum_steps"].astype(int)))
-            tols = ", ".join(f"N={n}: {fmt(probe.rel_tolerance(dtype, n))}" for n in span)
+            tols = ", ".join(f"N={n}: {fmt(schema.rel_tolerance(dtype, n))}" for n in span)
             per_dtype.append(f"{dtype} (u = 2^{round(math.log2(u))}) {tols}")
-        rule = (f"rel grad err <= tolerance = {fmt(probe.TOLERANCE_FACTOR)}·max(N,2)·u, u the "
+        rule = (f"rel grad err <= tolerance = {fmt(schema.TOLERANCE_FACTOR)}·max(N,2)·u, u the "
                 f"unit roundoff of the dtype; here " + "; ".join(per_dtype))
     if tol.atol is not None:
         rule += f"; or abs grad err <= {fmt(tol.atol)} (--atol)"

@@ -1,110 +1,124 @@
 """One optimizer step under an arm's accumulation policy.
 
 This is the only training loop in gradlab. Every pitfall an experiment shows
-(forgetting to scale the loss, misplacing zero_grad, BatchNorm statistics) is a
-value of a setting read here, never a copy of this code. Read ``train_step``
-top to bottom: split, forward, scale, backward (N times), step, zero.
+(forgetting to normalise the loss, misplacing zero_grad, BatchNorm statistics,
+dividing by the wrong token count) is a value of a setting read here, never a
+copy of this code. Read ``train_step`` top to bottom: ``window_gradient`` (split
+the window, then forward, normalise and backward each micro-batch, zero_grad
+where the policy puts it), then step and zero.
+
+The probe calls ``window_gradient`` as well, so a verdict sees everything the
+step does to the gradient before the optimizer applies it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gradlab.spec import Settings
+from gradlab.errors import unhandled
+from gradlab.setup import Examples, Setup, split
+from gradlab.spec import BnMode, LossScale, Optimizer, Settings, ZeroGrad
 
-# called after each micro-batch backward with (micro_batch_index, model)
-TraceHook = Callable[[int, nn.Module], None]
+
+class Watch(Protocol):
+    """What the runner's observers see of a step while it happens."""
+
+    def micro_batch(self, index: int) -> None:
+        """After micro-batch ``index``'s backward: .grad holds the sum so far."""
+
+    def gradient(self) -> None:
+        """.grad now holds what optimizer.step() is about to apply."""
 
 
 @dataclass(frozen=True)
 class StepStats:
-    loss: float  # mean loss over the B examples, before the step
+    loss: float  # summed loss of the window / its units, before the step
+    units: int  # loss units in the window: examples, or non-padding tokens
     grad_norm: float  # L2 norm of the gradient the optimizer applied (all parameters)
     update_norm: float  # L2 norm of the change in the parameters
 
 
-def split(x: torch.Tensor, y: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """N micro-batches in order; when N does not divide B the sizes differ by at most one."""
-    return list(zip(torch.tensor_split(x, n), torch.tensor_split(y, n), strict=True))
+def normalised(loss: torch.Tensor, units, window_units, s: Settings) -> torch.Tensor:
+    """A micro-batch's summed loss, divided as the arm's loss_scale says.
 
-
-def loss_scale(s: Settings, micro_size: int) -> float:
-    """What each micro-batch's mean loss is multiplied by before backward.
-
-    by-size weights micro-batch i by n_i/B, so the accumulated gradient is the
-    gradient of the mean over all B examples even when the micro-batches are
-    uneven. by-count is the textbook loss/N, exact only when N divides B.
+    by-size divides by the units of the whole window, so the N backward passes add
+    up to the gradient of the window's mean loss per unit even when micro-batches
+    hold different numbers of examples or tokens (transformers' num_items_in_batch).
+    by-count takes each micro-batch's own mean and divides by N: exact only when
+    every micro-batch holds the same number of units.
     """
-    if s.loss_scale == "by-size":
-        return micro_size / s.batch_size
-    if s.loss_scale == "by-count":
-        return 1.0 / s.accum_steps
-    return 1.0  # "none": the bug, gradients come out N times too large
-
-
-def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
-    return loss_of(model(x), y, kind)
-
-
-def loss_of(out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean loss over the examples of predictions ``out`` against targets ``y``."""
-    if kind == "cross_entropy":
-        return F.cross_entropy(out, y)
-    return F.mse_loss(out, y)
+    match s.loss_scale:
+        case LossScale.BY_SIZE:
+            return loss / window_units
+        case LossScale.BY_COUNT:
+            return loss / (units * s.accum_steps)
+        case LossScale.NONE:  # the bug: N means added up, gradients N times too large
+            return loss / units
+    unhandled(s.loss_scale)
 
 
 def set_train_mode(model: nn.Module, s: Settings) -> None:
     model.train()
-    if s.bn_mode == "frozen":  # fixed running statistics: BN becomes a per-example affine map
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    match s.bn_mode:
+        case BnMode.TRAIN:
+            pass
+        case BnMode.FROZEN:  # fixed running statistics: BN becomes a per-example affine map
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        case _:
+            unhandled(s.bn_mode)
 
 
-def accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings, loss_kind: str,
-               trace: TraceHook | None = None) -> float:
-    """Forward and backward each micro-batch into ``.grad``; returns the mean loss over B.
+def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setup,
+                    watch: Watch | None = None) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """Backward each micro-batch of a window into ``.grad``; returns (summed loss, units).
 
     ``.grad`` is not cleared first: what it holds on entry is what the zero_grad
-    policy left there. (model.zero_grad is optimizer.zero_grad here: the
-    optimizer holds exactly the model's parameters.)
+    policy left there. Both returned values stay on the device (no host sync).
+    (model.zero_grad is optimizer.zero_grad here: the optimizer holds exactly the
+    model's parameters.)
     """
     set_train_mode(model, s)
-    total = 0.0
-    for i, (xb, yb) in enumerate(split(x, y, s.accum_steps)):
-        if s.zero_grad == "every-step":  # zero_grad before each batch: only the last survives
+    micro_batches = split(window, s.accum_steps)
+    window_units = sum(setup.count_units(mb) for mb in micro_batches)  # before any backward
+    window_loss = 0.0
+    for i, micro_batch in enumerate(micro_batches):
+        if s.zero_grad == ZeroGrad.EVERY_STEP:  # zero_grad before each backward: last one wins
             model.zero_grad(set_to_none=s.set_to_none)
-        loss = mean_loss(model, xb, yb, loss_kind)
-        (loss * loss_scale(s, len(xb))).backward()
-        total += loss.item() * len(xb)
-        if trace is not None:
-            trace(i, model)
-        if s.zero_grad == "after-backward":  # the misplacement: wipes what backward computed
+        loss, units = setup.loss(model, micro_batch)
+        normalised(loss, units, window_units, s).backward()
+        window_loss = window_loss + loss.detach()
+        if watch is not None:
+            watch.micro_batch(i)
+        if s.zero_grad == ZeroGrad.AFTER_BACKWARD:  # the misplacement: wipes what backward did
             model.zero_grad(set_to_none=s.set_to_none)
-    return total / len(x)
+    return window_loss, window_units
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, s: Settings, loss_kind: str,
-               trace: TraceHook | None = None) -> StepStats:
-    """One optimizer step on a batch of B examples, under the arm's policy."""
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examples,
+               s: Settings, setup: Setup, watch: Watch | None = None) -> StepStats:
+    """One optimizer step on a window of B examples, under the arm's policy."""
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    loss = accumulate(model, x, y, s, loss_kind, trace)
-    grad_norm = global_norm([p.grad for p in params])
+    loss, units = window_gradient(model, window, s, setup, watch)
+    if watch is not None:
+        watch.gradient()
+    grad_norm = global_norm(p.grad for p in params)
     optimizer.step()
-    if s.zero_grad == "every-n":  # the accumulation pattern: clear once per optimizer step
+    if s.zero_grad == ZeroGrad.EVERY_N:  # the accumulation pattern: clear once per step
         optimizer.zero_grad(set_to_none=s.set_to_none)
-    update_norm = global_norm([p.detach() - b for p, b in zip(params, before, strict=True)])
-    return StepStats(loss, grad_norm, update_norm)
+    update_norm = global_norm(p.detach() - b for p, b in zip(params, before, strict=True))
+    units = int(units)
+    return StepStats(float(loss) / units, units, grad_norm, update_norm)
 
 
-def global_norm(tensors: list[torch.Tensor | None]) -> float:
+def global_norm(tensors: Iterable[torch.Tensor | None]) -> float:
     """L2 norm over all tensors, in float64 so low-precision arms are measured exactly."""
     squares = [t.detach().double().pow(2).sum() for t in tensors if t is not None]
     return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
@@ -112,8 +126,12 @@ def global_norm(tensors: list[torch.Tensor | None]) -> float:
 
 def make_optimizer(model: nn.Module, s: Settings) -> torch.optim.Optimizer:
     params = model.parameters()
-    if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    if s.optimizer == "adam":
-        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
-    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    match s.optimizer:
+        case Optimizer.SGD:
+            return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum,
+                                   weight_decay=s.weight_decay)
+        case Optimizer.ADAM:
+            return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+        case Optimizer.ADAMW:
+            return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    unhandled(s.optimizer)

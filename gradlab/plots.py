@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator  # noqa: E402
 
-from gradlab import compare, probe  # noqa: E402
+from gradlab import compare, schema  # noqa: E402
 from gradlab.errors import GradlabError  # noqa: E402
 from gradlab.store import Run  # noqa: E402
 
@@ -260,7 +260,7 @@ def draw(plot: Plot, experiment: str) -> plt.Figure:
             dtype = part["dtype"].iloc[0]
             if "dtype" not in plot.panels:
                 title.append(f"dtype={dtype}")
-            title.append(f"u = 2^{round(np.log2(probe.UNIT_ROUNDOFF[dtype]))}")
+            title.append(f"u = 2^{round(np.log2(schema.UNIT_ROUNDOFF[dtype]))}")
         ax.set_title(", ".join(title), fontsize=10)
     for ax in axes.flat[len(panel_keys):]:
         ax.set_visible(False)
@@ -358,11 +358,11 @@ def draw_bounds(ax, part: pd.DataFrame, handles: dict) -> None:
     dtypes = list(dict.fromkeys(part["dtype"]))
     for dtype in dtypes:
         which = f" ({dtype})" if len(dtypes) > 1 else ""  # else the panel's title says
-        u = probe.UNIT_ROUNDOFF[dtype]
-        tol = [probe.rel_tolerance(dtype, int(n)) for n in ns]
+        u = schema.UNIT_ROUNDOFF[dtype]
+        tol = [schema.rel_tolerance(dtype, int(n)) for n in ns]
         (t,) = ax.plot(ns, tol, ls="-", color="firebrick", lw=1.6, zorder=4)
         (b,) = ax.plot(ns, ns * u, ls=":", color="0.25", lw=1.2, zorder=4)
-        c = f"{probe.TOLERANCE_FACTOR:g}"
+        c = f"{schema.TOLERANCE_FACTOR:g}"
         handles.setdefault(f"tolerance {c}·max(N,2)·u{which}: above it, 'differs'", t)
         handles.setdefault(f"N·u, the rounding bound of summing N terms{which}", b)
 

@@ -1,90 +1,100 @@
-"""Gradient comparison: how far one gradient is from a reference, and how far is fine.
+"""Gradient comparison: how far one gradient is from a reference.
 
 All metrics are computed in float64 whatever dtype the arms trained in, so the
-measurement adds no rounding of its own.
+measurement adds no rounding of its own. Tensors are compared one parameter at a
+time, so comparing two models costs one parameter's float64 copy, not a copy of
+the model. (The rule that turns these numbers into a verdict is in schema.py.)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import torch
-
-UNIT_ROUNDOFF = {
-    "float64": 2.0**-53,
-    "float32": 2.0**-24,
-    "float16": 2.0**-11,
-    "bfloat16": 2.0**-8,
-}
-
-# Headroom over N*u. The two arms do not differ only in how the N micro-batch
-# gradients are summed: the big batch itself reduces over B examples inside its
-# matmuls and convolutions in a blocked order, and every layer's backward rounds
-# again. A factor of 16 covers that for the built-in models (measured worst case
-# 3.3 N u, at N=2 with GroupNorm, see README) and still sits orders of magnitude below the
-# errors of a real mistake (loss not scaled: N-1; BatchNorm: >1e-2).
-TOLERANCE_FACTOR = 16.0
+from torch import nn
 
 
-def rel_tolerance(dtype: str, accum_steps: int) -> float:
-    """Largest relative L2 gradient error still called equivalent: c * max(N, 2) * u.
+class Distance:
+    """Accumulates ||a - r||, ||r||, ||a||, a·r and max |a - r| over tensor pairs."""
 
-    Summing N partial gradients in floating point errs by up to about (N-1)*u
-    relative to the sum of magnitudes; max(N, 2) keeps N=1 from demanding
-    bit-identical results against a baseline that rounds in its own order.
-    """
-    return TOLERANCE_FACTOR * max(accum_steps, 2) * UNIT_ROUNDOFF[dtype]
+    def __init__(self) -> None:
+        self.diff2 = self.ref2 = self.arm2 = self.dot = self.max_abs = 0.0
 
+    def add(self, arm: torch.Tensor, ref: torch.Tensor) -> Distance:
+        a, r = arm.detach().double().flatten(), ref.detach().double().flatten()
+        d = a - r
+        self.diff2 += float(d @ d)
+        self.ref2 += float(r @ r)
+        self.arm2 += float(a @ a)
+        self.dot += float(a @ r)
+        self.max_abs = max(self.max_abs, float(d.abs().max()) if d.numel() else 0.0)
+        return self
 
-def verdict(baseline: bool, rel_err: float, rel_tol: float, abs_err: float = math.nan,
-            abs_tol: float | None = None) -> str:
-    """baseline | not probed | equivalent | differs: the one rule, for run and compare alike.
+    def merge(self, other: Distance) -> Distance:
+        self.diff2 += other.diff2
+        self.ref2 += other.ref2
+        self.arm2 += other.arm2
+        self.dot += other.dot
+        self.max_abs = max(self.max_abs, other.max_abs)
+        return self
 
-    Equivalent when the relative error is within rel_tol, or (only when an
-    absolute tolerance is given) the largest absolute error is within abs_tol.
-    """
-    if baseline:
-        return "baseline"
-    if rel_err is None or math.isnan(rel_err):
-        return "not probed"
-    if rel_err <= rel_tol or (abs_tol is not None and abs_err <= abs_tol):
-        return "equivalent"
-    return "differs"
+    def metrics(self) -> dict[str, float]:
+        """max_abs_err, rel_l2_err and cosine of the arm against the reference.
+
+        A non-finite gradient gives NaN metrics: nothing is invented for a diverged arm.
+        """
+        diff, ref, arm = math.sqrt(self.diff2), math.sqrt(self.ref2), math.sqrt(self.arm2)
+        if not all(map(math.isfinite, (diff, ref, arm, self.dot))):
+            return {"max_abs_err": math.nan, "rel_l2_err": math.nan, "cosine": math.nan,
+                    "ref_norm": ref, "arm_norm": arm}
+        rel = diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
+        if ref > 0 and arm > 0:
+            cosine = self.dot / (arm * ref)
+        else:  # a zero gradient has no direction: the same only if both are zero
+            cosine = 1.0 if arm == ref else math.nan
+        return {"max_abs_err": self.max_abs, "rel_l2_err": rel, "cosine": cosine,
+                "ref_norm": ref, "arm_norm": arm}
 
 
 def compare(arm: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """max_abs_err, rel_l2_err and cosine of one gradient against a reference."""
-    a, r = arm.detach().double().flatten(), ref.detach().double().flatten()
-    diff_norm, ref_norm, arm_norm = (a - r).norm().item(), r.norm().item(), a.norm().item()
-    if ref_norm > 0:
-        rel = diff_norm / ref_norm
-    else:
-        rel = 0.0 if diff_norm == 0 else math.inf
-    if ref_norm > 0 and arm_norm > 0:
-        cosine = float(a @ r) / (arm_norm * ref_norm)
-    else:
-        cosine = 1.0 if arm_norm == ref_norm else 0.0
-    return {
-        "max_abs_err": (a - r).abs().max().item() if a.numel() else 0.0,
-        "rel_l2_err": rel,
-        "cosine": cosine,
-        "ref_norm": ref_norm,
-        "arm_norm": arm_norm,
-    }
+    """max_abs_err, rel_l2_err and cosine of one tensor against a reference."""
+    return Distance().add(arm, ref).metrics()
 
 
-def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def compare_tensors(pairs: Iterable[tuple[str, torch.Tensor, torch.Tensor]]
+                    ) -> list[dict[str, float | str]]:
+    """One row per (name, arm, ref) pair, then one for all of them together (param '*')."""
+    rows: list[dict[str, float | str]] = []
+    overall = Distance()
+    for name, arm, ref in pairs:
+        one = Distance().add(arm, ref)
+        rows.append({"param": name, **one.metrics()})
+        overall.merge(one)
+    rows.append({"param": "*", **overall.metrics()})
+    return rows
+
+
+def grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's .grad, or zeros where backward left None (set_to_none, unused)."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def compare_models(arm: nn.Module, ref: nn.Module,
+                   of: Callable[[torch.Tensor], torch.Tensor] = grad_or_zeros
+                   ) -> list[dict[str, float | str]]:
+    """``of(parameter)`` of two models of one architecture, parameter by parameter."""
+    refs = dict(ref.named_parameters())
+    return compare_tensors((name, of(p), of(refs[name])) for name, p in arm.named_parameters())
+
+
+def grads_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Each parameter's .grad as a float64 copy (zeros where backward left None)."""
-    return {name: (p.grad.detach().double().clone() if p.grad is not None
-                   else torch.zeros_like(p, dtype=torch.float64))
+    return {name: grad_or_zeros(p).detach().double().clone()
             for name, p in model.named_parameters()}
 
 
-def compare_grads(arm: dict[str, torch.Tensor],
-                  ref: dict[str, torch.Tensor]) -> list[dict[str, float | str]]:
-    """One row per parameter, then one row for all parameters together (param '*')."""
-    rows: list[dict[str, float | str]] = [{"param": n, **compare(arm[n], ref[n])} for n in ref]
-    flat_arm = torch.cat([arm[n].flatten() for n in ref])
-    flat_ref = torch.cat([ref[n].flatten() for n in ref])
-    rows.append({"param": "*", **compare(flat_arm, flat_ref)})
-    return rows
+def param_distance(a: nn.Module, b: nn.Module) -> float:
+    """||θ_a − θ_b|| over all parameters, in float64, one parameter at a time."""
+    return math.sqrt(sum(float((pa.detach().double() - pb.detach().double()).pow(2).sum())
+                         for pa, pb in zip(a.parameters(), b.parameters(), strict=True)))

@@ -1,14 +1,16 @@
-"""Trials: every arm from the same initial weights, on the same examples in the same order.
+"""Trials in lockstep: every arm from the same weights, on the same examples in the same order.
 
-For each trial the baseline arm trains first and leaves its weights before every
-step. Then each arm
+The arms of a trial train side by side; the arm that has seen the fewest examples
+steps next, the baseline first on a tie. So when the baseline is about to take
+step t, every arm can be probed at the baseline's weights on the baseline's
+window (the gradient alone: nothing else differs), and after an arm's step its
+weights can be compared with the baseline's at equal examples seen, without
+keeping the baseline's history. What a trial holds costs O(parameters) per arm,
+whatever the number of steps.
 
-* trains on its own for ``steps`` steps (the trajectory: where training ends up),
-* and, every ``probe_every`` steps, computes its gradient at the *baseline's*
-  weights on the baseline's batch (the probe: the gradient alone, nothing else
-  differs),
-
-and the numbers go to the run directory as each trial finishes.
+What gets recorded is up to observers (trajectory, probe, trace, held-gradient
+check, evaluation): each watches an arm's steps and owns its rows. The loop
+itself is ``run_trial`` and ``ArmRun.advance``: a few lines.
 """
 
 from __future__ import annotations
@@ -16,27 +18,29 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradlab import engine, probe, zoo
+from gradlab import engine, probe, schema, zoo
 from gradlab.errors import GradlabError
-from gradlab.spec import Arm, Settings, Trial
+from gradlab.setup import (
+    Examples,
+    Setup,
+    cast,
+    check_examples,
+    cross_entropy_loss,
+    mse_loss,
+    num_examples,
+    split,
+    take,
+)
+from gradlab.spec import Arm, BnMode, Settings, Trial, ZeroGrad
 from gradlab.store import RunDir
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# the CSV files of a run directory, in the order they are written
-TABLES = ("summary", "steps", "probe", "buffers", "eval", "trace", "weights", "checks")
-
-# summary keys: the --json contract reads these names
-SUMMARY_METRICS = ("max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "final_loss",
-                   "max_rel_loss_diff", "final_weight_dist", "final_test_loss",
-                   "final_test_accuracy", "max_rel_buffer_diff")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,18 +52,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@dataclass
-class Prepared:
-    """An arm with its data and a freshly initialised model, ready to train."""
-    arm: Arm
-    data: zoo.Data
-    model: nn.Module
-    device: torch.device
-
-    @property
-    def s(self) -> Settings:
-        return self.arm.settings
-
+# ----------------------------------------------------------------------------- building
 
 def call_factory(kind: str, name: str, *args) -> Any:
     """Call a built-in or user factory; a user's exception becomes a one-line input error."""
@@ -69,12 +62,21 @@ def call_factory(kind: str, name: str, *args) -> Any:
     except GradlabError:
         raise
     except Exception as err:
-        signature = "(settings)" if kind == "dataset" else "(settings, data)"
+        signature = {"model": "(settings, data)"}.get(kind, "(settings)")
         raise GradlabError(f"{kind} '{name}' failed: {type(err).__name__}: {err}; a {kind} "
                            f"factory is called as factory{signature}") from None
 
 
-def load_data(s: Settings, device: torch.device) -> zoo.Data:
+def seeded(s: Settings, build: Callable[[], Any]) -> Any:
+    """Build with torch seeded by the arm's seed, leaving the global random state as it was:
+    every arm of a trial starts from the same weights, and building one moves no other's
+    random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        return build()
+
+
+def load_data(s: Settings) -> zoo.Data:
     data = call_factory("dataset", s.dataset, s)
     if isinstance(data, tuple):  # a user's factory may return just (x, y)
         x, y = data
@@ -82,143 +84,255 @@ def load_data(s: Settings, device: torch.device) -> zoo.Data:
     if not isinstance(data, zoo.Data):
         raise GradlabError(f"dataset '{s.dataset}' returned {type(data).__name__}; "
                            f"return gradlab.zoo.Data or a tuple (x, y)")
-    dtype = DTYPES[s.dtype]
-
-    def cast(t):
-        if t is None:
-            return None
-        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
-
-    return zoo.Data(cast(data.x_train), cast(data.y_train), cast(data.x_test),
-                    cast(data.y_test), data.loss, data.shuffle)
+    if data.loss not in zoo.LOSSES:
+        raise GradlabError(f"dataset '{s.dataset}' asks for loss '{data.loss}'; choose one of "
+                           f"{', '.join(zoo.LOSSES)}")
+    return data
 
 
-def build_model(s: Settings, data: zoo.Data, device: torch.device) -> nn.Module:
-    torch.manual_seed(s.seed)  # every arm of a trial starts from the same weights
-    model = call_factory("model", s.model, s, data)
+def builtin_setup(s: Settings, data_cache: dict) -> Setup:
+    """A Setup from the model and dataset settings (built-in or 'pkg.module:factory')."""
+    key = (s.dataset, s.min_len, s.max_len)  # what the built-in datasets read
+    if key not in data_cache:
+        data_cache[key] = load_data(s)
+    data = data_cache[key]
+    model = seeded(s, lambda: call_factory("model", s.model, s, data))
     if not isinstance(model, nn.Module):
         raise GradlabError(f"model '{s.model}' returned {type(model).__name__}, "
                            f"not a torch.nn.Module")
-    return model.to(device, DTYPES[s.dtype])
+    loss, units, accuracy = zoo.LOSSES[data.loss]
+    return Setup(model, data.train, loss, units, data.test, accuracy, data.shuffle)
 
 
-def check_micro_batches(arm: Arm, model: nn.Module) -> None:
-    """BatchNorm1d needs two values per channel; a micro-batch of one example has one."""
-    s = arm.settings
-    smallest = s.batch_size // s.accum_steps
-    has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
-    if has_bn1d and smallest == 1 and s.bn_mode == "train":
-        raise GradlabError(
-            f"arm '{arm.name}': BatchNorm1d would see micro-batches of 1 example "
-            f"(batch_size={s.batch_size}, accum_steps={s.accum_steps}), so one value per "
-            f"channel and no batch statistics; use norm=gn or norm=ln, or a smaller accum_steps")
+def user_setup(s: Settings) -> Setup:
+    """The user's own Setup from ``setup = 'pkg.module:factory'``."""
+    made = seeded(s, lambda: call_factory("setup", s.setup, s))
+    if not isinstance(made, Setup):
+        raise GradlabError(f"setup '{s.setup}' returned {type(made).__name__}; return "
+                           f"gradlab.setup.Setup(model, train, loss, ...)")
+    if not isinstance(made.model, nn.Module):
+        raise GradlabError(f"setup '{s.setup}': model is a {type(made.model).__name__}, "
+                           f"not a torch.nn.Module")
+    if not callable(made.loss):
+        raise GradlabError(f"setup '{s.setup}': loss is not callable; give a function "
+                           f"loss(model, batch) -> (summed loss, units)")
+    return made
 
 
-def prepare(arm: Arm, data_cache: dict) -> Prepared:
-    s = arm.settings
-    device = resolve_device(s.device)
-    key = (s.dataset, s.dtype, str(device))
-    if key not in data_cache:
-        data_cache[key] = load_data(s, device)
-    data = data_cache[key]
-    model = build_model(s, data, device)
-    check_micro_batches(arm, model)
-    return Prepared(arm, data, model, device)
+def build_setup(s: Settings, device: torch.device, data_cache: dict) -> Setup:
+    """The arm's model and examples, in its dtype and on its device."""
+    setup = user_setup(s) if s.setup else builtin_setup(s, data_cache)
+    name = s.setup or f"dataset '{s.dataset}'"
+    check_examples(setup.train, f"{name}: training examples")
+    if setup.test is not None:
+        check_examples(setup.test, f"{name}: test examples")
+    dtype = DTYPES[s.dtype]
+    return dataclasses.replace(setup, model=setup.model.to(device, dtype),
+                               train=cast(setup.train, dtype, device),
+                               test=cast(setup.test, dtype, device))
 
 
-def preflight(trials: list[Trial]) -> None:
-    """Build every arm once before anything is written, so bad input fails fast and clean."""
-    cache: dict = {}
-    for trial in trials:
-        for arm in trial.arms:
-            prepared = prepare(arm, cache)
-            if len(prepared.data.x_train) < arm.settings.batch_size:
-                raise GradlabError(
-                    f"arm '{arm.name}': batch_size={arm.settings.batch_size} but dataset "
-                    f"'{arm.settings.dataset}' has {len(prepared.data.x_train)} training "
-                    f"examples; use a smaller batch_size")
-            try_forward(prepared)
-
-
-def try_forward(p: Prepared) -> None:
-    """One forward and loss on the smallest micro-batch, to catch shape and dtype mismatches."""
-    s = p.s
-    x, y = engine.split(p.data.x_train[:s.batch_size], p.data.y_train[:s.batch_size],
-                        s.accum_steps)[-1]
-    engine.set_train_mode(p.model, s)
-    try:
-        with torch.no_grad():
-            engine.mean_loss(p.model, x, y, p.data.loss)
-    except (RuntimeError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise GradlabError(f"arm '{p.arm.name}': model '{s.model}' on dataset '{s.dataset}' "
-                           f"(micro-batch of {len(x)}, {s.dtype}) failed: {first}") from None
-
-
-def batches(data: zoo.Data, s: Settings) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def windows(setup: Setup, s: Settings) -> Iterator[Examples]:
     """The seeded stream of examples, B at a time; every arm of a trial reads the same one."""
-    n = len(data.x_train)
+    n = num_examples(setup.train)
     g = torch.Generator().manual_seed(s.seed)
     order = torch.empty(0, dtype=torch.long)
     while True:
         while len(order) < s.batch_size:  # epochs are concatenated, reshuffled each time
-            epoch = torch.randperm(n, generator=g) if data.shuffle else torch.arange(n)
+            epoch = torch.randperm(n, generator=g) if setup.shuffle else torch.arange(n)
             order = torch.cat([order, epoch])
-        idx, order = order[:s.batch_size].to(data.x_train.device), order[s.batch_size:]
-        yield data.x_train[idx], data.y_train[idx]
+        index, order = order[:s.batch_size], order[s.batch_size:]
+        yield take(setup.train, index.to(setup.device))
 
 
-def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().double().flatten() for p in model.parameters()])
+# ----------------------------------------------------------------------------- preflight
+
+# settings that change neither the model's shape nor the data, so not what preflight checks
+TRAINING_ONLY = {"seed", "lr", "momentum", "weight_decay", "optimizer", "steps", "probe_every",
+                 "eval_every", "trace", "zero_grad", "set_to_none", "loss_scale"}
 
 
-def evaluate(model: nn.Module, data: zoo.Data) -> dict[str, float]:
-    if data.x_test is None:
-        return {}
-    was_training = model.training
-    model.eval()
+def preflight(trials: list[Trial]) -> None:
+    """Build each distinct setup once and run one window through it before anything is
+    written, so bad input fails fast and clean."""
+    cache: dict = {}
+    seen: set = set()
+    for trial in trials:
+        for arm in trial.arms:
+            s = arm.settings
+            key = tuple((k, v) for k, v in dataclasses.asdict(s).items()
+                        if k not in TRAINING_ONLY)
+            if key in seen:
+                continue
+            seen.add(key)
+            check_setup(arm, build_setup(s, resolve_device(s.device), cache))
+
+
+def check_setup(arm: Arm, setup: Setup) -> None:
+    s, name = arm.settings, f"arm '{arm.name}'"
+    n = num_examples(setup.train)
+    if n < s.batch_size:
+        raise GradlabError(f"{name}: batch_size={s.batch_size} but the training set has {n} "
+                           f"examples; use a smaller batch_size")
+    has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in setup.model.modules())
+    if has_bn1d and s.batch_size // s.accum_steps == 1 and s.bn_mode == BnMode.TRAIN:
+        raise GradlabError(
+            f"{name}: BatchNorm1d would see micro-batches of 1 example "
+            f"(batch_size={s.batch_size}, accum_steps={s.accum_steps}), so one value per "
+            f"channel and no batch statistics; use norm=gn or norm=ln, or a smaller accum_steps")
+    window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
+    engine.set_train_mode(setup.model, s)
     with torch.no_grad():
-        out = model(data.x_test)
-        loss = engine.loss_of(out, data.y_test, data.loss).item()
-    model.train(was_training)
-    accuracy = (float((out.argmax(1) == data.y_test).double().mean())
-                if data.loss == "cross_entropy" else math.nan)
-    return {"test_loss": loss, "test_accuracy": accuracy}
+        for i, micro_batch in enumerate(split(window, s.accum_steps)):
+            units = int(setup.count_units(micro_batch))
+            try:
+                if setup.loss in (mse_loss, cross_entropy_loss):  # predictions must fit targets
+                    check_prediction(name, setup.model(micro_batch[0]), micro_batch[1],
+                                     setup.train[1])
+                returned = setup.loss(setup.model, micro_batch)
+            except GradlabError:
+                raise
+            except Exception as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise GradlabError(f"{name}: the model and loss failed on a micro-batch of "
+                                   f"{num_examples(micro_batch)} ({s.dtype}): "
+                                   f"{type(err).__name__}: {first}") from None
+            check_loss(name, returned, units, i)
 
 
-@dataclass
-class BaselineRecord:
-    """What the baseline leaves for the other arms: its weights along the way."""
-    states: list[dict[str, torch.Tensor]] = field(default_factory=list)  # before each step
-    params_after: dict[int, torch.Tensor] = field(default_factory=dict)  # examples -> params
-    loss_at: dict[int, float] = field(default_factory=dict)  # examples -> step loss
-    grads: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # step -> gradient
-    # step -> running statistics after the baseline's probe forward (BatchNorm only)
-    buffers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+def check_prediction(name: str, out: torch.Tensor, y: torch.Tensor,
+                     all_targets: torch.Tensor) -> None:
+    """The model's output against the targets, before a loss broadcasts or indexes past them."""
+    if not isinstance(out, torch.Tensor):
+        raise GradlabError(f"{name}: the model returned {type(out).__name__}; the built-in "
+                           f"losses need a tensor of predictions")
+    shape, target = tuple(out.shape), tuple(y.shape)
+    if y.is_floating_point():
+        if shape != target:
+            raise GradlabError(f"{name}: the model's output has shape {shape} but the targets "
+                               f"have shape {target}; make the model return one prediction "
+                               f"per target (mse needs equal shapes)")
+        return
+    classes = int(all_targets.max()) + 1
+    if out.dim() != 2 or shape[0] != target[0] or shape[1] < classes:
+        raise GradlabError(f"{name}: the model's output has shape {shape} but the targets are "
+                           f"{target[0]} class ids up to {classes - 1}; cross-entropy needs "
+                           f"output shape ({target[0]}, {classes}) or more classes")
 
 
-@dataclass
-class TrialResult:
-    summary: list[dict[str, Any]] = field(default_factory=list)
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    probe: list[dict[str, Any]] = field(default_factory=list)
-    buffers: list[dict[str, Any]] = field(default_factory=list)
-    eval: list[dict[str, Any]] = field(default_factory=list)
-    trace: list[dict[str, Any]] = field(default_factory=list)
-    weights: list[dict[str, Any]] = field(default_factory=list)
-    checks: list[dict[str, Any]] = field(default_factory=list)
+def check_loss(name: str, returned: object, units: int, index: int) -> None:
+    if not (isinstance(returned, tuple) and len(returned) == 2):
+        raise GradlabError(f"{name}: the loss returned {type(returned).__name__}; it must "
+                           f"return (summed loss, number of loss units), e.g. "
+                           f"(loss.sum(), len(y))")
+    loss, said = returned
+    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+        raise GradlabError(f"{name}: the loss's first value must be a one-element tensor (the "
+                           f"summed loss), got {type(loss).__name__}")
+    if units <= 0:
+        raise GradlabError(f"{name}: micro-batch {index + 1} holds {units} loss units (all "
+                           f"padding?); every micro-batch needs at least one unit: use fewer "
+                           f"accum_steps or longer sequences")
+    if int(said) != units:
+        raise GradlabError(f"{name}: the loss says micro-batch {index + 1} holds {int(said)} "
+                           f"units but the setup counts {units}; give Setup(units=...) that "
+                           f"counts what the loss sums over (e.g. non-padding tokens)")
 
 
-def run_trial(trial: Trial, data_cache: dict, advance: Callable[[int], None]) -> TrialResult:
-    result = TrialResult()
-    base = prepare(trial.baseline, data_cache)
-    record = BaselineRecord()
-    ordered = [base] + [prepare(a, data_cache) for a in trial.arms if not a.baseline]
-    for prepared in ordered:
-        rows = train_arm(trial, prepared, base, record, result)
-        result.summary.append(summarise(trial, prepared, rows))
-        advance(prepared.s.steps)
-    return result
+# ----------------------------------------------------------------------------- one arm
+
+class ArmRng:
+    """The arm's own random stream (dropout and the like), so that what one arm draws never
+    depends on which arms stepped before it: swapped in around the arm's work."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if self.cuda else []):
+            torch.manual_seed(seed)
+            self.state = self._get()
+
+    def _get(self):
+        return (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None)
+
+    def _set(self, state) -> None:
+        torch.set_rng_state(state[0])
+        if self.cuda:
+            torch.cuda.set_rng_state(state[1])
+
+    def __enter__(self):
+        self.outside = self._get()
+        self._set(self.state)
+
+    def __exit__(self, *exc):
+        self.state = self._get()
+        self._set(self.outside)
+
+
+class ArmRun:
+    """One arm of a trial while it trains: model, optimizer, stream of windows, observers.
+
+    It is also the engine's Watch: what happens inside a step is passed on to the
+    observers.
+    """
+
+    def __init__(self, trial: Trial, arm: Arm, setup: Setup, data_cache: dict):
+        self.trial, self.arm, self.setup, self.s = trial, arm, setup, arm.settings
+        self.data_cache = data_cache
+        self.model = setup.model
+        self.optimizer = engine.make_optimizer(self.model, self.s)
+        self.windows = windows(setup, self.s)
+        self.rng = ArmRng(self.s.seed, setup.device)
+        self.step = 0  # the step being taken, or the last one taken
+        self.examples = 0  # examples seen after the last step
+        self.loss = math.nan  # the last step's loss
+        self.observers: list[Observer] = []
+        self.rows: dict[str, list[dict[str, Any]]] = {t: [] for t in schema.TABLES}
+
+    def fresh_model(self) -> nn.Module:
+        """Another model like this arm's (for probes and checks to compute in)."""
+        return build_setup(self.s, self.setup.device, self.data_cache).model
+
+    @property
+    def ids(self) -> dict[str, Any]:
+        return {"trial": self.trial.index, "arm": self.arm.name}
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.s.steps
+
+    def advance(self) -> None:
+        """Take one optimizer step, with every observer watching."""
+        window = next(self.windows)
+        self.step += 1
+        for o in self.observers:
+            o.before_step(self, window)
+        with self.rng:
+            stats = engine.train_step(self.model, self.optimizer, window, self.s, self.setup,
+                                      self)
+        self.examples += self.s.batch_size
+        self.loss = stats.loss
+        for o in self.observers:
+            o.stepped(self, stats)
+
+    def micro_batch(self, index: int) -> None:
+        for o in self.observers:
+            o.micro_batch(self, index)
+
+    def gradient(self) -> None:
+        for o in self.observers:
+            o.gradient(self)
+
+
+# ----------------------------------------------------------------------------- observers
+
+class Observer:
+    """Watches an arm's steps and writes rows into it. Override what you need."""
+
+    def before_step(self, run: ArmRun, window: Examples) -> None: ...
+    def micro_batch(self, run: ArmRun, index: int) -> None: ...
+    def gradient(self, run: ArmRun) -> None: ...
+    def stepped(self, run: ArmRun, stats: engine.StepStats) -> None: ...
+    def finished(self, run: ArmRun) -> None: ...
 
 
 def same_architecture(a: nn.Module, b: nn.Module) -> bool:
@@ -226,93 +340,158 @@ def same_architecture(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
 
 
-def train_arm(trial: Trial, p: Prepared, base: Prepared, record: BaselineRecord,
-              result: TrialResult) -> dict[str, list]:
-    s, is_base = p.s, p.arm.baseline
-    ids = {"trial": trial.index, "arm": p.arm.name}
-    comparable = same_architecture(p.model, base.model)
-    probe_model = build_model(s, p.data, p.device) if comparable and not is_base else None
-    optimizer = engine.make_optimizer(p.model, s)
-    collected: dict[str, list] = {"probe": [], "buffers": [], "steps": [], "eval": []}
-    stream = batches(p.data, s)
-    examples = 0
-    held = HeldGradientCheck(p) if s.zero_grad == "never" else None
-    if s.trace:
-        result.weights += _weights(ids, 0, p.model)
-    for step in range(1, s.steps + 1):
-        x, y = next(stream)
-        if is_base:
-            record.states.append({k: v.clone() for k, v in p.model.state_dict().items()})
-        elif probe_model is not None and _probe_due(s, step) and step <= len(record.states) \
-                and s.batch_size == base.s.batch_size:
-            rows = probe_step(probe_model, s, base, record, step, x, y)
-            collected["probe"] += [{**ids, "step": step, **r} for r in rows]
-            rows = probe_buffers(probe_model, p.data, record.buffers[step])
-            collected["buffers"] += [{**ids, "step": step, **r} for r in rows]
+class Trajectory(Observer):
+    """steps.csv: each step's loss and norms, and the distance from the baseline's weights
+    and loss at equal examples seen (the baseline, stepping first on a tie, is there)."""
 
-        trace = _trace_hook(ids, step, result.trace) if s.trace else None
-        if held is not None:
-            held.add_fresh(p.model, x, y)
-        stats = engine.train_step(p.model, optimizer, x, y, s, p.data.loss, trace)
-        if held is not None:
-            held.compare(p.model)
-        examples += s.batch_size
-        if s.trace:
-            result.weights += _weights(ids, step, p.model)
+    def __init__(self, base: ArmRun, comparable: bool):
+        self.base, self.comparable = base, comparable
 
-        params = flat_params(p.model)
-        if is_base:
-            record.params_after[examples] = params
-            record.loss_at[examples] = stats.loss
-        ref = record.params_after.get(examples) if comparable else None
-        ref_loss = record.loss_at.get(examples, math.nan)
-        collected["steps"].append({
-            **ids, "step": step, "examples": examples, "loss": stats.loss,
-            "grad_norm": stats.grad_norm, "update_norm": stats.update_norm,
-            "weight_dist": (params - ref).norm().item() if ref is not None else math.nan,
-            "rel_loss_diff": abs(stats.loss - ref_loss) / abs(ref_loss) if ref_loss else math.nan,
-        })
-        if (s.eval_every and step % s.eval_every == 0) or step == s.steps:
-            metrics = evaluate(p.model, p.data)
-            if metrics:
-                collected["eval"].append({**ids, "step": step, "examples": examples, **metrics})
-
-    result.probe += collected["probe"]
-    result.buffers += collected["buffers"]
-    result.steps += collected["steps"]
-    result.eval += collected["eval"]
-    if held is not None:
-        result.checks.append(held.row(ids))
-    return collected
+    def stepped(self, run: ArmRun, stats: engine.StepStats) -> None:
+        level = self.base.examples == run.examples
+        weight_dist = probe.param_distance(run.model, self.base.model) \
+            if level and self.comparable else math.nan
+        ref_loss = self.base.loss if level else math.nan
+        run.rows["steps"].append({
+            **run.ids, "step": run.step, "examples": run.examples, "units": stats.units,
+            "loss": stats.loss, "grad_norm": stats.grad_norm, "update_norm": stats.update_norm,
+            "weight_dist": weight_dist,
+            "rel_loss_diff": abs(stats.loss - ref_loss) / abs(ref_loss) if ref_loss
+            else math.nan})
 
 
-def _probe_due(s: Settings, step: int) -> bool:
+def probe_due(s: Settings, step: int) -> bool:
     return step == 1 or (s.probe_every > 0 and (step - 1) % s.probe_every == 0)
 
 
-def gradient_at(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor,
-                y: torch.Tensor, s: Settings, loss_kind: str) -> dict[str, torch.Tensor]:
-    """The gradient an arm's policy produces for one batch at the given weights."""
-    model.load_state_dict(state)
-    model.zero_grad(set_to_none=True)
-    engine.accumulate(model, x, y, s, loss_kind)
-    return probe.grads_of(model)
+class Probe(Observer):
+    """probe.csv and buffers.csv, watching the baseline: when its .grad holds the gradient
+    its step will apply, each due arm computes its own at the same weights (and running
+    statistics) on the same window, through the same engine function, in a model of its
+    own; the two are compared parameter by parameter."""
+
+    def __init__(self, arms: list[ArmRun]):
+        self.arms = arms
+        self.probe_models: dict[str, nn.Module] = {}
+        self.window: Examples | None = None
+        self.buffers_before: dict[str, torch.Tensor] = {}
+
+    def due(self, base: ArmRun) -> list[ArmRun]:
+        return [a for a in self.arms if probe_due(a.s, base.step) and base.step <= a.s.steps]
+
+    def before_step(self, base: ArmRun, window: Examples) -> None:
+        self.window = window
+        if self.due(base):  # running statistics as the baseline's forward will find them
+            self.buffers_before = {k: b.clone() for k, b in running_stats(base.model).items()}
+
+    def gradient(self, base: ArmRun) -> None:
+        for arm in self.due(base):
+            model = self.probe_model(arm)
+            model.load_state_dict({**base.model.state_dict(), **self.buffers_before})
+            model.zero_grad(set_to_none=True)
+            with torch.random.fork_rng(devices=[]):  # the probe draws from no arm's stream
+                engine.window_gradient(model, self.window, arm.s, arm.setup)
+            ids = {**arm.ids, "step": base.step}
+            arm.rows["probe"] += [{**ids, **r} for r in probe.compare_models(model, base.model)]
+            arm.rows["buffers"] += [{**ids, **r} for r in
+                                    compare_buffers(model, base.model, arm.setup)]
+
+    def probe_model(self, arm: ArmRun) -> nn.Module:
+        if arm.arm.name not in self.probe_models:
+            self.probe_models[arm.arm.name] = arm.fresh_model()
+        return self.probe_models[arm.arm.name]
 
 
-def probe_step(probe_model: nn.Module, s: Settings, base: Prepared, record: BaselineRecord,
-               step: int, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
-    """Arm's gradient vs the baseline's, both at the baseline's weights before ``step``."""
-    state = record.states[step - 1]
-    if step not in record.grads:  # the baseline has finished training, so its model is free
-        record.grads[step] = gradient_at(base.model, state, x, y, base.s, base.data.loss)
-        record.buffers[step] = running_stats(base.model)
-    arm = gradient_at(probe_model, state, x, y, s, base.data.loss)
-    return probe.compare_grads(arm, record.grads[step])
+def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """BatchNorm running means and variances (num_batches_tracked is a counter, not a statistic)."""
+    return {name: b.detach() for name, b in model.named_buffers()
+            if name.endswith(("running_mean", "running_var"))}
 
 
-class HeldGradientCheck:
-    """Under zero_grad='never', the .grad held after step t must be the sum of the fresh
-    gradients of steps 1..t, each taken at the weights of its own step.
+def compare_buffers(probed: nn.Module, base: nn.Module, setup: Setup) -> list[dict[str, Any]]:
+    """Running statistics the arm's probe pass left, vs the baseline's, and what they do to eval.
+
+    Both passes started from the baseline's weights and statistics; the baseline's
+    forward updated them once, the arm's N times. The '*' row also evaluates the
+    baseline's weights with the arm's statistics and with the baseline's, so the
+    accuracy change is due to the statistics alone.
+    """
+    ref = running_stats(base)
+    if not ref:
+        return []
+    arm = running_stats(probed)
+    rows = [{"buffer": r.pop("param"), **r}
+            for r in probe.compare_tensors((k, arm[k], ref[k]) for k in ref)]
+    with_arm = evaluate(probed, setup)
+    saved = {k: v.clone() for k, v in arm.items()}
+    probed.load_state_dict(ref, strict=False)
+    with_ref = evaluate(probed, setup)
+    probed.load_state_dict(saved, strict=False)
+    if with_arm:
+        rows[-1].update(test_accuracy=with_arm["test_accuracy"],
+                        ref_test_accuracy=with_ref["test_accuracy"])
+    return rows
+
+
+def evaluate(model: nn.Module, setup: Setup) -> dict[str, float]:
+    """Held-out loss per unit and accuracy, in eval mode (running statistics)."""
+    if setup.test is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss, units = setup.loss(model, setup.test)
+        metrics = {"test_loss": float(loss) / int(units), "test_accuracy": math.nan}
+        if setup.accuracy is not None:
+            correct, total = setup.accuracy(model, setup.test)
+            metrics["test_accuracy"] = int(correct) / int(total)
+    model.train(was_training)
+    return metrics
+
+
+class Evaluation(Observer):
+    """eval.csv: held-out loss and accuracy every eval_every steps and after the last."""
+
+    def stepped(self, run: ArmRun, stats: engine.StepStats) -> None:
+        s = run.s
+        if (s.eval_every and run.step % s.eval_every == 0) or run.step == s.steps:
+            metrics = evaluate(run.model, run.setup)
+            if metrics:
+                run.rows["eval"].append({**run.ids, "step": run.step,
+                                         "examples": run.examples, **metrics})
+
+
+class Trace(Observer):
+    """trace.csv and weights.csv (trace = true): the accumulated .grad after every
+    micro-batch, and the weights after every step (step 0: the initial weights)."""
+
+    def __init__(self, run: ArmRun):
+        self.weights(run, 0)
+
+    def micro_batch(self, run: ArmRun, index: int) -> None:
+        run.rows["trace"] += [{**run.ids, "step": run.step, "micro_batch": index + 1,
+                               "param": name, "element": i, "grad": value}
+                              for name, i, value in elements(run.model, probe.grad_or_zeros)]
+
+    def stepped(self, run: ArmRun, stats: engine.StepStats) -> None:
+        self.weights(run, run.step)
+
+    def weights(self, run: ArmRun, step: int) -> None:
+        run.rows["weights"] += [{**run.ids, "step": step, "param": name, "element": i,
+                                 "value": value}
+                                for name, i, value in elements(run.model, lambda p: p)]
+
+
+def elements(model: nn.Module, tensor_of) -> Iterator[tuple[str, int, float]]:
+    """(parameter name, element index, value) of ``tensor_of(param)``."""
+    for name, p in model.named_parameters():
+        values = tensor_of(p).detach().double().flatten().tolist()
+        yield from ((name, i, v) for i, v in enumerate(values))
+
+
+class HeldGradientCheck(Observer):
+    """checks.csv, under zero_grad='never': the .grad held after step t must be the sum of
+    the fresh gradients of steps 1..t, each taken at the weights of its own step.
 
     A fresh gradient is what the ordinary loop would compute at those weights: the
     same settings with zero_grad='every-n', on a scratch model, before the step.
@@ -320,117 +499,99 @@ class HeldGradientCheck:
 
     name = "held grad = sum of fresh grads"
 
-    def __init__(self, p: Prepared):
-        self.scratch = build_model(p.s, p.data, p.device)
-        self.settings = dataclasses.replace(p.s, zero_grad="every-n")
-        self.loss_kind = p.data.loss
+    def __init__(self, run: ArmRun):
+        self.scratch = run.fresh_model()
+        self.settings = dataclasses.replace(run.s, zero_grad=ZeroGrad.EVERY_N)
         self.total: dict[str, torch.Tensor] | None = None  # float64 sum of fresh gradients
         self.worst = 0.0  # largest relative error over the steps so far
 
-    def add_fresh(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        fresh = gradient_at(self.scratch, model.state_dict(), x, y, self.settings,
-                            self.loss_kind)
+    def before_step(self, run: ArmRun, window: Examples) -> None:
+        self.scratch.load_state_dict(run.model.state_dict())
+        self.scratch.zero_grad(set_to_none=True)
+        with torch.random.fork_rng(devices=[]):
+            engine.window_gradient(self.scratch, window, self.settings, run.setup)
+        fresh = probe.grads_of(self.scratch)
         self.total = fresh if self.total is None else {
             name: self.total[name] + fresh[name] for name in fresh}
 
-    def compare(self, model: nn.Module) -> None:
-        overall = probe.compare_grads(probe.grads_of(model), self.total)[-1]
+    def gradient(self, run: ArmRun) -> None:
+        held = probe.grads_of(run.model)
+        overall = probe.compare_tensors((n, held[n], self.total[n]) for n in self.total)[-1]
         self.worst = max(self.worst, overall["rel_l2_err"])
 
-    def row(self, ids: dict) -> dict[str, Any]:
+    def finished(self, run: ArmRun) -> None:
         # the sum of steps*N terms rounds like one accumulation of that many terms
         s = self.settings
-        tolerance = probe.rel_tolerance(s.dtype, s.steps * s.accum_steps)
-        return {**ids, "check": self.name, "value": self.worst, "tolerance": tolerance,
-                "passed": self.worst <= tolerance}
+        tolerance = schema.rel_tolerance(s.dtype, s.steps * s.accum_steps)
+        run.rows["checks"].append({**run.ids, "check": self.name, "value": self.worst,
+                                   "tolerance": tolerance, "passed": self.worst <= tolerance})
 
 
-def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
-    """BatchNorm running means and variances (num_batches_tracked is a counter, not a statistic)."""
-    return {name: b.detach().clone() for name, b in model.named_buffers()
-            if name.endswith(("running_mean", "running_var"))}
+# ----------------------------------------------------------------------------- trials
+
+def start(trial: Trial, data_cache: dict) -> list[ArmRun]:
+    """Every arm of a trial, built and watched; the baseline first."""
+    arms = sorted(trial.arms, key=lambda a: not a.baseline)
+    runs = []
+    for arm in arms:
+        setup = build_setup(arm.settings, resolve_device(arm.settings.device), data_cache)
+        runs.append(ArmRun(trial, arm, setup, data_cache))
+    base, others = runs[0], runs[1:]
+    probed = [r for r in others if same_architecture(r.model, base.model)
+              and r.s.batch_size == base.s.batch_size]
+    base.observers.append(Probe(probed))
+    for run in runs:
+        run.observers += [Trajectory(base, same_architecture(run.model, base.model)),
+                          Evaluation()]
+        if run.s.trace:
+            run.observers.append(Trace(run))
+        if run.s.zero_grad == ZeroGrad.NEVER:
+            run.observers.append(HeldGradientCheck(run))
+    return runs
 
 
-def probe_buffers(probe_model: nn.Module, data: zoo.Data,
-                  ref: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """Running statistics an arm's probe pass left, vs the baseline's, and what they do to eval.
-
-    Called right after ``probe_step``: both passes started from the baseline's weights
-    and statistics, the baseline's forward updated them once, the arm's N times.
-    The '*' row also evaluates the baseline's weights with the arm's statistics and
-    with the baseline's, so the accuracy change is due to the statistics alone.
-    """
-    if not ref:
-        return []
-    rows = [{"buffer": r.pop("param"), **r}
-            for r in probe.compare_grads(running_stats(probe_model), ref)]
-    with_arm = evaluate(probe_model, data)
-    probe_model.load_state_dict(ref, strict=False)
-    with_ref = evaluate(probe_model, data)
-    if with_arm:
-        rows[-1].update(test_accuracy=with_arm["test_accuracy"],
-                        ref_test_accuracy=with_ref["test_accuracy"])
+def run_trial(trial: Trial, data_cache: dict,
+              advance: Callable[[int], None] = lambda n: None) -> dict[str, list[dict]]:
+    """Train every arm of a trial in lockstep; returns the trial's rows, table by table."""
+    runs = start(trial, data_cache)
+    while pending := [r for r in runs if not r.done]:
+        # the fewest examples after its next step goes next; the baseline first on a tie
+        run = min(pending, key=lambda r: (r.examples + r.s.batch_size, not r.arm.baseline))
+        run.advance()
+        advance(1)
+    rows: dict[str, list[dict]] = {t: [] for t in schema.TABLES}
+    for run in runs:
+        for o in run.observers:
+            o.finished(run)
+        run.rows["summary"].append(summary_row(run))
+        for table in schema.TABLES:
+            rows[table] += run.rows[table]
     return rows
 
 
-def _trace_hook(ids: dict, step: int, sink: list) -> engine.TraceHook:
-    def record(micro_batch: int, model: nn.Module) -> None:
-        sink.extend({**ids, "step": step, "micro_batch": micro_batch + 1, "param": name,
-                     "element": i, "grad": value}
-                    for name, i, value in _elements(model, lambda p: p.grad))
-    return record
-
-
-def _weights(ids: dict, step: int, model: nn.Module) -> list[dict[str, Any]]:
-    """Every parameter element after ``step`` (0: the initial weights), for traced runs."""
-    return [{**ids, "step": step, "param": name, "element": i, "value": value}
-            for name, i, value in _elements(model, lambda p: p)]
-
-
-def _elements(model: nn.Module, tensor_of) -> Iterator[tuple[str, int, float]]:
-    """(parameter name, element index, value) of ``tensor_of(param)`` (None reads as zeros)."""
-    for name, p in model.named_parameters():
-        tensor = tensor_of(p)
-        values = (tensor.detach().double().flatten().tolist() if tensor is not None
-                  else [0.0] * p.numel())
-        yield from ((name, i, v) for i, v in enumerate(values))
-
-
-def summarise(trial: Trial, p: Prepared, rows: dict[str, list]) -> dict[str, Any]:
-    s = p.s
-    overall = [r for r in rows["probe"] if r["param"] == "*"]
-    steps, evals = rows["steps"], rows["eval"]
-    tolerance = probe.rel_tolerance(s.dtype, s.accum_steps)
-    out: dict[str, Any] = {
-        "trial": trial.index, "arm": p.arm.name, "baseline": p.arm.baseline,
-        **{key: getattr(s, key) for key in trial.swept},  # the arm's own value of each
-        "batch_size": s.batch_size, "accum_steps": s.accum_steps, "micro_batch": s.micro_batch,
-        "dtype": s.dtype,
-        "max_rel_grad_err": max((r["rel_l2_err"] for r in overall), default=math.nan),
-        "max_abs_grad_err": max((r["max_abs_err"] for r in overall), default=math.nan),
-        "min_grad_cosine": min((r["cosine"] for r in overall), default=math.nan),
-        "final_loss": steps[-1]["loss"],
-        "max_rel_loss_diff": max((r["rel_loss_diff"] for r in steps), default=math.nan),
-        "final_weight_dist": steps[-1]["weight_dist"],
-        "final_test_loss": evals[-1]["test_loss"] if evals else math.nan,
-        "final_test_accuracy": evals[-1]["test_accuracy"] if evals else math.nan,
-        "max_rel_buffer_diff": max((r["rel_l2_err"] for r in rows["buffers"] if r["buffer"] == "*"),
-                                   default=math.nan),
-        "rel_tolerance": math.nan if p.arm.baseline else tolerance,
-        "expect": p.arm.expect or "",
-    }
-    out["verdict"] = probe.verdict(p.arm.baseline, out["max_rel_grad_err"], tolerance)
-    return out
+def summary_row(run: ArmRun) -> dict[str, Any]:
+    s, arm = run.s, run.arm
+    tolerance = schema.rel_tolerance(s.dtype, s.accum_steps)
+    metrics = schema.summarise(run.rows["steps"], run.rows["probe"], run.rows["eval"],
+                               run.rows["buffers"])
+    row = {**run.ids, "baseline": arm.baseline,
+           **{key: getattr(s, key) for key in run.trial.swept},  # the arm's own value of each
+           "batch_size": s.batch_size, "accum_steps": s.accum_steps,
+           "micro_batch": s.micro_batch, "dtype": s.dtype, **metrics,
+           "rel_tolerance": math.nan if arm.baseline else tolerance,
+           "expect": arm.expect or ""}
+    row["verdict"] = schema.verdict(arm.baseline, row["max_rel_grad_err"], tolerance)
+    return row
 
 
 def run_trials(trials: list[Trial], run_dir: RunDir,
-               advance: Callable[[int], None] = lambda n: None) -> list[TrialResult]:
+               advance: Callable[[int], None] = lambda n: None) -> list[dict[str, list[dict]]]:
     """Run every trial, appending its rows to the run directory as soon as it is done."""
     cache: dict = {}
     results = []
     for trial in trials:
-        result = run_trial(trial, cache, advance)
-        for table in TABLES:
-            run_dir.append(table, getattr(result, table))
-        results.append(result)
+        rows = run_trial(trial, cache, advance)
+        for table in schema.TABLES:
+            run_dir.append(table, rows[table])
+        results.append(rows)
     return results

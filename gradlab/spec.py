@@ -14,65 +14,125 @@ import dataclasses
 import itertools
 import tomllib
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from gradlab.errors import GradlabError
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
-NORMS = ("none", "bn", "gn", "ln", "in")
-ZERO_GRAD_POLICIES = ("every-n", "every-step", "never", "after-backward")
-LOSS_SCALES = ("by-size", "by-count", "none")
+# ----------------------------------------------------------------------------- policies
+# Every policy is an enum whose values are the strings a spec, --set and the CSVs use.
+# Settings always hold members (see Settings.__post_init__), so the code that acts on a
+# policy can dispatch with `match` and fail loudly on a value it does not handle.
 
 
-def _setting(default, help: str, choices: tuple[str, ...] | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+class LossScale(StrEnum):
+    """How each micro-batch's summed loss is normalised before backward."""
+    BY_SIZE = "by-size"    # ÷ the units (examples or tokens) of the whole window: exact
+    BY_COUNT = "by-count"  # per-micro-batch mean ÷ N: the textbook loss/N, pre-fix transformers
+    NONE = "none"          # per-micro-batch mean, not divided by N: gradients N times too large
+
+
+class ZeroGrad(StrEnum):
+    """Where optimizer.zero_grad() runs."""
+    EVERY_N = "every-n"                # after each optimizer step: the accumulation pattern
+    EVERY_STEP = "every-step"          # before every micro-batch's backward
+    NEVER = "never"                    # .grad keeps every gradient ever computed
+    AFTER_BACKWARD = "after-backward"  # between backward and step: the step sees nothing
+
+
+class Norm(StrEnum):
+    NONE = "none"
+    BN = "bn"
+    GN = "gn"
+    LN = "ln"
+    IN = "in"
+
+
+class BnMode(StrEnum):
+    TRAIN = "train"    # batch statistics, running statistics updated
+    FROZEN = "frozen"  # eval mode while training: a fixed per-channel affine map
+
+
+class Optimizer(StrEnum):
+    SGD = "sgd"
+    ADAM = "adam"
+    ADAMW = "adamw"
+
+
+class Dtype(StrEnum):
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class Device(StrEnum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    AUTO = "auto"  # cuda when available
+
+
+def _setting(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything that decides how one arm trains. Names are part of the CLI contract."""
 
+    setup: str = _setting(
+        "", "your own training setup, 'pkg.module:factory': factory(settings) returns a "
+            "gradlab.setup.Setup (model, examples, loss); replaces model and dataset")
     model: str = _setting(
-        "mlp", "toy-linear | mlp | cnn, or your own 'pkg.module:factory'")
+        "mlp", "toy-linear | mlp | cnn | gru-lm | transformer-lm, or your own "
+               "'pkg.module:factory'")
     dataset: str = _setting(
-        "regression", "toy-pairs | regression | digits, or your own 'pkg.module:factory'")
-    norm: str = _setting("none", "normalisation layer in mlp/cnn: bn | gn | ln | in | none", NORMS)
+        "regression", "toy-pairs | regression | digits | docstrings, or your own "
+                      "'pkg.module:factory'")
+    norm: Norm = _setting(Norm.NONE, "normalisation layer in mlp/cnn: bn | gn | ln | in | none")
     hidden: int = _setting(5, "mlp: width of each hidden layer")
     depth: int = _setting(1, "mlp: number of hidden layers")
     channels: int = _setting(8, "cnn: channels of the first conv layer (the second has twice)")
     groups: int = _setting(4, "GroupNorm: number of groups; must divide the channels")
+    min_len: int = _setting(8, "docstrings: tokens in the shortest sequence")
+    max_len: int = _setting(64, "docstrings: tokens in the longest sequence (the rest is padding)")
     batch_size: int = _setting(64, "B, the effective batch: examples per optimizer step")
     accum_steps: int = _setting(1, "N, micro-batches per optimizer step (micro-batch = B/N)")
-    loss_scale: str = _setting(
-        "by-size",
-        "how each micro-batch loss is scaled before backward: by-size (x n_i/B, exact), "
-        "by-count (x 1/N, the textbook loss/N), none (forget to scale)",
-        LOSS_SCALES)
-    zero_grad: str = _setting(
-        "every-n",
+    loss_scale: LossScale = _setting(
+        LossScale.BY_SIZE,
+        "loss normalisation: by-size (summed loss / units of the whole window, exact for "
+        "examples and tokens alike), by-count (each micro-batch's mean / N: the textbook "
+        "loss/N), none (each micro-batch's mean, not divided by N)")
+    zero_grad: ZeroGrad = _setting(
+        ZeroGrad.EVERY_N,
         "where zero_grad() runs: every-n (after each optimizer step, i.e. every N batches), "
         "every-step (before every batch's backward), never, after-backward (between "
-        "backward and step)",
-        ZERO_GRAD_POLICIES)
+        "backward and step)")
     set_to_none: bool = _setting(True, "zero_grad(set_to_none=...): drop .grad or fill it with 0")
-    bn_mode: str = _setting(
-        "train", "BatchNorm while training: train (batch statistics) or frozen (eval mode)",
-        ("train", "frozen"))
-    optimizer: str = _setting("sgd", "sgd | adam | adamw", ("sgd", "adam", "adamw"))
+    bn_mode: BnMode = _setting(
+        BnMode.TRAIN, "BatchNorm while training: train (batch statistics) or frozen (eval mode)")
+    optimizer: Optimizer = _setting(Optimizer.SGD, "sgd | adam | adamw")
     lr: float = _setting(0.05, "learning rate")
     momentum: float = _setting(0.0, "sgd momentum")
     weight_decay: float = _setting(0.0, "weight decay (L2 for sgd/adam, decoupled for adamw)")
     steps: int = _setting(20, "optimizer steps each arm trains for")
     seed: int = _setting(0, "seed for initial weights and the order of examples")
-    dtype: str = _setting("float32", "float32 | float64 | bfloat16 | float16", DTYPES)
-    device: str = _setting(
-        "cpu", "cpu | cuda | auto (cuda when available)", ("cpu", "cuda", "auto"))
+    dtype: Dtype = _setting(Dtype.FLOAT32, "float32 | float64 | bfloat16 | float16")
+    device: Device = _setting(Device.CPU, "cpu | cuda | auto (cuda when available)")
     probe_every: int = _setting(
         1, "compare gradients at the baseline's weights every K steps (0: only before step 1)")
     eval_every: int = _setting(0, "held-out evaluation every K steps (0: only after the last)")
     trace: bool = _setting(False, "record the accumulated gradient after every micro-batch")
+
+    def __post_init__(self):
+        # a policy given as its string (dataclasses.replace in code, old run.json) becomes
+        # its member, so every value a Settings holds is one the code dispatches on
+        for f in dataclasses.fields(self):
+            kind = type(f.default)
+            if issubclass(kind, Enum) and not isinstance(getattr(self, f.name), kind):
+                object.__setattr__(self, f.name, kind(getattr(self, f.name)))
 
     @classmethod
     def names(cls) -> list[str]:
@@ -81,6 +141,12 @@ class Settings:
     @classmethod
     def field_of(cls, key: str) -> dataclasses.Field:
         return {f.name: f for f in dataclasses.fields(cls)}[key]
+
+    @classmethod
+    def choices(cls, key: str) -> tuple[str, ...] | None:
+        """The allowed values of a policy setting, as a spec writes them; None if free."""
+        kind = type(cls.field_of(key).default)
+        return tuple(member.value for member in kind) if issubclass(kind, Enum) else None
 
     @property
     def micro_batch(self) -> int:
@@ -235,6 +301,13 @@ def coerce(key: str, value: Any, where: str) -> Any:
         raise GradlabError(f"{where}: unknown setting '{key}'; allowed: "
                            f"{', '.join(Settings.names())} (see 'gradlab list')")
     f = Settings.field_of(key)
+    choices = Settings.choices(key)
+    if choices is not None:  # a policy: one of its enum's strings
+        value = value.strip() if isinstance(value, str) else value
+        if value not in choices:
+            raise GradlabError(f"{where}: {key} = {value!r} is not allowed; "
+                               f"choose one of: {', '.join(choices)}")
+        return type(f.default)(value)
     kind = type(f.default)
     if isinstance(value, str) and kind is not str:
         value = _parse(value, kind, key, where)
@@ -243,10 +316,6 @@ def coerce(key: str, value: Any, where: str) -> Any:
     if type(value) is not kind:
         raise GradlabError(f"{where}: {key} = {value!r} must be {kind.__name__} "
                            f"(e.g. {key} = {f.default!r})")
-    choices = f.metadata["choices"]
-    if choices and value not in choices:
-        raise GradlabError(f"{where}: {key} = {value!r} is not allowed; "
-                           f"choose one of: {', '.join(choices)}")
     return value
 
 
@@ -332,6 +401,9 @@ def validate(s: Settings, where: str) -> None:
         fail(f"steps={s.steps}; train for at least 1 step")
     if s.lr < 0:
         fail(f"lr={s.lr}; the learning rate cannot be negative")
+    if not 2 <= s.min_len <= s.max_len:
+        fail(f"min_len={s.min_len}, max_len={s.max_len}; a sequence needs at least 2 tokens "
+             f"(one to read, one to predict) and min_len <= max_len")
     for name in ("hidden", "depth", "channels", "groups"):
         if getattr(s, name) < 1:
             fail(f"{name}={getattr(s, name)}; it must be at least 1")

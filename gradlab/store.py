@@ -31,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from gradlab import schema
 from gradlab.errors import GradlabError
 
 STATUSES = ("running", "complete", "failed", "interrupted")
@@ -72,6 +73,7 @@ class RunDir:
             path = parent / f"{name}-{stamp}-{suffix}"
         path.mkdir()
         self.path = path
+        self.swept_settings = {k for t in meta.get("trials", []) for k in t.get("swept", {})}
         self.meta = {"experiment": name, "status": "running", "started": now(), "ended": None,
                      **meta, "versions": versions(), "git_commit": git_commit(),
                      "command": sys.argv}
@@ -85,6 +87,11 @@ class RunDir:
     def append(self, table: str, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
+        allowed = schema.allowed_columns(table, self.swept_settings)
+        undeclared = {c for row in rows for c in row} - allowed
+        if undeclared:  # a writer and schema.py disagree: a bug, caught before it reaches disk
+            raise AssertionError(f"{table}.csv: columns {sorted(undeclared)} are not declared "
+                                 f"in gradlab/schema.py")
         path = self.path / f"{table}.csv"
         pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
 
@@ -111,19 +118,6 @@ def dumps(value: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- reading
-
-# what compare and plots need from each table; a file without these columns is not ours
-REQUIRED_COLUMNS = {
-    "summary": ("trial", "arm", "baseline", "accum_steps", "micro_batch", "max_rel_grad_err",
-                "max_abs_grad_err", "final_loss", "expect", "verdict"),
-    "steps": ("trial", "arm", "step", "examples", "loss", "grad_norm"),
-    "probe": ("trial", "arm", "step", "param", "max_abs_err", "rel_l2_err", "cosine"),
-    "eval": ("trial", "arm", "step", "examples", "test_loss", "test_accuracy"),
-    "checks": ("trial", "arm", "check", "value", "tolerance", "passed"),
-}
-# the columns that must hold numbers: text in one means the file was damaged
-TEXT_COLUMNS = ("arm", "param", "expect", "verdict", "check")
-
 
 @dataclass
 class Run:
@@ -173,7 +167,7 @@ def load_run(path: Path) -> Run:
         raise GradlabError(f"run '{path}' {happened}{why}; its results are incomplete, so rerun "
                            f"the experiment ({' '.join(meta.get('command') or ['gradlab run'])})")
     run = Run(path, meta)
-    for name in REQUIRED_COLUMNS:  # the tables compare and plots read, checked up front
+    for name in schema.REQUIRED:  # the tables compare and plots read, checked up front
         run.table(name)
     for name in ("summary", "steps"):
         if run.table(name) is None:
@@ -219,11 +213,12 @@ def _read_table(path: Path, name: str) -> pd.DataFrame | None:
     except (UnicodeDecodeError, pd.errors.ParserError) as err:
         detail = str(err).strip().splitlines()[-1]
         raise GradlabError(f"{damaged} ({detail}); rerun the experiment") from None
-    missing = [c for c in REQUIRED_COLUMNS.get(name, ("trial", "arm")) if c not in frame]
+    required = (*schema.KEYS, *schema.REQUIRED.get(name, ()))
+    missing = [c for c in required if c not in frame]
     if missing:
         raise GradlabError(f"{damaged} (no column {', '.join(missing)}); rerun the experiment")
-    for column in REQUIRED_COLUMNS.get(name, ()):
-        if column not in TEXT_COLUMNS and not pd.api.types.is_numeric_dtype(frame[column]):
+    for column in required:
+        if column not in schema.TEXT_COLUMNS and not pd.api.types.is_numeric_dtype(frame[column]):
             raise GradlabError(f"{damaged} (column '{column}' holds text where numbers belong); "
                                f"rerun the experiment")
     return frame

@@ -176,8 +176,8 @@ def test_list_shows_experiments_models_datasets_settings():
     assert result.exit_code == 0
     doc = json.loads(result.stdout)
     assert {"toy", "equivalence"} <= set(doc["experiments"])
-    assert set(doc["models"]) == {"toy-linear", "mlp", "cnn"}
-    assert set(doc["datasets"]) == {"toy-pairs", "regression", "digits"}
+    assert set(doc["models"]) == {"toy-linear", "mlp", "cnn", "gru-lm", "transformer-lm"}
+    assert set(doc["datasets"]) == {"toy-pairs", "regression", "digits", "docstrings"}
     names = {s["name"] for s in doc["settings"]}
     assert {"batch_size", "accum_steps", "model", "dataset", "norm", "optimizer", "lr", "steps",
             "seed", "dtype", "device"} <= names

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import gradlab
-from gradlab import probe, spec
+from gradlab import schema, spec
 from minirun import MINI, run_dir
 
 
@@ -76,7 +76,7 @@ def test_verdicts_and_errors_match_the_run(mini):
         assert row(doc, "no-loss-scaling", n)["max_rel_grad_err"] == pytest.approx(n - 1)
         assert row(doc, "no-loss-scaling", n)["verdict"] == "differs"
         good = row(doc, "accumulated", n)
-        assert good["rel_tolerance"] == probe.rel_tolerance("float32", n)
+        assert good["rel_tolerance"] == schema.rel_tolerance("float32", n)
         assert 0 < good["max_rel_grad_err"] <= good["rel_tolerance"]
 
 

@@ -1,4 +1,8 @@
-"""The engine on its own: accumulated gradients against the big batch, at the same weights."""
+"""The engine on its own: accumulated gradients against the big batch, at the same weights.
+
+Two kinds of batch: (x, y) tensors with one loss unit per example, and dict batches
+of padded, variable-length sequences whose loss units are non-padding tokens.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +10,58 @@ import dataclasses
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 from gradlab import engine
-from gradlab.spec import Settings
+from gradlab.setup import Setup, mse_loss, split
+from gradlab.spec import LossScale, Settings, ZeroGrad
+from gradlab.zoo.text import TransformerLanguageModel, count_tokens, lm_loss, token_examples
 
 B = 24
 PAIRS = [(24, 1), (12, 2), (8, 3), (6, 4), (3, 8), (1, 24)]  # (micro_batch, N), B = 24
+BIG = Settings(batch_size=B, accum_steps=1, dtype="float64")
 
 
-def make_problem(seed: int = 0):
+def regression_setup(seed: int = 0) -> Setup:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, 6, generator=g, dtype=torch.float64)
     y = torch.randn(B, 1, generator=g, dtype=torch.float64)
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
-    return model.double(), x, y
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    return Setup(model.double(), (x, y), mse_loss)
 
 
-def gradient(settings: Settings, seed: int = 0) -> torch.Tensor:
-    model, x, y = make_problem(seed)
-    engine.accumulate(model, x, y, settings, "mse")
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
+def token_setup(min_len: int = 4, max_len: int = 40) -> Setup:
+    """B padded sequences whose lengths vary 10x: the units are their non-pad tokens."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TransformerLanguageModel(max_len=max_len).double()
+    return Setup(model, token_examples(B, min_len, max_len, seed=3), lm_loss, units=count_tokens)
 
 
-BIG = Settings(batch_size=B, accum_steps=1, dtype="float64")
+def gradient(settings: Settings, make=regression_setup) -> torch.Tensor:
+    setup = make()
+    engine.window_gradient(setup.model, setup.train, settings, setup)
+    return torch.cat([p.grad.flatten() for p in setup.model.parameters()])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize(("micro_batch", "accum_steps"), PAIRS)
 def test_accumulated_gradient_equals_big_batch(micro_batch, accum_steps):
     assert micro_batch * accum_steps == B
     accumulated = gradient(dataclasses.replace(BIG, accum_steps=accum_steps))
-    torch.testing.assert_close(accumulated, gradient(BIG), rtol=1e-12, atol=1e-14)
+    assert_close(accumulated, gradient(BIG), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize(("micro_batch", "accum_steps"), PAIRS[1:])
 def test_unscaled_loss_gives_n_times_the_gradient(micro_batch, accum_steps):
     unscaled = gradient(dataclasses.replace(BIG, accum_steps=accum_steps, loss_scale="none"))
-    torch.testing.assert_close(unscaled, accum_steps * gradient(BIG), rtol=1e-12, atol=1e-14)
-    assert not torch.allclose(unscaled, gradient(BIG), rtol=1e-3)
+    assert_close(unscaled, accum_steps * gradient(BIG), rtol=1e-12, atol=1e-14)
+    assert rel_err(unscaled, gradient(BIG)) == pytest.approx(accum_steps - 1, rel=1e-9)
 
 
 @pytest.mark.parametrize("accum_steps", [5, 7, 10])  # 24 examples do not split evenly
@@ -51,36 +69,105 @@ def test_uneven_split_weighted_by_size_is_exact(accum_steps):
     sizes = [len(t) for t in torch.tensor_split(torch.arange(B), accum_steps)]
     assert len(set(sizes)) == 2
     by_size = gradient(dataclasses.replace(BIG, accum_steps=accum_steps))
-    torch.testing.assert_close(by_size, gradient(BIG), rtol=1e-12, atol=1e-14)
+    assert_close(by_size, gradient(BIG), rtol=1e-12, atol=1e-14)
     # the textbook loss/N over-weights the smaller micro-batches' examples
     by_count = gradient(dataclasses.replace(BIG, accum_steps=accum_steps, loss_scale="by-count"))
-    assert (by_count - gradient(BIG)).norm() / gradient(BIG).norm() > 1e-3
+    assert rel_err(by_count, gradient(BIG)) > 1e-3
 
+
+# ----------------------------------------------------------------------------- tokens
+
+TOKEN_PAIRS = [(12, 2), (8, 3), (6, 4), (3, 8)]  # (micro_batch, N), B = 24
+
+
+@pytest.mark.parametrize(("micro_batch", "accum_steps"), [*TOKEN_PAIRS, (5, 5), (4, 7)])
+def test_token_batches_global_normalisation_equals_big_batch(micro_batch, accum_steps):
+    """Dict batches, lengths 4..40, even and uneven splits: summed loss / window tokens."""
+    setup = token_setup()
+    tokens = [int(count_tokens(mb)) for mb in split(setup.train, accum_steps)]
+    assert len(set(tokens)) > 1  # the micro-batches really hold different token counts
+    s = dataclasses.replace(BIG, accum_steps=accum_steps)
+    assert_close(gradient(s, token_setup), gradient(BIG, token_setup), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(("micro_batch", "accum_steps"), TOKEN_PAIRS)
+def test_token_batches_mean_of_means_differs(micro_batch, accum_steps):
+    """The pre-fix transformers loss: each micro-batch's mean token loss / N."""
+    s = dataclasses.replace(BIG, accum_steps=accum_steps, loss_scale=LossScale.BY_COUNT)
+    assert rel_err(gradient(s, token_setup), gradient(BIG, token_setup)) > 1e-3
+
+
+def test_token_batches_of_equal_length_make_mean_of_means_exact():
+    def equal():
+        return token_setup(min_len=40, max_len=40)
+
+    s = dataclasses.replace(BIG, accum_steps=4, loss_scale=LossScale.BY_COUNT)
+    assert_close(gradient(s, equal), gradient(BIG, equal), rtol=1e-12, atol=1e-15)
+
+
+def test_window_returns_summed_loss_and_units():
+    setup = token_setup()
+    s = dataclasses.replace(BIG, accum_steps=3)
+    loss, units = engine.window_gradient(setup.model, setup.train, s, setup)
+    whole_loss, whole_units = lm_loss(setup.model, setup.train)
+    assert int(units) == int(whole_units) == int(count_tokens(setup.train))
+    assert_close(loss, whole_loss.detach(), rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- policies
 
 def test_zero_grad_every_step_keeps_only_the_last_micro_batch():
+    setup = regression_setup()
     settings = dataclasses.replace(BIG, accum_steps=4, zero_grad="every-step")
-    model, x, y = make_problem()
-    engine.accumulate(model, x, y, settings, "mse")
-    last = torch.cat([p.grad.flatten() for p in model.parameters()])
-    model, _, _ = make_problem()
-    engine.mean_loss(model, x[-6:], y[-6:], "mse").mul(6 / B).backward()
-    torch.testing.assert_close(last, torch.cat([p.grad.flatten() for p in model.parameters()]),
-                               rtol=1e-12, atol=1e-14)
+    engine.window_gradient(setup.model, setup.train, settings, setup)
+    last = torch.cat([p.grad.flatten() for p in setup.model.parameters()])
+    alone = regression_setup()
+    loss, _ = mse_loss(alone.model, split(alone.train, 4)[-1])
+    (loss / B).backward()  # by-size: its summed loss over the window's B examples
+    assert_close(last, torch.cat([p.grad.flatten() for p in alone.model.parameters()]),
+                 rtol=1e-12, atol=1e-14)
 
 
 def test_split_keeps_order_and_sizes():
     x, y = torch.arange(10.0).reshape(10, 1), torch.arange(10)
-    parts = engine.split(x, y, 3)
+    parts = split((x, y), 3)
     assert [len(p[0]) for p in parts] == [4, 3, 3]
     assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    as_dict = split({"x": x, "y": y}, 3)
+    assert [len(p["y"]) for p in as_dict] == [4, 3, 3]
+    assert torch.equal(torch.cat([p["y"] for p in as_dict]), y)
 
 
 def test_train_step_reports_the_step_it_took():
-    model, x, y = make_problem()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = torch.cat([p.detach().flatten() for p in model.parameters()])
-    stats = engine.train_step(model, optimizer, x, y, BIG, "mse")
-    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    setup = regression_setup()
+    optimizer = torch.optim.SGD(setup.model.parameters(), lr=0.1)
+    before = torch.cat([p.detach().flatten() for p in setup.model.parameters()])
+    stats = engine.train_step(setup.model, optimizer, setup.train, BIG, setup)
+    after = torch.cat([p.detach().flatten() for p in setup.model.parameters()])
     assert stats.update_norm == pytest.approx(0.1 * stats.grad_norm, rel=1e-12)
     assert (after - before).norm().item() == pytest.approx(stats.update_norm, rel=1e-12)
-    assert all(p.grad is None for p in model.parameters())  # every-n zeroed after the step
+    assert stats.units == B
+    assert all(p.grad is None for p in setup.model.parameters())  # every-n zeroed after the step
+
+
+@pytest.mark.parametrize("policy", [LossScale, ZeroGrad])
+def test_every_policy_value_is_handled(policy):
+    """No value falls through to a default: each one runs, and each gives its own gradient."""
+    field = {LossScale: "loss_scale", ZeroGrad: "zero_grad"}[policy]
+    grads = {}
+    for value in policy:
+        s = dataclasses.replace(BIG, accum_steps=5, **{field: value})  # uneven split
+        setup = regression_setup()
+        optimizer = torch.optim.SGD(setup.model.parameters(), lr=0.1)
+        engine.train_step(setup.model, optimizer, setup.train, s, setup)
+        engine.train_step(setup.model, optimizer, setup.train, s, setup)
+        grads[value] = torch.cat([p.detach().flatten() for p in setup.model.parameters()])
+    distinct = {tuple(g.tolist()) for g in grads.values()}
+    assert len(distinct) == len(grads)
+
+
+def test_settings_hold_policy_members_even_when_given_strings():
+    s = Settings(loss_scale="by-count", zero_grad="never")
+    assert s.loss_scale is LossScale.BY_COUNT and s.zero_grad is ZeroGrad.NEVER
+    with pytest.raises(ValueError):
+        Settings(loss_scale="by-magic")

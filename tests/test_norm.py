@@ -88,9 +88,9 @@ def buffers_with_settings(doc: dict) -> pd.DataFrame:
 
 def recomputed_running_stats(s: spec.Settings) -> dict[str, torch.Tensor]:
     """Running statistics after N micro-batch forwards, in plain torch, outside the engine."""
-    data = runner.load_data(s, torch.device("cpu"))
-    model = runner.build_model(s, data, torch.device("cpu")).train()
-    x, _ = next(runner.batches(data, s))
+    setup = runner.build_setup(s, torch.device("cpu"), {})
+    model = setup.model.train()
+    x, _ = next(runner.windows(setup, s))
     with torch.no_grad():
         for micro in torch.tensor_split(x, s.accum_steps):
             model(micro)

@@ -12,21 +12,31 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from gradlab import setup
 from gradlab.errors import GradlabError
+from gradlab.zoo import text
 from gradlab.zoo.data import DATASETS, Data
 from gradlab.zoo.models import MODELS
 
-__all__ = ["Data", "DATASETS", "MODELS", "resolve"]
+__all__ = ["Data", "DATASETS", "LOSSES", "MODELS", "resolve"]
+
+# Data.loss -> (loss, units, accuracy) of the Setup built from a model and a dataset
+LOSSES = {
+    "mse": (setup.mse_loss, None, None),
+    "cross_entropy": (setup.cross_entropy_loss, None, setup.class_accuracy),
+    "next-token": (text.lm_loss, text.count_tokens, text.next_token_accuracy),
+}
 
 
 def resolve(kind: str, name: str) -> Callable:
     """A built-in factory by name, or the user's own from 'pkg.module:callable'."""
-    table = {"model": MODELS, "dataset": DATASETS}[kind]
+    table = {"model": MODELS, "dataset": DATASETS, "setup": {}}[kind]
     if name in table:
         return table[name][0]
     if ":" not in name:
-        raise GradlabError(f"unknown {kind} '{name}'; choose one of {', '.join(table)} "
-                           f"or give your own as 'pkg.module:factory'")
+        choices = f"choose one of {', '.join(table)} or give" if table else "give"
+        raise GradlabError(f"unknown {kind} '{name}'; {choices} your own as "
+                           f"'pkg.module:factory'")
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)

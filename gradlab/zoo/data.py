@@ -9,18 +9,34 @@ import torch
 
 @dataclass(frozen=True)
 class Data:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor | None = None
+    """What a dataset factory returns: inputs and targets, or a dict of tensors (targets in it).
+
+    ``loss`` names how predictions are scored: "mse" (targets shaped like the
+    predictions), "cross_entropy" (class ids), or "next-token" (a dict batch with
+    input_ids, attention_mask and labels, -100 at padding; see zoo/text.py).
+    """
+    x_train: torch.Tensor | dict[str, torch.Tensor]
+    y_train: torch.Tensor | None = None
+    x_test: torch.Tensor | dict[str, torch.Tensor] | None = None
     y_test: torch.Tensor | None = None
-    loss: str = "mse"  # "mse" (targets shaped like predictions) | "cross_entropy" (class ids)
+    loss: str = "mse"
     shuffle: bool = True  # False keeps the examples in the order given (the toy)
+
+    @property
+    def train(self):
+        return self.x_train if self.y_train is None else (self.x_train, self.y_train)
+
+    @property
+    def test(self):
+        if self.x_test is None:
+            return None
+        return self.x_test if self.y_test is None else (self.x_test, self.y_test)
 
     @property
     def n_outputs(self) -> int:
         if self.loss == "cross_entropy":
             return int(self.y_train.max()) + 1
-        return self.y_train.shape[1]
+        return self.y_train.shape[1] if self.y_train.dim() > 1 else 1
 
     @property
     def example_shape(self) -> tuple[int, ...]:
@@ -55,8 +71,21 @@ def digits(settings) -> Data:
     return Data(x[n_test:], y[n_test:], x[:n_test], y[:n_test], loss="cross_entropy")
 
 
+def docstrings(settings) -> Data:
+    """Byte-level next-token prediction on standard-library docstrings: 1024 train and 256
+    held-out sequences, lengths uniform in [min_len, max_len], right-padded."""
+    from gradlab.zoo.text import token_examples
+
+    examples = token_examples(1280, settings.min_len, settings.max_len, seed=1234)
+    train = {k: v[:1024] for k, v in examples.items()}
+    test = {k: v[1024:] for k, v in examples.items()}
+    return Data(train, x_test=test, loss="next-token")
+
+
 DATASETS = {
     "toy-pairs": (toy_pairs, "two one-example batches x=4 then x=2, target 2x (the classic toy)"),
     "regression": (regression, "synthetic linear regression, 10 features, 1024 train / 256 test"),
     "digits": (digits, "scikit-learn's 8x8 digit images, 10 classes, 1438 train / 359 test"),
+    "docstrings": (docstrings, "next-token prediction on stdlib docstrings, byte tokens, "
+                               "padded lengths min_len..max_len, 1024 train / 256 test"),
 }

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from gradlab.errors import GradlabError
+from gradlab.errors import GradlabError, unhandled
+from gradlab.spec import Norm
 
 
 def toy_linear(settings, data) -> nn.Module:
@@ -18,33 +19,39 @@ def toy_linear(settings, data) -> nn.Module:
     return model
 
 
-def _feature_norm(norm: str, width: int, groups: int) -> nn.Module:
+def _feature_norm(norm: Norm, width: int, groups: int) -> nn.Module:
     """A norm for (batch, features) activations."""
-    if norm == "none":
-        return nn.Identity()
-    if norm == "bn":
-        return nn.BatchNorm1d(width)
-    if norm == "ln":
-        return nn.LayerNorm(width)
-    if norm == "gn":
-        _check_groups(groups, width)
-        return nn.GroupNorm(groups, width)
-    raise GradlabError(f"norm={norm} is not available for mlp (instance norm needs spatial "
-                       f"dimensions); use bn, gn, ln or none, or model=cnn")
+    match norm:
+        case Norm.NONE:
+            return nn.Identity()
+        case Norm.BN:
+            return nn.BatchNorm1d(width)
+        case Norm.LN:
+            return nn.LayerNorm(width)
+        case Norm.GN:
+            _check_groups(groups, width)
+            return nn.GroupNorm(groups, width)
+        case Norm.IN:
+            raise GradlabError("norm=in is not available for mlp (instance norm needs spatial "
+                               "dimensions); use bn, gn, ln or none, or model=cnn")
+    unhandled(norm)
 
 
-def _image_norm(norm: str, channels: int, groups: int) -> nn.Module:
+def _image_norm(norm: Norm, channels: int, groups: int) -> nn.Module:
     """A norm for (batch, channels, height, width) activations."""
-    if norm == "none":
-        return nn.Identity()
-    if norm == "bn":
-        return nn.BatchNorm2d(channels)
-    if norm == "ln":  # LayerNorm over (C, H, W) of each example
-        return nn.GroupNorm(1, channels)
-    if norm == "in":
-        return nn.InstanceNorm2d(channels, affine=True)
-    _check_groups(groups, channels)
-    return nn.GroupNorm(groups, channels)
+    match norm:
+        case Norm.NONE:
+            return nn.Identity()
+        case Norm.BN:
+            return nn.BatchNorm2d(channels)
+        case Norm.LN:  # LayerNorm over (C, H, W) of each example
+            return nn.GroupNorm(1, channels)
+        case Norm.IN:
+            return nn.InstanceNorm2d(channels, affine=True)
+        case Norm.GN:
+            _check_groups(groups, channels)
+            return nn.GroupNorm(groups, channels)
+    unhandled(norm)
 
 
 def _check_groups(groups: int, channels: int) -> None:
@@ -69,7 +76,7 @@ def mlp(settings, data) -> nn.Module:
 def cnn(settings, data) -> nn.Module:
     """Two conv-norm-ReLU-pool blocks and a linear head, for 8x8 one-channel images."""
     c, norm, groups = settings.channels, settings.norm, settings.groups
-    bias = norm == "none"  # a bias before a norm layer is cancelled by it
+    bias = norm == Norm.NONE  # a bias before a norm layer is cancelled by it
     side = data.example_shape[-1] // 4
     return nn.Sequential(
         nn.Conv2d(data.example_shape[0], c, 3, padding=1, bias=bias),
@@ -80,8 +87,25 @@ def cnn(settings, data) -> nn.Module:
     )
 
 
+def gru_lm(settings, data) -> nn.Module:
+    """Byte embedding (32), one GRU layer (64), linear head: a causal LM for docstrings."""
+    from gradlab.zoo.text import GRULanguageModel
+
+    return GRULanguageModel()
+
+
+def transformer_lm(settings, data) -> nn.Module:
+    """A 2-layer, 2-head causal transformer (width 32) for docstrings."""
+    from gradlab.zoo.text import TransformerLanguageModel
+
+    return TransformerLanguageModel(max_len=settings.max_len)
+
+
 MODELS = {
     "toy-linear": (toy_linear, "one weight w = 1, prediction w*x (use with toy-pairs)"),
     "mlp": (mlp, "Linear-[norm]-ReLU x depth + Linear head; settings hidden, depth, norm"),
     "cnn": (cnn, "2 conv blocks (conv-norm-ReLU-pool) + Linear, 8x8 images; channels, norm"),
+    "gru-lm": (gru_lm, "causal LM: byte embedding, one GRU layer, linear head (docstrings)"),
+    "transformer-lm": (transformer_lm, "causal LM: 2-layer, 2-head transformer, width 32 "
+                                       "(docstrings)"),
 }

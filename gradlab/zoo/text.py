@@ -256,3 +256,13 @@ def lm_loss(model: nn.Module,
     targets = batch["labels"][:, 1:].reshape(-1)
     loss_sum = F.cross_entropy(predicted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum, count_tokens(batch)
+
+
+def next_token_accuracy(model: nn.Module,
+                        batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correctly predicted next tokens, scored tokens): the held-out accuracy of a LM."""
+    output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    predicted = getattr(output, "logits", output)[:, :-1].argmax(-1)
+    targets = batch["labels"][:, 1:]
+    scored = targets != IGNORE_INDEX
+    return ((predicted == targets) & scored).sum(), scored.sum()

@@ -1,0 +1,151 @@
+"""What gradlab trains: a model, its examples and a loss — built in, or your own.
+
+Your own training setup is a factory in your module, named by the ``setup`` setting
+(``--set setup=mypkg.train:make_setup``). gradlab seeds torch, calls
+``make_setup(settings)`` and gets back a :class:`Setup`::
+
+    from gradlab.setup import Setup
+
+    def make_setup(settings):
+        model = MyCausalLM()                       # any torch.nn.Module
+        train = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return Setup(model, train, loss=summed_token_loss, units=count_tokens)
+
+Examples are a tuple of tensors (``(x, y)``) or a dict of tensors, all with the
+examples along dim 0; padded sequences of any length are fine. gradlab takes
+windows of B examples from them and splits each window along dim 0 into N
+micro-batches. The loss returns the *summed* loss of a micro-batch and the number
+of loss units it holds (examples, or non-padding tokens); gradlab divides by the
+units of the whole window, which is what makes (B/N)×N equal B×1 for images and
+language models alike. ``units`` counts the units of a batch without running the
+model (default: its number of examples), so the window's total is known before
+the first backward; gradlab checks once that it agrees with what the loss says.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradlab.errors import GradlabError
+
+Examples = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+# loss(model, batch) -> (summed loss over the batch, number of loss units in it)
+LossFn = Callable[[nn.Module, Examples], tuple[torch.Tensor, torch.Tensor | int]]
+# units(batch) -> number of loss units in it, without running the model
+UnitsFn = Callable[[Examples], torch.Tensor | int]
+# accuracy(model, batch) -> (number of correct predictions, number of predictions)
+AccuracyFn = Callable[[nn.Module, Examples], tuple[torch.Tensor | int, torch.Tensor | int]]
+
+
+@dataclass
+class Setup:
+    """Everything gradlab needs to train one arm; the arm's settings say how."""
+
+    model: nn.Module
+    train: Examples  # training examples along dim 0: (x, y) or a dict of tensors
+    loss: LossFn  # (summed loss, units) of a batch
+    units: UnitsFn | None = None  # default: one unit per example
+    test: Examples | None = None  # held-out examples, for test loss (and accuracy)
+    accuracy: AccuracyFn | None = None  # (correct, total) on a batch, for test accuracy
+    shuffle: bool = True  # False keeps the training examples in the order given
+
+    def count_units(self, batch: Examples) -> torch.Tensor | int:
+        return self.units(batch) if self.units is not None else num_examples(batch)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (and so where its batches must go)."""
+        for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- examples
+
+def tensors(batch: Examples) -> list[torch.Tensor]:
+    return list(batch.values()) if isinstance(batch, dict) else list(batch)
+
+
+def num_examples(batch: Examples) -> int:
+    return len(tensors(batch)[0])
+
+
+def take(batch: Examples, index: torch.Tensor) -> Examples:
+    """The examples at ``index`` (a window of B, in the stream's order)."""
+    if isinstance(batch, dict):
+        return {k: v[index] for k, v in batch.items()}
+    return tuple(t[index] for t in batch)
+
+
+def split(batch: Examples, n: int) -> list[Examples]:
+    """N micro-batches in order; when N does not divide B their sizes differ by at most one."""
+    if isinstance(batch, dict):
+        parts = {k: torch.tensor_split(v, n) for k, v in batch.items()}
+        return [{k: parts[k][i] for k in batch} for i in range(n)]
+    return list(zip(*(torch.tensor_split(t, n) for t in batch), strict=True))
+
+
+def cast(batch: Examples | None, dtype: torch.dtype, device: torch.device) -> Examples | None:
+    """Floating tensors to the arm's dtype, every tensor to its device (ids stay integers)."""
+    if batch is None:
+        return None
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+    if isinstance(batch, dict):
+        return {k: move(v) for k, v in batch.items()}
+    return tuple(move(t) for t in batch)
+
+
+def check_examples(batch: object, where: str) -> int:
+    """A tuple or dict of tensors sharing their first dimension; returns the example count."""
+    if isinstance(batch, dict):
+        items = list(batch.items())
+    elif isinstance(batch, tuple | list):
+        items = [(f"[{i}]", v) for i, v in enumerate(batch)]
+    else:
+        raise GradlabError(f"{where} is a {type(batch).__name__}; give a tuple (x, y) or a dict "
+                           f"of tensors with the examples along dim 0")
+    if not items:
+        raise GradlabError(f"{where} is empty; give a tuple (x, y) or a dict of tensors")
+    for name, value in items:
+        if not isinstance(value, torch.Tensor):
+            raise GradlabError(f"{where}{'' if name.startswith('[') else ' '}{name} is a "
+                               f"{type(value).__name__}, not a tensor; convert it with "
+                               f"torch.as_tensor (every value must be a tensor)")
+        if value.dim() == 0:
+            raise GradlabError(f"{where} {name} is a scalar; every tensor needs the examples "
+                               f"along dim 0")
+    lengths = {name: len(value) for name, value in items}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+        raise GradlabError(f"{where}: tensors differ in length along dim 0 ({listed}); every "
+                           f"tensor must hold one row per example")
+    return next(iter(lengths.values()))
+
+
+# ----------------------------------------------------------------------------- built-in losses
+# The classic (x, y) batches: one loss unit per example.
+
+def mse_loss(model: nn.Module, batch: Examples) -> tuple[torch.Tensor, int]:
+    """Each example's mean squared error over its outputs, summed over the examples."""
+    x, y = batch
+    per_example = F.mse_loss(model(x), y, reduction="none").reshape(len(x), -1).mean(1)
+    return per_example.sum(), len(x)
+
+
+def cross_entropy_loss(model: nn.Module, batch: Examples) -> tuple[torch.Tensor, int]:
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="sum"), len(x)
+
+
+def class_accuracy(model: nn.Module, batch: Examples) -> tuple[torch.Tensor, int]:
+    x, y = batch
+    return (model(x).argmax(1) == y).sum(), len(y)
