@@ -72,6 +72,9 @@ def run(
     """
     try:
         loaded = spec.apply_overrides(spec.load_spec(experiment), set_ or [])
+        if not loaded.source.startswith(str(spec.builtin_dir())):
+            # a spec's own folder is importable: setup = "my_lm:make_setup" finds my_lm.py
+            sys.path.insert(0, str(Path(loaded.source).resolve().parent))
         trials = spec.expand(loaded)
         runner.preflight(trials)
     except GradlabError as e:

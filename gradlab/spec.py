@@ -207,6 +207,11 @@ def builtin_specs() -> dict[str, Path]:
     return {p.stem: p for p in sorted(builtin_dir().glob("*.toml"))}
 
 
+def local_dir() -> Path:
+    """Your own specs: ./experiments, looked in before the built-in ones."""
+    return Path("experiments")
+
+
 def find_spec(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
@@ -214,6 +219,9 @@ def find_spec(name_or_path: str) -> Path:
             raise GradlabError(f"spec file '{name_or_path}' does not exist; "
                                f"give a .toml path or a built-in name ({_builtin_names()})")
         return path
+    local = local_dir() / f"{name_or_path}.toml"
+    if local.is_file():
+        return local
     specs = builtin_specs()
     if name_or_path not in specs:
         raise GradlabError(f"no built-in experiment '{name_or_path}'; "

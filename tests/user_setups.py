@@ -1,0 +1,75 @@
+"""Users' own setups for the tests (--set setup=user_setups:NAME): one good, the rest broken."""
+
+import torch
+import torch.nn.functional as F
+
+from gradlab.setup import Setup
+
+
+def regression(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return x, x.sum(1, keepdim=True)
+
+
+def summed_mse(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y, reduction="sum"), len(x)
+
+
+def good(settings):
+    return Setup(torch.nn.Linear(3, 1), regression(), summed_mse)
+
+
+def no_units(settings):  # the loss returns the loss alone
+    return Setup(torch.nn.Linear(3, 1), regression(), lambda m, b: summed_mse(m, b)[0])
+
+
+def zero_units(settings):
+    """Sequences whose last examples are all padding: a micro-batch with nothing to score."""
+    ids = torch.ones(64, 5, dtype=torch.long)
+    labels = ids.clone()
+    labels[32:] = -100
+
+    def loss(model, batch):
+        logits = model(batch["ids"])
+        return (F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                ignore_index=-100, reduction="sum"),
+                (batch["labels"] != -100).sum())
+
+    return Setup(torch.nn.Embedding(3, 3), {"ids": ids, "labels": labels}, loss,
+                 units=lambda b: (b["labels"] != -100).sum())
+
+
+def ragged(settings):  # tensors of different lengths along dim 0
+    x, y = regression()
+    return Setup(torch.nn.Linear(3, 1), {"x": x, "y": y[:10]}, summed_mse)
+
+
+def not_tensors(settings):
+    x, y = regression()
+    return Setup(torch.nn.Linear(3, 1), {"x": x, "y": y.tolist()}, summed_mse)
+
+
+def wrong_output(settings):  # two outputs for one target: the loss cannot broadcast them
+    def loss(model, batch):
+        x, y = batch
+        return F.mse_loss(model(x), y.expand(-1, 3), reduction="sum"), len(x)
+
+    return Setup(torch.nn.Linear(3, 2), regression(), loss)
+
+
+def raises(settings):
+    raise RuntimeError("cannot find my tokenizer")
+
+
+def not_a_setup(settings):
+    return torch.nn.Linear(3, 1)
+
+
+def miscounted(settings):  # units() counts examples, the loss counts elements
+    def loss(model, batch):
+        x, y = batch
+        return F.mse_loss(model(x), y, reduction="sum"), y.numel() * 2
+
+    return Setup(torch.nn.Linear(3, 1), regression(), loss)
