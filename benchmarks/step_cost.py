@@ -22,21 +22,21 @@ import time
 import torch
 
 from gradlab import engine, runner
-from gradlab.spec import Arm, Settings
+from gradlab.spec import Settings
 
 
 def measure(settings: Settings, repeats: int) -> dict[str, float]:
-    prepared = runner.prepare(Arm("bench", settings, baseline=True), {})
-    optimizer = engine.make_optimizer(prepared.model, settings)
-    stream = runner.batches(prepared.data, settings)
-    cuda = prepared.device.type == "cuda"
+    setup = runner.build_setup(settings, runner.resolve_device(settings.device), {})
+    optimizer = engine.make_optimizer(setup.model, settings)
+    stream = runner.windows(setup, settings)
+    cuda = setup.device.type == "cuda"
 
     def one_step() -> float:
-        x, y = next(stream)
+        window = next(stream)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.train_step(prepared.model, optimizer, x, y, settings, prepared.data.loss)
+        engine.train_step(setup.model, optimizer, window, settings, setup)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
