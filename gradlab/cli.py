@@ -7,7 +7,6 @@ Data goes to stdout (the run directory's path, or one JSON document with
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import traceback
 from pathlib import Path
@@ -20,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gradlab import compare, runner, schema, spec, store, zoo
+from gradlab import compare, runner, spec, store, zoo
 from gradlab.errors import GradlabError
 
 app = typer.Typer(
@@ -76,9 +75,10 @@ def run(
             # a spec's own folder is importable: setup = "my_lm:make_setup" finds my_lm.py
             sys.path.insert(0, str(Path(loaded.source).resolve().parent))
         trials = spec.expand(loaded)
-        runner.preflight(trials)
+        plan = runner.preflight(trials)
     except GradlabError as e:
         raise fail(str(e)) from None
+    err.print(f"{loaded.name}: {plan.describe()}", highlight=False)
 
     run_dir = store.RunDir(out, loaded.name, {
         "spec_source": loaded.source, "spec_text": loaded.text, "overrides": set_ or [],
@@ -109,63 +109,50 @@ def run(
                    f"{run_dir.path / 'run.json'})", 1) from None
     run_dir.finish("complete")
 
+    # the run is judged as compare judges it, from what was written: one rule, one table
+    comparison = compare.compare(store.load_runs([run_dir.path]))
     summaries = [row for r in results for row in r["summary"]]
     checks = [row for r in results for row in r["checks"]]
     if json_out:
-        typer.echo(store.dumps(json_document(run_dir, trials, summaries, checks)))
-        return
-    render_summary(loaded.name, trials, summaries)
-    render_checks(checks)
-    traces = [row for r in results for row in r["trace"]]
-    if traces and len(traces) <= 64:
-        render_trace(traces, [w for r in results for w in r["weights"]])
-    err.print(f"run directory ({len(trials)} trials, status complete):", highlight=False)
-    typer.echo(str(run_dir.path))
+        typer.echo(store.dumps(json_document(run_dir, trials, summaries, checks, comparison)))
+    else:
+        render_comparison(comparison)
+        render_checks(checks)
+        render_divergence(summaries)
+        traces = [row for r in results for row in r["trace"]]
+        if traces and len(traces) <= 64:
+            render_trace(traces, [w for r in results for w in r["weights"]])
+    for line in comparison.failures:
+        err.print(f"[bold red]expectation failed:[/] {line}", highlight=False, soft_wrap=True)
+    if not json_out:
+        err.print(f"run directory ({len(trials)} trials, status complete):", highlight=False)
+        typer.echo(str(run_dir.path))
+    if comparison.failures:
+        raise typer.Exit(1)
 
 
 def json_document(run_dir: store.RunDir, trials: list[spec.Trial], summaries: list[dict],
-                  checks: list[dict] = ()) -> dict:
+                  checks: list[dict], comparison: compare.Comparison) -> dict:
     by_trial: dict[int, list] = {t.index: [] for t in trials}
     for row in summaries:
         arm_checks = [{k: v for k, v in c.items() if k not in ("trial", "arm")} for c in checks
                       if (c["trial"], c["arm"]) == (row["trial"], row["arm"])]
         by_trial[row["trial"]].append({**{k: v for k, v in row.items() if k != "trial"},
+                                       "check": comparison.check_of(row["trial"], row["arm"]),
                                        "checks": arm_checks})
     return {"run_dir": str(run_dir.path), "status": run_dir.meta["status"],
             "experiment": run_dir.meta["experiment"],
             "trials": [{"trial": t.index, "settings": t.swept, "arms": by_trial[t.index]}
-                       for t in trials]}
+                       for t in trials],
+            "check_failures": comparison.failures}
 
 
-NUMERIC = ("accum_steps", "max_rel_grad_err", "rel_tolerance", "min_grad_cosine", "final_loss",
-           "final_test_accuracy", "max_rel_buffer_diff")
-VERDICT_STYLE = {"equivalent": "green", "differs": "red", "baseline": "dim"}
-
-
-def render_summary(name: str, trials: list[spec.Trial], summaries: list[dict]) -> None:
-    swept = list(dict.fromkeys(key for t in trials for key in t.swept))
-    table = Table(title=f"{name}: gradient at the baseline's weights, and training on its own",
-                  title_justify="left")
-    columns = [*swept, "arm", "accum_steps", "max_rel_grad_err", "rel_tolerance",
-               "min_grad_cosine", "final_loss", "final_test_accuracy", "max_rel_buffer_diff",
-               "expect", "verdict"]
-    columns = [c for c in dict.fromkeys(columns)
-               if any(not compare.is_missing(row.get(c)) and row.get(c) != "" for row in summaries)]
-    for column in columns:
-        table.add_column(compare.HEADERS.get(column, column.replace("_", " ")), no_wrap=True,
-                         justify="right" if column in NUMERIC else "left")
+def render_divergence(summaries: list[dict]) -> None:
     for row in summaries:
-        style = VERDICT_STYLE.get(row["verdict"], "")
-        cells = [compare.fmt(row.get(c)) for c in columns]
-        cells[-1] = f"[{style}]{cells[-1]}[/]" if style and columns[-1] == "verdict" else cells[-1]
-        table.add_row(*cells)
-    err.print(table)
-    dtypes = dict.fromkeys(row["dtype"] for row in summaries)
-    units = ", ".join(f"{d} 2^{math.log2(schema.UNIT_ROUNDOFF[d]):.0f}" for d in dtypes)
-    err.print(f"verdict: equivalent when rel grad err = ||g_arm - g_baseline|| / ||g_baseline|| "
-              f"<= tolerance = {schema.TOLERANCE_FACTOR:g} * max(N, 2) * u\n"
-              f"         (unit roundoff u: {units}); gradients taken at the baseline's weights",
-              highlight=False)
+        if not compare.is_missing(row["diverged_at_step"]):
+            err.print(f"[bold]diverged:[/] trial {row['trial']} arm {row['arm']}: non-finite "
+                      f"loss, gradient or weights from step {row['diverged_at_step']:.0f}; its "
+                      f"gradient is judged on the probes before that", highlight=False)
 
 
 def render_checks(checks: list[dict]) -> None:
@@ -253,8 +240,8 @@ def compare_(
     at_step: Annotated[int | None, typer.Option(
         "--at-step", min=1, help="Read the metrics at step K instead of at the end.")] = None,
     rtol: Annotated[float | None, typer.Option(
-        min=0.0, help=f"Relative gradient tolerance, in place of "
-                       f"{schema.TOLERANCE_FACTOR:g}·max(N,2)·u.")] = None,
+        min=0.0, help="Relative tolerance on the distance from the exact gradient, in place "
+                      "of the measured one (4·max(floor, 16·2^-53) + (N−1)·u).")] = None,
     atol: Annotated[float | None, typer.Option(
         min=0.0, help="Also call an arm equivalent when its max abs gradient error <= ATOL.")]
     = None,
@@ -324,7 +311,9 @@ def render_comparison(result: compare.Comparison) -> None:
         err.print(note, highlight=False, soft_wrap=True)
 
 
+# colour says whether the spec's expectation held, not which verdict it is
 CHECK_STYLE = {"ok": "green", "FAIL": "bold red", "n/a": "dim"}
+VERDICT_STYLE = {"baseline": "dim"}
 
 
 def _styled(column: str, cell: str) -> str:

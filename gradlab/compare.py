@@ -3,10 +3,10 @@
 Reads only what store wrote (run.json and the CSVs), so it works on old runs and
 on runs copied from other machines. The verdict rule is the run's own:
 
-    equivalent  when  max_rel_grad_err <= rel_tolerance(dtype, N)   (schema.py: c * max(N,2) * u)
-                  or  max_abs_grad_err <= atol                      (only with --atol)
+    equivalent  when  max_exact_err <= rel_tolerance(dtype, N, exact_floor)   (schema.py)
+                  or  max_abs_grad_err <= atol                  (only with --atol)
 
-``--rtol`` replaces the dtype-derived tolerance by one number. An arm that
+``--rtol`` replaces the measured tolerance by one number. An arm that
 expects ``differs`` is not checked in a trial whose sweep sets N = 1: with one
 micro-batch there is nothing to accumulate, so an accumulation mistake has
 nothing to act on. (An arm that sets N = 1 itself, like zero_grad after-backward,
@@ -29,17 +29,18 @@ FORMATS = ("table", "csv", "json", "md")
 
 HEADERS = schema.HEADERS
 # the numbers a reader looks at first; --all adds every other column
-KEY_METRICS = ("max_rel_grad_err", "rel_tolerance", "min_grad_cosine", "final_loss",
+KEY_METRICS = ("max_rel_grad_err", "max_exact_err", "rel_tolerance", "min_grad_cosine",
+               "final_loss",
                "loss_diff", "final_test_accuracy")
 OUTCOME = ("expect", "verdict", "check")
 # columns that say which row is which rather than what was measured
 IDENTITY = ("run", "trial", "arm", "micro_batch")
 # columns compare keeps for itself: neither settings nor metrics
-BOOKKEEPING = ("baseline", "rel_tolerance", "batch_size", "run_checks", "failed_checks",
+BOOKKEEPING = ("baseline", "rel_tolerance", "exact_floor", "batch_size", "run_checks",
+               "failed_checks",
                "swept_accum_steps")
 # metrics that the run measured along the way, and so can be read at an earlier step
-STEP_METRICS = ("final_loss", "max_rel_loss_diff", "final_weight_dist", "max_rel_grad_err",
-                "max_abs_grad_err", "min_grad_cosine", "final_test_loss", "final_test_accuracy")
+STEP_METRICS = schema.METRICS
 
 
 def fmt(value: Any) -> str:
@@ -166,16 +167,8 @@ def loss_against(runs: list[Run], rows: pd.DataFrame, reference: str,
 
 @dataclass(frozen=True)
 class Tolerance:
-    rtol: float | None = None  # replaces rel_tolerance(dtype, N)
+    rtol: float | None = None  # replaces the measured tolerance (schema.rel_tolerance)
     atol: float | None = None  # an arm within atol on max_abs_grad_err is equivalent too
-
-    def rel(self, dtype: str, accum_steps: int) -> float:
-        return self.rtol if self.rtol is not None else schema.rel_tolerance(dtype, accum_steps)
-
-
-def verdict(row: pd.Series, tol: Tolerance) -> str:
-    return schema.verdict(row["baseline"], row["max_rel_grad_err"], row["rel_tolerance"],
-                         row["max_abs_grad_err"], tol.atol)
 
 
 def expectation(row: pd.Series) -> str:
@@ -196,11 +189,12 @@ def check(row: pd.Series) -> str:
 
 
 def judge(rows: pd.DataFrame, tol: Tolerance) -> pd.DataFrame:
+    """Tolerance, verdict and check of every row, by the run's own rule (schema.judge)."""
     rows = rows.copy()
-    rows["rel_tolerance"] = [math.nan if base else tol.rel(dtype, int(n)) for base, dtype, n
-                             in zip(rows["baseline"], rows["dtype"], rows["accum_steps"],
-                                    strict=True)]
-    rows["verdict"] = rows.apply(verdict, axis=1, tol=tol)
+    judged = [schema.judge(bool(row["baseline"]), row["dtype"], int(row["accum_steps"]),
+                           row.to_dict(), tol.rtol, tol.atol) for _, row in rows.iterrows()]
+    rows["rel_tolerance"] = [t for t, _ in judged]
+    rows["verdict"] = [v for _, v in judged]
     rows["check"] = rows.apply(check, axis=1)
     return rows
 
@@ -213,8 +207,8 @@ def failures(rows: pd.DataFrame, settings: list[str]) -> list[str]:
         where = " ".join(f"{k}={fmt(row[k])}" for k in shown)
         reasons = []
         if expectation(row) == "FAIL":
-            reasons.append(f"expected {row['expect']}, got {row['verdict']} (rel grad err "
-                           f"{fmt(row['max_rel_grad_err'])}, tolerance "
+            reasons.append(f"expected {row['expect']}, got {row['verdict']} (vs exact "
+                           f"{fmt(row.get('max_exact_err', math.nan))}, tolerance "
                            f"{fmt(row['rel_tolerance'])})")
         if row["failed_checks"]:
             reasons.append(f"the run's check failed: {row['failed_checks']}")
@@ -264,6 +258,13 @@ class Comparison:
     grouped: bool
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    judged: pd.DataFrame | None = None  # one row per (run, trial, arm), verdict and check
+
+    def check_of(self, trial: int, arm: str) -> str:
+        """ok | FAIL | n/a | '' for one arm of one trial (of a single run)."""
+        rows = self.judged
+        match = rows[(rows["trial"] == trial) & (rows["arm"] == arm)]
+        return str(match["check"].iloc[0]) if len(match) else ""
 
     def cell(self, row: pd.Series, column: str) -> str:
         if self.grouped and f"{column}_mean" in row:
@@ -339,7 +340,7 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
         title += f", at step {at_step}"
     return Comparison(title, columns, table.reset_index(drop=True), grouped is not None,
                       notes(rows, tol, recorded, reference, at_step, grouped is not None),
-                      failures(rows, settings))
+                      failures(rows, settings), rows)
 
 
 def telling(rows: pd.DataFrame, settings: list[str]) -> list[str]:
@@ -381,24 +382,8 @@ def sort_rows(table: pd.DataFrame, column: str, columns: list[str], grouped: boo
 def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
           at_step: int | None, grouped: bool) -> list[str]:
     """How to read the table: which tolerance, and why."""
-    out = []
-    if tol.rtol is not None:
-        rule = (f"rel grad err <= {fmt(tol.rtol)} (--rtol, in place of "
-                f"{fmt(schema.TOLERANCE_FACTOR)}·max(N,2)·u)")
-    else:
-        judged = rows[~rows["baseline"]]
-        per_dtype = []
-        for dtype, part in judged.groupby("dtype", sort=False):
-            u = schema.UNIT_ROUNDOFF[dtype]
-            span = sorted(set(part["accum_steps"].astype(int)))
-            tols = ", ".join(f"N={n}: {fmt(schema.rel_tolerance(dtype, n))}" for n in span)
-            per_dtype.append(f"{dtype} (u = 2^{round(math.log2(u))}) {tols}")
-        rule = (f"rel grad err <= tolerance = {fmt(schema.TOLERANCE_FACTOR)}·max(N,2)·u, u the "
-                f"unit roundoff of the dtype; here " + "; ".join(per_dtype))
-    if tol.atol is not None:
-        rule += f"; or abs grad err <= {fmt(tol.atol)} (--atol)"
-    out.append(f"verdict: equivalent when {rule}. rel grad err = max over probed steps of "
-               f"||g_arm - g_{recorded}|| / ||g_{recorded}||, both at {recorded}'s weights.")
+    out = [schema.explain(rows.to_dict("records"), tol.rtol, tol.atol)
+           + f" rel grad err: the same against '{recorded}''s own gradient."]
     if rows["run_checks"].any():
         out.append(f"check also covers the {rows['run_checks'].sum()} check(s) the run recorded "
                    f"in checks.csv: FAIL when one of them failed.")

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +38,7 @@ from gradlab.setup import (
     split,
     take,
 )
-from gradlab.spec import Arm, BnMode, Settings, Trial, ZeroGrad
+from gradlab.spec import Arm, BnMode, Dtype, Settings, Trial, ZeroGrad
 from gradlab.store import RunDir
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
@@ -149,23 +151,106 @@ def windows(setup: Setup, s: Settings) -> Iterator[Examples]:
 
 # settings that change neither the model's shape nor the data, so not what preflight checks
 TRAINING_ONLY = {"seed", "lr", "momentum", "weight_decay", "optimizer", "steps", "probe_every",
-                 "eval_every", "trace", "zero_grad", "set_to_none", "loss_scale"}
+                 "eval_every", "trace", "trace_elements", "zero_grad", "set_to_none",
+                 "loss_scale"}
 
 
-def preflight(trials: list[Trial]) -> None:
-    """Build each distinct setup once and run one window through it before anything is
-    written, so bad input fails fast and clean."""
+@dataclass
+class Plan:
+    """What a run will cost, estimated in preflight from one timed step of each setup."""
+    trials: int
+    arms: int  # in all trials together
+    seconds: float
+    memory_bytes: int  # the largest trial's
+    available_bytes: int | None  # what the machine has free (None: unknown)
+
+    def describe(self) -> str:
+        memory = f"{self.memory_bytes / 2**30:.1f} GiB" if self.memory_bytes >= 2**30 \
+            else f"{self.memory_bytes / 2**20:.0f} MiB"
+        return (f"{self.trials} trial{'s' * (self.trials != 1)}, {self.arms} arms; about "
+                f"{format_seconds(self.seconds)} and {memory} (estimated from one timed step "
+                f"of each model)")
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# bytes a trace row and a probe row take in memory (a dict of a dozen small Python objects)
+ROW_BYTES = 1000
+
+
+def preflight(trials: list[Trial]) -> Plan:
+    """Build each distinct setup once, run and time one window through it, before anything
+    is written: bad input fails fast and clean, and the run's cost is estimated."""
     cache: dict = {}
-    seen: set = set()
+    # setup -> (seconds per window, bytes of its parameters, number of parameter tensors)
+    measured: dict[tuple, tuple[float, int, int]] = {}
+    seconds, worst_trial = 0.0, 0
     for trial in trials:
+        trial_bytes = 0
         for arm in trial.arms:
             s = arm.settings
             key = tuple((k, v) for k, v in dataclasses.asdict(s).items()
                         if k not in TRAINING_ONLY)
-            if key in seen:
-                continue
-            seen.add(key)
-            check_setup(arm, build_setup(s, resolve_device(s.device), cache))
+            if key not in measured:
+                setup = build_setup(s, resolve_device(s.device), cache)
+                check_setup(arm, setup)
+                tensors = list(setup.model.parameters())
+                try:
+                    step_seconds = time_one_window(setup, s)
+                except Exception as err:  # the forward passed check_setup: backward failed
+                    raise GradlabError(f"arm '{arm.name}': backward through the model and loss "
+                                       f"failed: {type(err).__name__}: {err}") from None
+                measured[key] = (step_seconds,
+                                 sum(p.numel() * p.element_size() for p in tensors), len(tensors))
+            step_seconds, params, tensors = measured[key]
+            probes = 0 if arm.baseline else len([t for t in range(1, s.steps + 1)
+                                                 if probe_due(s, t)])
+            exact = 2 * probes if s.dtype != Dtype.FLOAT64 else 0  # the float64 reference
+            seconds += (s.steps + probes + exact) * step_seconds
+            # model, .grad and the step's copy; a probe model with its .grad; the reference
+            trial_bytes += 5 * params + (params * 8 // 4 if exact else 0)
+            traced = s.trace * s.steps * (s.accum_steps + 1) * s.trace_elements
+            trial_bytes += ROW_BYTES * traced * tensors
+        worst_trial = max(worst_trial, trial_bytes)
+    plan = Plan(len(trials), sum(len(t.arms) for t in trials), seconds, worst_trial,
+                available_memory())
+    if plan.available_bytes is not None and plan.memory_bytes > 0.8 * plan.available_bytes:
+        raise GradlabError(
+            f"this run needs about {plan.memory_bytes / 2**30:.1f} GiB per trial but the "
+            f"machine has {plan.available_bytes / 2**30:.1f} GiB available; use a smaller "
+            f"model, fewer arms, or trace=false (or fewer trace_elements)")
+    return plan
+
+
+def time_one_window(setup: Setup, s: Settings) -> float:
+    """Seconds for one window's forward and backward (the second of two: the first warms up)."""
+    window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
+    seconds = []
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(2):
+            start = time.perf_counter()
+            engine.window_gradient(setup.model, window, s, setup)
+            seconds.append(time.perf_counter() - start)
+    setup.model.zero_grad(set_to_none=True)
+    return seconds[-1]
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def check_setup(arm: Arm, setup: Setup) -> None:
@@ -368,13 +453,21 @@ class Probe(Observer):
     """probe.csv and buffers.csv, watching the baseline: when its .grad holds the gradient
     its step will apply, each due arm computes its own at the same weights (and running
     statistics) on the same window, through the same engine function, in a model of its
-    own; the two are compared parameter by parameter."""
+    own; the two are compared parameter by parameter.
 
-    def __init__(self, arms: list[ArmRun]):
+    Each probe also takes the exact gradient: the baseline's, in float64, at the same
+    weights on the same window. Every arm's distance from it (exact_err), and the
+    baseline's own (floor_err: what one big batch rounds in its dtype), are what the
+    verdict weighs (schema.py).
+    """
+
+    def __init__(self, base: ArmRun, arms: list[ArmRun]):
         self.arms = arms
         self.probe_models: dict[str, nn.Module] = {}
         self.window: Examples | None = None
         self.buffers_before: dict[str, torch.Tensor] = {}
+        self.exact_settings = dataclasses.replace(base.s, dtype=Dtype.FLOAT64)
+        self.exact: Setup | None = None  # built on the first probe, in float64
 
     def due(self, base: ArmRun) -> list[ArmRun]:
         return [a for a in self.arms if probe_due(a.s, base.step) and base.step <= a.s.steps]
@@ -385,16 +478,40 @@ class Probe(Observer):
             self.buffers_before = {k: b.clone() for k, b in running_stats(base.model).items()}
 
     def gradient(self, base: ArmRun) -> None:
-        for arm in self.due(base):
+        due = self.due(base)
+        if not due:
+            return
+        exact = self.exact_gradient(base)
+        floor = probe.compare_models(base.model, exact)
+        for arm in due:
             model = self.probe_model(arm)
-            model.load_state_dict({**base.model.state_dict(), **self.buffers_before})
-            model.zero_grad(set_to_none=True)
+            self.start_at_baseline(model, base)
             with torch.random.fork_rng(devices=[]):  # the probe draws from no arm's stream
                 engine.window_gradient(model, self.window, arm.s, arm.setup)
             ids = {**arm.ids, "step": base.step}
-            arm.rows["probe"] += [{**ids, **r} for r in probe.compare_models(model, base.model)]
+            arm.rows["probe"] += [
+                {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"]}
+                for r, e, f in zip(probe.compare_models(model, base.model),
+                                   probe.compare_models(model, exact), floor, strict=True)]
             arm.rows["buffers"] += [{**ids, **r} for r in
                                     compare_buffers(model, base.model, arm.setup)]
+
+    def start_at_baseline(self, model: nn.Module, base: ArmRun) -> None:
+        """The baseline's weights, and its running statistics before this step's forward."""
+        model.load_state_dict({**base.model.state_dict(), **self.buffers_before})
+        model.zero_grad(set_to_none=True)
+
+    def exact_gradient(self, base: ArmRun) -> nn.Module:
+        """A model whose .grad is the baseline's gradient computed in float64."""
+        if base.s.dtype == Dtype.FLOAT64:  # the baseline's own computation is the exact one
+            return base.model
+        if self.exact is None:
+            self.exact = build_setup(self.exact_settings, base.setup.device, base.data_cache)
+        self.start_at_baseline(self.exact.model, base)  # load_state_dict casts to float64
+        window = cast(self.window, torch.float64, base.setup.device)
+        with torch.random.fork_rng(devices=[]):
+            engine.window_gradient(self.exact.model, window, self.exact_settings, self.exact)
+        return self.exact.model
 
     def probe_model(self, arm: ArmRun) -> nn.Module:
         if arm.arm.name not in self.probe_models:
@@ -471,7 +588,8 @@ class Trace(Observer):
     def micro_batch(self, run: ArmRun, index: int) -> None:
         run.rows["trace"] += [{**run.ids, "step": run.step, "micro_batch": index + 1,
                                "param": name, "element": i, "grad": value}
-                              for name, i, value in elements(run.model, probe.grad_or_zeros)]
+                              for name, i, value in elements(run.model, probe.grad_or_zeros,
+                                                             run.s.trace_elements)]
 
     def stepped(self, run: ArmRun, stats: engine.StepStats) -> None:
         self.weights(run, run.step)
@@ -479,13 +597,15 @@ class Trace(Observer):
     def weights(self, run: ArmRun, step: int) -> None:
         run.rows["weights"] += [{**run.ids, "step": step, "param": name, "element": i,
                                  "value": value}
-                                for name, i, value in elements(run.model, lambda p: p)]
+                                for name, i, value in elements(run.model, lambda p: p,
+                                                               run.s.trace_elements)]
 
 
-def elements(model: nn.Module, tensor_of) -> Iterator[tuple[str, int, float]]:
-    """(parameter name, element index, value) of ``tensor_of(param)``."""
+def elements(model: nn.Module, tensor_of, count: int) -> Iterator[tuple[str, int, float]]:
+    """(parameter name, element index, value) of the first ``count`` elements of each
+    ``tensor_of(param)``: a trace costs rows per parameter, not per element of a model."""
     for name, p in model.named_parameters():
-        values = tensor_of(p).detach().double().flatten().tolist()
+        values = tensor_of(p).detach().flatten()[:count].double().tolist()
         yield from ((name, i, v) for i, v in enumerate(values))
 
 
@@ -522,7 +642,7 @@ class HeldGradientCheck(Observer):
     def finished(self, run: ArmRun) -> None:
         # the sum of steps*N terms rounds like one accumulation of that many terms
         s = self.settings
-        tolerance = schema.rel_tolerance(s.dtype, s.steps * s.accum_steps)
+        tolerance = schema.sum_tolerance(s.dtype, s.steps * s.accum_steps)
         run.rows["checks"].append({**run.ids, "check": self.name, "value": self.worst,
                                    "tolerance": tolerance, "passed": self.worst <= tolerance})
 
@@ -539,7 +659,7 @@ def start(trial: Trial, data_cache: dict) -> list[ArmRun]:
     base, others = runs[0], runs[1:]
     probed = [r for r in others if same_architecture(r.model, base.model)
               and r.s.batch_size == base.s.batch_size]
-    base.observers.append(Probe(probed))
+    base.observers.append(Probe(base, probed))
     for run in runs:
         run.observers += [Trajectory(base, same_architecture(run.model, base.model)),
                           Evaluation()]
@@ -571,17 +691,14 @@ def run_trial(trial: Trial, data_cache: dict,
 
 def summary_row(run: ArmRun) -> dict[str, Any]:
     s, arm = run.s, run.arm
-    tolerance = schema.rel_tolerance(s.dtype, s.accum_steps)
     metrics = schema.summarise(run.rows["steps"], run.rows["probe"], run.rows["eval"],
                                run.rows["buffers"])
-    row = {**run.ids, "baseline": arm.baseline,
-           **{key: getattr(s, key) for key in run.trial.swept},  # the arm's own value of each
-           "batch_size": s.batch_size, "accum_steps": s.accum_steps,
-           "micro_batch": s.micro_batch, "dtype": s.dtype, **metrics,
-           "rel_tolerance": math.nan if arm.baseline else tolerance,
-           "expect": arm.expect or ""}
-    row["verdict"] = schema.verdict(arm.baseline, row["max_rel_grad_err"], tolerance)
-    return row
+    tolerance, verdict = schema.judge(arm.baseline, s.dtype, s.accum_steps, metrics)
+    return {**run.ids, "baseline": arm.baseline,
+            **{key: getattr(s, key) for key in run.trial.swept},  # the arm's own value of each
+            "batch_size": s.batch_size, "accum_steps": s.accum_steps,
+            "micro_batch": s.micro_batch, "dtype": s.dtype, **metrics,
+            "rel_tolerance": tolerance, "expect": arm.expect or "", "verdict": verdict}
 
 
 def run_trials(trials: list[Trial], run_dir: RunDir,

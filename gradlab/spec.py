@@ -124,7 +124,10 @@ class Settings:
     probe_every: int = _setting(
         1, "compare gradients at the baseline's weights every K steps (0: only before step 1)")
     eval_every: int = _setting(0, "held-out evaluation every K steps (0: only after the last)")
-    trace: bool = _setting(False, "record the accumulated gradient after every micro-batch")
+    trace: bool = _setting(False, "record the accumulated gradient after every micro-batch, "
+                                  "and the weights after every step (trace.csv, weights.csv)")
+    trace_elements: int = _setting(
+        8, "trace: how many elements of each parameter to record (the first ones)")
 
     def __post_init__(self):
         # a policy given as its string (dataclasses.replace in code, old run.json) becomes
@@ -412,7 +415,7 @@ def validate(s: Settings, where: str) -> None:
     if not 2 <= s.min_len <= s.max_len:
         fail(f"min_len={s.min_len}, max_len={s.max_len}; a sequence needs at least 2 tokens "
              f"(one to read, one to predict) and min_len <= max_len")
-    for name in ("hidden", "depth", "channels", "groups"):
+    for name in ("hidden", "depth", "channels", "groups", "trace_elements"):
         if getattr(s, name) < 1:
             fail(f"{name}={getattr(s, name)}; it must be at least 1")
     for name in ("probe_every", "eval_every", ):
