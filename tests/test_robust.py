@@ -93,14 +93,22 @@ def test_out_that_cannot_hold_a_run_directory_is_one_line(tmp_path):
     assert not Path("/proc/gradlab-forbidden").exists()
 
 
-def test_out_in_a_folder_without_write_permission(tmp_path):
+def test_out_in_a_folder_without_write_permission(tmp_path, monkeypatch):
     import os
-    if os.geteuid() == 0:
-        pytest.skip("root may write anywhere")
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes anywhere: refuse the way the system would
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *args, **kwargs):
+            if self.parent == locked:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
     result = gradlab("run", "toy", "--out", locked / "runs")
-    assert_bad_input(result, locked, "--out", "Permission denied")
+    assert_bad_input(result, locked, "--out", "Permission denied", str(locked / "runs"))
+    assert list(locked.iterdir()) == []
 
 
 def test_a_run_directory_that_cannot_be_written_is_removed(tmp_path, monkeypatch):
