@@ -142,13 +142,14 @@ def main() -> None:
     previous = catch_stop_signals(_on_stop_signal)
     try:
         app()
-    except (SystemExit, KeyboardInterrupt) as ended:
+    except KeyboardInterrupt:  # outside any command, e.g. while typer reads the arguments
+        Stop.finishing = True
+        raise early_stop(Stop.signum or signal.SIGINT) from None
+    except SystemExit as ended:
         # typer turns a KeyboardInterrupt that leaves a command into a silent exit 130
-        if Stop.signum is not None and not Stop.reported:
+        if ended.code == 130 and Stop.signum is not None and not Stop.reported:
             Stop.finishing = True
             raise early_stop(Stop.signum) from None
-        if isinstance(ended, KeyboardInterrupt):
-            raise early_stop(signal.SIGINT) from None
         raise
     finally:
         restore_signal_handlers(previous)

@@ -116,15 +116,17 @@ class RunDir:
                          "pid": os.getpid(), "host": socket.gethostname()}
             self.finished_trials: set[int] = set()  # trials whose summary rows are written
             self._write_meta()
-        except OSError as err:
+        except BaseException as err:  # a full disk, or a Ctrl-C: leave nothing behind
             if path is not None and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             for folder in reversed(created):
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-            raise GradlabError(f"--out {parent}: cannot create the run directory there "
-                               f"({_why(err, parent)}); give --out a folder you can write "
-                               f"to") from None
+            if isinstance(err, OSError):
+                raise GradlabError(f"--out {parent}: cannot create the run directory there "
+                                   f"({_why(err, parent)}); give --out a folder you can "
+                                   f"write to") from None
+            raise
 
     def _write_meta(self) -> None:
         tmp = self.path / "run.json.tmp"

@@ -376,3 +376,20 @@ def test_json_reports_an_interrupted_run(tmp_path, monkeypatch):
     doc = failure_document(gradlab("run", "toy", "--json", "--out", tmp_path), "interrupted", 130)
     meta = json.loads((Path(doc["run_dir"]) / "run.json").read_text())
     assert meta["status"] == "interrupted" and meta["ended"]
+
+
+def test_a_stop_during_a_write_waits_for_the_write_to_end(tmp_path, monkeypatch):
+    run = store.RunDir(tmp_path, "writes", {"trials": []})
+    real_to_csv = pd.DataFrame.to_csv
+
+    def signal_arrives_mid_write(self, *args, **kwargs):
+        store.raise_after_write(KeyboardInterrupt())  # what the SIGINT handler does
+        return real_to_csv(self, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", signal_arrives_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        run.append("summary", [{"trial": 0, "arm": "a"}, {"trial": 0, "arm": "b"}])
+    assert (run.path / "summary.csv").read_text() == "trial,arm\n0,a\n0,b\n"
+    assert run.finished_trials == {0}
+    run.finish("interrupted", "SIGINT")  # the next write is not cut short by the old stop
+    assert json.loads((run.path / "run.json").read_text())["status"] == "interrupted"
