@@ -198,9 +198,9 @@ def load_spec(name_or_path: str) -> Spec:
 def parse_spec(data: dict, source: str, default_name: str = "spec", text: str = "") -> Spec:
     _reject_unknown(data, TOP_KEYS, source, "top level")
     name = data.get("name", default_name)
-    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
-        raise GradlabError(f"{source}: name = {name!r}; it names the run directory, so use "
-                           f"letters, digits, '.', '-' and '_' only")
+    if not isinstance(name, str) or name.strip(" .") == "" or re.search(r"[/\\\x00-\x1f]", name):
+        raise GradlabError(f"{source}: name = {name!r}; it names the run directory, so give "
+                           f"a short text without '/' (e.g. name = \"{default_name}\")")
     settings = data.get("settings", {})
     _expect_table(settings, source, "[settings]")
     for key, value in settings.items():
@@ -211,7 +211,7 @@ def parse_spec(data: dict, source: str, default_name: str = "spec", text: str = 
     if not arm_tables:
         raise GradlabError(f"{source}: no arms; a spec compares arms against a baseline, "
                            f"so add them, e.g. {ARMS_EXAMPLE}")
-    arms = {name: _parse_arm(name, table, source) for name, table in arm_tables.items()}
+    arms = {arm: _parse_arm(arm, table, source) for arm, table in arm_tables.items()}
     baselines = [n for n, a in arms.items() if a.baseline]
     if len(baselines) != 1:
         raise GradlabError(f"{source}: exactly one arm needs 'baseline = true' "

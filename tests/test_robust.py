@@ -277,6 +277,8 @@ def test_setting_a_key_of_a_zipped_axis_drops_the_axis(tmp_path):
      ("bad.toml [sweep] lr", "lr=-1.0", "cannot be negative")),
     ("[arms.a]\nbaseline = true\n[arms.b]\n[sweep]\ncase = [{norm = 'gn'}, {lr = -1}]\n",
      ("bad.toml [sweep] case", "lr=-1.0")),
+    ("name = '../elsewhere'\n[arms.a]\nbaseline = true\n[arms.b]\n",
+     ("bad.toml", "name = '../elsewhere'", "without '/'")),
     ("[settings]\nbatch_size = 8\n[arms.a]\nbaseline = true\n[arms.b]\naccum_steps = 16\n",
      ("arm 'b'", "accum_steps=16 (", "bad.toml [arms.b]) is larger than batch_size=8 (",
       "bad.toml [settings])")),
