@@ -10,10 +10,8 @@ is marked interrupted, with the trials finished so far kept.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
-import threading
 
 
 class Interrupted(KeyboardInterrupt):
@@ -31,13 +29,21 @@ STOPPED = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "stopped by SI
 def catch_stop_signals(handler) -> dict:
     """Route SIGINT and SIGTERM to ``handler``; returns the handlers they had.
 
-    Only the main thread may set handlers, and a signal the parent ignores (nohup,
-    a background job) stays ignored.
+    A signal the parent ignores (nohup, a background job) stays ignored, and outside
+    the main thread, where Python allows no handlers, nothing changes.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS
-            if signal.getsignal(signum) is not signal.SIG_IGN}
+    previous = {}
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread
+                break
+    return previous
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
 
 def restore_signal_handlers(previous: dict) -> None:
@@ -47,6 +53,8 @@ def restore_signal_handlers(previous: dict) -> None:
 
 def early_stop(signum: int, what: str = "") -> SystemExit:
     """A stop that no command reported: its one line (and the --json document)."""
+    import json
+
     message = STOPPED[signum] + what
     if "--json" in sys.argv[1:]:
         print(json.dumps({"status": "interrupted", "error": message, "run_dir": None}),
@@ -55,11 +63,8 @@ def early_stop(signum: int, what: str = "") -> SystemExit:
     return SystemExit(128 + signum)
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-# torch and pandas take seconds to import: a Ctrl-C meanwhile gets the one line too
+# before anything slow: torch and pandas take seconds to import, and a Ctrl-C meanwhile gets
+# the one line too (only Python's own start-up, some milliseconds, comes before this)
 _handlers_before_import = catch_stop_signals(_raise_interrupted)
 try:
     import contextlib
