@@ -2,25 +2,99 @@
 
 Data goes to stdout (the run directory's path, or one JSON document with
 --json); tables, progress and messages go to stderr.
+
+SIGINT (Ctrl-C) and SIGTERM (kill, timeout, a batch scheduler) stop gradlab at any
+moment with one line and exit code 130 or 143; a run directory that exists by then
+is marked interrupted, with the trials finished so far kept.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import signal
 import sys
-import traceback
-from pathlib import Path
-from typing import Annotated
 
-import pandas as pd
-import typer
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from gradlab import compare, runner, spec, store, zoo
-from gradlab.errors import GradlabError
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: stop, say so in one line, exit 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOPPED = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "stopped by SIGTERM"}
+
+
+def catch_stop_signals(handler) -> dict:
+    """Route SIGINT and SIGTERM to ``handler``; returns the handlers they had.
+
+    A signal the parent ignores (nohup, a background job) stays ignored, and outside
+    the main thread, where Python allows no handlers, nothing changes.
+    """
+    previous = {}
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread
+                break
+    return previous
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def early_stop(signum: int, what: str = "") -> SystemExit:
+    """A stop that no command reported: its one line (and the --json document)."""
+    import json
+
+    message = STOPPED[signum] + what
+    if "--json" in sys.argv[1:]:
+        print(json.dumps({"status": "interrupted", "error": message, "run_dir": None}),
+              flush=True)
+    sys.stderr.write(f"error: {message}\n")
+    return SystemExit(128 + signum)
+
+
+# before anything slow: torch and pandas take seconds to import, and a Ctrl-C meanwhile gets
+# the one line too (only Python's own start-up, some milliseconds, comes before this)
+_handlers_before_import = catch_stop_signals(_raise_interrupted)
+try:
+    import contextlib
+    import dataclasses
+    import traceback
+    from pathlib import Path
+    from typing import Annotated
+
+    import pandas as pd
+    import typer
+    from rich import box
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.table import Table
+
+    from gradlab import compare, runner, spec, store, zoo
+    from gradlab.errors import GradlabError
+except Interrupted as stop:
+    starting = (" before the run started; nothing was written" if sys.argv[1:2] == ["run"]
+                else " while starting; nothing was written")
+    raise early_stop(stop.signum, starting) from None
+finally:
+    restore_signal_handlers(_handlers_before_import)
 
 app = typer.Typer(
     help="gradlab: does your gradient accumulation compute the big-batch gradient? "
@@ -40,9 +114,49 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder that receives 
                                                           "directory.")]
 
 
+# above this many trials a run needs --yes: a typo in a sweep should not start hours of work
+MAX_TRIALS = 1000
+YesOpt = Annotated[bool, typer.Option(
+    "--yes", help=f"Run even when the sweep makes more than {MAX_TRIALS} trials.")]
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    one_line = " ".join(message.split())  # an exception's text may hold newlines
+    err.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+class Stop:
+    """The stop signal this process received, shared by the handler and the commands."""
+    signum: int | None = None
+    finishing = False  # writing the end state: a second signal must not cut it short
+    reported = False  # the one line is out
+
+
+def _on_stop_signal(signum, frame):
+    if Stop.signum is None:
+        Stop.signum = signum
+    if not Stop.finishing:
+        store.raise_after_write(Interrupted(signum))  # a CSV line is never cut in half
+
+
+def main() -> None:
+    """The `gradlab` command: the app, with SIGINT and SIGTERM ending it in one line."""
+    Stop.signum, Stop.finishing, Stop.reported = None, False, False
+    previous = catch_stop_signals(_on_stop_signal)
+    try:
+        app()
+    except KeyboardInterrupt:  # outside any command, e.g. while typer reads the arguments
+        Stop.finishing = True
+        raise early_stop(Stop.signum or signal.SIGINT) from None
+    except SystemExit as ended:
+        # typer turns a KeyboardInterrupt that leaves a command into a silent exit 130
+        if ended.code == 130 and Stop.signum is not None and not Stop.reported:
+            Stop.finishing = True
+            raise early_stop(Stop.signum) from None
+        raise
+    finally:
+        restore_signal_handlers(previous)
 
 
 @app.command()
@@ -52,10 +166,11 @@ def run(
         show_default=True)] = "equivalence",
     set_: Annotated[list[str] | None, typer.Option(
         "--set", "-s", metavar="KEY=VALUE",
-        help="Override a setting; a comma list sweeps it (`--set accum_steps=2,4`). "
-             "Repeatable.")] = None,
+        help="Override a setting; a comma list sweeps it (`--set accum_steps=2,4`); "
+             "ARM.KEY=VALUE sets it in one arm. Repeatable.")] = None,
     out: OutOpt = Path("results"),
     json_out: JsonOpt = False,
+    yes: YesOpt = False,
 ) -> None:
     """Run an experiment: every arm from the same weights on the same examples; write CSVs.
 
@@ -69,45 +184,49 @@ def run(
 
     * `gradlab run my_spec.toml --set model=mypkg.nets:make_net --json`
     """
+    run_dir = None
     try:
-        loaded = spec.apply_overrides(spec.load_spec(experiment), set_ or [])
-        if not loaded.source.startswith(str(spec.builtin_dir())):
-            # a spec's own folder is importable: setup = "my_lm:make_setup" finds my_lm.py
-            sys.path.insert(0, str(Path(loaded.source).resolve().parent))
-        trials = spec.expand(loaded)
-        plan = runner.preflight(trials)
-    except GradlabError as e:
-        raise fail(str(e)) from None
-    err.print(f"{loaded.name}: {plan.describe()}", highlight=False)
-
-    run_dir = store.RunDir(out, loaded.name, {
-        "spec_source": loaded.source, "spec_text": loaded.text, "overrides": set_ or [],
-        "description": loaded.description,
-        "trials": [{"trial": t.index, "swept": t.swept,
-                    "arms": {a.name: {"baseline": a.baseline, "expect": a.expect,
-                                      "settings": dataclasses.asdict(a.settings)}
-                             for a in t.arms}} for t in trials],
-        "device": str(runner.resolve_device(trials[0].baseline.settings.device)),
-    })
-    total = sum(a.settings.steps for t in trials for a in t.arms)  # progress counts steps
-    show_progress = not json_out and sys.stdout.isatty()
-    try:
+        loaded, trials, cost = prepare(experiment, set_ or [], yes)
+        run_dir = store.RunDir(out, loaded.name, {
+            "spec_source": loaded.source, "spec_text": loaded.text, "overrides": set_ or [],
+            "notes": loaded.notes, "description": loaded.description,
+            "trials": [{"trial": t.index, "swept": t.swept,
+                        "arms": {a.name: {"baseline": a.baseline, "expect": a.expect,
+                                          "settings": dataclasses.asdict(a.settings)}
+                                 for a in t.arms}} for t in trials],
+            "device": str(runner.resolve_device(trials[0].baseline.settings.device)),
+        })
+        for note in loaded.notes:
+            err.print(note, markup=False, highlight=False, soft_wrap=True)
+        if not json_out:
+            err.print(plan(loaded.name, trials, cost), markup=False, highlight=False,
+                      soft_wrap=True)
+        total = sum(a.settings.steps for t in trials for a in t.arms)
+        show_progress = not json_out and sys.stdout.isatty()
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("steps"), TimeElapsedColumn(), console=err,
                       disable=not show_progress, transient=True) as progress:
             task = progress.add_task(f"{loaded.name}: {len(trials)} trials", total=total)
             results = runner.run_trials(trials, run_dir, lambda n: progress.advance(task, n))
-    except KeyboardInterrupt:
-        run_dir.finish("interrupted")
-        raise fail(f"interrupted; partial results kept in {run_dir.path}", 130) from None
-    except GradlabError as e:
-        run_dir.finish("failed", str(e))
-        raise fail(str(e)) from None
+        run_dir.finish("complete")
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through _on_stop_signal
+        signum = getattr(stop, "signum", Stop.signum or signal.SIGINT)
+        raise stopped(signum, json_out, run_dir) from None
+    except GradlabError as e:  # bad input; during a stop, a factory may have turned it into one
+        if Stop.signum is not None:
+            raise stopped(Stop.signum, json_out, run_dir) from None
+        if run_dir is not None:
+            mark(run_dir, "failed", str(e))
+        raise end_run(str(e), 2, "bad-input", json_out, run_dir) from None
     except Exception as e:  # a bug or a numerical failure: keep the evidence, say where
-        run_dir.finish("failed", traceback.format_exc())
-        raise fail(f"run failed: {type(e).__name__}: {e} (traceback in "
-                   f"{run_dir.path / 'run.json'})", 1) from None
-    run_dir.finish("complete")
+        if Stop.signum is not None:
+            raise stopped(Stop.signum, json_out, run_dir) from None
+        if run_dir is None:
+            raise end_run(f"preparing the run failed: {type(e).__name__}: {e} (at "
+                          f"{_where(e)})", 1, "failed", json_out) from None
+        mark(run_dir, "failed", traceback.format_exc())
+        raise end_run(f"run failed: {type(e).__name__}: {e} (traceback in "
+                      f"{run_dir.path / 'run.json'})", 1, "failed", json_out, run_dir) from None
 
     # the run is judged as compare judges it, from what was written: one rule, one table
     comparison = compare.compare(store.load_runs([run_dir.path]))
@@ -129,6 +248,75 @@ def run(
         typer.echo(str(run_dir.path))
     if comparison.failures:
         raise typer.Exit(1)
+
+
+def prepare(experiment: str, assignments: list[str],
+            yes: bool) -> tuple[spec.Spec, list[spec.Trial], runner.Plan]:
+    """Everything that can refuse the input, before anything is written."""
+    loaded = spec.apply_overrides(spec.load_spec(experiment), assignments)
+    if not loaded.source.startswith(str(spec.builtin_dir())):
+        # a spec's own folder is importable: setup = "my_lm:make_setup" finds my_lm.py
+        sys.path.insert(0, str(Path(loaded.source).resolve().parent))
+    trials = spec.expand(loaded)
+    if len(trials) > MAX_TRIALS and not yes:
+        axes = " x ".join(f"{k}: {len(v)} values" for k, v in loaded.sweep.items())
+        raise GradlabError(f"{len(trials)} trials ({axes}) is more than {MAX_TRIALS}; add "
+                           f"--yes to run them all, or sweep fewer values")
+    return loaded, trials, runner.preflight(trials)
+
+
+def plan(name: str, trials: list[spec.Trial], cost: runner.Plan) -> str:
+    """What is about to run, and what it will cost, on one line."""
+    arms = list(dict.fromkeys(a.name for t in trials for a in t.arms))
+    trainings = sum(len(t.arms) for t in trials)
+    steps = sum(a.settings.steps for t in trials for a in t.arms)
+    return (f"{name}: {_count(len(trials), 'trial')} x {_count(len(arms), 'arm')} "
+            f"({', '.join(arms)}) = {_count(trainings, 'training')}, {steps} optimizer steps "
+            f"in all; {cost.estimate()}")
+
+
+def mark(run_dir: store.RunDir, status: str, error: str) -> None:
+    """Write how the run ended, if the disk still lets us: the error line matters more."""
+    with contextlib.suppress(OSError):  # else run.json stays 'running', and compare says why
+        run_dir.finish(status, error)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _where(e: BaseException) -> str:
+    """The file and line an exception was raised at."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return f"{frames[-1].filename}, line {frames[-1].lineno}" if frames else "unknown place"
+
+
+def end_run(message: str, code: int, status: str, json_out: bool,
+            run_dir: store.RunDir | None = None) -> typer.Exit:
+    """A run that did not complete: its one line, and with --json its one document."""
+    Stop.reported = True
+    if json_out:
+        typer.echo(store.dumps({"status": status, "error": " ".join(message.split()),
+                                "run_dir": str(run_dir.path) if run_dir else None}))
+    return fail(message, code)
+
+
+def stopped(signum: int, json_out: bool, run_dir: store.RunDir | None) -> typer.Exit:
+    """SIGINT or SIGTERM: mark the run interrupted (finished trials stay) and say so."""
+    Stop.finishing = True  # a second Ctrl-C must not cut the writing of run.json short
+    word = STOPPED.get(signum, f"stopped by signal {signum}")
+    if run_dir is None:
+        message = f"{word} before the run started; nothing was written"
+    elif run_dir.meta["status"] == "complete":
+        message = f"{word} after the run completed; its results are in {run_dir.path}"
+    else:
+        total = len(run_dir.meta["trials"])
+        done = len(run_dir.finished_trials)
+        mark(run_dir, "interrupted", f"{signal.Signals(signum).name}: {done} of {total} "
+                                     f"trials finished before it arrived")
+        message = (f"{word}; {done} of {total} trials finished and are kept in "
+                   f"{run_dir.path} (run.json says interrupted)")
+    return end_run(message, 128 + signum, "interrupted", json_out, run_dir)
 
 
 def json_document(run_dir: store.RunDir, trials: list[spec.Trial], summaries: list[dict],
@@ -288,7 +476,8 @@ def compare_(
     else:
         render_comparison(result)
     for line in result.failures:
-        err.print(f"[bold red]expectation failed:[/] {line}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]expectation failed:[/] {escape(line)}", highlight=False,
+                  soft_wrap=True)
     if check and result.failures:
         raise typer.Exit(1)
 
@@ -308,7 +497,7 @@ def render_comparison(result: compare.Comparison) -> None:
     out = err if err.is_terminal else Console(stderr=True, width=max(err.width, natural))
     out.print(table)
     for note in result.notes:
-        err.print(note, highlight=False, soft_wrap=True)
+        err.print(note, markup=False, highlight=False, soft_wrap=True)
 
 
 # colour says whether the spec's expectation held, not which verdict it is
@@ -374,3 +563,7 @@ def report(
         raise fail(str(e)) from None
     for path in paths:
         typer.echo(str(path))
+
+
+if __name__ == "__main__":  # python -m gradlab.cli: what the `gradlab` script runs
+    main()

@@ -219,10 +219,19 @@ def failures(rows: pd.DataFrame, settings: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- seeds
 
+def seed_group_keys(identity: list[str]) -> list[str]:
+    """What rows must share to be the same arm at the same sweep point, seed aside."""
+    return ["sweep_point", *(c for c in identity if c not in ("run", "trial", "seed"))]
+
+
 def group_over_seeds(rows: pd.DataFrame, identity: list[str],
                      metrics: list[str]) -> pd.DataFrame | None:
-    """Rows that differ only by seed, as one row of mean and std; None if none do."""
-    keys = ["sweep_point", *(c for c in identity if c not in ("run", "trial", "seed"))]
+    """Rows that differ only by seed, as one row of mean and std; None if none do.
+
+    A seed that several runs repeat counts once: its rows are averaged first, so n is the
+    number of distinct seeds and the std is the spread between seeds, not between copies.
+    """
+    keys = seed_group_keys(identity)
     groups = rows.fillna({c: "" for c in keys}).groupby(keys, sort=False, dropna=False)
     if groups.ngroups == len(rows):
         return None
@@ -230,21 +239,36 @@ def group_over_seeds(rows: pd.DataFrame, identity: list[str],
     for _, group in groups:
         first = group.iloc[0]
         row = {k: first[k] for k in keys}
-        row["seeds"] = ",".join(str(s) for s in sorted(dict.fromkeys(group["seed"])))
-        row["n"] = len(group)
+        per_seed = group.groupby("seed", sort=True)
+        row["seeds"] = ",".join(str(s) for s in per_seed.groups)
+        row["n"] = per_seed.ngroups
         for m in metrics:
-            values = pd.to_numeric(group[m], errors="coerce")
+            values = pd.to_numeric(group[m], errors="coerce").groupby(group["seed"]).mean()
             row[f"{m}_mean"] = values.mean()
-            row[f"{m}_std"] = values.std() if len(group) > 1 else math.nan
+            row[f"{m}_std"] = values.std() if len(values) > 1 else math.nan
         for column in ("rel_tolerance", "expect", "baseline"):  # the same for every seed
             row[column] = first[column]
-        verdicts = group["verdict"].value_counts()
+        verdicts = group.drop_duplicates(["seed", "verdict"])["verdict"].value_counts()
         row["verdict"] = verdicts.index[0] if len(verdicts) == 1 else "mixed (" + ", ".join(
             f"{n} {v}" for v, n in verdicts.items()) + ")"
         checks = set(group["check"])
         row["check"] = "FAIL" if "FAIL" in checks else first["check"]
         out.append(row)
     return pd.DataFrame(out)
+
+
+def repeated_seeds(rows: pd.DataFrame, identity: list[str]) -> str | None:
+    """A note naming the seeds that more than one run holds for the same arm and point."""
+    keys = [*seed_group_keys(identity), "seed"]
+    runs = rows.fillna({c: "" for c in keys}).groupby(keys, sort=False, dropna=False)["run"]
+    repeats = [(name[-1], sorted(set(r))) for name, r in runs if r.nunique() > 1]
+    if not repeats:
+        return None
+    seeds = sorted({seed for seed, _ in repeats})
+    names = sorted({run for _, in_runs in repeats for run in in_runs})
+    return (f"{'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))} "
+            f"repeat{'s' if len(seeds) == 1 else ''} across runs {', '.join(names)}: each seed "
+            f"is counted once in n and in mean ± std (its repeats averaged)")
 
 
 # ----------------------------------------------------------------------------- the comparison
@@ -339,7 +363,8 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
     if at_step is not None:
         title += f", at step {at_step}"
     return Comparison(title, columns, table.reset_index(drop=True), grouped is not None,
-                      notes(rows, tol, recorded, reference, at_step, grouped is not None),
+                      notes(rows, tol, recorded, reference, at_step, grouped is not None)
+                      + [note for note in [repeated_seeds(rows, identity)] if note],
                       failures(rows, settings), rows)
 
 
@@ -400,5 +425,5 @@ def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
         out.append(f"at step {at_step}: losses and accuracies at that step, gradient errors the "
                    f"worst over the probes up to it.")
     if grouped:
-        out.append("mean ± std (sample std) over rows that differ only by seed; n rows each.")
+        out.append("mean ± std (sample std) over rows that differ only by seed; n seeds each.")
     return out

@@ -39,7 +39,7 @@ from gradlab.setup import (
     take,
 )
 from gradlab.spec import Arm, BnMode, Dtype, Settings, Trial, ZeroGrad
-from gradlab.store import RunDir
+from gradlab.store import RunDir, whole_write
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -164,12 +164,11 @@ class Plan:
     memory_bytes: int  # the largest trial's
     available_bytes: int | None  # what the machine has free (None: unknown)
 
-    def describe(self) -> str:
+    def estimate(self) -> str:
         memory = f"{self.memory_bytes / 2**30:.1f} GiB" if self.memory_bytes >= 2**30 \
             else f"{self.memory_bytes / 2**20:.0f} MiB"
-        return (f"{self.trials} trial{'s' * (self.trials != 1)}, {self.arms} arms; about "
-                f"{format_seconds(self.seconds)} and {memory} (estimated from one timed step "
-                f"of each model)")
+        return (f"about {format_seconds(self.seconds)} and {memory} (estimated from one timed "
+                f"step of each model)")
 
 
 def format_seconds(seconds: float) -> str:
@@ -486,8 +485,9 @@ class Probe(Observer):
         for arm in due:
             model = self.probe_model(arm)
             self.start_at_baseline(model, base)
+            window = cast(self.window, DTYPES[arm.s.dtype], arm.setup.device)
             with torch.random.fork_rng(devices=[]):  # the probe draws from no arm's stream
-                engine.window_gradient(model, self.window, arm.s, arm.setup)
+                engine.window_gradient(model, window, arm.s, arm.setup)
             ids = {**arm.ids, "step": base.step}
             arm.rows["probe"] += [
                 {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"]}
@@ -708,7 +708,8 @@ def run_trials(trials: list[Trial], run_dir: RunDir,
     results = []
     for trial in trials:
         rows = run_trial(trial, cache, advance)
-        for table in schema.TABLES:
-            run_dir.append(table, rows[table])
+        with whole_write():  # a stop signal waits until the trial is on disk whole
+            for table in schema.TABLES:
+                run_dir.append(table, rows[table])
         results.append(rows)
     return results

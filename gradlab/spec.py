@@ -4,14 +4,19 @@ A spec is a TOML file: base ``[settings]``, named ``[arms.NAME]`` tables that
 override them (one marked ``baseline = true``) and ``[sweep]`` axes. Expanding a
 spec gives trials; each trial holds every arm, fully resolved into frozen
 ``Settings``. Precedence, lowest first: defaults < [settings] < sweep value <
-arm override. ``--set key=v`` replaces the setting in [settings] and drops a
-sweep axis of that key; ``--set key=a,b`` makes it a sweep axis.
+arm override < ``--set ARM.key=v``. ``--set key=v`` replaces the setting in
+[settings] and drops every sweep axis that sets the key; ``--set key=a,b`` makes
+it a sweep axis. Every value is checked where it is read, so an error names the
+place it came from: the file and its [section], or the --set.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
@@ -183,6 +188,7 @@ class ArmSpec:
     baseline: bool = False
     expect: str | None = None
     help: str = ""
+    origins: dict[str, str] = field(default_factory=dict)  # key -> "--set ARM.key" when set so
 
 
 @dataclass
@@ -194,10 +200,22 @@ class Spec:
     arms: dict[str, ArmSpec]
     sweep: dict[str, list[Any]]
     text: str = ""  # the TOML as read, kept in run.json
+    # ("settings" | "sweep", key) -> "--set KEY" for what the command line replaced
+    origins: dict[tuple[str, str], str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what --set dropped or left alone
+
+    def origin(self, section: str, key: str) -> str:
+        """Where a [settings] value or a sweep axis came from, as an error message names it."""
+        where = f"{self.source} [sweep] {key}" if section == "sweep" else \
+            f"{self.source} [settings]"
+        return self.origins.get((section, key), where)
 
 
 ARM_META_KEYS = ("baseline", "expect", "help")
 TOP_KEYS = ("name", "description", "settings", "arms", "sweep")
+# a spec needs arms to compare; this is what the error shows as a start
+ARMS_EXAMPLE = ("[arms.big-batch] with baseline = true and accum_steps = 1, and "
+                "[arms.accumulated] with accum_steps = 4")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -217,6 +235,9 @@ def local_dir() -> Path:
 
 def find_spec(name_or_path: str) -> Path:
     path = Path(name_or_path)
+    if path.is_dir():
+        raise GradlabError(f"'{name_or_path}' is a folder, not a spec file; give a .toml file "
+                           f"or a built-in name ({_builtin_names()})")
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise GradlabError(f"spec file '{name_or_path}' does not exist; "
@@ -238,7 +259,12 @@ def _builtin_names() -> str:
 
 def load_spec(name_or_path: str) -> Spec:
     path = find_spec(name_or_path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise GradlabError(f"{path}: cannot read the spec ({reason}); give a readable "
+                           f"UTF-8 .toml file") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -248,21 +274,21 @@ def load_spec(name_or_path: str) -> Spec:
 
 def parse_spec(data: dict, source: str, default_name: str = "spec", text: str = "") -> Spec:
     _reject_unknown(data, TOP_KEYS, source, "top level")
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or name.strip(" .") == "" or re.search(r"[/\\\x00-\x1f]", name):
+        raise GradlabError(f"{source}: name = {name!r}; it names the run directory, so give "
+                           f"a short text without '/' (e.g. name = \"{default_name}\")")
     settings = data.get("settings", {})
     _expect_table(settings, source, "[settings]")
     for key, value in settings.items():
         settings[key] = coerce(key, value, f"{source} [settings]")
 
-    arms: dict[str, ArmSpec] = {}
-    arm_tables = data.get("arms") or {"baseline": {"baseline": True}}
+    arm_tables = data.get("arms", {})
     _expect_table(arm_tables, source, "[arms]")
-    for arm_name, table in arm_tables.items():
-        _expect_table(table, source, f"[arms.{arm_name}]")
-        where = f"{source} [arms.{arm_name}]"
-        overrides = {k: coerce(k, v, where) for k, v in table.items() if k not in ARM_META_KEYS}
-        arms[arm_name] = ArmSpec(overrides, bool(table.get("baseline", False)),
-                                 _expectation(table.get("expect"), where),
-                                 str(table.get("help", "")))
+    if not arm_tables:
+        raise GradlabError(f"{source}: no arms; a spec compares arms against a baseline, "
+                           f"so add them, e.g. {ARMS_EXAMPLE}")
+    arms = {arm: _parse_arm(arm, table, source) for arm, table in arm_tables.items()}
     baselines = [n for n, a in arms.items() if a.baseline]
     if len(baselines) != 1:
         raise GradlabError(f"{source}: exactly one arm needs 'baseline = true' "
@@ -280,10 +306,28 @@ def parse_spec(data: dict, source: str, default_name: str = "spec", text: str = 
                             for k, x in v.items()} for v in values]
         else:
             sweep[axis] = [coerce(axis, v, where) for v in values]
+    # one arm compares nothing, unless the spec compares its trials (norm-training does)
+    if len(arms) == 1 and not sweep:
+        raise GradlabError(f"{source}: one arm ({baselines[0]}) and no [sweep], so there is "
+                           f"nothing to compare; add an arm to compare with the baseline "
+                           f"(e.g. [arms.accumulated] with accum_steps = 4), or a [sweep] "
+                           f"whose trials are compared")
 
-    return Spec(name=str(data.get("name", default_name)), source=source,
-                description=str(data.get("description", "")), settings=settings,
-                arms=arms, sweep=sweep, text=text)
+    return Spec(name=name, source=source, description=str(data.get("description", "")),
+                settings=settings, arms=arms, sweep=sweep, text=text)
+
+
+def _parse_arm(name: str, table: Any, source: str) -> ArmSpec:
+    where = f"{source} [arms.{name}]"
+    if not isinstance(table, dict):
+        raise GradlabError(f"{where} must be a table of settings (found {table!r}); write "
+                           f"[arms.{name}] on a line of its own, then its settings")
+    baseline = table.get("baseline", False)
+    if not isinstance(baseline, bool):
+        raise GradlabError(f"{where}: baseline = {baseline!r} must be true or false")
+    overrides = {k: coerce(k, v, where) for k, v in table.items() if k not in ARM_META_KEYS}
+    return ArmSpec(overrides, baseline, _expectation(table.get("expect"), where),
+                   str(table.get("help", "")))
 
 
 def _expectation(value: Any, where: str) -> str | None:
@@ -301,13 +345,36 @@ def _reject_unknown(data: dict, allowed, source: str, where: str) -> None:
 
 def _expect_table(value, source: str, where: str) -> None:
     if not isinstance(value, dict):
-        raise GradlabError(f"{source}: {where} must be a table")
+        raise GradlabError(f"{source}: {where} must be a table (found {value!r})")
 
 
 # ----------------------------------------------------------------------------- values
 
+# the range of each numeric setting, and what to tell a user whose value is outside it
+RANGES = {
+    "batch_size": (1, None, "it must be at least 1"),
+    "accum_steps": (1, None, "N must be at least 1 (1 = no accumulation)"),
+    "steps": (1, None, "train for at least 1 step"),
+    "hidden": (1, None, "it must be at least 1"),
+    "depth": (1, None, "it must be at least 1"),
+    "channels": (1, None, "it must be at least 1"),
+    "groups": (1, None, "it must be at least 1"),
+    "trace_elements": (1, None, "record at least 1 element of each parameter"),
+    "min_len": (2, None, "a sequence needs at least 2 tokens (one to read, one to predict)"),
+    "max_len": (2, None, "a sequence needs at least 2 tokens (one to read, one to predict)"),
+    "probe_every": (0, None, "use 0 or a positive number of steps"),
+    "eval_every": (0, None, "use 0 or a positive number of steps"),
+    "lr": (0, None, "the learning rate cannot be negative"),
+    "momentum": (0, None, "momentum cannot be negative"),
+    "weight_decay": (0, None, "weight decay cannot be negative"),
+    "seed": (0, 2**63 - 1, "use a seed from 0 to 2^63 - 1"),
+}
+# a user's own factory: 'pkg.module:callable'
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
 def coerce(key: str, value: Any, where: str) -> Any:
-    """Check one setting against its declared type and choices; parse it if it is a string."""
+    """Check one setting against its type, choices and range; parse it if it is a string."""
     if key not in Settings.names():
         raise GradlabError(f"{where}: unknown setting '{key}'; allowed: "
                            f"{', '.join(Settings.names())} (see 'gradlab list')")
@@ -327,6 +394,17 @@ def coerce(key: str, value: Any, where: str) -> Any:
     if type(value) is not kind:
         raise GradlabError(f"{where}: {key} = {value!r} must be {kind.__name__} "
                            f"(e.g. {key} = {f.default!r})")
+    if kind is float and not math.isfinite(value):
+        raise GradlabError(f"{where}: {key} = {value!r} is not a finite number; "
+                           f"give a number such as {key} = {f.default!r}")
+    if key in RANGES:
+        low, high, why = RANGES[key]
+        if value < low or (high is not None and value > high):
+            raise GradlabError(f"{where}: {key}={value}; {why}")
+    if key in ("setup", "model", "dataset") and ":" in value \
+            and not IMPORT_PATH.fullmatch(value):
+        raise GradlabError(f"{where}: {key} = {value!r} is not an import path; give your own "
+                           f"as 'pkg.module:factory' or a built-in name (see 'gradlab list')")
     return value
 
 
@@ -345,24 +423,77 @@ def _parse(text: str, kind: type, key: str, where: str) -> Any:
 
 
 def apply_overrides(spec: Spec, assignments: list[str]) -> Spec:
-    """Apply ``--set key=value`` (one value: a setting; a comma list: a sweep axis)."""
+    """Apply ``--set`` assignments in order; what they leave alone goes to ``spec.notes``.
+
+    ``key=value`` replaces the [settings] value and drops every sweep axis that sets the
+    key; ``key=a,b,c`` makes the key a sweep axis. Either reaches every arm that does not
+    set the key itself; one that reaches no arm is refused. ``ARM.key=value`` sets the key
+    in that arm, over the arm's own value.
+    """
     for item in assignments:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise GradlabError(f"--set {item!r}: write --set key=value (or key=v1,v2 to sweep)")
-        values = [coerce(key, v, f"--set {key}") for v in raw.split(",")]
-        if len(values) == 1:
-            spec.settings[key] = values[0]
-            spec.sweep.pop(key, None)
+        target, sep, raw = item.partition("=")
+        target = target.strip()
+        arm, dot, key = target.rpartition(".")
+        if not sep or not key or (dot and not arm):
+            raise GradlabError(f"--set {item!r}: write --set key=value (or key=v1,v2 to sweep, "
+                               f"or ARM.key=value for one arm)")
+        if dot:
+            _set_in_arm(spec, arm, key, raw)
         else:
-            spec.sweep[key] = values
-        # a --set beats the same key inside a zipped sweep axis
-        for axis, axis_values in spec.sweep.items():
-            if axis != key and axis_values and isinstance(axis_values[0], dict):
-                for v in axis_values:
-                    v.pop(key, None)
+            _set_for_all(spec, key, raw)
     return spec
+
+
+def _set_in_arm(spec: Spec, arm: str, key: str, raw: str) -> None:
+    where = f"--set {arm}.{key}"
+    if arm not in spec.arms:
+        raise GradlabError(f"{where}: no arm '{arm}' in {spec.source}; its arms are "
+                           f"{', '.join(spec.arms)}")
+    if "," in raw:
+        raise GradlabError(f"{where}={raw}: an arm takes one value; to sweep a value, use "
+                           f"--set {key}={raw}")
+    spec.arms[arm].overrides[key] = coerce(key, raw, where)
+    spec.arms[arm].origins[key] = where
+
+
+def _set_for_all(spec: Spec, key: str, raw: str) -> None:
+    where = f"--set {key}"
+    values = [coerce(key, v, where) for v in raw.split(",")]
+    own = {name: arm.overrides[key] for name, arm in spec.arms.items() if key in arm.overrides}
+    if len(own) == len(spec.arms):
+        example = next((n for n, a in spec.arms.items() if not a.baseline), next(iter(own)))
+        values_of = ", ".join(f"{name}: {value!r}" for name, value in own.items())
+        raise GradlabError(f"--set {key}={raw} would change nothing: every arm of {spec.name} "
+                           f"sets {key} itself ({values_of}); to change one arm, use --set "
+                           f"ARM.{key}=VALUE, e.g. --set {example}.{key}={raw}")
+    for axis, axis_values in list(spec.sweep.items()):
+        if axis != key and _is_zipped(axis_values) and any(key in v for v in axis_values):
+            del spec.sweep[axis]  # its other keys went with this one: keeping them half-made
+            others = sorted({k for v in axis_values for k in v} - {key})
+            also = f", whose values also set {', '.join(others)}" if others else ""
+            spec.notes.append(f"note: --set {key} replaces the sweep axis '{axis}'{also}; "
+                              f"those now come from [settings] or another --set")
+    if len(values) == 1:
+        spec.settings[key] = values[0]
+        spec.sweep.pop(key, None)
+        spec.origins["settings", key] = where
+    else:
+        spec.sweep[key] = values
+        spec.origins["sweep", key] = where
+    if own:
+        taking = [name for name in spec.arms if name not in own]
+        kept = "; ".join(f"arm {name} keeps its own {key} = {value!r}"
+                         for name, value in own.items())
+        spec.notes.append(f"note: --set {key}={raw} applies to {_arms(taking)}; {kept} "
+                          f"(--set ARM.{key}=VALUE sets it for one arm)")
+
+
+def _is_zipped(axis_values: list) -> bool:
+    return bool(axis_values) and isinstance(axis_values[0], dict)
+
+
+def _arms(names: list[str]) -> str:
+    return f"arm {names[0]}" if len(names) == 1 else f"arms {', '.join(names)}"
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -374,8 +505,11 @@ def expand(spec: Spec) -> list[Trial]:
     seen: set = set()
     for combo in itertools.product(*(values for _, values in axes)):
         swept: dict[str, Any] = {}
+        axis_of: dict[str, str] = {}  # swept key -> the axis that set it, for messages
         for (axis, _), value in zip(axes, combo, strict=True):
-            swept.update(value if isinstance(value, dict) else {axis: value})
+            point = value if isinstance(value, dict) else {axis: value}
+            swept.update(point)
+            axis_of.update(dict.fromkeys(point, axis))
         trial_expect = swept.pop("expect", None)  # from a zipped sweep value
         key = tuple(sorted(swept.items()))
         if key in seen:  # a --set made two sweep values identical
@@ -383,9 +517,9 @@ def expand(spec: Spec) -> list[Trial]:
         seen.add(key)
         arms = []
         for arm_name, arm in spec.arms.items():
-            merged = {**spec.settings, **swept, **arm.overrides}
-            settings = Settings(**merged)
-            validate(settings, f"{spec.source} arm '{arm_name}'")
+            settings = Settings(**{**spec.settings, **swept, **arm.overrides})
+            validate(settings, f"arm '{arm_name}'",
+                     functools.partial(_origin, spec, arm_name, arm, axis_of))
             expect = arm.expect or (None if arm.baseline else trial_expect)
             arms.append(Arm(arm_name, settings, arm.baseline, expect, arm.help))
         trials.append(Trial(len(trials), swept, tuple(arms)))
@@ -396,28 +530,30 @@ def expand(spec: Spec) -> list[Trial]:
             for t in trials]
 
 
-def validate(s: Settings, where: str) -> None:
-    """Checks that need more than one setting, or a range. Raises GradlabError."""
-    def fail(msg: str):
-        raise GradlabError(f"{where}: {msg}")
+def _origin(spec: Spec, arm_name: str, arm: ArmSpec, axis_of: dict[str, str], key: str) -> str:
+    """Where an arm's value of ``key`` came from, highest precedence first."""
+    if key in arm.overrides:
+        return arm.origins.get(key, f"{spec.source} [arms.{arm_name}]")
+    if key in axis_of:
+        return spec.origin("sweep", axis_of[key])
+    if key in spec.settings:
+        return spec.origin("settings", key)
+    return "the default"
 
-    if s.batch_size < 1:
-        fail(f"batch_size={s.batch_size}; it must be at least 1")
-    if s.accum_steps < 1:
-        fail(f"accum_steps={s.accum_steps}; N must be at least 1 (1 = no accumulation)")
+
+def validate(s: Settings, where: str, origin=lambda key: "") -> None:
+    """Checks that need more than one setting (each value alone was checked by coerce).
+
+    ``origin(key)`` says where the arm's value of a key came from, for the message.
+    """
+    def shown(key: str) -> str:
+        came_from = origin(key)
+        return f"{key}={getattr(s, key)}" + (f" ({came_from})" if came_from else "")
+
     if s.accum_steps > s.batch_size:
-        fail(f"accum_steps={s.accum_steps} is larger than batch_size={s.batch_size}, so a "
-             f"micro-batch would be empty; use accum_steps <= batch_size")
-    if s.steps < 1:
-        fail(f"steps={s.steps}; train for at least 1 step")
-    if s.lr < 0:
-        fail(f"lr={s.lr}; the learning rate cannot be negative")
-    if not 2 <= s.min_len <= s.max_len:
-        fail(f"min_len={s.min_len}, max_len={s.max_len}; a sequence needs at least 2 tokens "
-             f"(one to read, one to predict) and min_len <= max_len")
-    for name in ("hidden", "depth", "channels", "groups", "trace_elements"):
-        if getattr(s, name) < 1:
-            fail(f"{name}={getattr(s, name)}; it must be at least 1")
-    for name in ("probe_every", "eval_every", ):
-        if getattr(s, name) < 0:
-            fail(f"{name}={getattr(s, name)}; use 0 or a positive number of steps")
+        raise GradlabError(f"{where}: {shown('accum_steps')} is larger than "
+                           f"{shown('batch_size')}, so a micro-batch would be empty; use "
+                           f"accum_steps <= batch_size")
+    if s.min_len > s.max_len:
+        raise GradlabError(f"{where}: {shown('min_len')} is larger than {shown('max_len')}; "
+                           f"use min_len <= max_len")

@@ -18,13 +18,18 @@ copied from other machines.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
 import math
+import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,29 +65,76 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+class _Writes:
+    """Stop signals wait for a write to end, so a stopped run never ends in half a line.
+
+    A signal handler calls ``raise_after_write(exc)``: outside a write it raises at
+    once; inside one, when the write is done.
+    """
+    depth = 0
+    pending: BaseException | None = None
+
+
+@contextlib.contextmanager
+def whole_write() -> Iterator[None]:
+    _Writes.depth += 1
+    try:
+        yield
+    finally:
+        _Writes.depth -= 1
+        if _Writes.depth == 0 and _Writes.pending is not None:  # the stop beats all else
+            pending, _Writes.pending = _Writes.pending, None
+            raise pending
+
+
+def raise_after_write(exc: BaseException) -> None:
+    if _Writes.depth:
+        _Writes.pending = _Writes.pending or exc
+    else:
+        raise exc
+
+
 class RunDir:
     """A run directory being written. Create it only after the input has been validated."""
 
     def __init__(self, parent: Path, name: str, meta: dict[str, Any]):
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        parent.mkdir(parents=True, exist_ok=True)
-        path = parent / f"{name}-{stamp}"
-        suffix = 1
-        while path.exists():  # two runs in the same second
-            suffix += 1
-            path = parent / f"{name}-{stamp}-{suffix}"
-        path.mkdir()
-        self.path = path
-        self.swept_settings = {k for t in meta.get("trials", []) for k in t.get("swept", {})}
-        self.meta = {"experiment": name, "status": "running", "started": now(), "ended": None,
-                     **meta, "versions": versions(), "git_commit": git_commit(),
-                     "command": sys.argv}
-        self._write_meta()
+        parent = Path(parent)
+        created = _missing_folders(parent)  # to remove again if the run cannot start
+        path = None
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            path = parent / f"{name}-{stamp}"
+            suffix = 1
+            while path.exists():  # two runs in the same second
+                suffix += 1
+                path = parent / f"{name}-{stamp}-{suffix}"
+            path.mkdir()
+            self.path = path
+            self.swept_settings = {k for t in meta.get("trials", []) for k in t.get("swept", {})}
+            self.meta = {"experiment": name, "status": "running", "started": now(),
+                         "ended": None, **meta, "versions": versions(),
+                         "git_commit": git_commit(), "command": sys.argv,
+                         "pid": os.getpid(), "host": socket.gethostname()}
+            self.finished_trials: set[int] = set()  # trials whose summary rows are written
+            self._write_meta()
+        except BaseException as err:  # a full disk, or a Ctrl-C: leave nothing behind
+            if path is not None and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            if isinstance(err, OSError):
+                raise GradlabError(f"--out {parent}: cannot create the run directory there "
+                                   f"({_why(err, parent)}); give --out a folder you can "
+                                   f"write to") from None
+            raise
 
     def _write_meta(self) -> None:
         tmp = self.path / "run.json.tmp"
-        tmp.write_text(json.dumps(_jsonable(self.meta), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.path / "run.json")  # never leave a half-written run.json
+        with whole_write():
+            tmp.write_text(json.dumps(_jsonable(self.meta), indent=2) + "\n", encoding="utf-8")
+            tmp.replace(self.path / "run.json")  # never leave a half-written run.json
 
     def append(self, table: str, rows: list[dict[str, Any]]) -> None:
         if not rows:
@@ -93,13 +145,34 @@ class RunDir:
             raise AssertionError(f"{table}.csv: columns {sorted(undeclared)} are not declared "
                                  f"in gradlab/schema.py")
         path = self.path / f"{table}.csv"
-        pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
+        with whole_write():
+            pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
+            if table == "summary":
+                self.finished_trials.update(row["trial"] for row in rows)
 
     def finish(self, status: str, error: str | None = None) -> None:
         self.meta.update(status=status, ended=now())
         if error:
             self.meta["error"] = error
         self._write_meta()
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+def _why(err: OSError, parent: Path) -> str:
+    """What stopped a folder from being created, in words."""
+    for folder in (parent, *parent.parents):
+        if folder.is_file():
+            return f"'{folder}' is a file, not a folder"
+    named = f": '{err.filename}'" if err.filename else ""
+    return f"{err.strerror or err}{named}"
 
 
 def _jsonable(value: Any) -> Any:
@@ -157,15 +230,15 @@ def load_run(path: Path) -> Run:
                            f"(the path 'gradlab run' printed) or a folder of runs")
     meta = _read_meta(path)
     status = meta["status"]
+    rerun = f"rerun the experiment ({' '.join(meta.get('command') or ['gradlab run'])})"
     if status == "running":
-        raise GradlabError(f"run '{path}' is still running (started {meta.get('started')}); "
-                           f"wait for it to finish, or rerun it if its process died")
+        raise GradlabError(_running(path, meta, rerun))
     if status in ("failed", "interrupted"):
         reason = str(meta.get("error") or "").strip().splitlines()
         why = f": {reason[-1]}" if reason else ""
         happened = "was interrupted" if status == "interrupted" else "failed"
-        raise GradlabError(f"run '{path}' {happened}{why}; its results are incomplete, so rerun "
-                           f"the experiment ({' '.join(meta.get('command') or ['gradlab run'])})")
+        raise GradlabError(f"run '{path}' {happened}{why}; its results are incomplete, so "
+                           f"{rerun}")
     run = Run(path, meta)
     for name in schema.REQUIRED:  # the tables compare and plots read, checked up front
         run.table(name)
@@ -175,6 +248,32 @@ def load_run(path: Path) -> Run:
                                f"complete; the folder is damaged, so rerun the experiment")
     _check_complete(run)
     return run
+
+
+def _running(path: Path, meta: dict[str, Any], rerun: str) -> str:
+    """Why a run marked running cannot be read: still running, or its process died."""
+    pid, host = meta.get("pid"), meta.get("host")
+    here = socket.gethostname()
+    if isinstance(pid, int) and host == here and not _alive(pid):
+        return (f"run '{path}' is marked running, but its process (pid {pid}) is gone; the run "
+                f"was cut off, so {rerun}")
+    where = f" on host {host}" if host and host != here else ""
+    process = f" as pid {pid}" if pid else ""
+    return (f"run '{path}' is still running{where}{process} (started {meta.get('started')}); "
+            f"wait for it to finish, or {rerun} if its process died")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this machine has that id (signal 0 checks without sending)."""
+    if pid <= 0 or os.name != "posix":  # elsewhere os.kill would end the process: assume alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but belongs to someone else
+        return True
+    return True
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -327,3 +327,26 @@ def test_compare_agrees_with_the_runner_on_the_full_equivalence_run(equivalence_
     assert all(r["check"] in ("ok", "") for r in doc["rows"])
     assert {"model", "norm", "dtype", "accum_steps"} <= set(doc["columns"])
     assert "dataset" not in doc["columns"]  # the model already says which dataset
+
+
+def test_a_seed_repeated_across_runs_is_counted_once(seeds, tmp_path):
+    zero, one = sorted(seeds.iterdir())
+    for folder, runs in (("repeats", [zero]), ("mixed", [zero, one])):
+        for run in runs:
+            shutil.copytree(run, tmp_path / folder / run.name)
+        shutil.copytree(zero, tmp_path / folder / f"{zero.name}-again")
+    repeats = as_json(tmp_path / "repeats")
+    assert {(r["seeds"], r["n"]) for r in repeats["rows"]} == {("0", 1)}
+    assert all(r["final_loss_std"] is None for r in repeats["rows"])
+    [note] = [n for n in repeats["notes"] if "repeat" in n]
+    assert "seed 0" in note and f"{zero.name}-again" in note and "counted once" in note
+
+    mixed = as_json(tmp_path / "mixed")
+    assert {(r["seeds"], r["n"]) for r in mixed["rows"]} == {("0,1", 2)}
+    losses = pd.concat(pd.read_csv(d / "summary.csv") for d in (zero, one))
+    losses = losses[(losses["arm"] == "no-loss-scaling") & (losses["accum_steps"] == 4)]
+    got = row(mixed, "no-loss-scaling", 4)
+    assert got["final_loss_mean"] == pytest.approx(losses["final_loss"].mean(), rel=1e-12)
+    assert got["final_loss_std"] == pytest.approx(losses["final_loss"].std(), rel=1e-12)
+    assert any("repeat" in n for n in mixed["notes"])
+    assert not any("repeat" in n for n in as_json(seeds)["notes"])  # no repeats, no note

@@ -79,5 +79,51 @@ def test_set_beats_a_key_of_a_zipped_axis_and_duplicates_collapse():
 ])
 def test_bad_sweeps_name_the_file_and_the_fix(text, message):
     with pytest.raises(GradlabError, match="test.toml") as err:
-        load(text)
+        load("[arms.big]\nbaseline = true\n[arms.small]\naccum_steps = 2\n" + text)
     assert message in str(err.value)
+    assert "[sweep]" in str(err.value)
+
+
+def test_a_set_for_one_arm_beats_its_own_value_and_notes_say_what_was_kept():
+    loaded = spec.apply_overrides(load(), ["small.lr=0.3", "lr=0.01"])
+    trials = spec.expand(loaded)
+    assert {arms_of(t)["small"].settings.lr for t in trials} == {0.3}
+    assert {arms_of(t)["big"].settings.lr for t in trials} == {0.01}
+    assert loaded.notes == ["note: --set lr=0.01 applies to arms big, promised; arm small keeps "
+                            "its own lr = 0.3 (--set ARM.lr=VALUE sets it for one arm)"]
+
+
+def test_a_set_that_no_arm_would_see_is_refused():
+    text = TEXT.replace("[arms.small]\nlr = 0.2", "[arms.small]\nlr = 0.2\nseed = 1") \
+        .replace("[arms.promised]", "[arms.promised]\nseed = 2").replace(
+        "accum_steps = 1\n", "accum_steps = 1\nseed = 3\n", 1)
+    with pytest.raises(GradlabError, match="every arm of spec sets seed itself") as err:
+        spec.apply_overrides(load(text), ["seed=4"])
+    assert "big: 3, small: 1, promised: 2" in str(err.value)
+    assert "--set small.seed=4" in str(err.value)
+
+
+def test_setting_a_key_of_a_zipped_axis_drops_the_axis_with_a_note():
+    loaded = spec.apply_overrides(load(), ["norm=ln"])
+    assert "case" not in loaded.sweep
+    assert loaded.notes == ["note: --set norm replaces the sweep axis 'case', whose values also "
+                            "set expect; those now come from [settings] or another --set"]
+    trials = spec.expand(loaded)
+    assert {a.expect for t in trials for a in t.arms} == {None, "equivalent"}  # promises gone
+
+
+def test_values_out_of_range_name_their_place():
+    def message(text: str, sets=()) -> str:
+        with pytest.raises(GradlabError) as err:
+            spec.expand(spec.apply_overrides(load(text), list(sets)))
+        return str(err.value)
+
+    assert message(TEXT, ["lr=-1"]).startswith("--set lr: lr=-1.0; the learning rate cannot")
+    assert message(TEXT, ["small.momentum=nan"]).startswith(
+        "--set small.momentum: momentum = nan is not a finite number")
+    assert message(TEXT.replace("lr = 0.2", "lr = -0.2")).startswith(
+        "test.toml [arms.small]: lr=-0.2;")
+    assert message(TEXT.replace("[2, 4]", "[2, 64]")) == (
+        "arm 'small': accum_steps=64 (test.toml [sweep] accum_steps) is larger than "
+        "batch_size=32 (test.toml [settings]), so a micro-batch would be empty; use "
+        "accum_steps <= batch_size")

@@ -18,3 +18,22 @@ def broken_net(settings):  # wrong signature: a model factory takes (settings, d
 
 
 NOT_CALLABLE = 3
+
+
+def slow_data(settings):
+    """Touches $GRADLAB_TEST_MARKER, then takes a minute: a preflight to interrupt."""
+    import os
+    import time
+    from pathlib import Path
+
+    Path(os.environ["GRADLAB_TEST_MARKER"]).touch()
+    time.sleep(60)
+    return noisy_line(settings)
+
+
+def swallowing_data(settings):
+    """Like some libraries, turns Ctrl-C into an ordinary exception."""
+    try:
+        return slow_data(settings)
+    except KeyboardInterrupt:
+        raise RuntimeError("interrupted system call") from None
