@@ -153,8 +153,8 @@ def explain(rows: Iterable[Mapping], rtol: float | None = None,
         if not row.get("baseline"):
             by_dtype.setdefault(str(row["dtype"]), []).append(row)
     def span(values: list[float]) -> str:
-        low, high = min(values), max(values)
-        return fmt(low) if low == high else f"{fmt(low)}…{fmt(high)}"
+        low, high = fmt(min(values)), fmt(max(values))
+        return low if low == high else f"{low}…{high}"
 
     here = []
     for dtype, part in by_dtype.items():

@@ -32,14 +32,21 @@ from gradlab.errors import GradlabError
 # policy can dispatch with `match` and fail loudly on a value it does not handle.
 
 
-class LossScale(StrEnum):
+class Policy(StrEnum):
+    """A policy's members read as the strings a spec writes, in messages too."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class LossScale(Policy):
     """How each micro-batch's summed loss is normalised before backward."""
     BY_SIZE = "by-size"    # ÷ the units (examples or tokens) of the whole window: exact
     BY_COUNT = "by-count"  # per-micro-batch mean ÷ N: the textbook loss/N, pre-fix transformers
     NONE = "none"          # per-micro-batch mean, not divided by N: gradients N times too large
 
 
-class ZeroGrad(StrEnum):
+class ZeroGrad(Policy):
     """Where optimizer.zero_grad() runs."""
     EVERY_N = "every-n"                # after each optimizer step: the accumulation pattern
     EVERY_STEP = "every-step"          # before every micro-batch's backward
@@ -47,7 +54,7 @@ class ZeroGrad(StrEnum):
     AFTER_BACKWARD = "after-backward"  # between backward and step: the step sees nothing
 
 
-class Norm(StrEnum):
+class Norm(Policy):
     NONE = "none"
     BN = "bn"
     GN = "gn"
@@ -55,25 +62,25 @@ class Norm(StrEnum):
     IN = "in"
 
 
-class BnMode(StrEnum):
+class BnMode(Policy):
     TRAIN = "train"    # batch statistics, running statistics updated
     FROZEN = "frozen"  # eval mode while training: a fixed per-channel affine map
 
 
-class Optimizer(StrEnum):
+class Optimizer(Policy):
     SGD = "sgd"
     ADAM = "adam"
     ADAMW = "adamw"
 
 
-class Dtype(StrEnum):
+class Dtype(Policy):
     FLOAT32 = "float32"
     FLOAT64 = "float64"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
 
 
-class Device(StrEnum):
+class Device(Policy):
     CPU = "cpu"
     CUDA = "cuda"
     AUTO = "auto"  # cuda when available
