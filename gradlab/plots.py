@@ -22,6 +22,7 @@ mean, with the std as a band or an error bar.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,10 +96,13 @@ class Plot:
 
 # ----------------------------------------------------------------------------- data
 
-def describing(runs: list[Run], rows: pd.DataFrame) -> list[str]:
-    """The columns of arm_rows that say which line a row belongs to."""
-    return ["run", "trial", "arm", "baseline", "batch_size", "micro_batch", "sweep_point",
-            *(c for c in compare.setting_columns(runs, rows) if c != "batch_size")]
+def with_settings(frames: list[pd.DataFrame], runs: list[Run], rows: pd.DataFrame
+                  ) -> pd.DataFrame:
+    """Per-run tables (with a `run` column) as one, each row joined with its arm's settings."""
+    describing = ["run", "trial", "arm", "baseline", "micro_batch", "sweep_point",
+                  *compare.setting_columns(runs, rows)]
+    return pd.concat(frames, ignore_index=True).merge(rows[describing],
+                                                      on=["run", "trial", "arm"])
 
 
 def per_step(runs: list[Run], rows: pd.DataFrame) -> pd.DataFrame:
@@ -115,8 +119,7 @@ def per_step(runs: list[Run], rows: pd.DataFrame) -> pd.DataFrame:
             overall = probes[probes["param"] == "*"].drop(columns="param")
             frame = frame.merge(overall, on=keys, how="left")
         frames.append(frame.assign(run=run.name))
-    return pd.concat(frames, ignore_index=True).merge(rows[describing(runs, rows)],
-                                                      on=["run", "trial", "arm"])
+    return with_settings(frames, runs, rows)
 
 
 def per_eval(runs: list[Run], rows: pd.DataFrame) -> pd.DataFrame | None:
@@ -125,8 +128,7 @@ def per_eval(runs: list[Run], rows: pd.DataFrame) -> pd.DataFrame | None:
               if run.table("eval") is not None]
     if not frames:
         return None
-    return pd.concat(frames, ignore_index=True).merge(rows[describing(runs, rows)],
-                                                      on=["run", "trial", "arm"])
+    return with_settings(frames, runs, rows)
 
 
 def examples_after(step: pd.Series, micro_batch: pd.Series, batch_size: pd.Series,
@@ -143,8 +145,9 @@ def per_trace(runs: list[Run], rows: pd.DataFrame) -> pd.DataFrame | None:
     frames = []
     for run in runs:
         trace, weights = run.table("trace"), run.table("weights")
-        if trace is None or weights is None:
-            continue
+        if trace is None or weights is None or \
+                len(trace[["param", "element"]].drop_duplicates()) > TRACE_ELEMENTS:
+            continue  # a trace of many weights is data to read, not a figure
         sizes = rows.loc[rows["run"] == run.name, ["trial", "arm", "batch_size", "accum_steps"]]
         trace = trace.merge(sizes, on=["trial", "arm"])
         weights = weights.merge(sizes, on=["trial", "arm"])
@@ -162,10 +165,7 @@ def per_trace(runs: list[Run], rows: pd.DataFrame) -> pd.DataFrame | None:
                           "value": weights["value"]})]
     if not frames:
         return None
-    trace = pd.concat(frames, ignore_index=True)
-    if trace["quantity"].nunique() > 2 * TRACE_ELEMENTS:
-        return None
-    return trace.merge(rows[describing(runs, rows)], on=["run", "trial", "arm"])
+    return with_settings(frames, runs, rows)
 
 
 def layout(runs: list[Run], rows: pd.DataFrame, x: str, panels: list[str] | None = None
@@ -366,76 +366,93 @@ def line_words(line: dict, micro_batch) -> str:
 
 def styles(data: pd.DataFrame, lines: list[str], markers: bool, sweep: bool
            ) -> tuple[dict[tuple, Style], dict[str, object]]:
-    """A style per line, and the legend that explains them.
+    """A style per line (keyed like group_keys), and the legend that explains them.
 
-    Lines that differ by a name (norm, model...) get a colour per name, the same in every
-    panel and for every arm, and each arm its own dashes and marker: the legend lists the
-    names and the arms once each. Lines that differ only by arm and numbers (N, lr...) get a
-    hue per arm, darker for larger numbers, and a legend entry each. The baseline is black,
-    or pale and wide in its name's colour, so an arm lying exactly on it still shows; in a
-    sweep it is a marker at its one point.
+    Lines that differ by a name (norm, model...) get a colour per name and a style per arm;
+    lines that differ only by arm and numbers (N, lr...) get a hue per arm, darker for
+    larger numbers. The legend pictures a line as drawn: with markers only if the figure has
+    them, and the baseline of a sweep as the lone marker it is there.
     """
     keys = sorted(group_keys(data, lines), key=_order)
     arms = list(dict.fromkeys(data["arm"])) if "arm" in lines else []
-    lone = len(arms) <= 1  # a lone arm is the baseline of nothing: an ordinary line
-    base = {} if lone else dict(zip(data["arm"], data["baseline"].astype(bool), strict=True))
-    others = [a for a in arms if not base.get(a)]
-    micro = {_tuple(k): v.iloc[0] for k, v in data.groupby(lines, sort=False)["micro_batch"]
-             } if "micro_batch" in data and data["micro_batch"].notna().all() else {}
+    # a lone arm is the baseline of nothing: it is drawn as an ordinary line
+    baselines = set(data.loc[data["baseline"].astype(bool), "arm"]) if len(arms) > 1 else set()
     named = named_columns(data, lines) if arms else list(lines)
+    if named:
+        out, legend = styles_by_name(keys, lines, named, arms, baselines)
+    else:
+        out, legend = styles_by_arm(data, keys, lines, arms, baselines)
+
+    def drawn(style: Style) -> Line2D:
+        return proxy(Style(style.color, "none" if style.baseline and sweep else style.dashes,
+                           style.marker if markers or (style.baseline and sweep) else None,
+                           style.baseline))
+
+    return out, {label: drawn(entry) if isinstance(entry, Style) else entry
+                 for label, entry in legend.items()}
+
+
+def styles_by_name(keys: list[tuple], lines: list[str], named: list[str], arms: list[str],
+                   baselines: set[str]) -> tuple[dict[tuple, Style], dict[str, object]]:
+    """A colour per name, the same in every panel and for every arm; dashes and a marker per
+    arm. The legend lists each name (a colour) and each arm (a style, in black) once."""
+    others = [arm for arm in arms if arm not in baselines]
+    colours: dict[tuple, object] = {}
     out: dict[tuple, Style] = {}
     legend: dict[str, object] = {}
-
-    def shown(style: Style) -> Style:  # the legend's picture of a line in this style
-        return Style(style.color, "none" if style.baseline and sweep else style.dashes,
-                     style.marker if markers or (style.baseline and sweep) else None,
-                     style.baseline)
-
-    if named:  # a colour per name, a style per arm
-        colours: dict[tuple, tuple[str, object]] = {}
-        for key in keys:
-            line = dict(zip(lines, key, strict=True))
-            values = {c: v for c, v in line.items() if c in named}
-            name = colours.setdefault(tuple(values.values()), (
-                line_words({c: v for c, v in line.items() if c != "arm"}, None)
-                if not arms else words(values), name_colour(values, len(colours))))
-            arm = line.get("arm")
-            if base.get(arm):
-                out[key] = Style(name[1], "-", "D", baseline=True)
-            elif arm is not None and not lone:
-                rank = others.index(arm)
-                out[key] = Style(name[1], ARM_DASHES[rank % 4] if len(others) > 1 else "-",
-                                 ARM_MARKERS[rank % len(ARM_MARKERS)])
-            else:
-                out[key] = Style(name[1])
-            legend.setdefault(name[0], Line2D([], [], color=name[1], lw=2.5))
-        for arm in arms if not lone else []:  # the arms' styles, in black, after the colours
+    for key in keys:
+        line = dict(zip(lines, key, strict=True))
+        names = {c: v for c, v in line.items() if c in named}
+        colour = colours.setdefault(tuple(names.values()), name_colour(names, len(colours)))
+        arm = line.get("arm")
+        if arm in baselines:
+            out[key] = Style(colour, "-", "D", baseline=True)
+        elif arm in others and len(others) > 1:
+            rank = others.index(arm)
+            out[key] = Style(colour, ARM_DASHES[rank % len(ARM_DASHES)],
+                             ARM_MARKERS[rank % len(ARM_MARKERS)])
+        else:
+            out[key] = Style(colour)
+        legend.setdefault(words(names), Line2D([], [], color=colour, lw=2.5))
+    if len(arms) > 1:  # the arms' styles, after the colours
+        for arm in arms:
             style = next(s for k, s in out.items() if k[0] == arm)
-            legend[arm_label(arm, base.get(arm, False))] = proxy(
-                shown(Style(BASELINE_COLOR, style.dashes, style.marker, style.baseline)))
-        return out, legend
+            legend[arm_label(arm, arm in baselines)] = dataclasses.replace(
+                style, color=BASELINE_COLOR)
+    return out, legend
+
+
+def styles_by_arm(data: pd.DataFrame, keys: list[tuple], lines: list[str], arms: list[str],
+                  baselines: set[str]) -> tuple[dict[tuple, Style], dict[str, object]]:
+    """The baseline black; each other arm its own hue and dashes, darker along its lines
+    (larger N); a lone arm's lines a perceptual sequence. A legend entry per line."""
+    lone = len(arms) == 1
+    micro = {_tuple(k): v.iloc[0] for k, v in data.groupby(lines, sort=False)["micro_batch"]
+             } if "micro_batch" in data and data["micro_batch"].notna().all() else {}
     hues, dashes = iter(ARM_COLORMAPS * 4), iter(ARM_DASHES * 8)
+    out: dict[tuple, Style] = {}
+    legend: dict[str, object] = {}
     for arm in arms:
         arm_keys = [k for k in keys if k[0] == arm]
-        if base.get(arm):
-            for key in arm_keys:
-                out[key] = Style(BASELINE_COLOR, "-", "D", baseline=True)
+        if arm in baselines:
+            cmap, dash = None, "-"
+        elif lone:
+            cmap, dash = plt.get_cmap("viridis"), "-"
         else:
-            # a lone arm's lines: a perceptual sequence; an arm among others: its own hue
-            cmap = plt.get_cmap("viridis" if lone else next(hues))
-            dash = "-" if lone else next(dashes)
-            for i, key in enumerate(arm_keys):
-                if lone:
-                    shade = 0.0 if len(arm_keys) == 1 else 0.85 * i / (len(arm_keys) - 1)
-                else:
-                    shade = 0.75 if len(arm_keys) == 1 else 0.45 + 0.5 * i / (len(arm_keys) - 1)
-                out[key] = Style(cmap(shade), dash)
-        for key in arm_keys:
+            cmap, dash = plt.get_cmap(next(hues)), next(dashes)
+        for i, key in enumerate(arm_keys):
+            along = i / (len(arm_keys) - 1) if len(arm_keys) > 1 else None
+            if cmap is None:
+                out[key] = Style(BASELINE_COLOR, "-", "D", baseline=True)
+            elif lone:
+                out[key] = Style(cmap(0.0 if along is None else 0.85 * along), dash)
+            else:
+                out[key] = Style(cmap(0.75 if along is None else 0.45 + 0.5 * along), dash)
             settings = line_words(dict(zip(lines[1:], key[1:], strict=True)), micro.get(key))
             # a lone arm is named in the title, not on every line
-            label = ", ".join(p for p in ("" if lone and settings else
-                                          arm_label(arm, base.get(arm, False)), settings) if p)
-            legend.setdefault(label, proxy(shown(out[key])))
+            label = settings if lone and settings else ", ".join(
+                p for p in (arm_label(arm, arm in baselines), settings) if p)
+            legend.setdefault(label, out[key])
     return out, legend
 
 
