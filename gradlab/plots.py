@@ -244,6 +244,7 @@ def standard_plots(runs: list[Run]) -> list[Plot]:
         plots.append(curve_plot(runs, steps, "grad_norm", x, name="grad-norm",
                                 title="Gradient norm: where zero_grad() runs"))
     evals = per_eval(runs, rows)
+    # a curve: one evaluation at the end is in the table (and in the accuracy figure)
     if evals is not None and evals.groupby(["run", "trial", "arm"]).size().max() > 1:
         y = "test_accuracy" if evals["test_accuracy"].notna().any() else "test_loss"
         plots.append(curve_plot(runs, evals, y, x, name="held-out",
