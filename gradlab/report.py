@@ -1,19 +1,115 @@
 """A run's report: report.md and a self-contained index.html, written into the run directory.
 
-Both hold the same things: what was run (run.json), the comparison table with its
-verdicts and notes, and the standard figures. index.html embeds the figures as
-base64 PNG, so it can be mailed or attached on its own; report.md links to them
-in figures/.
+Both say the same things in the same order, because both are rendered from one list
+of blocks: first the summary table and the figures (what a reader came for), then
+the details (how to read the table, what was run, the spec itself). index.html
+embeds the figures as base64 PNG and loads nothing else, so it can be mailed or
+attached on its own; report.md links to them in figures/.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from gradlab import compare, plots
 from gradlab.store import Run
+
+# ----------------------------------------------------------------------------- blocks
+
+
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Text:
+    text: str  # Markdown inline: `code` only
+    note: bool = False  # a footnote to the table: smaller, grey
+
+
+@dataclass
+class Items:
+    items: list[str]
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    numeric: list[bool]      # right-aligned columns
+    outcome: list[str] = dataclasses.field(default_factory=list)  # per row: ok, FAIL, n/a, ""
+    judged: list[bool] = dataclasses.field(default_factory=list)  # columns coloured by outcome
+
+
+@dataclass
+class Figure:
+    path: Path
+    title: str
+
+
+@dataclass
+class Code:
+    text: str
+    language: str = ""
+
+
+Block = Heading | Text | Items | Table | Figure | Code
+
+
+# ----------------------------------------------------------------------------- content
+
+def summary_table(run: Run) -> compare.Comparison:
+    """The table the report opens with: compare's table of each arm against the baseline.
+
+    A run whose only arm is the baseline (each trial is a training run of its own, like
+    norm-training) has nothing to judge: its table shows what it measured, by setting.
+    """
+    comparison = compare.compare([run])
+    if comparison.rows["baseline"].all():
+        return measurements(comparison)
+    return comparison
+
+
+def measurements(comparison: compare.Comparison) -> compare.Comparison:
+    """The comparison without verdicts, tolerances or differences from the baseline (all of
+    them empty or zero when every row is the baseline): the settings and what was measured."""
+    judging = {"max_rel_grad_err", "rel_tolerance", "min_grad_cosine", "loss_diff", "expect",
+               "verdict", "check"}
+    columns = [c for c in comparison.columns if c not in judging]
+    if comparison.rows["arm"].nunique() == 1:
+        columns.remove("arm")  # the one arm is in the title
+    if "accum_steps" in columns and "micro_batch" in comparison.rows and \
+            "micro_batch" not in columns:  # the size each setting's micro-batches had
+        columns.insert(columns.index("accum_steps") + 1, "micro_batch")
+    arm = comparison.rows["arm"].iloc[0]
+    title = f"{comparison.title.split(':')[0]}: what each setting measured (arm '{arm}')"
+    notes = [n for n in comparison.notes if n.startswith("mean ± std")]
+    return dataclasses.replace(comparison, title=title, columns=columns, notes=notes)
+
+
+def table_block(comparison: compare.Comparison) -> Table:
+    outcome = list(comparison.rows["check"].fillna("")) if "check" in comparison.rows else []
+    return Table([comparison.header(c) for c in comparison.columns], comparison.cells(),
+                 [comparison.numeric(c) for c in comparison.columns],
+                 outcome if "check" in comparison.columns else [],
+                 [c in ("verdict", "check") for c in comparison.columns])
+
+
+def expectations(comparison: compare.Comparison) -> list[Block]:
+    """Whether the spec's expectations held, when it stated any."""
+    if "check" not in comparison.columns:
+        return []
+    if not comparison.failures:
+        return [Text("Every arm did what its spec expects (`gradlab compare --check` exits 0).")]
+    return [Text(f"{len(comparison.failures)} expectation(s) of the spec failed "
+                 f"(`gradlab compare --check` exits 1):"), Items(comparison.failures)]
 
 
 def facts(run: Run) -> list[tuple[str, str]]:
@@ -31,78 +127,162 @@ def facts(run: Run) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in pairs if v]
 
 
-def expectations(comparison: compare.Comparison) -> str:
-    if comparison.failures:
-        return f"{len(comparison.failures)} expectation(s) of the spec failed:"
-    return "Every arm did what its spec expects (`gradlab compare --check` exits 0)."
+def trace_table(run: Run) -> Table | None:
+    """The toy's numbers: .grad after each micro-batch backward, the weights after each step
+    (trace.csv and weights.csv); None without a trace, or with too many rows to read."""
+    trace, weights = run.table("trace"), run.table("weights")
+    if trace is None or weights is None or len(trace) + len(weights) > 64:
+        return None
+    rows = [[str(r.trial), r.arm, str(r.step), f"micro-batch {r.micro_batch}",
+             f"{r.param}[{r.element}].grad", f"{r.grad:.6g}"] for r in trace.itertuples()]
+    rows += [[str(r.trial), r.arm, str(r.step), "optimizer step", f"{r.param}[{r.element}]",
+              f"{r.value:.6g}"] for r in weights.itertuples() if r.step > 0]
+    return Table(["trial", "arm", "step", "after", "param", "value"], rows,
+                 [False, False, True, False, False, True])
 
 
-def markdown(run: Run, comparison: compare.Comparison, figures: dict[Path, str]) -> str:
+def blocks(run: Run, figures: dict[Path, str]) -> list[Block]:
+    """The report, top to bottom: the table and the figures first, then the details."""
     meta = run.meta
-    lines = [f"# {run.experiment}: gradlab report", ""]
+    comparison = summary_table(run)
+    out: list[Block] = [Heading(1, f"{run.experiment}: gradlab report")]
     if meta.get("description"):
-        lines += [meta["description"], ""]
-    lines += ["| | |", "| --- | --- |"]
-    lines += [f"| {k} | {v.replace('|', chr(92) + '|')} |" for k, v in facts(run)]
-    lines += ["", "## Each arm against the baseline", "", expectations(comparison), ""]
-    lines += [f"- {failure}" for failure in comparison.failures]
-    lines += ["", comparison.markdown(), "## Figures", ""]
-    for path, title in figures.items():
-        lines += [f"### {title}", "", f"![{title}](figures/{path.name})", ""]
-    return "\n".join(lines)
+        out.append(Text(meta["description"]))
+    out += [Heading(2, comparison.title), *expectations(comparison), table_block(comparison)]
+    out += [Heading(2, "Figures")]
+    out += [Figure(path, title) for path, title in figures.items()]
+    trace = trace_table(run)
+    if trace is not None:
+        out += [Heading(2, "Trace: the numbers of trace.csv and weights.csv"),
+                trace]
+    out += [Heading(2, "Details")]
+    if comparison.notes:
+        out += [Heading(3, "How to read the table"),
+                *(Text(note, note=True) for note in comparison.notes)]
+    rows = facts(run)
+    out += [Heading(3, "What was run"),
+            Table(["", ""], [list(pair) for pair in rows], [False, False])]
+    if meta.get("spec_text"):
+        out += [Heading(3, f"The spec ({Path(meta.get('spec_source') or 'spec').name})"),
+                Code(meta["spec_text"], "toml")]
+    return out
 
 
+# ----------------------------------------------------------------------------- Markdown
+
+def markdown(blocks_: list[Block]) -> str:
+    out = []
+    for block in blocks_:
+        if isinstance(block, Heading):
+            out.append(f"{'#' * block.level} {block.text}")
+        elif isinstance(block, Text):
+            out.append(block.text)
+        elif isinstance(block, Items):
+            out.append("\n".join(f"- {item}" for item in block.items))
+        elif isinstance(block, Table):
+            out.append(markdown_table(block))
+        elif isinstance(block, Figure):
+            out.append(f"### {block.title}\n\n![{block.title}](figures/{block.path.name})")
+        elif isinstance(block, Code):
+            fence = "````" if "```" in block.text else "```"
+            out.append(f"{fence}{block.language}\n{block.text.rstrip()}\n{fence}")
+    return "\n\n".join(out) + "\n"
+
+
+def markdown_table(table: Table) -> str:
+    def line(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(table.header), line(["---:" if n else "---" for n in table.numeric]),
+                      *map(line, table.rows)])
+
+
+# ----------------------------------------------------------------------------- HTML
+
+# the colour of a verdict and a check says whether the spec's expectation was met, so an
+# expected "differs" is green; the classes are these fixed names, never a cell's text
+OUTCOME_CLASS = {"ok": "met", "FAIL": "failed", "n/a": "unchecked"}
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em;
-       color: #222; }
+       color: #222; line-height: 1.4; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
 th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #ddd; white-space: nowrap; }
 th { text-align: left; background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.FAIL, .differs { color: #b00; font-weight: bold; }
-.ok, .equivalent { color: #070; }
+td.met { color: #070; }
+td.failed { color: #b00; font-weight: bold; }
+td.unchecked { color: #888; }
+code, pre { font-family: ui-monospace, monospace; background: #f6f6f6; }
+code { padding: 0 0.2em; }
+pre { padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+figure { margin: 1.5em 0; }
+figcaption { font-weight: 600; margin-bottom: 0.4em; }
 img { max-width: 100%; border: 1px solid #eee; }
 p.note { color: #555; font-size: 0.9em; }
 """
+# the page loads nothing: no script, no font, no image that is not inside it
+POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
-def html_page(run: Run, comparison: compare.Comparison, figures: dict[Path, str]) -> str:
-    esc = html.escape
-    meta = run.meta
-    out = [f"<!doctype html><html><head><meta charset='utf-8'>"
-           f"<title>{esc(run.experiment)}: gradlab report</title><style>{STYLE}</style>"
-           f"</head><body>", f"<h1>{esc(run.experiment)}: gradlab report</h1>"]
-    if meta.get("description"):
-        out.append(f"<p>{esc(meta['description'])}</p>")
-    out.append("<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>"
-                                   for k, v in facts(run)) + "</table>")
-    out += ["<h2>Each arm against the baseline</h2>",
-            f"<p>{esc(expectations(comparison))}</p>"]
-    if comparison.failures:
-        out.append("<ul>" + "".join(f"<li>{esc(f)}</li>" for f in comparison.failures) + "</ul>")
-    numeric = [comparison.numeric(c) for c in comparison.columns]
-    out.append("<table><tr>" + "".join(f"<th>{esc(comparison.header(c))}</th>"
-                                       for c in comparison.columns) + "</tr>")
-    for cells in comparison.cells():
-        out.append("<tr>" + "".join(
-            f"<td class='{'num' if n else esc(cell)}'>{esc(cell)}</td>"
-            for cell, n in zip(cells, numeric, strict=True)) + "</tr>")
-    out.append("</table>")
-    out += [f"<p class='note'>{esc(note)}</p>" for note in comparison.notes]
-    out.append("<h2>Figures</h2>")
-    for path, title in figures.items():
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        out += [f"<h3>{esc(title)}</h3>",
-                f"<img alt='{esc(title)}' src='data:image/png;base64,{data}'>"]
+def inline(text: str) -> str:
+    """Markdown inline text as HTML: `code` spans become <code>, everything else is escaped."""
+    parts = re.split(r"`([^`]*)`", text)
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p)
+                   for i, p in enumerate(parts))
+
+
+def html_page(title: str, blocks_: list[Block]) -> str:
+    out = ["<!doctype html>", "<html lang='en'><head><meta charset='utf-8'>",
+           f"<meta http-equiv='Content-Security-Policy' content=\"{POLICY}\">",
+           "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+           f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"]
+    for block in blocks_:
+        if isinstance(block, Heading):
+            out.append(f"<h{block.level}>{inline(block.text)}</h{block.level}>")
+        elif isinstance(block, Text):
+            attribute = " class='note'" if block.note else ""
+            out.append(f"<p{attribute}>{inline(block.text)}</p>")
+        elif isinstance(block, Items):
+            out.append("<ul>" + "".join(f"<li>{inline(i)}</li>" for i in block.items) + "</ul>")
+        elif isinstance(block, Table):
+            out.append(html_table(block))
+        elif isinstance(block, Figure):
+            data = base64.b64encode(block.path.read_bytes()).decode("ascii")
+            out.append(f"<figure><figcaption>{html.escape(block.title)}</figcaption>"
+                       f"<img alt='{html.escape(block.title, quote=True)}' "
+                       f"src='data:image/png;base64,{data}'></figure>")
+        elif isinstance(block, Code):
+            out.append(f"<pre><code>{html.escape(block.text.rstrip())}</code></pre>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
 
+def html_table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
+    lines = [f"<table><tr>{head}</tr>" if any(table.header) else "<table>"]
+    for i, cells in enumerate(table.rows):
+        outcome = OUTCOME_CLASS.get(table.outcome[i], "") if table.outcome else ""
+        tds = []
+        for j, cell in enumerate(cells):
+            # a table without a header is a list of facts: its first column names them
+            tag = "th" if j == 0 and not any(table.header) else "td"
+            classes = " ".join(c for c in ("num" if table.numeric[j] else "",
+                                           outcome if table.judged and table.judged[j] else "")
+                               if c)
+            attribute = f" class='{classes}'" if classes else ""
+            tds.append(f"<{tag}{attribute}>{html.escape(cell)}</{tag}>")
+        lines.append("<tr>" + "".join(tds) + "</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- files
+
 def write(run: Run) -> list[Path]:
     """report.md, index.html (and the figures in figures/) in the run directory."""
-    comparison = compare.compare([run])
     figures = plots.write([run], run.path / "figures", "png")
+    content = blocks(run, figures)
     md_path, html_path = run.path / "report.md", run.path / "index.html"
-    md_path.write_text(markdown(run, comparison, figures), encoding="utf-8")
-    html_path.write_text(html_page(run, comparison, figures), encoding="utf-8")
+    md_path.write_text(markdown(content), encoding="utf-8")
+    html_path.write_text(html_page(f"{run.experiment}: gradlab report", content),
+                         encoding="utf-8")
     return [md_path, html_path]

@@ -1,14 +1,21 @@
-"""gradlab plot and gradlab report: which figures, written where, and readable files."""
+"""gradlab plot: which figures, what they draw (checked on the figure objects), written where."""
 
 from __future__ import annotations
 
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
+from matplotlib.colors import to_rgba
+from torch.testing import assert_close
 
 from conftest import gradlab
-from gradlab import compare, plots, store
+from gradlab import compare, plots, probe, store
 from minirun import MINI, run_dir
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -31,6 +38,22 @@ zero_grad = "never"
 seed = [0, 1]
 """
 
+# batch-lr in miniature: arms of different batch sizes, evaluated along the way
+BATCH_LR_SPEC = """
+name = "batch-lr-mini"
+[settings]
+model = "mlp"
+dataset = "digits"
+batch_size = 32
+steps = 4
+eval_every = 2
+[arms.big-batch]
+baseline = true
+[arms.small-batch]
+batch_size = 8
+steps = 16
+eval_every = 8
+"""
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +61,47 @@ def mini(tmp_path_factory) -> Path:
     return run_dir("equivalence", *MINI, "--out", tmp_path_factory.mktemp("mini"))
 
 
+def spec_run(tmp_path_factory, text: str, *args) -> Path:
+    folder = tmp_path_factory.mktemp("spec")
+    (folder / "spec.toml").write_text(text)
+    return run_dir(folder / "spec.toml", *args, "--out", folder)
+
+
 @pytest.fixture(scope="module")
 def zero_grad(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("zero-grad")
-    (folder / "spec.toml").write_text(ZERO_GRAD_SPEC)
-    return run_dir(folder / "spec.toml", "--out", folder)
+    return spec_run(tmp_path_factory, ZERO_GRAD_SPEC)
+
+
+@pytest.fixture(scope="module")
+def batch_lr(tmp_path_factory) -> Path:
+    return spec_run(tmp_path_factory, BATCH_LR_SPEC)
+
+
+@pytest.fixture(scope="module")
+def norm(tmp_path_factory) -> Path:
+    """The norm experiment cut down: 6 norm cases x N = 1, 2, 4 at float32, two steps."""
+    return run_dir("norm", "--set", "dtype=float32", "--set", "accum_steps=1,2,4",
+                   "--set", "steps=2", "--set", "probe_every=1",
+                   "--out", tmp_path_factory.mktemp("norm"))
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return run_dir("toy", "--out", tmp_path_factory.mktemp("toy"))
+
+
+def standard(path: Path) -> dict[str, plots.Plot]:
+    return {p.name: p for p in plots.standard_plots([store.load_run(path)])}
+
+
+def figure(plot: plots.Plot) -> plt.Figure:
+    with plt.rc_context(plots.RC):
+        return plots.draw(plot, "test")
+
+
+def legend(fig: plt.Figure) -> dict[str, object]:
+    [box] = fig.legends
+    return dict(zip((t.get_text() for t in box.get_texts()), box.legend_handles, strict=True))
 
 
 def written(result) -> list[Path]:
@@ -56,9 +115,9 @@ def written(result) -> list[Path]:
 
 def test_standard_figures_of_the_equivalence_run(equivalence_dir, tmp_path):
     paths = written(gradlab("plot", equivalence_dir, "--out", tmp_path))
+    # one gradient error figure: norm goes with the model there, a second would repeat it
     assert [p.name for p in paths] == [
-        "equivalence-loss.png", "equivalence-grad-error.png",
-        "equivalence-grad-error-by-norm.png", "equivalence-accuracy.png"]
+        "equivalence-loss.png", "equivalence-grad-error.png", "equivalence-accuracy.png"]
     assert all(p.parent == tmp_path and p.read_bytes().startswith(PNG) for p in paths)
 
 
@@ -81,6 +140,136 @@ def test_layout_splits_by_dtype_and_labels_lines_by_what_differs(equivalence_dir
     assert errors.tolerance and not errors.data["baseline"].any()
     loss = plots.curve_plot(runs, plots.per_step(runs, rows), "loss")
     assert loss.panels == ["model", "norm", "dtype"] and loss.lines == ["arm", "accum_steps"]
+
+
+def test_the_toy_draws_its_trace_not_a_one_step_loss(toy):
+    figures = standard(toy)
+    assert list(figures) == ["trace"]  # one step: a loss "curve" would be one dot per arm
+    trace = figures["trace"]
+    assert (trace.x, trace.y, trace.panels, trace.lines) == (
+        "examples", "value", ["quantity"], ["arm"])
+    values = {(q.split(" ")[0], arm, x): v for q, arm, x, v in
+              trace.data[["quantity", "arm", "examples", "value"]].itertuples(index=False)}
+    # .grad after the first example (x = 4) and after both; w after the step, from 1
+    assert values == {("weight[0].grad", "accumulated", 1): -16.0,
+                      ("weight[0].grad", "accumulated", 2): -20.0,
+                      ("weight[0].grad", "big-batch", 2): -20.0,
+                      ("weight[0]", "accumulated", 0): 1.0,
+                      ("weight[0]", "big-batch", 0): 1.0,
+                      ("weight[0]", "accumulated", 2): pytest.approx(1.2, abs=1e-12),
+                      ("weight[0]", "big-batch", 2): pytest.approx(1.2, abs=1e-12)}
+    fig = figure(trace)
+    grad_panel = fig.axes[0]
+    labels = {t.get_text() for t in grad_panel.texts}
+    assert {"-16", "-20"} <= labels and "-18" not in labels  # each point's value, written
+    assert grad_panel.get_title() == "weight[0].grad after each backward"
+    plt.close(fig)
+
+
+def test_a_run_with_a_trace_and_several_steps_keeps_its_loss_figure(tmp_path):
+    path = run_dir("zero-grad-toy", "--out", tmp_path)
+    assert list(standard(path)) == ["loss", "trace", "grad-norm"]
+
+
+def test_error_figure_has_log_axis_labelled_tolerance_and_shaded_equivalent_region(mini):
+    fig = figure(standard(mini)["grad-error"])
+    [ax] = fig.axes
+    assert ax.get_yscale() == "log"
+    assert {t.get_text() for t in ax.texts} >= {"tolerance 16·max(N,2)·u", "equivalent"}
+    [tolerance] = [line for line in ax.get_lines() if line.get_color() == "firebrick"]
+    ns, tol = tolerance.get_data()
+    inside = (ns >= 1) & (ns <= 4)  # the line runs flat on to the panel's edges
+    assert_close(tol[inside], np.array([probe.rel_tolerance("float32", n) for n in (1, 2, 4)]),
+                 rtol=1e-12, atol=0)
+    [shade] = ax.collections[-1:]
+    assert shade.get_facecolor()[0][3] == pytest.approx(0.09)  # the pale green region
+    assert "under the tolerance 16·max(N,2)·u: 'equivalent'" in legend(fig)
+    plt.close(fig)
+
+
+def test_norm_run_one_error_figure_legend_in_words_and_a_colour_per_norm(norm):
+    figures = standard(norm)
+    assert list(figures) == ["loss", "grad-error", "accuracy"]
+    fig = figure(figures["accuracy"])
+    entries = legend(fig)
+    # six norms once each, then the two arms: not twelve arm-and-norm lines
+    assert list(entries) == ["BatchNorm, frozen statistics", "BatchNorm, batch statistics",
+                             "GroupNorm", "InstanceNorm", "LayerNorm", "no norm",
+                             "big-batch (baseline)", "accumulated"]
+    assert not any("=" in label for label in entries)
+    assert to_rgba(entries["BatchNorm, batch statistics"].get_color()) == to_rgba("tab:blue")
+    assert to_rgba(entries["GroupNorm"].get_color()) == to_rgba("tab:orange")
+    [ax] = fig.axes
+    # the baseline has one micro-batch size (B/1): six diamonds, no line
+    diamonds = [line for line in ax.get_lines() if line.get_marker() == "D"]
+    assert len(diamonds) == 6
+    assert all(line.get_linestyle() == "None" and list(line.get_xdata()) == [64]
+               for line in diamonds)
+    plt.close(fig)
+    fig = figure(figures["loss"])
+    assert fig.axes[0].get_title() == "BatchNorm, batch statistics"
+    assert "accumulated, N = 2, micro-batch 32" in legend(fig)
+    plt.close(fig)
+
+
+def test_arms_of_different_batch_sizes_are_drawn_against_examples_seen(batch_lr):
+    figures = standard(batch_lr)
+    assert list(figures) == ["loss", "held-out"]
+    loss, held_out = figures["loss"], figures["held-out"]
+    assert loss.x == held_out.x == "examples" and held_out.y == "test_accuracy"
+    fig = figure(held_out)
+    [ax] = fig.axes
+    ends = {tuple(line.get_xdata()) for line in ax.get_lines() if len(line.get_xdata())}
+    # both arms see 128 examples and are evaluated every 64: 4 steps of 32, 16 steps of 8
+    assert ends == {(64, 128)}
+    assert ax.get_xlabel() == "examples seen"
+    plt.close(fig)
+
+
+def test_same_batch_size_stays_against_steps_and_gets_no_held_out_without_a_curve(mini):
+    figures = standard(mini)
+    assert figures["loss"].x == "step" and "held-out" not in figures
+
+
+def test_markers_only_where_there_are_few_points(mini, equivalence_dir):
+    few = figure(standard(mini)["loss"])  # 3 steps
+    many = figure(standard(equivalence_dir)["loss"])  # 20 steps
+    assert all(line.get_marker() not in (None, "None", "") for line in few.axes[0].get_lines())
+    assert all(line.get_marker() in (None, "None", "") for line in many.axes[0].get_lines())
+    plt.close(few)
+    plt.close(many)
+
+
+@pytest.mark.parametrize("key, words", [
+    ({"norm": "bn", "bn_mode": "train"}, "BatchNorm, batch statistics"),
+    ({"norm": "bn", "bn_mode": "frozen"}, "BatchNorm, frozen statistics"),
+    ({"norm": "gn", "bn_mode": "train"}, "GroupNorm"),
+    ({"accum_steps": 8, "micro_batch": 4}, "N = 8, micro-batch 4"),
+    ({"model": "cnn", "dtype": "float64", "lr": 0.125}, "cnn, float64, lr 0.125"),
+])
+def test_settings_in_words(key, words):
+    assert plots.words(key) == words
+
+
+def test_no_font_warnings_even_with_a_missing_font_configured(mini, tmp_path, monkeypatch,
+                                                              caplog):
+    # a matplotlibrc asking for a font that is not there (a CJK one, say) must not matter
+    monkeypatch.setitem(matplotlib.rcParams, "font.family", ["Noto Sans CJK JP"])
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        plots.write([store.load_run(mini)], tmp_path)
+    matplotlib_warnings = [str(w.message) for w in caught if "matplotlib" in w.filename]
+    assert matplotlib_warnings == []
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("matplotlib")] == []
+
+
+@pytest.mark.parametrize("fmt", ["png", "svg"])
+def test_the_same_run_gives_the_same_bytes(mini, tmp_path, fmt):
+    runs = [store.load_run(mini)]
+    first = plots.write(runs, tmp_path / "a", fmt)
+    second = plots.write(runs, tmp_path / "b", fmt)
+    for a, b in zip(first, second, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
 
 
 def test_zero_grad_runs_get_the_gradient_norm_figure(zero_grad, tmp_path):
@@ -108,22 +297,3 @@ def test_bad_plot_options_exit_2(mini, tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.stderr and "\n" not in result.stderr.strip()
     assert not (tmp_path / "figs").exists()
-
-
-def test_report_writes_markdown_and_a_self_contained_page(mini, tmp_path):
-    run = tmp_path / mini.name
-    shutil.copytree(mini, run)
-    result = gradlab("report", run)
-    assert result.exit_code == 0, result.stderr
-    assert result.stdout.splitlines() == [str(run / "report.md"), str(run / "index.html")]
-    md = (run / "report.md").read_text()
-    assert "# equivalence: gradlab report" in md and "| no-loss-scaling |" in md
-    assert "![Training loss of each arm](figures/equivalence-loss.png)" in md
-    page = (run / "index.html").read_text()
-    assert page.count("src='data:image/png;base64,") == 2
-    assert "src='figures" not in page and "<td class='differs'>differs</td>" in page
-
-
-def test_report_takes_one_run(mini, tmp_path):
-    result = gradlab("report", mini.parent)
-    assert result.exit_code == 2 and "not a run directory" in result.stderr
