@@ -79,7 +79,7 @@ def arm_rows(runs: list[Run]) -> pd.DataFrame:
         frames.append(rows.merge(run_checks(run), on=["trial", "arm"], how="left"))
     rows = pd.concat(frames, ignore_index=True)
     rows["baseline"] = rows["baseline"].astype(bool)
-    rows["expect"] = rows["expect"].fillna("").astype(str)
+    rows["expect"] = rows["expect"].astype(object).fillna("").astype(str)
     rows["run_checks"] = rows["run_checks"].fillna(0).astype(int)
     rows["failed_checks"] = rows["failed_checks"].fillna("")
     return rows

@@ -60,10 +60,10 @@ def report(run: Path, tmp_path: Path) -> tuple[Path, str, str]:
     return copy, (copy / "report.md").read_text(), (copy / "index.html").read_text()
 
 
-def spec_run(tmp_path_factory, text: str) -> Path:
+def spec_run(tmp_path_factory, text: str, exit_code: int = 0) -> Path:
     folder = tmp_path_factory.mktemp("spec")
     (folder / "spec.toml").write_text(text)
-    return run_dir(folder / "spec.toml", "--out", folder)
+    return run_dir(folder / "spec.toml", "--out", folder, exit_code=exit_code)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_colour_follows_the_check_not_the_verdict(mini_report):
 
 
 def test_a_failed_expectation_is_red_and_listed(tmp_path_factory, tmp_path):
-    _, md, page = report(spec_run(tmp_path_factory, BROKEN_PROMISE_SPEC), tmp_path)
+    _, md, page = report(spec_run(tmp_path_factory, BROKEN_PROMISE_SPEC, exit_code=1), tmp_path)
     assert "1 expectation(s) of the spec failed" in md
     assert "arm 'accumulated': expected differs, got equivalent" in md
     assert "<td class='failed'>equivalent</td><td class='failed'>FAIL</td>" in page
