@@ -37,3 +37,19 @@ def swallowing_data(settings):
         return slow_data(settings)
     except KeyboardInterrupt:
         raise RuntimeError("interrupted system call") from None
+
+
+def flat_net(settings, data):
+    """Returns shape (B,) where the regression targets are (B, 1): broadcasting would hide it."""
+    return torch.nn.Sequential(torch.nn.Linear(10, 1), torch.nn.Flatten(0))
+
+
+def three_classes(settings, data):
+    """3 outputs for the 10 classes of digits."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+
+
+def wide_net(settings, data):
+    """40 000 weights in one matrix: a trace of every element would be 40 000 rows a step."""
+    return torch.nn.Sequential(torch.nn.Linear(1, 200), torch.nn.Linear(200, 200),
+                               torch.nn.Linear(200, 1))
