@@ -189,14 +189,14 @@ def run(
         loaded, trials, cost = prepare(experiment, set_ or [], yes)
         run_dir = store.RunDir(out, loaded.name, {
             "spec_source": loaded.source, "spec_text": loaded.text, "overrides": set_ or [],
-            "notes": loaded.notes, "description": loaded.description,
+            "notes": [*loaded.notes, *cost.notes], "description": loaded.description,
             "trials": [{"trial": t.index, "swept": t.swept,
                         "arms": {a.name: {"baseline": a.baseline, "expect": a.expect,
                                           "settings": dataclasses.asdict(a.settings)}
                                  for a in t.arms}} for t in trials],
             "device": str(runner.resolve_device(trials[0].baseline.settings.device)),
         })
-        for note in loaded.notes:
+        for note in [*loaded.notes, *cost.notes]:
             err.print(note, markup=False, highlight=False, soft_wrap=True)
         if not json_out:
             err.print(plan(loaded.name, trials, cost), markup=False, highlight=False,
@@ -369,7 +369,7 @@ def render_trace(traces: list[dict], weights: list[dict]) -> None:
 
 @app.command("list")
 def list_(json_out: JsonOpt = False) -> None:
-    """Show the built-in experiments, models, datasets and every setting with its default.
+    """Show the built-in experiments, models, datasets, setups and every setting with its default.
 
     Example: `gradlab list`, then `gradlab run norm --set seed=0,1,2`.
     """
@@ -381,12 +381,15 @@ def list_(json_out: JsonOpt = False) -> None:
             "experiments": experiments,
             "models": {k: v[1] for k, v in zoo.MODELS.items()},
             "datasets": {k: v[1] for k, v in zoo.DATASETS.items()},
+            "setups": {k: v[1] for k, v in zoo.SETUPS.items()},
             "settings": settings}))
         return
     for title, rows in (("experiments (gradlab run NAME)", experiments),
                         ("models (--set model=NAME)", {k: v[1] for k, v in zoo.MODELS.items()}),
                         ("datasets (--set dataset=NAME)",
-                         {k: v[1] for k, v in zoo.DATASETS.items()})):
+                         {k: v[1] for k, v in zoo.DATASETS.items()}),
+                        ("setups: model, data and loss in one (--set setup=NAME)",
+                         {k: v[1] for k, v in zoo.SETUPS.items()})):
         table = Table(title=title, title_justify="left", show_header=False)
         table.add_column(style="bold cyan")
         table.add_column()

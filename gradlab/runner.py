@@ -38,7 +38,7 @@ from gradlab.setup import (
     split,
     take,
 )
-from gradlab.spec import Arm, BnMode, Dtype, Settings, Trial, ZeroGrad
+from gradlab.spec import Accumulation, Arm, BnMode, Dtype, Settings, Trial, ZeroGrad
 from gradlab.store import RunDir, whole_write
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
@@ -115,9 +115,13 @@ def user_setup(s: Settings) -> Setup:
     if not isinstance(made.model, nn.Module):
         raise GradlabError(f"setup '{s.setup}': model is a {type(made.model).__name__}, "
                            f"not a torch.nn.Module")
-    if not callable(made.loss):
-        raise GradlabError(f"setup '{s.setup}': loss is not callable; give a function "
-                           f"loss(model, batch) -> (summed loss, units)")
+    functions = {"embed": "embed(model, batch) -> embeddings",
+                 "coupled_loss": "coupled_loss(embeddings) -> (summed loss, units)"} \
+        if made.coupled else {"loss": "loss(model, batch) -> (summed loss, units)"}
+    for name, signature in functions.items():
+        if not callable(getattr(made, name)):
+            raise GradlabError(f"setup '{s.setup}': {name} is not callable; give a function "
+                               f"{signature}")
     return made
 
 
@@ -163,6 +167,7 @@ class Plan:
     seconds: float
     memory_bytes: int  # the largest trial's
     available_bytes: int | None  # what the machine has free (None: unknown)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the user should know
 
     def estimate(self) -> str:
         memory = f"{self.memory_bytes / 2**30:.1f} GiB" if self.memory_bytes >= 2**30 \
@@ -190,6 +195,7 @@ def preflight(trials: list[Trial]) -> Plan:
     # setup -> (seconds per window, bytes of its parameters, number of parameter tensors)
     measured: dict[tuple, tuple[float, int, int]] = {}
     seconds, worst_trial = 0.0, 0
+    notes: dict[str, str] = {}  # arm -> its note (one per arm, whatever the number of trials)
     for trial in trials:
         trial_bytes = 0
         for arm in trial.arms:
@@ -199,6 +205,12 @@ def preflight(trials: list[Trial]) -> Plan:
             if key not in measured:
                 setup = build_setup(s, resolve_device(s.device), cache)
                 check_setup(arm, setup)
+                if arm.name not in notes and splits_coupled_loss(s, setup):
+                    notes[arm.name] = (
+                        f"note: arm '{arm.name}': the setup's loss couples the batch and "
+                        f"accumulation=plain computes it inside each micro-batch, so each "
+                        f"example meets B/N - 1 others instead of B - 1: not the big batch's "
+                        f"gradient (accumulation=gradcache is)")
                 tensors = list(setup.model.parameters())
                 try:
                     step_seconds = time_one_window(setup, s)
@@ -218,13 +230,19 @@ def preflight(trials: list[Trial]) -> Plan:
             trial_bytes += ROW_BYTES * traced * tensors
         worst_trial = max(worst_trial, trial_bytes)
     plan = Plan(len(trials), sum(len(t.arms) for t in trials), seconds, worst_trial,
-                available_memory())
+                available_memory(), list(notes.values()))
     if plan.available_bytes is not None and plan.memory_bytes > 0.8 * plan.available_bytes:
         raise GradlabError(
             f"this run needs about {plan.memory_bytes / 2**30:.1f} GiB per trial but the "
             f"machine has {plan.available_bytes / 2**30:.1f} GiB available; use a smaller "
             f"model, fewer arms, or trace=false (or fewer trace_elements)")
     return plan
+
+
+def splits_coupled_loss(s: Settings, setup: Setup) -> bool:
+    """Would this arm compute a loss that couples the batch inside micro-batches?"""
+    return setup.coupled and s.accum_steps > 1 \
+        and engine.accumulation(s, setup) == Accumulation.PLAIN
 
 
 def time_one_window(setup: Setup, s: Settings) -> float:
@@ -264,6 +282,11 @@ def check_setup(arm: Arm, setup: Setup) -> None:
             f"{name}: BatchNorm1d would see micro-batches of 1 example "
             f"(batch_size={s.batch_size}, accum_steps={s.accum_steps}), so one value per "
             f"channel and no batch statistics; use norm=gn or norm=ln, or a smaller accum_steps")
+    if s.accumulation == Accumulation.GRADCACHE and not setup.coupled:
+        raise GradlabError(f"{name}: accumulation=gradcache is for a loss that couples the "
+                           f"batch, and this setup's loss is computed per example; give "
+                           f"Setup(embed=..., coupled_loss=...) in place of loss, or use "
+                           f"accumulation=plain")
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     engine.set_train_mode(setup.model, s)
     with torch.no_grad():
@@ -273,7 +296,10 @@ def check_setup(arm: Arm, setup: Setup) -> None:
                 if setup.loss in (mse_loss, cross_entropy_loss):  # predictions must fit targets
                     check_prediction(name, setup.model(micro_batch[0]), micro_batch[1],
                                      setup.train[1])
-                returned = setup.loss(setup.model, micro_batch)
+                if setup.coupled:
+                    check_embeddings(name, setup.embed(setup.model, micro_batch),
+                                     num_examples(micro_batch))
+                returned = setup.batch_loss(setup.model, micro_batch)
             except GradlabError:
                 raise
             except Exception as err:
@@ -282,6 +308,19 @@ def check_setup(arm: Arm, setup: Setup) -> None:
                                    f"{num_examples(micro_batch)} ({s.dtype}): "
                                    f"{type(err).__name__}: {first}") from None
             check_loss(name, returned, units, i)
+
+
+def check_embeddings(name: str, embeddings: object, examples: int) -> None:
+    """What embed returned: GradCache caches it and splits its gradient along dim 0."""
+    parts = embeddings if isinstance(embeddings, tuple | list) else (embeddings,)
+    if not parts or not all(isinstance(p, torch.Tensor) for p in parts):
+        raise GradlabError(f"{name}: embed returned {type(embeddings).__name__}; it must return "
+                           f"a tensor or a tuple of tensors (the embeddings of the batch's "
+                           f"examples along dim 0)")
+    rows = [len(p) if p.dim() else 0 for p in parts]
+    if any(r != examples for r in rows):
+        raise GradlabError(f"{name}: embed returned {rows} rows for a micro-batch of "
+                           f"{examples} examples; return one embedding per example along dim 0")
 
 
 def check_prediction(name: str, out: torch.Tensor, y: torch.Tensor,
@@ -439,6 +478,7 @@ class Trajectory(Observer):
         run.rows["steps"].append({
             **run.ids, "step": run.step, "examples": run.examples, "units": stats.units,
             "loss": stats.loss, "grad_norm": stats.grad_norm, "update_norm": stats.update_norm,
+            "saved_bytes": stats.saved_bytes, "negatives": stats.negatives,
             "weight_dist": weight_dist,
             "rel_loss_diff": abs(stats.loss - ref_loss) / abs(ref_loss) if ref_loss
             else math.nan})
@@ -557,7 +597,7 @@ def evaluate(model: nn.Module, setup: Setup) -> dict[str, float]:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        loss, units = setup.loss(model, setup.test)
+        loss, units = setup.batch_loss(model, setup.test)
         metrics = {"test_loss": float(loss) / int(units), "test_accuracy": math.nan}
         if setup.accuracy is not None:
             correct, total = setup.accuracy(model, setup.test)

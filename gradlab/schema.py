@@ -26,9 +26,14 @@ COLUMNS: dict[str, tuple[str, ...]] = {
                 "max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",
                 "exact_floor", "final_loss", "max_rel_loss_diff", "final_weight_dist",
                 "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff",
-                "diverged_at_step", "rel_tolerance", "expect", "verdict"),
-    "steps": ("step", "examples", "units", "loss", "grad_norm", "update_norm", "weight_dist",
-              "rel_loss_diff"),
+                "diverged_at_step", "max_saved_bytes", "negatives", "rel_tolerance", "expect",
+                "verdict"),
+    # saved_bytes: the most bytes of activations autograd held for backward at once during
+    # the step (gradlab.memory); negatives: for a loss that couples the batch, the other
+    # examples each example was scored against (B/N - 1 inside micro-batches, B - 1 over
+    # the window), empty for a loss computed per example
+    "steps": ("step", "examples", "units", "loss", "grad_norm", "update_norm", "saved_bytes",
+              "negatives", "weight_dist", "rel_loss_diff"),
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
               "exact_err", "floor_err"),
     "buffers": ("step", "buffer", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
@@ -54,7 +59,8 @@ TEXT_COLUMNS = ("arm", "param", "buffer", "expect", "verdict", "check", "dtype")
 # the summary metrics, in the order summary.csv and --json give them
 METRICS = ("max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",
            "exact_floor", "final_loss", "max_rel_loss_diff", "final_weight_dist",
-           "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff", "diverged_at_step")
+           "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff", "diverged_at_step",
+           "max_saved_bytes", "negatives")
 
 # short labels for tables meant for people (CSV and JSON keep the column names)
 HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel grad err",
@@ -63,7 +69,8 @@ HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel 
            "final_test_loss": "test loss", "final_weight_dist": "weight dist",
            "max_rel_loss_diff": "max rel loss diff", "loss_diff": "loss diff",
            "max_rel_buffer_diff": "rel BN stats diff", "max_exact_err": "vs exact",
-           "exact_floor": "floor", "diverged_at_step": "diverged at"}
+           "exact_floor": "floor", "diverged_at_step": "diverged at",
+           "max_saved_bytes": "saved bytes", "negatives": "negatives"}
 
 
 def allowed_columns(table: str, settings: Iterable[str] = ()) -> set[str]:
@@ -213,6 +220,8 @@ def summarise(steps: list[Mapping], probes: list[Mapping] = (), evals: list[Mapp
         "final_test_accuracy": _last(list(evals), "test_accuracy"),
         "max_rel_buffer_diff": _worst([r for r in buffers if r["buffer"] == "*"], "rel_l2_err"),
         "diverged_at_step": diverged[0] if diverged else math.nan,
+        "max_saved_bytes": _worst(steps, "saved_bytes"),
+        "negatives": _last(steps, "negatives"),
     }
 
 

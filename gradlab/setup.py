@@ -20,6 +20,32 @@ units of the whole window, which is what makes (B/N)×N equal B×1 for images an
 language models alike. ``units`` counts the units of a batch without running the
 model (default: its number of examples), so the window's total is known before
 the first backward; gradlab checks once that it agrees with what the loss says.
+
+A loss that couples the examples of a batch (a contrastive loss with in-batch
+negatives: InfoNCE, NT-Xent, CLIP, sentence-transformers' MultipleNegativesRanking)
+cannot be split into micro-batches: each example is scored against the others in
+the batch the loss sees. Give it as two functions in place of ``loss``::
+
+    def embed(model, batch):          # the batch's embeddings, examples along dim 0
+        a, b = batch
+        return model(a), model(b)     # a tensor, or a tuple of tensors
+
+    def info_nce(embeddings):         # the loss of a whole batch of embeddings
+        za, zb = embeddings
+        logits = za @ zb.T / 0.1
+        return F.cross_entropy(logits, torch.arange(len(za)), reduction="sum"), len(za)
+
+    Setup(model, train, embed=embed, coupled_loss=info_nce)
+
+gradlab then knows the loss couples the batch. Under ``accumulation = "gradcache"``
+(what ``auto`` picks for such a setup when N > 1) it embeds every micro-batch
+without a graph, computes ``coupled_loss`` on the whole window's embeddings and its
+gradient with respect to them, then re-runs each micro-batch with a graph (same
+random state, so dropout draws the same masks) and backpropagates that gradient:
+the big batch's gradient, with the activation memory of one micro-batch. Under
+``accumulation = "plain"`` it computes ``coupled_loss(embed(model, micro_batch))``
+inside each micro-batch, as a plain accumulation loop does, and says that this is
+not the big batch's gradient: each example meets B/N − 1 others instead of B − 1.
 """
 
 from __future__ import annotations
@@ -41,6 +67,13 @@ LossFn = Callable[[nn.Module, Examples], tuple[torch.Tensor, torch.Tensor | int]
 UnitsFn = Callable[[Examples], torch.Tensor | int]
 # accuracy(model, batch) -> (number of correct predictions, number of predictions)
 AccuracyFn = Callable[[nn.Module, Examples], tuple[torch.Tensor | int, torch.Tensor | int]]
+# what embed returns: a tensor, or a tuple of tensors, with the examples along dim 0
+Embeddings = torch.Tensor | tuple[torch.Tensor, ...]
+# embed(model, batch) -> the batch's embeddings (the part of the forward done per example)
+EmbedFn = Callable[[nn.Module, Examples], Embeddings]
+# coupled_loss(embeddings) -> (summed loss, units) of a whole batch, each example scored
+# against the others
+CoupledLossFn = Callable[[Embeddings], tuple[torch.Tensor, torch.Tensor | int]]
 
 
 @dataclass
@@ -49,11 +82,41 @@ class Setup:
 
     model: nn.Module
     train: Examples  # training examples along dim 0: (x, y) or a dict of tensors
-    loss: LossFn  # (summed loss, units) of a batch
+    loss: LossFn | None = None  # (summed loss, units) of a batch; or embed and coupled_loss
     units: UnitsFn | None = None  # default: one unit per example
     test: Examples | None = None  # held-out examples, for test loss (and accuracy)
     accuracy: AccuracyFn | None = None  # (correct, total) on a batch, for test accuracy
     shuffle: bool = True  # False keeps the training examples in the order given
+    # a loss that couples the batch, in two parts (in place of loss): see the module's doc
+    embed: EmbedFn | None = None  # the embeddings of a batch's examples
+    coupled_loss: CoupledLossFn | None = None  # (summed loss, units) of a batch's embeddings
+
+    def __post_init__(self):
+        if (self.embed is None) != (self.coupled_loss is None):
+            given, missing = ("embed", "coupled_loss") if self.embed is not None \
+                else ("coupled_loss", "embed")
+            raise GradlabError(f"Setup got {given} but no {missing}; a loss that couples the "
+                               f"batch needs both: embed(model, batch) -> embeddings and "
+                               f"coupled_loss(embeddings) -> (summed loss, units)")
+        if self.coupled and self.loss is not None:
+            raise GradlabError("Setup got loss and also embed/coupled_loss; give one: loss for "
+                               "a loss computed per example, embed and coupled_loss for one "
+                               "that couples the batch")
+        if not self.coupled and self.loss is None:
+            raise GradlabError("Setup needs a loss: loss(model, batch) -> (summed loss, units), "
+                               "or embed and coupled_loss for a loss that couples the batch")
+
+    @property
+    def coupled(self) -> bool:
+        """Does the loss score each example against the others in its batch?"""
+        return self.coupled_loss is not None
+
+    def batch_loss(self, model: nn.Module, batch: Examples) -> tuple[torch.Tensor, object]:
+        """(summed loss, units) of a batch on its own: for a coupled loss, its examples are
+        scored against each other only (what plain accumulation does to a micro-batch)."""
+        if self.coupled:
+            return self.coupled_loss(self.embed(model, batch))
+        return self.loss(model, batch)
 
     def count_units(self, batch: Examples) -> torch.Tensor | int:
         return self.units(batch) if self.units is not None else num_examples(batch)

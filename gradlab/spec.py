@@ -46,6 +46,13 @@ class LossScale(Policy):
     NONE = "none"          # per-micro-batch mean, not divided by N: gradients N times too large
 
 
+class Accumulation(Policy):
+    """How a window's N micro-batches make one gradient (see engine.window_gradient)."""
+    AUTO = "auto"            # gradcache for a loss that couples the batch when N > 1, else plain
+    PLAIN = "plain"          # forward, loss, backward per micro-batch (a coupled loss: per B/N)
+    GRADCACHE = "gradcache"  # embed all, loss of the whole window, re-embed with a graph
+
+
 class ZeroGrad(Policy):
     """Where optimizer.zero_grad() runs."""
     EVERY_N = "every-n"                # after each optimizer step: the accumulation pattern
@@ -95,8 +102,9 @@ class Settings:
     """Everything that decides how one arm trains. Names are part of the CLI contract."""
 
     setup: str = _setting(
-        "", "your own training setup, 'pkg.module:factory': factory(settings) returns a "
-            "gradlab.setup.Setup (model, examples, loss); replaces model and dataset")
+        "", "a training setup: built-in (digit-views) or your own 'pkg.module:factory', where "
+            "factory(settings) returns a gradlab.setup.Setup (model, examples, loss); "
+            "replaces model and dataset")
     model: str = _setting(
         "mlp", "toy-linear | mlp | cnn | gru-lm | transformer-lm, or your own "
                "'pkg.module:factory'")
@@ -104,8 +112,8 @@ class Settings:
         "regression", "toy-pairs | regression | digits | docstrings, or your own "
                       "'pkg.module:factory'")
     norm: Norm = _setting(Norm.NONE, "normalisation layer in mlp/cnn: bn | gn | ln | in | none")
-    hidden: int = _setting(5, "mlp: width of each hidden layer")
-    depth: int = _setting(1, "mlp: number of hidden layers")
+    hidden: int = _setting(5, "mlp, digit-views: width of each hidden layer")
+    depth: int = _setting(1, "mlp, digit-views: number of hidden layers")
     channels: int = _setting(8, "cnn: channels of the first conv layer (the second has twice)")
     groups: int = _setting(4, "GroupNorm: number of groups; must divide the channels")
     min_len: int = _setting(8, "docstrings: tokens in the shortest sequence")
@@ -117,6 +125,15 @@ class Settings:
         "loss normalisation: by-size (summed loss / units of the whole window, exact for "
         "examples and tokens alike), by-count (each micro-batch's mean / N: the textbook "
         "loss/N), none (each micro-batch's mean, not divided by N)")
+    accumulation: Accumulation = _setting(
+        Accumulation.AUTO,
+        "how N micro-batches make one gradient: plain (forward, loss, backward per "
+        "micro-batch; a loss that couples the batch then sees only B/N examples), gradcache "
+        "(for a coupled loss: embed every micro-batch, loss of the whole window, re-embed "
+        "with a graph; exact, memory of one micro-batch, one extra forward), auto "
+        "(gradcache when the setup's loss couples the batch and N > 1, else plain)")
+    temperature: float = _setting(
+        0.1, "digit-views: softmax temperature of the InfoNCE loss (similarities / temperature)")
     zero_grad: ZeroGrad = _setting(
         ZeroGrad.EVERY_N,
         "where zero_grad() runs: every-n (after each optimizer step, i.e. every N batches), "
@@ -561,6 +578,13 @@ def validate(s: Settings, where: str, origin=lambda key: "") -> None:
         raise GradlabError(f"{where}: {shown('accum_steps')} is larger than "
                            f"{shown('batch_size')}, so a micro-batch would be empty; use "
                            f"accum_steps <= batch_size")
+    if s.temperature <= 0:
+        raise GradlabError(f"{where}: {shown('temperature')}; the temperature divides the "
+                           f"similarities, so it must be positive (e.g. temperature=0.1)")
+    if s.accumulation == Accumulation.GRADCACHE and s.loss_scale != LossScale.BY_SIZE:
+        raise GradlabError(f"{where}: {shown('accumulation')} computes one loss over the whole "
+                           f"window, so {shown('loss_scale')} has no micro-batch losses to "
+                           f"combine; use loss_scale=by-size with gradcache")
     if s.min_len > s.max_len:
         raise GradlabError(f"{where}: {shown('min_len')} is larger than {shown('max_len')}; "
                            f"use min_len <= max_len")

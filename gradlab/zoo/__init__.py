@@ -15,11 +15,19 @@ from collections.abc import Callable
 
 from gradlab import setup
 from gradlab.errors import GradlabError
-from gradlab.zoo import text
+from gradlab.zoo import contrastive, text
 from gradlab.zoo.data import DATASETS, Data
 from gradlab.zoo.models import MODELS
 
-__all__ = ["Data", "DATASETS", "LOSSES", "MODELS", "resolve"]
+__all__ = ["Data", "DATASETS", "LOSSES", "MODELS", "SETUPS", "resolve"]
+
+# whole training setups (model, examples, loss) built in: --set setup=NAME
+SETUPS = {
+    "digit-views": (contrastive.digit_views,
+                    "two augmented views of each digit, a shared mlp encoder (hidden, depth), "
+                    "InfoNCE with in-batch negatives (temperature): a loss that couples the "
+                    "batch"),
+}
 
 # Data.loss -> (loss, units, accuracy) of the Setup built from a model and a dataset
 LOSSES = {
@@ -31,7 +39,7 @@ LOSSES = {
 
 def resolve(kind: str, name: str) -> Callable:
     """A built-in factory by name, or the user's own from 'pkg.module:callable'."""
-    table = {"model": MODELS, "dataset": DATASETS, "setup": {}}[kind]
+    table = {"model": MODELS, "dataset": DATASETS, "setup": SETUPS}[kind]
     if name in table:
         return table[name][0]
     module_name, colon, attr = name.partition(":")
