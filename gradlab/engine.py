@@ -152,9 +152,12 @@ def gradcache(model: nn.Module, micro_batches: list[Examples], window_units, s: 
     with torch.no_grad():
         for micro_batch in micro_batches:
             states.append(rng_state(device))
-            cached.append(as_tuple(setup.embed(model, micro_batch)))
-    window_embeddings = tuple(torch.cat(parts).requires_grad_() for parts in zip(*cached))
-    loss, units = setup.coupled_loss(like(cached[0], window_embeddings))
+            embeddings = setup.embed(model, micro_batch)
+            cached.append(as_tuple(embeddings))
+    window_embeddings = tuple(torch.cat(parts).requires_grad_()
+                              for parts in zip(*cached, strict=True))
+    one_tensor = isinstance(embeddings, torch.Tensor)  # as embed gave them: one, or a tuple
+    loss, units = setup.coupled_loss(window_embeddings[0] if one_tensor else window_embeddings)
     (loss / window_units).backward()  # reaches the cached embeddings only: no parameter
     sizes = [num_examples(mb) for mb in micro_batches]
     slices = [e.grad.split(sizes) if e.grad is not None else [None] * len(sizes)
@@ -184,11 +187,6 @@ def zero_grad_around_backward(model: nn.Module, s: Settings, watch: Watch | None
 
 def as_tuple(embeddings: Embeddings) -> tuple[torch.Tensor, ...]:
     return (embeddings,) if isinstance(embeddings, torch.Tensor) else tuple(embeddings)
-
-
-def like(example: Embeddings | tuple, parts: tuple[torch.Tensor, ...]) -> Embeddings:
-    """``parts`` shaped as embed returned them: one tensor, or a tuple."""
-    return parts[0] if isinstance(example, torch.Tensor) else parts
 
 
 def rng_state(device: torch.device) -> tuple:
