@@ -97,7 +97,7 @@ def main() -> None:
     for (arm, s), row in zip(runs, rows, strict=True):
         print(f"| {arm} | {s.accum_steps} | {s.micro_batch} | {row['negatives']:.0f} | "
               f"{row['ms']:.2f} | {row['cpu_ms']:.2f} | {row['cpu_ms'] / big['cpu_ms']:.2f}x "
-              f"| {row['saved'] / 1024:.0f} | {row['saved'] / big['saved']:.3f} |")
+              f"| {row['saved'] / 1024:.1f} | {row['saved'] / big['saved']:.3f} |")
 
 if __name__ == "__main__":
     main()
