@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ["toy", "equivalence", "zero-grad-toy", "zero-grad", "batch-lr", "norm",
                "norm-training", "tokens", "tokens-training"]
 LOCAL = ["my_lm"]  # examples of your own setup, run from the repository root
+# runs of a spec with other settings: name -> gradlab run arguments
+VARIANTS = {"norm-low": ["norm", "--set", "dtype=bfloat16,float16", "--set", "steps=11"]}
+# figures the README shows: docs/figures/FILE <- the standard figure of that run
+FIGURES = {"equivalence-grad-error.png": "equivalence", "norm-grad-error.png": "norm",
+           "norm-training-accuracy.png": "norm-training", "toy-trace.png": "toy",
+           "tokens-grad-error.png": "tokens", "tokens-training-loss.png": "tokens-training"}
 
 
 def gradlab() -> list[str]:
@@ -41,7 +47,8 @@ def gradlab() -> list[str]:
 def run(name: str, out: Path) -> tuple[Path, float, str]:
     """`gradlab run NAME` into out/NAME; (run directory, wall seconds, the table it printed)."""
     start = time.perf_counter()
-    done = subprocess.run([*gradlab(), "run", name, "--out", str(out / name)], cwd=ROOT,
+    args = VARIANTS.get(name, [name])
+    done = subprocess.run([*gradlab(), "run", *args, "--out", str(out / name)], cwd=ROOT,
                           capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "100", "NO_COLOR": "1"})
     seconds = time.perf_counter() - start
@@ -217,6 +224,21 @@ def block_norm(runs: dict, printed: dict) -> str:
     return table(["norm", "dtype", *(f"N={n}" for n in (1, 2, 4, 8, 16, 32))], rows)
 
 
+def block_norm_low(runs: dict, printed: dict) -> str:
+    s = summary(runs["norm-low"])
+    s = s[s.arm == "accumulated"].assign(case=norm_case)
+    rows = []
+    for case in ("bn", "bn frozen", "gn", "ln", "in", "none"):
+        for dtype in ("bfloat16", "float16"):
+            part = s[(s.case == case) & (s.dtype == dtype)].set_index("accum_steps")
+            cells = [f"{g(part.loc[n, 'max_exact_err'])} / {g(part.loc[n, 'rel_tolerance'])}"
+                     for n in (2, 8, 32)]
+            rows.append([case, dtype, g(part.exact_floor.max()), *cells,
+                         ", ".join(sorted(set(part.loc[[2, 4, 8, 16, 32], "verdict"])))])
+    return table(["norm", "dtype", "floor", "N=2: vs exact / tolerance", "N=8", "N=32",
+                  "verdict, N = 2..32"], rows)
+
+
 def block_norm_training(runs: dict, printed: dict) -> str:
     s = summary(runs["norm-training"])
     rows = []
@@ -294,7 +316,7 @@ BLOCKS: dict[str, Callable] = {
     "toy-output": block_toy_output, "equivalence": block_equivalence,
     "equivalence-losses": block_equivalence_losses, "zero-grad-toy": block_zero_grad_toy,
     "zero-grad": block_zero_grad, "batch-lr": block_batch_lr, "norm": block_norm,
-    "norm-training": block_norm_training, "tokens": block_tokens,
+    "norm-training": block_norm_training, "norm-low": block_norm_low, "tokens": block_tokens,
     "tokens-training": block_tokens_training, "my_lm": block_my_lm, "margins": block_margins,
 }
 
@@ -314,7 +336,7 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="rewrite the marked blocks of this file")
     parser.add_argument("--only", help="comma-separated experiments to run")
     args = parser.parse_args()
-    names = [*EXPERIMENTS, *LOCAL]
+    names = [*EXPERIMENTS, *LOCAL, *VARIANTS]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     runs, printed, seconds = {}, {}, {}
@@ -338,8 +360,22 @@ def main() -> None:
                          f"{__import__('torch').__version__}")
     for key, body in blocks.items():
         print(f"<!-- numbers: {key} -->\n{body}\n<!-- /numbers: {key} -->\n")
+    for figure, name in FIGURES.items():
+        if name in runs:
+            copy_figure(runs[name], figure)
     if args.write:
         args.write.write_text(replace_blocks(args.write.read_text(), blocks))
+
+
+def copy_figure(run_dir: Path, figure: str) -> None:
+    """docs/figures/FIGURE from `gradlab plot RUN` (the run's standard figures)."""
+    subprocess.run([*gradlab(), "plot", str(run_dir)], cwd=ROOT, check=True,
+                   capture_output=True)
+    made = run_dir / "figures" / figure
+    if not made.exists():
+        raise SystemExit(f"gradlab plot {run_dir} made no {figure}: "
+                         f"{sorted(p.name for p in (run_dir / 'figures').iterdir())}")
+    (ROOT / "docs" / "figures" / figure).write_bytes(made.read_bytes())
 
 
 def needs(block: str) -> list[str]:
