@@ -10,8 +10,9 @@ Each row is one optimizer step of the `contrastive` experiment's setup (its
 [settings]: the digit-views encoder, B = 64, float32) through gradlab's own engine
 (gradlab.engine.train_step), timed over --repeats steps after a warm-up, the arms
 taking turns step by step: the median wall-clock time and the median CPU time
-(user + sys of this process, which a loaded machine inflates less). Activation
-bytes are the most bytes autograd held saved for backward at once during the step
+(user + sys of this process, which a loaded machine inflates less), without
+gradlab's saved-tensor meter. Activation bytes are the most bytes autograd held
+saved for backward at once during a step, metered on the warm-up steps
 (gradlab.memory.SavedTensors, the `saved_bytes` column of steps.csv):
 deterministic, the same on every machine.
 """
@@ -41,18 +42,22 @@ class Arm:
         self.stream = runner.windows(self.setup, settings)
         self.walls, self.cpus, self.saved = [], [], 0
 
-    def step(self) -> None:
+    def step(self, metered: bool = False) -> None:
+        """One step, timed; ``metered``: with gradlab's saved-tensor meter (not timed then)."""
         cuda = self.setup.device.type == "cuda"
         window = next(self.stream)
         if cuda:
             torch.cuda.synchronize()
         wall, cpu = time.perf_counter(), time.process_time()
-        stats = engine.train_step(self.setup.model, self.optimizer, window, self.s, self.setup)
+        stats = engine.train_step(self.setup.model, self.optimizer, window, self.s, self.setup,
+                                  measure_memory=metered)
         if cuda:
             torch.cuda.synchronize()
-        self.walls.append(time.perf_counter() - wall)
-        self.cpus.append(time.process_time() - cpu)
-        self.saved = max(self.saved, stats.saved_bytes)
+        if metered:
+            self.saved = max(self.saved, stats.saved_bytes)
+        else:
+            self.walls.append(time.perf_counter() - wall)
+            self.cpus.append(time.process_time() - cpu)
 
     def row(self) -> dict[str, float]:
         return {"ms": 1e3 * statistics.median(self.walls),
@@ -63,11 +68,9 @@ class Arm:
 def measure(arms: list[Arm], repeats: int) -> list[dict[str, float]]:
     """Every arm steps in turn, repeat after repeat: a machine whose load drifts slows them
     all alike, so their ratios hold better than their times."""
-    for _ in range(3):  # warm-up: allocator, kernels, caches
+    for _ in range(3):  # warm-up (allocator, kernels, caches), metering the activations
         for arm in arms:
-            arm.step()
-    for arm in arms:
-        arm.walls, arm.cpus = [], []
+            arm.step(metered=True)
     for _ in range(repeats):
         for arm in arms:
             arm.step()

@@ -45,7 +45,7 @@ class StepStats:
     units: int  # loss units in the window: examples, or non-padding tokens
     grad_norm: float  # L2 norm of the gradient the optimizer applied (all parameters)
     update_norm: float  # L2 norm of the change in the parameters
-    saved_bytes: int  # the most activation bytes autograd held for backward at once
+    saved_bytes: float  # the most activation bytes autograd held at once (NaN: not measured)
     negatives: float  # coupled loss: other examples each example was scored against (else NaN)
 
 
@@ -228,13 +228,20 @@ def negatives(s: Settings, setup: Setup) -> float:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examples,
-               s: Settings, setup: Setup, watch: Watch | None = None) -> StepStats:
-    """One optimizer step on a window of B examples, under the arm's policy."""
+               s: Settings, setup: Setup, watch: Watch | None = None,
+               measure_memory: bool = True) -> StepStats:
+    """One optimizer step on a window of B examples, under the arm's policy.
+
+    ``measure_memory`` meters the activations autograd saves (gradlab.memory): a Python
+    call per saved tensor, which slows a small model's step by about a fifth, so the
+    runner asks for it only on the steps it probes.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     # activations only (parameters left out), and only this step's: observers that compute
     # gradients of their own (the probe) do it in watch.gradient(), after this
-    with SavedTensors(exclude=params) as saved:
+    meter = SavedTensors(exclude=params) if measure_memory else contextlib.nullcontext()
+    with meter:
         loss, units = window_gradient(model, window, s, setup, watch)
     if watch is not None:
         watch.gradient()
@@ -244,8 +251,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
         optimizer.zero_grad(set_to_none=s.set_to_none)
     update_norm = global_norm(p.detach() - b for p, b in zip(params, before, strict=True))
     units = int(units)
-    return StepStats(float(loss) / units, units, grad_norm, update_norm, saved.peak,
-                     negatives(s, setup))
+    return StepStats(float(loss) / units, units, grad_norm, update_norm,
+                     meter.peak if measure_memory else math.nan, negatives(s, setup))
 
 
 def global_norm(tensors: Iterable[torch.Tensor | None]) -> float:

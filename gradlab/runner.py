@@ -435,7 +435,7 @@ class ArmRun:
             o.before_step(self, window)
         with self.rng:
             stats = engine.train_step(self.model, self.optimizer, window, self.s, self.setup,
-                                      self)
+                                      self, measure_memory=probe_due(self.s, self.step))
         self.examples += self.s.batch_size
         self.loss = stats.loss
         for o in self.observers:

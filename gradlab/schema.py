@@ -29,9 +29,10 @@ COLUMNS: dict[str, tuple[str, ...]] = {
                 "diverged_at_step", "max_saved_bytes", "negatives", "rel_tolerance", "expect",
                 "verdict"),
     # saved_bytes: the most bytes of activations autograd held for backward at once during
-    # the step (gradlab.memory); negatives: for a loss that couples the batch, the other
-    # examples each example was scored against (B/N - 1 inside micro-batches, B - 1 over
-    # the window), empty for a loss computed per example
+    # the step (gradlab.memory), on the steps the probe runs (empty on the others);
+    # negatives: for a loss that couples the batch, the other examples each example was
+    # scored against (B/N - 1 inside micro-batches, B - 1 over the window), empty for a
+    # loss computed per example
     "steps": ("step", "examples", "units", "loss", "grad_norm", "update_norm", "saved_bytes",
               "negatives", "weight_dist", "rel_loss_diff"),
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",

@@ -184,6 +184,17 @@ def test_gradcache_holds_the_activations_of_a_micro_batch_and_the_loss_of_the_wi
     assert naive < cached < big  # gradcache also holds the loss's graph over B embeddings
 
 
+def test_a_step_is_metered_only_when_asked():
+    s = arm(8, "gradcache")
+    setup = cs.in_batch(s)
+    optimizer = engine.make_optimizer(setup.model, s)
+    plain_step = engine.train_step(setup.model, optimizer, setup.train, s, setup,
+                                   measure_memory=False)
+    assert math.isnan(plain_step.saved_bytes)
+    metered = engine.train_step(setup.model, optimizer, setup.train, s, setup)
+    assert metered.saved_bytes > 0
+
+
 def test_contrastive_gradcache_at_micro_batch_b_over_8_holds_under_0_3_of_the_big_batch():
     """The must-show, on the built-in experiment's own encoder (float32, B = 64, N = 8)."""
     settings = {k: v for k, v in load_spec("contrastive").settings.items() if k != "steps"}
@@ -215,6 +226,10 @@ def test_a_setup_needs_a_loss():
 # the contrastive experiment, cut down: a narrow encoder, 2 steps, float64, N = 1 and 4
 SMALL = ["--set", "hidden=16", "--set", "depth=1", "--set", "steps=2", "--set", "probe_every=1",
          "--set", "dtype=float64", "--set", "accum_steps=1,4"]
+
+
+MINI_EQUIVALENCE = ["--set", "model=mlp", "--set", "dataset=regression", "--set", "norm=none",
+                    "--set", "accum_steps=2", "--set", "steps=3", "--set", "probe_every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +269,7 @@ def test_contrastive_run_records_negatives_and_activation_bytes(contrastive_run)
     saved = at4["saved_bytes"].max()
     assert saved["naive-accumulation"] < saved["gradcache"] < saved["big-batch"]
     assert (summary["max_saved_bytes"] > 0).all()
+    assert steps["saved_bytes"].notna().all()  # probe_every=1: every step is metered
 
 
 def test_plain_accumulation_of_a_coupled_loss_is_reported(contrastive_result):
@@ -264,9 +280,12 @@ def test_plain_accumulation_of_a_coupled_loss_is_reported(contrastive_result):
     assert any(n.startswith(note) for n in json.loads((run / "run.json").read_text())["notes"])
 
 
-def test_a_loss_per_example_records_no_negatives(tmp_path):
-    out = run_dir("toy", "--out", tmp_path)
-    assert pd.read_csv(out / "steps.csv")["negatives"].isna().all()
+def test_a_loss_per_example_records_no_negatives_and_only_probed_steps_are_metered(tmp_path):
+    out = run_dir("equivalence", *MINI_EQUIVALENCE, "--out", tmp_path)
+    steps = pd.read_csv(out / "steps.csv")
+    assert steps["negatives"].isna().all()
+    metered = steps.groupby("step")["saved_bytes"].apply(lambda b: b.notna().all())
+    assert metered.to_dict() == {1: True, 2: False, 3: True}  # probe_every=2: steps 1 and 3
 
 
 @pytest.mark.parametrize(("args", "expected"), [
