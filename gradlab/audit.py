@@ -1,0 +1,802 @@
+"""gradlab audit: the user's own, unchanged training loop against its big-batch twin.
+
+The user's entrypoint ``train(micro_batch_size, accum_steps, max_steps)`` seeds itself,
+builds its model, optimizer and data, and makes ``max_steps`` optimizer steps. gradlab
+calls it twice, each time in a fresh process:
+
+    accumulated   train(m, N, K)      N micro-batches of m per optimizer step
+    big-batch     train(m*N, 1, K)    one batch of m*N per step (the baseline)
+
+Every optimizer in torch ends in ``torch.optim.Optimizer.step()``, and torch offers a
+global hook there, so each process records, at every step, the gradient the optimizer
+receives and each parameter group's learning rate, without a line of the user's code
+changed (plain PyTorch, Accelerate, Lightning and the Hugging Face Trainer alike). It
+also counts what happened since the previous step: backward() calls (and the sum of
+the scalars they ran on: the loss the step's gradient is the gradient of), zero_grad()
+calls and the backward() results they discarded, and scheduler steps. The parent
+compares the two records step by step with the verdict rule every gradlab verdict
+uses, and names the mistake when the pattern is a known one.
+
+The module has two halves. The worker (``python -m gradlab.audit``) imports only the
+standard library and torch, so a process starts as fast as the user's own script;
+the parent (``audit``) validates, runs the workers, compares, diagnoses and writes the
+run directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradlab.errors import GradlabError
+
+# A run copies every gradient (to host memory) while parameters x max_steps stays
+# within this many elements: 400 MB in float64. Above it, each parameter's gradient is
+# kept as its norm and PROJECTIONS projections onto fixed random vectors, and the
+# errors are estimates (E[(r.d)^2] = |d|^2 for r with independent N(0, 1) entries).
+COPY_LIMIT = 50_000_000
+PROJECTIONS = 4
+CHUNK = 1 << 24  # elements projected at a time: bounds the float64 temporaries
+
+# Learning rates are Python floats from the same scheduler code in both runs: a right
+# loop gives them bit for bit, so anything beyond float64 noise is a real difference.
+LR_RTOL = 1e-12
+
+ARM_NAMES = ("big-batch", "accumulated")
+
+
+# ============================================================================ worker
+
+def resolve_entrypoint(text: str):
+    """The user's train function from 'pkg.module:function', checked against the contract."""
+    module_name, sep, attr = text.partition(":")
+    if not sep or not module_name or not attr:
+        raise GradlabError(f"entrypoint '{text}': give it as pkg.module:function, e.g. "
+                           f"experiments.tutorial_loop:train")
+    if os.getcwd() not in sys.path:  # `gradlab audit mymodule:train` from the project folder
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise GradlabError(f"entrypoint '{text}': no module named '{module_name}'; run from "
+                               f"the folder that holds it, or put it on PYTHONPATH") from None
+        raise GradlabError(f"entrypoint '{text}': importing {module_name} failed: {e}") from None
+    except Exception as e:  # the user's module top level raised
+        raise GradlabError(f"entrypoint '{text}': importing {module_name} raised "
+                           f"{type(e).__name__}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        found = sorted(n for n, v in vars(module).items()
+                       if inspect.isfunction(v) and v.__module__ == module.__name__)
+        what = "is not a function" if hasattr(module, attr) else "does not exist"
+        raise GradlabError(f"entrypoint '{text}': {module_name}.{attr} {what}; functions in "
+                           f"{module_name}: {', '.join(found) or 'none'}")
+    try:
+        inspect.signature(fn).bind(micro_batch_size=1, accum_steps=1, max_steps=1)
+    except TypeError:
+        raise GradlabError(f"entrypoint '{text}' has the signature {attr}"
+                           f"{inspect.signature(fn)}; it must accept train(micro_batch_size: "
+                           f"int, accum_steps: int, max_steps: int)") from None
+    except ValueError:  # a builtin without a signature: let the call decide
+        pass
+    return fn
+
+
+@dataclass
+class Window:
+    """What happened between two optimizer steps."""
+    backwards: int = 0
+    discarded: int = 0        # backward() results a zero_grad() cleared before any step
+    zero_grads: int = 0
+    scheduler_steps: int = 0
+    pending: int = 0          # backward() calls since .grad was last cleared or stepped on
+    loss: Any = 0.0           # sum of the scalars backward() ran on (a tensor: no sync)
+    loss_known: bool = True
+
+    def counts(self) -> dict[str, Any]:
+        loss = float(self.loss) if self.loss_known and self.backwards else math.nan
+        return {"backwards": self.backwards, "discarded": self.discarded,
+                "zero_grads": self.zero_grads, "scheduler_steps": self.scheduler_steps,
+                "loss": loss}
+
+
+class Recorder:
+    """The hooks of one worker: what each optimizer step receives, and what led to it."""
+
+    def __init__(self, max_steps: int, copy_limit: int):
+        self.max_steps, self.copy_limit = max_steps, copy_limit
+        self.steps: list[dict[str, Any]] = []
+        self.window = Window()
+        self.seen: dict[int, nn.Module] = {}  # modules run before the first step
+        self.names: dict[int, str] = {}       # id(parameter) -> name in its model
+        self.layers: dict[str, list[str]] = {"batchnorm": [], "dropout": []}
+        self.sketch: bool | None = None
+        self.device = "cpu"
+        self._undo: list = []
+
+    # -- installing
+    def install(self) -> None:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+        from torch.optim.lr_scheduler import LRScheduler
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self._undo.append(register_optimizer_step_pre_hook(self.on_step).remove)
+        # names the parameters at the first step, then goes: a forward hook costs per call
+        self._forward_hook = register_module_forward_pre_hook(self.on_forward)
+        self._undo.append(self._forward_hook.remove)
+        # torch has no global hook for these; wrapping the methods changes nothing they do
+        self._wrap(torch.Tensor, "backward", self.on_backward)
+        self._wrap(torch.optim.Optimizer, "zero_grad", self.on_zero_grad)
+        self._wrap(nn.Module, "zero_grad", self.on_zero_grad)
+        self._wrap(LRScheduler, "step", self.on_scheduler_step)
+
+    def _wrap(self, owner: type, name: str, before) -> None:
+        original = owner.__dict__[name]
+
+        @functools.wraps(original)
+        def wrapped(obj, *args, **kwargs):
+            before(obj)
+            return original(obj, *args, **kwargs)
+
+        setattr(owner, name, wrapped)
+        self._undo.append(lambda: setattr(owner, name, original))
+
+    def uninstall(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    # -- the hooks
+    def on_forward(self, module: nn.Module, args) -> None:
+        self.seen.setdefault(id(module), module)
+
+    def on_backward(self, tensor: torch.Tensor) -> None:
+        w = self.window
+        w.backwards += 1
+        w.pending += 1
+        if tensor.numel() == 1 and w.loss_known:
+            w.loss = w.loss + tensor.detach().reshape(()).double()
+        else:
+            w.loss_known = False
+
+    def on_zero_grad(self, owner) -> None:
+        w = self.window
+        w.zero_grads += 1
+        w.discarded += w.pending
+        w.pending = 0
+
+    def on_scheduler_step(self, scheduler) -> None:
+        if getattr(scheduler, "_step_count", None) != 0:  # 0: the step its __init__ makes
+            self.window.scheduler_steps += 1
+
+    def on_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        if not self.steps:
+            self._first_step()
+        params = [(g, i, p) for g, group in enumerate(optimizer.param_groups)
+                  for i, p in enumerate(group["params"])]
+        if self.sketch is None:
+            total = sum(p.numel() for _, _, p in params)
+            self.sketch = total * self.max_steps > self.copy_limit
+            self.device = str(params[0][2].device) if params else "cpu"
+        names = [self.names.get(id(p), f"param_groups.{g}.params.{i}") for g, i, p in params]
+        record: dict[str, Any] = {
+            "names": names,
+            "shapes": [tuple(p.shape) for _, _, p in params],
+            "dtypes": [str(p.grad.dtype if p.grad is not None else p.dtype).removeprefix("torch.")
+                       for _, _, p in params],
+            "lrs": [float(group["lr"]) for group in optimizer.param_groups],
+            **self.window.counts(),
+        }
+        grads = [p.grad for _, _, p in params]
+        if self.sketch:
+            record["norms"] = [_norm(g) for g in grads]
+            record["projections"] = [_project(name, g) for name, g in zip(names, grads,
+                                                                          strict=True)]
+        else:
+            record["grads"] = [g.detach().to("cpu", copy=True) if g is not None else None
+                               for g in grads]
+        self.steps.append(record)
+        self.window = Window()
+
+    def _first_step(self) -> None:
+        """Name the parameters after the models that ran; then stop watching forwards."""
+        modules = list(self.seen.values())
+        inside = {id(c) for m in modules for c in m.modules() if c is not m}
+        roots = [m for m in modules if id(m) not in inside]
+        holders = [r for r in roots if any(True for _ in r.parameters())]
+        for j, root in enumerate(holders):
+            prefix = f"{type(root).__name__}.{j}." if len(holders) > 1 else ""
+            for name, p in root.named_parameters():
+                self.names.setdefault(id(p), prefix + name)
+            for name, m in root.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                    self.layers["batchnorm"].append(name)
+                if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+                    self.layers["dropout"].append(name)
+        self._forward_hook.remove()
+        self.seen.clear()
+
+    def result(self) -> dict[str, Any]:
+        return {"steps": self.steps, "after_last_step": self.window.counts(),
+                "sketch": bool(self.sketch), "layers": self.layers, "device": self.device}
+
+
+def _norm(grad: torch.Tensor | None) -> float:
+    return 0.0 if grad is None else float(torch.linalg.vector_norm(grad.detach(),
+                                                                   dtype=torch.float64))
+
+
+def _project(name: str, grad: torch.Tensor | None) -> torch.Tensor:
+    """grad . r_k for PROJECTIONS fixed random vectors r_k, in float64.
+
+    r_k is drawn from a generator seeded by the parameter's name, so both runs project
+    onto the same vectors; it is drawn again at every step instead of kept, which would
+    cost PROJECTIONS times the model's memory.
+    """
+    if grad is None:
+        return torch.zeros(PROJECTIONS, dtype=torch.float64)
+    flat = grad.detach().reshape(-1)
+    out = torch.zeros(PROJECTIONS, dtype=torch.float64, device=flat.device)
+    for k in range(PROJECTIONS):
+        generator = torch.Generator(device=flat.device)
+        generator.manual_seed(zlib.crc32(f"{name}#{k}".encode()))
+        for chunk in flat.split(CHUNK):
+            r = torch.randn(chunk.numel(), generator=generator, device=flat.device)
+            out[k] += torch.dot(r.double(), chunk.double())
+    return out.cpu()
+
+
+def _where(err: BaseException) -> str:
+    """file:line of the innermost frame outside torch, where the user's code failed."""
+    frames = traceback.extract_tb(err.__traceback__)
+    torch_dir = str(Path(torch.__file__).parent)
+    mine = [f for f in frames if not f.filename.startswith(torch_dir)
+            and not f.filename.endswith("gradlab/audit.py")]
+    frame = (mine or frames or [None])[-1]
+    return f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+
+
+def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: int,
+           copy_limit: int, out: Path) -> None:
+    """Run train() once under the hooks and torch.save what they saw (or why not) to out."""
+    call = f"train({micro_batch_size}, {accum_steps}, {max_steps})"
+    result: dict[str, Any] = {"error": None}
+    try:
+        fn = resolve_entrypoint(entrypoint)
+        recorder = Recorder(max_steps, copy_limit)
+        recorder.install()
+        start = time.perf_counter()
+        try:
+            fn(micro_batch_size=micro_batch_size, accum_steps=accum_steps, max_steps=max_steps)
+        finally:
+            recorder.uninstall()
+        result.update(recorder.result(), seconds=time.perf_counter() - start)
+    except GradlabError as e:
+        result["error"] = str(e)
+    except Exception as e:  # the user's loop failed: say where, in one line
+        message = str(e).strip().splitlines()
+        result["error"] = (f"{call} raised {type(e).__name__}"
+                           f"{': ' + message[0] if message else ''}{_where(e)}; fix the loop "
+                           f"(run it alone to see the traceback) and audit again")
+    torch.save(result, out)
+
+
+# ============================================================================ parent
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    micro_batch_size: int
+    accum_steps: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.accum_steps
+
+    def call(self, max_steps: int) -> str:
+        return f"train({self.micro_batch_size}, {self.accum_steps}, {max_steps})"
+
+
+@dataclass
+class Audit:
+    """What an audit found; ``steps`` has one row per optimizer step (audit.csv)."""
+    entrypoint: str
+    base: Arm
+    arm: Arm
+    max_steps: int
+    dtype: str
+    estimate: bool                      # sketches, not copies: errors are estimates
+    steps: list[dict[str, Any]]
+    params: list[dict[str, Any]]        # per step and parameter (probe.csv)
+    captures: dict[str, dict[str, Any]]
+    verdict: str = "equivalent"
+    first_difference: dict[str, Any] | None = None
+    diagnosis: str | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict != "equivalent"
+
+
+def verdict_of(dtype: str, accum_steps: int, rel_err: float) -> tuple[str, float]:
+    """equivalent or differs, and the tolerance: the one verdict rule of gradlab (probe.py)."""
+    from gradlab import probe
+
+    tolerance = probe.rel_tolerance(dtype, accum_steps)
+    return probe.verdict(False, rel_err, tolerance), tolerance
+
+
+def audit(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: int,
+          out: Path, *, copy_limit: int = COPY_LIMIT, parallel: bool = True,
+          say=lambda message: None) -> Audit:
+    """Run the two loops, compare them step by step, diagnose, and write the run directory."""
+    for value, flag, least in ((accum_steps, "--accum-steps", 2),
+                               (micro_batch_size, "--micro-batch-size", 1),
+                               (max_steps, "--steps", 1), (copy_limit, "--copy-limit", 0)):
+        if value < least:
+            extra = " (N = 1 would compare the loop with itself)" if least == 2 else ""
+            raise GradlabError(f"{flag} {value}: give an integer >= {least}{extra}")
+    resolve_entrypoint(entrypoint)  # a bad entrypoint fails here, before any process starts
+    base = Arm("big-batch", micro_batch_size * accum_steps, 1)
+    arm = Arm("accumulated", micro_batch_size, accum_steps)
+
+    start = time.perf_counter()
+    say(f"running {arm.call(max_steps)} and {base.call(max_steps)} of {entrypoint}, "
+        f"each in its own process")
+    with tempfile.TemporaryDirectory(prefix="gradlab-audit-") as tmp:
+        runs = [(base, "big-batch"), (arm, "accumulated")]
+        captured = run_loops(entrypoint, runs, max_steps, copy_limit, Path(tmp), parallel)
+        check_runs(captured, {label: a for a, label in runs}, max_steps)
+        result = compare_runs(entrypoint, base, arm, max_steps, captured)
+        if result.failed:  # before blaming accumulation: does the loop repeat itself?
+            say(f"they differ; running {base.call(max_steps)} once more to check that the "
+                f"loop is deterministic")
+            again = run_loops(entrypoint, [(base, "again")], max_steps, copy_limit,
+                              Path(tmp), parallel)
+            check_deterministic(base, max_steps, captured["big-batch"], again["again"],
+                                result.dtype)
+    result.seconds = {"audit": time.perf_counter() - start,
+                      **{f"train {name}": c["seconds"] for name, c in captured.items()}}
+    if result.failed:
+        result.diagnosis = diagnose(result)
+    result.run_dir = write_run(result, out)
+    return result
+
+
+def run_loops(entrypoint: str, runs: list[tuple[Arm, str]], max_steps: int, copy_limit: int,
+              tmp: Path, parallel: bool) -> dict[str, dict[str, Any]]:
+    """Each (arm, label) in a fresh process; what its hooks saw, by label."""
+    env = dict(os.environ)
+    # the worker imports the user's module from where the parent could
+    paths = [os.getcwd(), *(p for p in sys.path if p and Path(p).is_dir())]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
+        [*paths, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]))
+    started = []
+    for arm, label in runs:
+        out, log = tmp / f"{label}.pt", tmp / f"{label}.log"
+        command = [sys.executable, "-m", "gradlab.audit", entrypoint,
+                   str(arm.micro_batch_size), str(arm.accum_steps), str(max_steps),
+                   str(copy_limit), str(out)]
+        with log.open("wb") as sink:  # the loop's own prints: shown only if it dies
+            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                       stdin=subprocess.DEVNULL)
+        started.append((arm, label, process, out, log))
+        if not parallel:
+            process.wait()
+    captured = {}
+    for arm, label, process, out, log in started:
+        process.wait()
+        if not out.is_file():
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise GradlabError(f"{arm.call(max_steps)} died without a result (exit code "
+                               f"{process.returncode}: {tail[0]}); run it alone to see why")
+        result = torch.load(out, weights_only=False)
+        if result["error"]:
+            raise GradlabError(result["error"])
+        captured[label] = result
+    return captured
+
+
+def check_runs(captured: dict[str, dict], arms: dict[str, Arm], max_steps: int) -> None:
+    """Both runs stepped, equally often, over parameters of the same names and shapes."""
+    calls = {label: arms[label].call(max_steps) for label in captured}
+    for label, c in captured.items():
+        if not c["steps"]:
+            raise GradlabError(f"{calls[label]} never called optimizer.step() (no torch.optim "
+                               f"optimizer stepped); the audit compares what reaches step(), "
+                               f"so train() must train with a torch.optim optimizer")
+    counts = {label: len(c["steps"]) for label, c in captured.items()}
+    if len(set(counts.values())) > 1:
+        made = ", ".join(f"{calls[label]} made {n}" for label, n in counts.items())
+        raise GradlabError(f"the two runs made different numbers of optimizer steps ({made}); "
+                           f"train() must stop after max_steps = {max_steps} optimizer steps, "
+                           f"counting optimizer.step() calls, not micro-batches")
+    base, arm = captured["big-batch"], captured["accumulated"]
+    for step, (b, a) in enumerate(zip(base["steps"], arm["steps"], strict=True), start=1):
+        if b["names"] != a["names"]:
+            only = sorted(set(b["names"]) ^ set(a["names"]))[:3] or b["names"][:3]
+            raise GradlabError(f"at step {step} the two runs' optimizers hold different "
+                               f"parameters (e.g. {', '.join(only)}); train() must build the "
+                               f"same model and optimizer whatever the batch size")
+        for name, sb, sa in zip(b["names"], b["shapes"], a["shapes"], strict=True):
+            if sb != sa:
+                raise GradlabError(f"parameter '{name}' has shape {list(sa)} in "
+                                   f"{calls['accumulated']} but {list(sb)} in "
+                                   f"{calls['big-batch']}; train() must build the same model "
+                                   f"whatever the batch size")
+
+
+def dtype_of(capture: dict[str, Any]) -> str:
+    """The least precise dtype among the gradients: the one that sets the rounding floor."""
+    from gradlab import probe
+
+    dtypes = set(capture["steps"][0]["dtypes"])
+    unknown = sorted(d for d in dtypes if d not in probe.UNIT_ROUNDOFF)
+    if unknown:
+        raise GradlabError(f"the gradients are {', '.join(unknown)}; gradlab judges "
+                           f"{', '.join(probe.UNIT_ROUNDOFF)} gradients")
+    return max(dtypes, key=probe.UNIT_ROUNDOFF.get)
+
+
+def compare_runs(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
+                 captured: dict[str, dict]) -> Audit:
+    ref, own = captured["big-batch"], captured["accumulated"]
+    dtype = dtype_of(ref)
+    estimate = ref["sketch"] or own["sketch"]
+    steps, params = [], []
+    for step, (b, a) in enumerate(zip(ref["steps"], own["steps"], strict=True), start=1):
+        rows = gradient_rows(b, a, estimate)
+        overall = rows[-1]
+        verdict, tolerance = verdict_of(dtype, arm.accum_steps, overall["rel_l2_err"])
+        lr_diff = max(abs(x - y) / abs(y) if y else abs(x - y)
+                      for x, y in zip(a["lrs"], b["lrs"], strict=False))
+        if lr_diff > LR_RTOL or len(a["lrs"]) != len(b["lrs"]):
+            verdict = "differs"
+        steps.append({
+            "trial": 0, "arm": arm.name, "step": step, "rel_grad_err": overall["rel_l2_err"],
+            "max_abs_grad_err": overall["max_abs_err"], "cosine": overall["cosine"],
+            "grad_norm_big_batch": overall["ref_norm"],
+            "grad_norm_accumulated": overall["arm_norm"],
+            "lr_big_batch": b["lrs"][0], "lr_accumulated": a["lrs"][0], "rel_lr_diff": lr_diff,
+            "loss_big_batch": b["loss"], "loss_accumulated": a["loss"],
+            "tolerance": tolerance, "verdict": verdict, "estimate": estimate})
+        params += [{"trial": 0, "arm": arm.name, "step": step, **r} for r in rows]
+    result = Audit(entrypoint, base, arm, max_steps, dtype, estimate, steps, params, captured)
+    differing = [s for s in steps if s["verdict"] != "equivalent"]
+    if differing:
+        result.verdict, result.first_difference = "differs", differing[0]
+    return result
+
+
+def gradient_rows(ref: dict, own: dict, estimate: bool) -> list[dict[str, Any]]:
+    """Per parameter, then '*' for all together: probe.compare_grads, or its estimate."""
+    from gradlab import probe
+
+    if not estimate:
+        def dense(record):
+            return {name: (g.double() if g is not None else torch.zeros(shape,
+                                                                           dtype=torch.float64))
+                    for name, g, shape in zip(record["names"], record["grads"],
+                                              record["shapes"], strict=True)}
+        return probe.compare_grads(dense(own), dense(ref))
+    rows, totals = [], [0.0, 0.0, 0.0]
+    for name, nb, na, pb, pa in zip(ref["names"], ref["norms"], own["norms"],
+                                    ref["projections"], own["projections"], strict=True):
+        diff2 = float(((pa - pb) ** 2).mean())
+        rows.append({"param": name, **_estimated(diff2, nb, na)})
+        totals = [totals[0] + diff2, totals[1] + nb * nb, totals[2] + na * na]
+    rows.append({"param": "*", **_estimated(totals[0], math.sqrt(totals[1]),
+                                            math.sqrt(totals[2]))})
+    return rows
+
+
+def _estimated(diff2: float, ref_norm: float, arm_norm: float) -> dict[str, float]:
+    """probe.compare's metrics from exact norms and an estimate of |g_arm - g_ref|^2."""
+    rel = math.sqrt(diff2) / ref_norm if ref_norm else (0.0 if diff2 == 0 else math.inf)
+    if ref_norm and arm_norm:
+        cosine = (ref_norm**2 + arm_norm**2 - diff2) / (2 * ref_norm * arm_norm)
+        cosine = min(1.0, max(-1.0, cosine))
+    else:
+        cosine = 1.0 if ref_norm == arm_norm else 0.0
+    return {"max_abs_err": math.nan, "rel_l2_err": rel, "cosine": cosine,
+            "ref_norm": ref_norm, "arm_norm": arm_norm}
+
+
+def check_deterministic(base: Arm, max_steps: int, first: dict, again: dict, dtype: str) -> None:
+    """The same call twice must give the same record, or no difference means anything."""
+    call = base.call(max_steps)
+    fix = ("seed everything inside train() (torch.manual_seed, the DataLoader's generator, "
+           "random and numpy) and avoid nondeterministic kernels, then audit again")
+    if len(first["steps"]) != len(again["steps"]):
+        raise GradlabError(f"the loop is not deterministic: {call} made {len(first['steps'])} "
+                           f"optimizer steps once and {len(again['steps'])} the next time; {fix}")
+    estimate = first["sketch"] or again["sketch"]
+    for step, (a, b) in enumerate(zip(again["steps"], first["steps"], strict=True), start=1):
+        rel = gradient_rows(b, a, estimate)[-1]["rel_l2_err"] if a["names"] == b["names"] \
+            else math.inf
+        verdict, tolerance = verdict_of(dtype, base.accum_steps, rel)
+        if verdict != "equivalent" or a["lrs"] != b["lrs"]:
+            raise GradlabError(
+                f"the loop is not deterministic: {call} run twice hands the optimizer "
+                f"different gradients at step {step} (rel err {rel:.3g}, tolerance "
+                f"{tolerance:.3g}), so the difference between the big batch and the "
+                f"accumulated run says nothing about accumulation; {fix}")
+
+
+# ---------------------------------------------------------------------------- diagnosis
+
+# a gradient "points the same way" above this cosine, and is "N times as long" within
+# this relative distance of N: not-divided-by-N gives cosine 1 and ratio N to rounding
+SAME_DIRECTION = 1 - 1e-6
+SAME_RATIO = 1e-3
+
+
+def diagnose(result: Audit) -> str | None:
+    """The likely mistake behind the first difference, when its pattern is a known one."""
+    first = result.first_difference
+    n, step = result.arm.accum_steps, first["step"]
+    base, own = result.captures["big-batch"], result.captures["accumulated"]
+    events = {label: _totals(c) for label, c in result.captures.items()}
+    ratio = (first["grad_norm_accumulated"] / first["grad_norm_big_batch"]
+             if first["grad_norm_big_batch"] else math.inf)
+    cosine = first["cosine"]
+
+    if first["rel_lr_diff"] > LR_RTOL:
+        said = (f"the learning rate differs from step {step}: {first['lr_accumulated']:.6g} "
+                f"instead of the big batch's {first['lr_big_batch']:.6g}")
+        sa, sb = events["accumulated"]["scheduler_steps"], events["big-batch"]["scheduler_steps"]
+        if sa > sb:
+            return (f"{said}. The scheduler stepped {sa} times in the accumulated run and {sb} "
+                    f"times in the big batch's, over {len(own['steps'])} optimizer steps each: "
+                    f"it is stepped once per micro-batch, so the schedule runs {sa / max(sb, 1):.3g}"
+                    f"x too fast. Call scheduler.step() once per optimizer step, next to "
+                    f"optimizer.step().")
+        return (f"{said}, although both runs stepped their scheduler {sa} times: the schedule "
+                f"itself depends on the batch size or the number of micro-batches.")
+    if events["accumulated"]["discarded"] > events["big-batch"]["discarded"]:
+        per_step = own["steps"][0]
+        return (f"zero_grad() cleared .grad between the micro-batches of a step: before step 1 "
+                f"it discarded {per_step['discarded']} of the {per_step['backwards']} "
+                f"backward() results, so optimizer.step() received the last micro-batch's "
+                f"gradient alone (|g| {ratio:.3g}x the big batch's, cosine {cosine:.3g}). Call "
+                f"zero_grad() only after optimizer.step().")
+    if cosine >= SAME_DIRECTION and abs(ratio - n) <= SAME_RATIO * n:
+        return (f"the accumulated gradient is {ratio:.4g}x the big batch's and points the "
+                f"same way (cosine {cosine:.6g}), so the relative error is N - 1 = {n - 1}: the "
+                f"loss is not divided by N = {n}. Divide each micro-batch's loss by "
+                f"accum_steps before backward(): (loss / accum_steps).backward().")
+    if cosine >= SAME_DIRECTION and step == 1:
+        return (f"the accumulated gradient is {ratio:.4g}x the big batch's and points the "
+                f"same way (cosine {cosine:.6g}): each micro-batch's loss is scaled by "
+                f"{ratio / n:.4g}/N instead of 1/N.")
+    layers = own["layers"]
+    if layers["batchnorm"]:
+        return (f"the model has BatchNorm in training mode ({_few(layers['batchnorm'])}): it "
+                f"normalises each micro-batch of {result.arm.micro_batch_size} by that "
+                f"micro-batch's own statistics, not the {result.base.batch_size} of the big "
+                f"batch, and no accumulation can reproduce that (cosine {cosine:.6g} at step "
+                f"{step}). Use GroupNorm or LayerNorm, or keep BatchNorm in eval mode, when "
+                f"accumulating.")
+    if layers["dropout"]:
+        return (f"the model has dropout in training mode ({_few(layers['dropout'])}): micro-"
+                f"batches draw other random masks than the big batch, so the gradients differ "
+                f"even when the loop is right. Audit with dropout off (p = 0).")
+    if step > 1:
+        cleared, base_cleared = own["steps"][step - 1]["zero_grads"], \
+            base["steps"][step - 1]["zero_grads"]
+        if cleared == 0 and base_cleared:
+            return (f"equal at step 1, different from step {step}: no zero_grad() ran in the "
+                    f"accumulated run between optimizer steps {step - 1} and {step}, so step "
+                    f"{step} received step {step - 1}'s gradient as well. Call zero_grad() "
+                    f"after every optimizer.step().")
+        return (f"equal at step 1, different from step {step}: typical of gradients not "
+                f"cleared after an optimizer step (step {step} then also holds the previous "
+                f"steps' gradients).")
+    return (f"at step 1 the gradient already points elsewhere (cosine {cosine:.6g}) with the "
+            f"loss scaled right, no BatchNorm and no dropout: typical of a loss normalised per "
+            f"micro-batch by a count that varies between micro-batches, like tokens in "
+            f"sequences of unequal length (the error vanishes when all have equal length) or "
+            f"an uneven last micro-batch. Normalise by the count of the whole window: sum the "
+            f"losses, divide by the tokens (examples) of all N micro-batches.")
+
+
+def _totals(capture: dict[str, Any]) -> dict[str, int]:
+    windows = [*capture["steps"], capture["after_last_step"]]
+    return {key: sum(w[key] for w in windows) for key in ("scheduler_steps", "discarded")}
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+# ---------------------------------------------------------------------------- run directory
+
+def write_run(result: Audit, out: Path) -> Path:
+    """A run directory that compare, plot and report read like any other run's."""
+    from gradlab import store  # pandas: only the parent needs it
+
+    module = result.entrypoint.partition(":")[0].rsplit(".", 1)[-1]
+    arms = (result.base, result.arm)
+    settings = {a.name: {"entrypoint": result.entrypoint, "batch_size": a.batch_size,
+                         "accum_steps": a.accum_steps, "micro_batch_size": a.micro_batch_size,
+                         "dtype": result.dtype, "steps": result.max_steps,
+                         "seed": "set by train()"} for a in arms}
+    run_dir = store.RunDir(out, f"audit-{module}", {
+        "experiment": "audit",
+        "description": f"gradlab audit {result.entrypoint}: {result.arm.call(result.max_steps)}"
+                       f" against {result.base.call(result.max_steps)}, each in its own process;"
+                       f" gradients at each run's own weights, step by step",
+        "entrypoint": result.entrypoint,
+        "device": result.captures["accumulated"]["device"],
+        "trials": [{"trial": 0, "swept": {},
+                    "arms": {a.name: {"baseline": a is result.base,
+                                      "expect": "" if a is result.base else "equivalent",
+                                      "settings": settings[a.name]} for a in arms}}],
+        "audit": {"verdict": result.verdict, "estimate": result.estimate,
+                  "first_difference": (result.first_difference or {}).get("step"),
+                  "diagnosis": result.diagnosis, "seconds": result.seconds},
+    })
+    for table, rows in (("summary", summary_rows(result)), ("steps", step_rows(result)),
+                        ("probe", result.params), ("checks", check_rows(result)),
+                        ("audit", result.steps)):
+        run_dir.append(table, rows)
+    run_dir.finish("complete")
+    return run_dir.path
+
+
+def step_rows(result: Audit) -> list[dict[str, Any]]:
+    rows = []
+    for s in result.steps:
+        ref_loss = s["loss_big_batch"]
+        for a in (result.base, result.arm):
+            key = "big_batch" if a is result.base else "accumulated"
+            loss = s[f"loss_{key}"]
+            rows.append({"trial": 0, "arm": a.name, "step": s["step"],
+                         "examples": s["step"] * a.batch_size, "loss": loss,
+                         "grad_norm": s[f"grad_norm_{key}"], "lr": s[f"lr_{key}"],
+                         "weight_dist": math.nan,
+                         "rel_loss_diff": abs(loss - ref_loss) / abs(ref_loss) if ref_loss
+                         else math.nan})
+    return sorted(rows, key=lambda r: (r["arm"] != result.base.name, r["step"]))
+
+
+def summary_rows(result: Audit) -> list[dict[str, Any]]:
+    steps, last = result.steps, result.steps[-1]
+    rows = []
+    for a in (result.base, result.arm):
+        is_base = a is result.base
+        rows.append({
+            "trial": 0, "arm": a.name, "baseline": is_base, "batch_size": a.batch_size,
+            "accum_steps": a.accum_steps, "micro_batch": a.micro_batch_size,
+            "dtype": result.dtype,
+            "max_rel_grad_err": math.nan if is_base else max(s["rel_grad_err"] for s in steps),
+            "max_abs_grad_err": math.nan if is_base else max(s["max_abs_grad_err"]
+                                                             for s in steps),
+            "min_grad_cosine": math.nan if is_base else min(s["cosine"] for s in steps),
+            "final_loss": last["loss_big_batch" if is_base else "loss_accumulated"],
+            "max_rel_loss_diff": 0.0 if is_base else max(
+                abs(s["loss_accumulated"] - s["loss_big_batch"]) / abs(s["loss_big_batch"])
+                if s["loss_big_batch"] else math.nan for s in steps),
+            "final_weight_dist": math.nan, "final_test_loss": math.nan,
+            "final_test_accuracy": math.nan, "max_rel_buffer_diff": math.nan,
+            "max_rel_lr_diff": math.nan if is_base else max(s["rel_lr_diff"] for s in steps),
+            "first_difference": math.nan if is_base or not result.first_difference
+            else result.first_difference["step"],
+            "rel_tolerance": math.nan if is_base else steps[0]["tolerance"],
+            "estimate": result.estimate,
+            "expect": "" if is_base else "equivalent",
+            "verdict": "baseline" if is_base else result.verdict,
+            "diagnosis": "" if is_base else result.diagnosis or "",
+        })
+    return rows
+
+
+def check_rows(result: Audit) -> list[dict[str, Any]]:
+    worst = max(s["rel_lr_diff"] for s in result.steps)
+    return [{"trial": 0, "arm": result.arm.name, "check": "learning rate = big batch's",
+             "value": worst, "tolerance": LR_RTOL, "passed": worst <= LR_RTOL}]
+
+
+# ---------------------------------------------------------------------------- rendering
+
+def render(result: Audit, console) -> None:
+    """The step table, the first difference and its diagnosis, on the given rich console."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from gradlab import probe
+    from gradlab.compare import fmt
+
+    estimate = " (estimated)" if result.estimate else ""
+    title = (f"audit {result.entrypoint}: {result.arm.call(result.max_steps)} against "
+             f"{result.base.call(result.max_steps)}, {result.dtype}")
+    table = Table(title=Text(title), title_justify="left")  # Text: ':train' is no emoji
+    for header in ("step", f"rel grad err{estimate}", "tolerance", "cosine",
+                   "lr big-batch", "lr accumulated", "verdict"):
+        table.add_column(header, justify="left" if header in ("verdict",) else "right",
+                         no_wrap=True)
+    for s in shown_steps(result.steps):
+        if s is None:
+            table.add_row("...", "", "", "", "", "", "")
+            continue
+        style = "green" if s["verdict"] == "equivalent" else "red"
+        table.add_row(str(s["step"]), fmt(s["rel_grad_err"]), fmt(s["tolerance"]),
+                      _cosine(s["cosine"]), fmt(s["lr_big_batch"]), fmt(s["lr_accumulated"]),
+                      f"[{style}]{s['verdict']}[/]")
+    console.print(table)
+    worst = max(s["rel_grad_err"] for s in result.steps)
+    plain = {"highlight": False, "soft_wrap": True, "markup": False, "emoji": False}
+    console.print(f"verdict: equivalent when rel grad err = ||g_acc - g_big|| / ||g_big|| <= "
+                  f"tolerance = {probe.TOLERANCE_FACTOR:g} * max(N, 2) * u ({result.dtype}) "
+                  f"and the learning rates agree to {LR_RTOL:g}; each run at its own weights",
+                  **plain)
+    if result.estimate:
+        console.print(f"estimate: parameters x steps > {COPY_LIMIT:.0e} elements, too many to "
+                      f"copy: the errors are estimated from the norm and {PROJECTIONS} random "
+                      f"projections of each parameter's gradient", **plain)
+    if not result.failed:
+        console.print(Text.assemble(
+            ("equivalent", "bold green"),
+            f" at every one of the {len(result.steps)} steps: the accumulated loop hands the "
+            f"optimizer the big batch's gradient (max rel grad err {fmt(worst)} <= "
+            f"{fmt(result.steps[0]['tolerance'])}) and learning rate"), soft_wrap=True)
+        return
+    first = result.first_difference
+    what = (f"rel grad err {fmt(first['rel_grad_err'])} (tolerance {fmt(first['tolerance'])}), "
+            f"cosine {_cosine(first['cosine'])}")
+    if first["rel_lr_diff"] > LR_RTOL:
+        what += (f"; learning rate {fmt(first['lr_accumulated'])} against "
+                 f"{fmt(first['lr_big_batch'])}")
+    console.print(Text.assemble(("differs", "bold red"), f" from step {first['step']}: {what}"),
+                  soft_wrap=True)
+    if result.diagnosis:
+        console.print(f"diagnosis: {result.diagnosis}", **plain)
+
+
+def _cosine(value: float) -> str:
+    """A cosine shows how close to 1 it is: 0.99999994 is not 1."""
+    if math.isnan(value):
+        return "-"
+    if value > 0.999:
+        return f"{value:.8f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"
+
+
+def shown_steps(steps: list[dict], keep: int = 12) -> list[dict | None]:
+    """All steps when few; else the first ones, the first difference and the last (None: ...)."""
+    if len(steps) <= keep:
+        return steps
+    wanted = {1, 2, 3, len(steps)}
+    first = next((s["step"] for s in steps if s["verdict"] != "equivalent"), None)
+    if first:
+        wanted |= {first - 1, first, first + 1}
+    out: list[dict | None] = []
+    for s in steps:
+        if s["step"] in wanted:
+            if out and out[-1] is not None and out[-1]["step"] != s["step"] - 1:
+                out.append(None)
+            out.append(s)
+    return out
+
+
+if __name__ == "__main__":
+    entry, m, n, k, limit, path = sys.argv[1:]
+    worker(entry, int(m), int(n), int(k), int(limit), Path(path))
