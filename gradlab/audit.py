@@ -554,7 +554,6 @@ def diagnose(result: Audit) -> str | None:
     first = result.first_difference
     n, step = result.arm.accum_steps, first["step"]
     base, own = result.captures["big-batch"], result.captures["accumulated"]
-    events = {label: _totals(c) for label, c in result.captures.items()}
     ratio = (first["grad_norm_accumulated"] / first["grad_norm_big_batch"]
              if first["grad_norm_big_batch"] else math.inf)
     cosine = first["cosine"]
@@ -562,16 +561,20 @@ def diagnose(result: Audit) -> str | None:
     if first["rel_lr_diff"] > LR_RTOL:
         said = (f"the learning rate differs from step {step}: {first['lr_accumulated']:.6g} "
                 f"instead of the big batch's {first['lr_big_batch']:.6g}")
-        sa, sb = events["accumulated"]["scheduler_steps"], events["big-batch"]["scheduler_steps"]
+        sa, sb = (_count(c, "scheduler_steps", between=True) for c in (own, base))
+        span = ("between the first and the last optimizer step" if len(own["steps"]) > 1
+                else "before the optimizer step")
         if sa > sb:
-            return (f"{said}. The scheduler stepped {sa} times in the accumulated run and {sb} "
-                    f"times in the big batch's, over {len(own['steps'])} optimizer steps each: "
-                    f"it is stepped once per micro-batch, so the schedule runs {sa / max(sb, 1):.3g}"
-                    f"x too fast. Call scheduler.step() once per optimizer step, next to "
-                    f"optimizer.step().")
-        return (f"{said}, although both runs stepped their scheduler {sa} times: the schedule "
-                f"itself depends on the batch size or the number of micro-batches.")
-    if events["accumulated"]["discarded"] > events["big-batch"]["discarded"]:
+            rate = ("once per micro-batch" if sb and sa == n * sb else
+                    f"{sa / sb:.3g} times per optimizer step" if sb else "before the step")
+            pace = f"{sa / sb:.3g}x too fast" if sb else "ahead"
+            return (f"{said}. {span.capitalize()} the scheduler stepped {sa} times in the "
+                    f"accumulated run and {sb} times in the big batch's: it is stepped {rate}, "
+                    f"so the schedule runs {pace}. Call scheduler.step() once per optimizer "
+                    f"step, next to optimizer.step().")
+        return (f"{said}, although both runs stepped their scheduler {sa} times {span}: the "
+                f"schedule itself depends on the batch size or the number of micro-batches.")
+    if _count(own, "discarded") > _count(base, "discarded"):
         per_step = own["steps"][0]
         return (f"zero_grad() cleared .grad between the micro-batches of a step: before step 1 "
                 f"it discarded {per_step['discarded']} of the {per_step['backwards']} "
@@ -618,9 +621,11 @@ def diagnose(result: Audit) -> str | None:
             f"losses, divide by the tokens (examples) of all N micro-batches.")
 
 
-def _totals(capture: dict[str, Any]) -> dict[str, int]:
-    windows = [*capture["steps"], capture["after_last_step"]]
-    return {key: sum(w[key] for w in windows) for key in ("scheduler_steps", "discarded")}
+def _count(capture: dict[str, Any], key: str, between: bool = False) -> int:
+    """How often something happened before the last optimizer step, or (between) from the
+    first step to the last, which gives the rate per step (unless there is only one)."""
+    windows = capture["steps"]
+    return sum(w[key] for w in (windows[1:] if between and len(windows) > 1 else windows))
 
 
 def _few(names: list[str]) -> str:
@@ -645,6 +650,7 @@ def write_run(result: Audit, out: Path) -> Path:
                        f" against {result.base.call(result.max_steps)}, each in its own process;"
                        f" gradients at each run's own weights, step by step",
         "entrypoint": result.entrypoint,
+        "gradients_at": "each at its own run's weights, step by step (gradlab audit)",
         "device": result.captures["accumulated"]["device"],
         "trials": [{"trial": 0, "swept": {},
                     "arms": {a.name: {"baseline": a is result.base,
@@ -728,7 +734,8 @@ def render(result: Audit, console) -> None:
     estimate = " (estimated)" if result.estimate else ""
     title = (f"audit {result.entrypoint}: {result.arm.call(result.max_steps)} against "
              f"{result.base.call(result.max_steps)}, {result.dtype}")
-    table = Table(title=Text(title), title_justify="left")  # Text: ':train' is no emoji
+    console.print(title, highlight=False, soft_wrap=True, markup=False, emoji=False)
+    table = Table()
     for header in ("step", f"rel grad err{estimate}", "tolerance", "cosine",
                    "lr big-batch", "lr accumulated", "verdict"):
         table.add_column(header, justify="left" if header in ("verdict",) else "right",

@@ -349,7 +349,8 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
     if at_step is not None:
         title += f", at step {at_step}"
     return Comparison(title, columns, table.reset_index(drop=True), grouped is not None,
-                      notes(rows, tol, recorded, reference, at_step, grouped is not None),
+                      notes(rows, tol, recorded, reference, at_step, grouped is not None,
+                            runs[0].meta.get("gradients_at")),
                       failures(rows, settings))
 
 
@@ -390,8 +391,13 @@ def sort_rows(table: pd.DataFrame, column: str, columns: list[str], grouped: boo
 
 
 def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
-          at_step: int | None, grouped: bool) -> list[str]:
-    """How to read the table: which tolerance, and why."""
+          at_step: int | None, grouped: bool, where: str | None = None) -> list[str]:
+    """How to read the table: which tolerance, and why.
+
+    where: at which weights the gradients were taken, when not at the baseline's (a run
+    may say so in run.json's 'gradients_at', as gradlab audit does).
+    """
+    where = where or f"both at {recorded}'s weights"
     out = []
     if tol.rtol is not None:
         rule = (f"rel grad err <= {fmt(tol.rtol)} (--rtol, in place of "
@@ -409,7 +415,7 @@ def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
     if tol.atol is not None:
         rule += f"; or abs grad err <= {fmt(tol.atol)} (--atol)"
     out.append(f"verdict: equivalent when {rule}. rel grad err = max over probed steps of "
-               f"||g_arm - g_{recorded}|| / ||g_{recorded}||, both at {recorded}'s weights.")
+               f"||g_arm - g_{recorded}|| / ||g_{recorded}||, {where}.")
     if rows["run_checks"].any():
         out.append(f"check also covers the {rows['run_checks'].sum()} check(s) the run recorded "
                    f"in checks.csv: FAIL when one of them failed.")
