@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import math
 import os
@@ -62,8 +63,8 @@ ARM_NAMES = ("big-batch", "accumulated")
 
 # ============================================================================ worker
 
-def resolve_entrypoint(text: str):
-    """The user's train function from 'pkg.module:function', checked against the contract."""
+def locate_entrypoint(text: str) -> tuple[str, str]:
+    """(module, function) of 'pkg.module:function', checked without running the module."""
     module_name, sep, attr = text.partition(":")
     if not sep or not module_name or not attr:
         raise GradlabError(f"entrypoint '{text}': give it as pkg.module:function, e.g. "
@@ -71,12 +72,20 @@ def resolve_entrypoint(text: str):
     if os.getcwd() not in sys.path:  # `gradlab audit mymodule:train` from the project folder
         sys.path.insert(0, os.getcwd())
     try:
+        found = importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):  # its parent package is missing or broken
+        found = False
+    if not found:
+        raise GradlabError(f"entrypoint '{text}': no module named '{module_name}'; run from "
+                           f"the folder that holds it, or put it on PYTHONPATH")
+    return module_name, attr
+
+
+def resolve_entrypoint(text: str):
+    """The user's train function from 'pkg.module:function', checked against the contract."""
+    module_name, attr = locate_entrypoint(text)
+    try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            raise GradlabError(f"entrypoint '{text}': no module named '{module_name}'; run from "
-                               f"the folder that holds it, or put it on PYTHONPATH") from None
-        raise GradlabError(f"entrypoint '{text}': importing {module_name} failed: {e}") from None
     except Exception as e:  # the user's module top level raised
         raise GradlabError(f"entrypoint '{text}': importing {module_name} raised "
                            f"{type(e).__name__}: {e}") from None
@@ -336,6 +345,12 @@ class Audit:
         return self.verdict != "equivalent"
 
 
+def twins(micro_batch_size: int, accum_steps: int) -> tuple[Arm, Arm]:
+    """The baseline (m*N x 1) and the accumulated arm (m x N)."""
+    return (Arm("big-batch", micro_batch_size * accum_steps, 1),
+            Arm("accumulated", micro_batch_size, accum_steps))
+
+
 def verdict_of(dtype: str, accum_steps: int, rel_err: float) -> tuple[str, float]:
     """equivalent or differs, and the tolerance: the one verdict rule of gradlab (probe.py)."""
     from gradlab import probe
@@ -354,21 +369,17 @@ def audit(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: i
         if value < least:
             extra = " (N = 1 would compare the loop with itself)" if least == 2 else ""
             raise GradlabError(f"{flag} {value}: give an integer >= {least}{extra}")
-    resolve_entrypoint(entrypoint)  # a bad entrypoint fails here, before any process starts
-    base = Arm("big-batch", micro_batch_size * accum_steps, 1)
-    arm = Arm("accumulated", micro_batch_size, accum_steps)
+    locate_entrypoint(entrypoint)  # imports nothing: the user's module may be slow to import
+    base, arm = twins(micro_batch_size, accum_steps)
 
     start = time.perf_counter()
-    say(f"running {arm.call(max_steps)} and {base.call(max_steps)} of {entrypoint}, "
-        f"each in its own process")
+    say(f"running {arm.call(max_steps)} and {base.call(max_steps)}, each in its own process")
     with tempfile.TemporaryDirectory(prefix="gradlab-audit-") as tmp:
         runs = [(base, "big-batch"), (arm, "accumulated")]
         captured = run_loops(entrypoint, runs, max_steps, copy_limit, Path(tmp), parallel)
-        check_runs(captured, {label: a for a, label in runs}, max_steps)
-        result = compare_runs(entrypoint, base, arm, max_steps, captured)
+        result = examine(entrypoint, base, arm, max_steps, captured)
         if result.failed:  # before blaming accumulation: does the loop repeat itself?
-            say(f"they differ; running {base.call(max_steps)} once more to check that the "
-                f"loop is deterministic")
+            say(f"they differ; running {base.call(max_steps)} again: is the loop deterministic?")
             again = run_loops(entrypoint, [(base, "again")], max_steps, copy_limit,
                               Path(tmp), parallel)
             check_deterministic(base, max_steps, captured["big-batch"], again["again"],
@@ -417,7 +428,7 @@ def run_loops(entrypoint: str, runs: list[tuple[Arm, str]], max_steps: int, copy
 
 def check_runs(captured: dict[str, dict], arms: dict[str, Arm], max_steps: int) -> None:
     """Both runs stepped, equally often, over parameters of the same names and shapes."""
-    calls = {label: arms[label].call(max_steps) for label in captured}
+    calls = {label: arms[label].call(max_steps) for label in arms}
     for label, c in captured.items():
         if not c["steps"]:
             raise GradlabError(f"{calls[label]} never called optimizer.step() (no torch.optim "
@@ -456,8 +467,10 @@ def dtype_of(capture: dict[str, Any]) -> str:
     return max(dtypes, key=probe.UNIT_ROUNDOFF.get)
 
 
-def compare_runs(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
-                 captured: dict[str, dict]) -> Audit:
+def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
+            captured: dict[str, dict]) -> Audit:
+    """The two runs' records compared step by step (checked first: comparable at all?)."""
+    check_runs(captured, {base.name: base, arm.name: arm}, max_steps)
     ref, own = captured["big-batch"], captured["accumulated"]
     dtype = dtype_of(ref)
     estimate = ref["sketch"] or own["sketch"]
@@ -491,31 +504,33 @@ def gradient_rows(ref: dict, own: dict, estimate: bool) -> list[dict[str, Any]]:
     from gradlab import probe
 
     if not estimate:
-        def dense(record):
-            return {name: (g.double() if g is not None else torch.zeros(shape,
-                                                                           dtype=torch.float64))
-                    for name, g, shape in zip(record["names"], record["grads"],
-                                              record["shapes"], strict=True)}
+        def dense(record):  # backward left None: a zero gradient, as probe.grads_of does
+            zero = functools.partial(torch.zeros, dtype=torch.float64)
+            return {name: g.double() if g is not None else zero(shape) for name, g, shape
+                    in zip(record["names"], record["grads"], record["shapes"], strict=True)}
         return probe.compare_grads(dense(own), dense(ref))
-    rows, totals = [], [0.0, 0.0, 0.0]
+    rows = []
     for name, nb, na, pb, pa in zip(ref["names"], ref["norms"], own["norms"],
                                     ref["projections"], own["projections"], strict=True):
-        diff2 = float(((pa - pb) ** 2).mean())
-        rows.append({"param": name, **_estimated(diff2, nb, na)})
-        totals = [totals[0] + diff2, totals[1] + nb * nb, totals[2] + na * na]
-    rows.append({"param": "*", **_estimated(totals[0], math.sqrt(totals[1]),
-                                            math.sqrt(totals[2]))})
+        rows.append({"param": name, **_estimated(pb, pa, nb, na)})
+    rows.append({"param": "*", **_estimated(torch.cat(ref["projections"]),
+                                            torch.cat(own["projections"]),
+                                            math.hypot(*ref["norms"]), math.hypot(*own["norms"]))})
     return rows
 
 
-def _estimated(diff2: float, ref_norm: float, arm_norm: float) -> dict[str, float]:
-    """probe.compare's metrics from exact norms and an estimate of |g_arm - g_ref|^2."""
+def _estimated(ref_proj: torch.Tensor, arm_proj: torch.Tensor, ref_norm: float,
+               arm_norm: float) -> dict[str, float]:
+    """probe.compare's metrics from exact norms and the projections of the two gradients.
+
+    Each parameter's PROJECTIONS projections estimate |g_arm - g_ref|^2 (their mean
+    square difference) and the cosine (that of the projected vectors: exactly 1 when one
+    gradient is a positive multiple of the other, as without the division by N).
+    """
+    diff2 = float(((arm_proj - ref_proj) ** 2).sum()) / PROJECTIONS
     rel = math.sqrt(diff2) / ref_norm if ref_norm else (0.0 if diff2 == 0 else math.inf)
-    if ref_norm and arm_norm:
-        cosine = (ref_norm**2 + arm_norm**2 - diff2) / (2 * ref_norm * arm_norm)
-        cosine = min(1.0, max(-1.0, cosine))
-    else:
-        cosine = 1.0 if ref_norm == arm_norm else 0.0
+    scale = float(arm_proj.norm() * ref_proj.norm())
+    cosine = float(arm_proj @ ref_proj) / scale if scale else float(ref_norm == arm_norm)
     return {"max_abs_err": math.nan, "rel_l2_err": rel, "cosine": cosine,
             "ref_norm": ref_norm, "arm_norm": arm_norm}
 

@@ -6,6 +6,7 @@ Data goes to stdout (the run directory's path, or one JSON document with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -420,11 +421,12 @@ def audit(
     try:
         from gradlab import audit as audits  # starts torch processes: only audit needs it
 
-        result = audits.audit(entrypoint, micro_batch_size, accum_steps, steps, out,
-                              copy_limit=audits.COPY_LIMIT if copy_limit is None else copy_limit,
-                              parallel=not sequential,
-                              say=lambda line: err.print(line, highlight=False, soft_wrap=True,
-                                                        markup=False, emoji=False))
+        # a spinner on a terminal only: in a log or CI, stderr holds the result and nothing else
+        with err.status("auditing") if err.is_terminal else contextlib.nullcontext() as status:
+            result = audits.audit(
+                entrypoint, micro_batch_size, accum_steps, steps, out,
+                copy_limit=audits.COPY_LIMIT if copy_limit is None else copy_limit,
+                parallel=not sequential, say=status.update if status else lambda line: None)
     except GradlabError as e:
         raise fail(str(e)) from None
     audits.render(result, err)
