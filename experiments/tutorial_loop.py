@@ -1,4 +1,4 @@
-"""The gradient-accumulation loop the tutorials teach, on scikit-learn's digits.
+"""The gradient-accumulation loop the tutorials teach, on a small classification problem.
 
     gradlab audit experiments.tutorial_loop:train --accum-steps 4
     gradlab audit experiments.tutorial_loop:train_float32 --accum-steps 4
@@ -14,17 +14,16 @@ classic mistake each.
 from __future__ import annotations
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
 def setup(micro_batch_size: int, max_steps: int, dtype: torch.dtype = torch.float64):
     """Data, model, optimizer, scheduler and loss, seeded: the same for every batch size."""
-    torch.manual_seed(0)  # the same initial weights whatever the batch size
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=dtype) / 16
-    y = torch.tensor(digits.target)
+    torch.manual_seed(0)  # the same data and initial weights whatever the batch size
+    # 2048 examples, 64 features, 10 classes given by a fixed random linear teacher
+    x = torch.randn(2048, 64, dtype=dtype)
+    y = (x @ torch.randn(64, 10, dtype=dtype)).argmax(1)
     # a seeded shuffle: 4 micro-batches of 8 are then the same 32 examples as one batch of 32
     loader = DataLoader(TensorDataset(x, y), batch_size=micro_batch_size, shuffle=True,
                         drop_last=True, generator=torch.Generator().manual_seed(0))

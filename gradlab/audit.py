@@ -97,13 +97,15 @@ def resolve_entrypoint(text: str):
         raise GradlabError(f"entrypoint '{text}': {module_name}.{attr} {what}; functions in "
                            f"{module_name}: {', '.join(found) or 'none'}")
     try:
-        inspect.signature(fn).bind(micro_batch_size=1, accum_steps=1, max_steps=1)
-    except TypeError:
-        raise GradlabError(f"entrypoint '{text}' has the signature {attr}"
-                           f"{inspect.signature(fn)}; it must accept train(micro_batch_size: "
-                           f"int, accum_steps: int, max_steps: int)") from None
+        signature = inspect.signature(fn)
     except ValueError:  # a builtin without a signature: let the call decide
-        pass
+        return fn
+    try:
+        signature.bind(micro_batch_size=1, accum_steps=1, max_steps=1)
+    except TypeError:
+        raise GradlabError(f"entrypoint '{text}' is {attr}({', '.join(signature.parameters)}); "
+                           f"it must accept train(micro_batch_size: int, accum_steps: int, "
+                           f"max_steps: int)") from None
     return fn
 
 

@@ -25,7 +25,7 @@ def _window(x, y, micro_batch_size, accum_steps, step):
         yield x[a:a + micro_batch_size], y[a:a + micro_batch_size]
 
 
-def _train(model, x, y, micro_batch_size, accum_steps, max_steps, loss_fn=nn.MSELoss()):
+def _train(model, x, y, micro_batch_size, accum_steps, max_steps, loss_fn=nn.functional.mse_loss):
     """The right loop: loss / N, step and clear every N micro-batches."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(max_steps):

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+import audit_loops
 from conftest import gradlab
 from gradlab import audit, probe
 from gradlab.errors import GradlabError
@@ -210,15 +211,13 @@ def test_bad_arguments_fail_before_any_process_starts(entrypoint, args, fragment
 
 
 @pytest.mark.parametrize("entrypoint, fragments", [
-    ("audit_loops:wrong_signature", ("wrong_signature(batch_size: int, steps: int)",
+    ("audit_loops:wrong_signature", ("is wrong_signature(batch_size, steps)",
                                      "train(micro_batch_size: int, accum_steps: int")),
-    ("audit_loops:never_steps", ("never called optimizer.step()",)),
-    ("audit_loops:counts_micro_batches", ("different numbers of optimizer steps",
-                                          "train(2, 2, 4) made 2", "train(4, 1, 4) made 4")),
     ("audit_loops:unseeded_shuffle", ("not deterministic", "train(4, 1, 4) run twice")),
-    ("audit_loops:raises", ("train(4, 1, 4) raised RuntimeError", "audit_loops.py:")),
 ])
 def test_loops_that_cannot_be_audited_say_why(entrypoint, fragments, tmp_path):
+    """Through the worker processes: the worker's own check, and the rerun of a loop that
+    does not repeat itself (Python's random is seeded anew in every process)."""
     result = gradlab("audit", entrypoint, "--accum-steps", "2", "--micro-batch-size", "2",
                      "--steps", "4", "--out", tmp_path)
     one_line_error(result, *fragments)
@@ -302,6 +301,25 @@ def test_diagnoses(entrypoint, tmp_path):
 
 def test_token_count_error_vanishes_with_equal_lengths(tmp_path):
     assert examined("audit_loops:tokens_equal_lengths", tmp_path).verdict == "equivalent"
+
+
+@pytest.mark.parametrize("entrypoint, message", [
+    ("audit_loops:never_steps", r"^train\(16, 1, 8\) never called optimizer.step\(\)"),
+    ("audit_loops:counts_micro_batches", r"different numbers of optimizer steps \(train\(16, 1, "
+                                         r"8\) made 8, train\(4, 4, 8\) made 2\)"),
+])
+def test_loops_that_do_not_step_as_asked_are_refused(entrypoint, message, tmp_path):
+    with pytest.raises(GradlabError, match=message):
+        examined(entrypoint, tmp_path, k=8)
+
+
+def test_a_loop_that_raises_is_reported_where_it_raised(tmp_path):
+    audit.worker("audit_loops:raises", 4, 4, 3, audit.COPY_LIMIT, tmp_path / "out.pt")
+    error = torch.load(tmp_path / "out.pt", weights_only=False)["error"]
+    line = next(i for i, text in enumerate(Path(audit_loops.__file__).read_text().splitlines(),
+                                           start=1) if "a shape mistake" in text)
+    assert error.startswith("train(4, 4, 3) raised RuntimeError: mat1 and mat2 shapes")
+    assert f"at audit_loops.py:{line};" in error
 
 
 def test_parameters_of_different_shapes_are_refused(tmp_path):
