@@ -117,11 +117,13 @@ class Window:
     zero_grads: int = 0
     scheduler_steps: int = 0
     pending: int = 0          # backward() calls since .grad was last cleared or stepped on
-    loss: Any = 0.0           # sum of the scalars backward() ran on (a tensor: no sync)
+    losses: list = field(default_factory=list)  # the scalars backward() ran on, detached
     loss_known: bool = True
 
     def counts(self) -> dict[str, Any]:
-        loss = float(self.loss) if self.loss_known and self.backwards else math.nan
+        # read only now, at the step, which waits for the device anyway (grads are copied)
+        loss = math.fsum(float(t) for t in self.losses) if self.loss_known and self.backwards \
+            else math.nan
         return {"backwards": self.backwards, "discarded": self.discarded,
                 "zero_grads": self.zero_grads, "scheduler_steps": self.scheduler_steps,
                 "loss": loss}
@@ -180,8 +182,8 @@ class Recorder:
         w = self.window
         w.backwards += 1
         w.pending += 1
-        if tensor.numel() == 1 and w.loss_known:
-            w.loss = w.loss + tensor.detach().reshape(()).double()
+        if tensor.numel() == 1:
+            w.losses.append(tensor.detach())
         else:
             w.loss_known = False
 
@@ -338,7 +340,7 @@ class Audit:
     verdict: str = "equivalent"
     first_difference: dict[str, Any] | None = None
     diagnosis: str | None = None
-    notes: list[str] = field(default_factory=list)
+    copy_limit: int = COPY_LIMIT
     seconds: dict[str, float] = field(default_factory=dict)
     run_dir: Path | None = None
 
@@ -380,6 +382,7 @@ def audit(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: i
         runs = [(base, "big-batch"), (arm, "accumulated")]
         captured = run_loops(entrypoint, runs, max_steps, copy_limit, Path(tmp), parallel)
         result = examine(entrypoint, base, arm, max_steps, captured)
+        result.copy_limit = copy_limit
         if result.failed:  # before blaming accumulation: does the loop repeat itself?
             say(f"they differ; running {base.call(max_steps)} again: is the loop deterministic?")
             again = run_loops(entrypoint, [(base, "again")], max_steps, copy_limit,
@@ -773,7 +776,7 @@ def render(result: Audit, console) -> None:
                   f"and the learning rates agree to {LR_RTOL:g}; each run at its own weights",
                   **plain)
     if result.estimate:
-        console.print(f"estimate: parameters x steps > {COPY_LIMIT:.0e} elements, too many to "
+        console.print(f"estimate: parameters x steps > {result.copy_limit:g} elements, too many to "
                       f"copy: the errors are estimated from the norm and {PROJECTIONS} random "
                       f"projections of each parameter's gradient", **plain)
     if not result.failed:
