@@ -39,7 +39,7 @@ import traceback
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -221,8 +221,11 @@ class Recorder:
             record["projections"] = [_project(name, g) for name, g in zip(names, grads,
                                                                           strict=True)]
         else:
-            record["grads"] = [g.detach().to("cpu", copy=True) if g is not None else None
-                               for g in grads]
+            # one flat tensor per step (torch.cat promotes mixed float dtypes losslessly):
+            # one copy to the host, and one tensor to save instead of one per parameter
+            record["grad"] = torch.cat([
+                (g.detach() if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, (_, _, p) in zip(grads, params, strict=True)]).to("cpu", copy=True)
         self.steps.append(record)
         self.window = Window()
 
@@ -341,6 +344,7 @@ class Audit:
     first_difference: dict[str, Any] | None = None
     diagnosis: str | None = None
     copy_limit: int = COPY_LIMIT
+    rechecked: bool = False             # the big-batch call ran twice: the loop is deterministic
     seconds: dict[str, float] = field(default_factory=dict)
     run_dir: Path | None = None
 
@@ -383,16 +387,17 @@ def audit(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: i
         captured = run_loops(entrypoint, runs, max_steps, copy_limit, Path(tmp), parallel)
         result = examine(entrypoint, base, arm, max_steps, captured)
         result.copy_limit = copy_limit
-        if result.failed:  # before blaming accumulation: does the loop repeat itself?
+        diagnosis = diagnose(result) if result.failed else None
+        result.rechecked = bool(diagnosis and not diagnosis.certain)
+        if result.rechecked:  # before blaming accumulation: does the loop repeat itself?
             say(f"they differ; running {base.call(max_steps)} again: is the loop deterministic?")
             again = run_loops(entrypoint, [(base, "again")], max_steps, copy_limit,
                               Path(tmp), parallel)
             check_deterministic(base, max_steps, captured["big-batch"], again["again"],
                                 result.dtype)
+    result.diagnosis = diagnosis.text if diagnosis else None
     result.seconds = {"audit": time.perf_counter() - start,
                       **{f"train {name}": c["seconds"] for name, c in captured.items()}}
-    if result.failed:
-        result.diagnosis = diagnose(result)
     result.run_dir = write_run(result, out)
     return result
 
@@ -509,10 +514,11 @@ def gradient_rows(ref: dict, own: dict, estimate: bool) -> list[dict[str, Any]]:
     from gradlab import probe
 
     if not estimate:
-        def dense(record):  # backward left None: a zero gradient, as probe.grads_of does
-            zero = functools.partial(torch.zeros, dtype=torch.float64)
-            return {name: g.double() if g is not None else zero(shape) for name, g, shape
-                    in zip(record["names"], record["grads"], record["shapes"], strict=True)}
+        def dense(record):  # backward left None: zeros, as probe.grads_of does
+            sizes = [math.prod(shape) for shape in record["shapes"]]
+            parts = record["grad"].double().split(sizes)
+            return {name: part.view(shape) for name, part, shape
+                    in zip(record["names"], parts, record["shapes"], strict=True)}
         return probe.compare_grads(dense(own), dense(ref))
     rows = []
     for name, nb, na, pb, pa in zip(ref["names"], ref["norms"], own["norms"],
@@ -569,8 +575,19 @@ SAME_DIRECTION = 1 - 1e-6
 SAME_RATIO = 1e-3
 
 
-def diagnose(result: Audit) -> str | None:
-    """The likely mistake behind the first difference, when its pattern is a known one."""
+class Diagnosis(NamedTuple):
+    text: str
+    certain: bool  # read off what the loop did (counts, an exact multiple), not a likeness
+
+
+def diagnose(result: Audit) -> Diagnosis:
+    """The likely mistake behind the first difference.
+
+    Certain diagnoses rest on facts no nondeterminism can fake: how often zero_grad() and
+    the scheduler ran, or a gradient that is an exact multiple of the big batch's. The
+    others name the usual cause of a pattern, and are given only for a loop shown to be
+    deterministic.
+    """
     first = result.first_difference
     n, step = result.arm.accum_steps, first["step"]
     base, own = result.captures["big-batch"], result.captures["accumulated"]
@@ -588,57 +605,66 @@ def diagnose(result: Audit) -> str | None:
             rate = ("once per micro-batch" if sb and sa == n * sb else
                     f"{sa / sb:.3g} times per optimizer step" if sb else "before the step")
             pace = f"{sa / sb:.3g}x too fast" if sb else "ahead"
-            return (f"{said}. {span.capitalize()} the scheduler stepped {sa} times in the "
-                    f"accumulated run and {sb} times in the big batch's: it is stepped {rate}, "
-                    f"so the schedule runs {pace}. Call scheduler.step() once per optimizer "
-                    f"step, next to optimizer.step().")
-        return (f"{said}, although both runs stepped their scheduler {sa} times {span}: the "
-                f"schedule itself depends on the batch size or the number of micro-batches.")
+            return Diagnosis(
+                f"{said}. {span.capitalize()} the scheduler stepped {sa} times in the "
+                f"accumulated run and {sb} times in the big batch's: it is stepped {rate}, so "
+                f"the schedule runs {pace}. Call scheduler.step() once per optimizer step, next "
+                f"to optimizer.step().", certain=True)
+        return Diagnosis(
+            f"{said}, although both runs stepped their scheduler {sa} times {span}: the "
+            f"schedule itself depends on the batch size or the number of micro-batches.",
+            certain=False)
     if _count(own, "discarded") > _count(base, "discarded"):
-        per_step = own["steps"][0]
-        return (f"zero_grad() cleared .grad between the micro-batches of a step: before step 1 "
-                f"it discarded {per_step['discarded']} of the {per_step['backwards']} "
-                f"backward() results, so optimizer.step() received the last micro-batch's "
-                f"gradient alone (|g| {ratio:.3g}x the big batch's, cosine {cosine:.3g}). Call "
-                f"zero_grad() only after optimizer.step().")
+        window = own["steps"][0]
+        return Diagnosis(
+            f"zero_grad() cleared .grad between the micro-batches of a step: before step 1 it "
+            f"discarded {window['discarded']} of the {window['backwards']} backward() "
+            f"results, so optimizer.step() received the last micro-batch's gradient alone "
+            f"(|g| {ratio:.3g}x the big batch's, cosine {cosine:.3g}). Call zero_grad() only "
+            f"after optimizer.step().", certain=True)
     if cosine >= SAME_DIRECTION and abs(ratio - n) <= SAME_RATIO * n:
-        return (f"the accumulated gradient is {ratio:.4g}x the big batch's and points the "
-                f"same way (cosine {cosine:.6g}), so the relative error is N - 1 = {n - 1}: the "
-                f"loss is not divided by N = {n}. Divide each micro-batch's loss by "
-                f"accum_steps before backward(): (loss / accum_steps).backward().")
+        return Diagnosis(
+            f"the accumulated gradient is {ratio:.4g}x the big batch's and points the same way "
+            f"(cosine {cosine:.6g}), so the relative error is N - 1 = {n - 1}: the loss is not "
+            f"divided by N = {n}. Divide each micro-batch's loss by accum_steps before "
+            f"backward(): (loss / accum_steps).backward().", certain=True)
     if cosine >= SAME_DIRECTION and step == 1:
-        return (f"the accumulated gradient is {ratio:.4g}x the big batch's and points the "
-                f"same way (cosine {cosine:.6g}): each micro-batch's loss is scaled by "
-                f"{ratio / n:.4g}/N instead of 1/N.")
+        return Diagnosis(
+            f"the accumulated gradient is {ratio:.4g}x the big batch's and points the same way "
+            f"(cosine {cosine:.6g}): each micro-batch's loss is scaled by {ratio / n:.4g}/N "
+            f"instead of 1/N.", certain=True)
     layers = own["layers"]
     if layers["batchnorm"]:
-        return (f"the model has BatchNorm in training mode ({_few(layers['batchnorm'])}): it "
-                f"normalises each micro-batch of {result.arm.micro_batch_size} by that "
-                f"micro-batch's own statistics, not the {result.base.batch_size} of the big "
-                f"batch, and no accumulation can reproduce that (cosine {cosine:.6g} at step "
-                f"{step}). Use GroupNorm or LayerNorm, or keep BatchNorm in eval mode, when "
-                f"accumulating.")
+        return Diagnosis(
+            f"the model has BatchNorm in training mode ({_few(layers['batchnorm'])}): it "
+            f"normalises each micro-batch of {result.arm.micro_batch_size} by that "
+            f"micro-batch's own statistics, not the {result.base.batch_size} of the big batch, "
+            f"and no accumulation can reproduce that (cosine {cosine:.6g} at step {step}). Use "
+            f"GroupNorm or LayerNorm, or keep BatchNorm in eval mode, when accumulating.",
+            certain=False)
     if layers["dropout"]:
-        return (f"the model has dropout in training mode ({_few(layers['dropout'])}): micro-"
-                f"batches draw other random masks than the big batch, so the gradients differ "
-                f"even when the loop is right. Audit with dropout off (p = 0).")
+        return Diagnosis(
+            f"the model has dropout in training mode ({_few(layers['dropout'])}): micro-batches "
+            f"draw other random masks than the big batch, so the gradients differ even when the "
+            f"loop is right. Audit with dropout off (p = 0).", certain=False)
     if step > 1:
-        cleared, base_cleared = own["steps"][step - 1]["zero_grads"], \
-            base["steps"][step - 1]["zero_grads"]
-        if cleared == 0 and base_cleared:
-            return (f"equal at step 1, different from step {step}: no zero_grad() ran in the "
-                    f"accumulated run between optimizer steps {step - 1} and {step}, so step "
-                    f"{step} received step {step - 1}'s gradient as well. Call zero_grad() "
-                    f"after every optimizer.step().")
-        return (f"equal at step 1, different from step {step}: typical of gradients not "
-                f"cleared after an optimizer step (step {step} then also holds the previous "
-                f"steps' gradients).")
-    return (f"at step 1 the gradient already points elsewhere (cosine {cosine:.6g}) with the "
-            f"loss scaled right, no BatchNorm and no dropout: typical of a loss normalised per "
-            f"micro-batch by a count that varies between micro-batches, like tokens in "
-            f"sequences of unequal length (the error vanishes when all have equal length) or "
-            f"an uneven last micro-batch. Normalise by the count of the whole window: sum the "
-            f"losses, divide by the tokens (examples) of all N micro-batches.")
+        if own["steps"][step - 1]["zero_grads"] == 0 and base["steps"][step - 1]["zero_grads"]:
+            return Diagnosis(
+                f"equal at step 1, different from step {step}: no zero_grad() ran in the "
+                f"accumulated run between optimizer steps {step - 1} and {step}, so step {step} "
+                f"received step {step - 1}'s gradient as well. Call zero_grad() after every "
+                f"optimizer.step().", certain=True)
+        return Diagnosis(
+            f"equal at step 1, different from step {step}: typical of gradients not cleared "
+            f"after an optimizer step (step {step} then also holds the previous steps' "
+            f"gradients).", certain=False)
+    return Diagnosis(
+        f"at step 1 the gradient already points elsewhere (cosine {cosine:.6g}) with the loss "
+        f"scaled right, no BatchNorm and no dropout: typical of a loss normalised per "
+        f"micro-batch by a count that varies between micro-batches, like tokens in sequences "
+        f"of unequal length (the error vanishes when all have equal length) or an uneven last "
+        f"micro-batch. Normalise by the count of the whole window: sum the losses, divide by "
+        f"the tokens (examples) of all N micro-batches.", certain=False)
 
 
 def _count(capture: dict[str, Any], key: str, between: bool = False) -> int:
@@ -678,7 +704,8 @@ def write_run(result: Audit, out: Path) -> Path:
                                       "settings": settings[a.name]} for a in arms}}],
         "audit": {"verdict": result.verdict, "estimate": result.estimate,
                   "first_difference": (result.first_difference or {}).get("step"),
-                  "diagnosis": result.diagnosis, "seconds": result.seconds},
+                  "diagnosis": result.diagnosis, "determinism_rechecked": result.rechecked,
+                  "seconds": result.seconds},
     })
     for table, rows in (("summary", summary_rows(result)), ("steps", step_rows(result)),
                         ("probe", result.params), ("checks", check_rows(result)),

@@ -104,6 +104,8 @@ def test_no_division_differs_by_n_minus_1_at_step_1(broken):
     torch.testing.assert_close(first["cosine"], 1.0, rtol=0, atol=1e-12)
     assert "differs from step 1" in result.stderr
     assert "the loss is not divided by N = 4" in result.stderr
+    # an exact multiple is no accident of an unseeded loop: no rerun needed to say so
+    assert not json.loads((run_dir / "run.json").read_text())["audit"]["determinism_rechecked"]
     assert "zero_grad" not in result.stderr and "scheduler" not in result.stderr
 
 
@@ -250,7 +252,7 @@ def examined(entrypoint: str, tmp: Path, m: int = 4, n: int = 4, k: int = 3,
         assert captured[a.name]["error"] is None, captured[a.name]["error"]
     result = audit.examine(entrypoint, base, arm, k, captured)
     if result.failed:
-        result.diagnosis = audit.diagnose(result)
+        result.diagnosis = audit.diagnose(result).text
     return result
 
 
@@ -272,6 +274,16 @@ def test_record_of_a_right_loop(tmp_path):
     assert [s["discarded"] for s in own] == [0, 0, 0]
     assert own[0]["names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert all(s["rel_grad_err"] <= 1e-12 for s in result.steps)
+    # what the big batch's first step received: the gradient of the mean loss over its batch
+    x, y = audit_loops._regression()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 1)).double()
+    torch.nn.functional.mse_loss(model(x[:16]), y[:16]).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    captured = result.captures["big-batch"]["steps"][0]["grad"]
+    torch.testing.assert_close(captured, expected, rtol=0, atol=0)
+    assert result.captures["big-batch"]["steps"][0]["loss"] == pytest.approx(
+        torch.nn.functional.mse_loss(model(x[:16]), y[:16]).item(), rel=1e-15)
 
 
 def test_not_divided_in_process_matches_the_example(tmp_path):
@@ -297,6 +309,24 @@ def test_diagnoses(entrypoint, tmp_path):
     assert DIAGNOSES[entrypoint] in result.diagnosis
     for other in set(DIAGNOSES.values()) - {DIAGNOSES[entrypoint]}:
         assert other not in result.diagnosis
+    # only the count of zero_grad() calls is a fact; the others are likenesses, given only
+    # after the loop has been rerun and shown to be deterministic
+    certain = entrypoint.endswith("separate_accumulation_branch")
+    assert audit.diagnose(result).certain == certain
+
+
+def test_determinism_check(tmp_path):
+    first = examined("audit_loops:right", tmp_path)
+    again = examined("audit_loops:right", tmp_path)
+    base = first.base
+    audit.check_deterministic(base, 3, first.captures["big-batch"], again.captures["big-batch"],
+                              "float64")  # passes: the same call, the same record
+    one = examined("audit_loops:unseeded_shuffle", tmp_path, n=2, m=2)
+    two = examined("audit_loops:unseeded_shuffle", tmp_path, n=2, m=2)
+    with pytest.raises(GradlabError, match=r"not deterministic: train\(4, 1, 3\) run twice "
+                                           r"hands the optimizer different gradients at step 1"):
+        audit.check_deterministic(one.base, 3, one.captures["big-batch"],
+                                  two.captures["big-batch"], "float64")
 
 
 def test_token_count_error_vanishes_with_equal_lengths(tmp_path):
@@ -332,7 +362,7 @@ def test_large_models_are_estimated_from_projections(tmp_path):
     right = examined("audit_loops:right", tmp_path, copy_limit=0)
     assert right.estimate and right.verdict == "equivalent"
     assert "projections" in right.captures["big-batch"]["steps"][0]
-    assert "grads" not in right.captures["big-batch"]["steps"][0]
+    assert "grad" not in right.captures["big-batch"]["steps"][0]
     exact = examined("audit_loops:right", tmp_path)
     # norms are exact; only the distance is estimated
     for est, ex in zip(right.steps, exact.steps, strict=True):
