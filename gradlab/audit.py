@@ -29,6 +29,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import itertools
 import math
 import os
 import subprocess
@@ -485,8 +486,9 @@ def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
     dtype = dtype_of(ref)
     estimate = ref["sketch"] or own["sketch"]
     steps, params = [], []
-    for step, (b, a) in enumerate(zip(ref["steps"], own["steps"], strict=True), start=1):
-        rows = gradient_rows(b, a, estimate)
+    tables = gradient_tables(ref["steps"], own["steps"], estimate)
+    for step, (b, a, rows) in enumerate(zip(ref["steps"], own["steps"], tables, strict=True),
+                                        start=1):
         overall = rows[-1]
         verdict, tolerance = verdict_of(dtype, arm.accum_steps, overall["rel_l2_err"])
         lr_diff = max(abs(x - y) / abs(y) if y else abs(x - y)
@@ -509,17 +511,54 @@ def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
     return result
 
 
-def gradient_rows(ref: dict, own: dict, estimate: bool) -> list[dict[str, Any]]:
-    """Per parameter, then '*' for all together: probe.compare_grads, or its estimate."""
-    from gradlab import probe
+def gradient_tables(ref: list[dict], own: list[dict],
+                    estimate: bool) -> list[list[dict[str, Any]]]:
+    """For each step, per parameter and then '*' for all together: probe.compare_grads's
+    metrics, computed for runs of steps with the same parameters at once (a long audit
+    would otherwise spend milliseconds a step on tiny tensor operations), or estimated."""
+    if estimate:
+        return [estimated_rows(b, a) for b, a in zip(ref, own, strict=True)]
+    tables: list[list[dict[str, Any]]] = []
+    start = 0
+    while start < len(ref):
+        layout = (ref[start]["names"], ref[start]["shapes"])
+        end = start + 1
+        while end < len(ref) and (ref[end]["names"], ref[end]["shapes"]) == layout:
+            end += 1
+        tables += batched_rows(torch.stack([s["grad"].double() for s in ref[start:end]]),
+                               torch.stack([s["grad"].double() for s in own[start:end]]),
+                               *layout)
+        start = end
+    return tables
 
-    if not estimate:
-        def dense(record):  # backward left None: zeros, as probe.grads_of does
-            sizes = [math.prod(shape) for shape in record["shapes"]]
-            parts = record["grad"].double().split(sizes)
-            return {name: part.view(shape) for name, part, shape
-                    in zip(record["names"], parts, record["shapes"], strict=True)}
-        return probe.compare_grads(dense(own), dense(ref))
+
+def batched_rows(ref: torch.Tensor, arm: torch.Tensor, names: list[str],
+                 shapes: list[tuple]) -> list[list[dict[str, Any]]]:
+    """probe.compare for each row of (steps x elements) matrices, per parameter and '*'."""
+    sizes = [math.prod(shape) for shape in shapes]
+    bounds = [0, *itertools.accumulate(sizes)]
+    columns = [*zip(names, bounds, bounds[1:], strict=False), ("*", 0, bounds[-1])]
+    metrics = {}
+    for name, lo, hi in columns:
+        r, a = ref[:, lo:hi], arm[:, lo:hi]
+        d = a - r
+        diff, ref_norm, arm_norm = d.norm(dim=1), r.norm(dim=1), a.norm(dim=1)
+        rel = torch.where(ref_norm > 0, diff / ref_norm,
+                          torch.where(diff == 0, 0.0, math.inf))
+        both = (ref_norm > 0) & (arm_norm > 0)
+        cosine = torch.where(both, (a * r).sum(dim=1) / (arm_norm * ref_norm),
+                             (arm_norm == ref_norm).double())
+        max_abs = d.abs().amax(dim=1) if hi > lo else torch.zeros(len(d), dtype=d.dtype)
+        metrics[name] = zip(max_abs.tolist(), rel.tolist(), cosine.tolist(),
+                            ref_norm.tolist(), arm_norm.tolist(), strict=True)
+    keys = ("max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm")
+    by_step = zip(*(metrics[name] for name, _, _ in columns), strict=True)
+    return [[{"param": name, **dict(zip(keys, values, strict=True))}
+             for (name, _, _), values in zip(columns, step, strict=True)] for step in by_step]
+
+
+def estimated_rows(ref: dict, own: dict) -> list[dict[str, Any]]:
+    """Per parameter and '*', from the norms and projections of the two gradients."""
     rows = []
     for name, nb, na, pb, pa in zip(ref["names"], ref["norms"], own["norms"],
                                     ref["projections"], own["projections"], strict=True):
@@ -556,8 +595,8 @@ def check_deterministic(base: Arm, max_steps: int, first: dict, again: dict, dty
                            f"optimizer steps once and {len(again['steps'])} the next time; {fix}")
     estimate = first["sketch"] or again["sketch"]
     for step, (a, b) in enumerate(zip(again["steps"], first["steps"], strict=True), start=1):
-        rel = gradient_rows(b, a, estimate)[-1]["rel_l2_err"] if a["names"] == b["names"] \
-            else math.inf
+        rel = gradient_tables([b], [a], estimate)[0][-1]["rel_l2_err"] \
+            if a["names"] == b["names"] else math.inf
         verdict, tolerance = verdict_of(dtype, base.accum_steps, rel)
         if verdict != "equivalent" or a["lrs"] != b["lrs"]:
             raise GradlabError(

@@ -352,6 +352,30 @@ def test_a_loop_that_raises_is_reported_where_it_raised(tmp_path):
     assert f"at audit_loops.py:{line};" in error
 
 
+def test_batched_metrics_are_probes_metrics():
+    """All steps at once give what probe.compare_grads gives step by step, edge cases too."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 2), (4,), (2,)]
+    ref = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    arm = ref + 1e-3 * torch.randn(3, 12, generator=g, dtype=torch.float64)
+    ref[0, 6:10] = 0.0  # a parameter whose reference gradient is zero ...
+    arm[1, 10:] = 0.0   # ... or whose arm gradient is
+    ref[2, 10:], arm[2, 10:] = 0.0, 0.0  # or both: equal
+    rows = audit.batched_rows(ref, arm, ["w", "b", "c"], shapes)
+    def named(flat):
+        parts = [p.view(s) for p, s in zip(flat.split([6, 4, 2]), shapes, strict=True)]
+        return dict(zip("wbc", parts, strict=True))
+
+    for step in range(3):
+        expected = probe.compare_grads(named(arm[step]), named(ref[step]))
+        assert [r["param"] for r in rows[step]] == [r["param"] for r in expected]
+        for got, want in zip(rows[step], expected, strict=True):
+            for key in ("max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm"):
+                torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=0)
+    assert rows[0][1]["rel_l2_err"] == math.inf and rows[0][1]["cosine"] == 0.0
+    assert rows[2][2]["rel_l2_err"] == 0.0 and rows[2][2]["cosine"] == 1.0
+
+
 def test_parameters_of_different_shapes_are_refused(tmp_path):
     with pytest.raises(GradlabError, match=r"parameter '0.weight' has shape \[4, 3\] in "
                                            r"train\(4, 4, 3\) but \[16, 3\] in train\(16, 1, 3\)"):
