@@ -47,20 +47,18 @@ from torch import nn
 
 from gradlab.errors import GradlabError
 
-# A run copies every gradient (to host memory) while parameters x max_steps stays
-# within this many elements: 400 MB in float64. Above it, each parameter's gradient is
-# kept as its norm and PROJECTIONS projections onto fixed random vectors, and the
-# errors are estimates (E[(r.d)^2] = |d|^2 for r with independent N(0, 1) entries).
+# A run copies every gradient (to host memory, in its own dtype) while parameters x
+# max_steps stays within this many elements: 200 MB in float32. Above it, each
+# parameter's gradient is kept as its norm and PROJECTIONS projections onto fixed random
+# vectors, and the errors are estimates (E[(r.d)^2] = |d|^2 for r with independent
+# N(0, 1) entries).
 COPY_LIMIT = 50_000_000
 PROJECTIONS = 4
-CHUNK = 1 << 24  # elements projected at a time: bounds the float64 temporaries
+CHUNK = 1 << 24  # elements projected or compared at a time: bounds the float64 temporaries
 
 # Learning rates are Python floats from the same scheduler code in both runs: a right
 # loop gives them bit for bit, so anything beyond float64 noise is a real difference.
 LR_RTOL = 1e-12
-
-ARM_NAMES = ("big-batch", "accumulated")
-
 
 # ============================================================================ worker
 
@@ -133,8 +131,14 @@ class Window:
 class Recorder:
     """The hooks of one worker: what each optimizer step receives, and what led to it."""
 
-    def __init__(self, max_steps: int, copy_limit: int):
+    def __init__(self, max_steps: int, copy_limit: int, lead: Path | None = None,
+                 follow: Path | None = None):
         self.max_steps, self.copy_limit = max_steps, copy_limit
+        # the big-batch run leads: it leaves its weights after every step in `lead`; the
+        # accumulated run follows: after each of its steps it takes those weights, so
+        # every step's gradient of both runs is taken at the same weights
+        self.lead, self.follow = lead, follow
+        self.forced = 0  # steps after which the weights were set to the leader's
         self.steps: list[dict[str, Any]] = []
         self.window = Window()
         self.seen: dict[int, nn.Module] = {}  # modules run before the first step
@@ -148,9 +152,14 @@ class Recorder:
     def install(self) -> None:
         from torch.nn.modules.module import register_module_forward_pre_hook
         from torch.optim.lr_scheduler import LRScheduler
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
 
         self._undo.append(register_optimizer_step_pre_hook(self.on_step).remove)
+        if self.lead or self.follow:
+            self._undo.append(register_optimizer_step_post_hook(self.after_step).remove)
         # names the parameters at the first step, then goes: a forward hook costs per call
         self._forward_hook = register_module_forward_pre_hook(self.on_forward)
         self._undo.append(self._forward_hook.remove)
@@ -214,6 +223,7 @@ class Recorder:
             "dtypes": [str(p.grad.dtype if p.grad is not None else p.dtype).removeprefix("torch.")
                        for _, _, p in params],
             "lrs": [float(group["lr"]) for group in optimizer.param_groups],
+            "settings": [_settings(group) for group in optimizer.param_groups],
             **self.window.counts(),
         }
         grads = [p.grad for _, _, p in params]
@@ -229,6 +239,36 @@ class Recorder:
                 for g, (_, _, p) in zip(grads, params, strict=True)]).to("cpu", copy=True)
         self.steps.append(record)
         self.window = Window()
+
+    def after_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        if self.sketch:  # too large to pass along every step: each run keeps its own
+            return
+        step, names = len(self.steps), self.steps[-1]["names"]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.lead:
+            weights = torch.cat([p.detach().reshape(-1) for p in params]).to("cpu", copy=True)
+            partial = self.lead / f"{step}.partial"
+            torch.save({"names": names, "weights": weights}, partial)
+            partial.replace(self.lead / f"{step}.pt")  # whole or not there: never half
+            return
+        if self.follow is None:
+            return
+        path = self.follow / f"{step}.pt"
+        while not path.exists() and not (self.follow / "done").exists():
+            time.sleep(0.0005)
+        if not path.exists():  # the leader made fewer steps, or failed: the parent says so
+            self.follow = None
+            return
+        shared = torch.load(path, weights_only=True)
+        path.unlink()
+        sizes = [p.numel() for p in params]
+        if shared["names"] != names or shared["weights"].numel() != sum(sizes):
+            self.follow = None  # another model: the parent refuses it by name and shape
+            return
+        with torch.no_grad():
+            for p, value in zip(params, shared["weights"].split(sizes), strict=True):
+                p.copy_(value.view_as(p))
+        self.forced += 1
 
     def _first_step(self) -> None:
         """Name the parameters after the models that ran; then stop watching forwards."""
@@ -250,7 +290,20 @@ class Recorder:
 
     def result(self) -> dict[str, Any]:
         return {"steps": self.steps, "after_last_step": self.window.counts(),
-                "sketch": bool(self.sketch), "layers": self.layers, "device": self.device}
+                "sketch": bool(self.sketch), "layers": self.layers, "device": self.device,
+                "forced": self.forced}
+
+
+def _settings(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group's optimizer settings (momentum, weight_decay, betas...) but lr."""
+    def plain(value):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return value.item()
+        if isinstance(value, tuple | list):
+            return tuple(plain(v) for v in value)
+        return value
+    return {key: plain(value) for key, value in group.items() if key not in ("params", "lr")
+            and isinstance(plain(value), bool | int | float | str | tuple | None)}
 
 
 def _norm(grad: torch.Tensor | None) -> float:
@@ -283,19 +336,20 @@ def _where(err: BaseException) -> str:
     frames = traceback.extract_tb(err.__traceback__)
     torch_dir = str(Path(torch.__file__).parent)
     mine = [f for f in frames if not f.filename.startswith(torch_dir)
-            and not f.filename.endswith("gradlab/audit.py")]
+            and Path(f.filename) != Path(__file__)]
     frame = (mine or frames or [None])[-1]
     return f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
 
 
 def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: int,
-           copy_limit: int, out: Path) -> None:
+           copy_limit: int, out: Path, lead: Path | None = None,
+           follow: Path | None = None) -> None:
     """Run train() once under the hooks and torch.save what they saw (or why not) to out."""
     call = f"train({micro_batch_size}, {accum_steps}, {max_steps})"
     result: dict[str, Any] = {"error": None}
     try:
         fn = resolve_entrypoint(entrypoint)
-        recorder = Recorder(max_steps, copy_limit)
+        recorder = Recorder(max_steps, copy_limit, lead, follow)
         recorder.install()
         start = time.perf_counter()
         try:
@@ -344,6 +398,7 @@ class Audit:
     verdict: str = "equivalent"
     first_difference: dict[str, Any] | None = None
     diagnosis: str | None = None
+    same_weights: bool = False          # the accumulated run followed the big batch's weights
     copy_limit: int = COPY_LIMIT
     rechecked: bool = False             # the big-batch call ran twice: the loop is deterministic
     seconds: dict[str, float] = field(default_factory=dict)
@@ -384,7 +439,7 @@ def audit(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: i
     start = time.perf_counter()
     say(f"running {arm.call(max_steps)} and {base.call(max_steps)}, each in its own process")
     with tempfile.TemporaryDirectory(prefix="gradlab-audit-") as tmp:
-        runs = [(base, "big-batch"), (arm, "accumulated")]
+        runs = [(base, "big-batch", "lead"), (arm, "accumulated", "follow")]
         captured = run_loops(entrypoint, runs, max_steps, copy_limit, Path(tmp), parallel)
         result = examine(entrypoint, base, arm, max_steps, captured)
         result.copy_limit = copy_limit
@@ -392,7 +447,7 @@ def audit(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: i
         result.rechecked = bool(diagnosis and not diagnosis.certain)
         if result.rechecked:  # before blaming accumulation: does the loop repeat itself?
             say(f"they differ; running {base.call(max_steps)} again: is the loop deterministic?")
-            again = run_loops(entrypoint, [(base, "again")], max_steps, copy_limit,
+            again = run_loops(entrypoint, [(base, "again", "alone")], max_steps, copy_limit,
                               Path(tmp), parallel)
             check_deterministic(base, max_steps, captured["big-batch"], again["again"],
                                 result.dtype)
@@ -403,29 +458,43 @@ def audit(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: i
     return result
 
 
-def run_loops(entrypoint: str, runs: list[tuple[Arm, str]], max_steps: int, copy_limit: int,
-              tmp: Path, parallel: bool) -> dict[str, dict[str, Any]]:
-    """Each (arm, label) in a fresh process; what its hooks saw, by label."""
+def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
+              copy_limit: int, tmp: Path, parallel: bool) -> dict[str, dict[str, Any]]:
+    """Each (arm, label, role) in a fresh process; what its hooks saw, by label.
+
+    role: 'lead' leaves its weights after every step in tmp/weights, 'follow' takes
+    them after each of its own steps; the parent marks the leader done when it exits,
+    so a follower never waits for a leader that failed or stopped early.
+    """
     env = dict(os.environ)
     # the worker imports the user's module from where the parent could
     paths = [os.getcwd(), *(p for p in sys.path if p and Path(p).is_dir())]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
         [*paths, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]))
+    shared = tmp / "weights"
+    shared.mkdir(exist_ok=True)
+    (shared / "done").unlink(missing_ok=True)
     started = []
-    for arm, label in runs:
+    for arm, label, role in runs:
         out, log = tmp / f"{label}.pt", tmp / f"{label}.log"
         command = [sys.executable, "-m", "gradlab.audit", entrypoint,
                    str(arm.micro_batch_size), str(arm.accum_steps), str(max_steps),
-                   str(copy_limit), str(out)]
+                   str(copy_limit), str(out), role, str(shared)]
         with log.open("wb") as sink:  # the loop's own prints: shown only if it dies
             process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                        stdin=subprocess.DEVNULL)
-        started.append((arm, label, process, out, log))
+        started.append((arm, label, role, process, out, log))
         if not parallel:
             process.wait()
+            if role == "lead":
+                (shared / "done").touch()
+    while any(process.poll() is None for *_, process, _, _ in started):
+        if all(process.poll() is not None for _, _, role, process, _, _ in started
+               if role == "lead"):
+            (shared / "done").touch()
+        time.sleep(0.01)
     captured = {}
-    for arm, label, process, out, log in started:
-        process.wait()
+    for arm, label, _, process, out, log in started:
         if not out.is_file():
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise GradlabError(f"{arm.call(max_steps)} died without a result (exit code "
@@ -493,7 +562,8 @@ def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
         verdict, tolerance = verdict_of(dtype, arm.accum_steps, overall["rel_l2_err"])
         lr_diff = max(abs(x - y) / abs(y) if y else abs(x - y)
                       for x, y in zip(a["lrs"], b["lrs"], strict=False))
-        if lr_diff > LR_RTOL or len(a["lrs"]) != len(b["lrs"]):
+        settings = settings_differences(b["settings"], a["settings"])
+        if lr_diff > LR_RTOL or len(a["lrs"]) != len(b["lrs"]) or settings:
             verdict = "differs"
         steps.append({
             "trial": 0, "arm": arm.name, "step": step, "rel_grad_err": overall["rel_l2_err"],
@@ -502,13 +572,36 @@ def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
             "grad_norm_accumulated": overall["arm_norm"],
             "lr_big_batch": b["lrs"][0], "lr_accumulated": a["lrs"][0], "rel_lr_diff": lr_diff,
             "loss_big_batch": b["loss"], "loss_accumulated": a["loss"],
-            "tolerance": tolerance, "verdict": verdict, "estimate": estimate})
+            "tolerance": tolerance, "verdict": verdict, "estimate": estimate,
+            "settings_differ": "; ".join(settings)})
         params += [{"trial": 0, "arm": arm.name, "step": step, **r} for r in rows]
-    result = Audit(entrypoint, base, arm, max_steps, dtype, estimate, steps, params, captured)
+    result = Audit(entrypoint, base, arm, max_steps, dtype, estimate, steps, params, captured,
+                   same_weights=own["forced"] == len(own["steps"]))
     differing = [s for s in steps if s["verdict"] != "equivalent"]
     if differing:
         result.verdict, result.first_difference = "differs", differing[0]
     return result
+
+
+def settings_differences(ref: list[dict], own: list[dict]) -> list[str]:
+    """The optimizer settings (but lr) in which the accumulated run differs, one per line.
+
+    The accumulated run steps at the big batch's weights, so a setting that changes the
+    update and not the gradient (weight decay or momentum scaled with N) shows only here.
+    """
+    def same(a, b) -> bool:
+        if isinstance(a, tuple) and isinstance(b, tuple):
+            return len(a) == len(b) and all(map(same, a, b))
+        if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+            return abs(a - b) <= LR_RTOL * abs(b) if b else a == b
+        return a == b
+    out = []
+    for g, (b, a) in enumerate(zip(ref, own, strict=False)):
+        for key in sorted(set(a) | set(b)):
+            if not same(a.get(key), b.get(key)):
+                where = f"group {g} " if len(ref) > 1 else ""
+                out.append(f"{where}{key} {a.get(key)!r} (big batch: {b.get(key)!r})")
+    return out
 
 
 def gradient_tables(ref: list[dict], own: list[dict],
@@ -522,8 +615,10 @@ def gradient_tables(ref: list[dict], own: list[dict],
     start = 0
     while start < len(ref):
         layout = (ref[start]["names"], ref[start]["shapes"])
+        most = max(1, CHUNK // max(1, ref[start]["grad"].numel()))  # bounds the temporaries
         end = start + 1
-        while end < len(ref) and (ref[end]["names"], ref[end]["shapes"]) == layout:
+        while end < len(ref) and end - start < most and \
+                (ref[end]["names"], ref[end]["shapes"]) == layout:
             end += 1
         tables += batched_rows(torch.stack([s["grad"].double() for s in ref[start:end]]),
                                torch.stack([s["grad"].double() for s in own[start:end]]),
@@ -653,6 +748,11 @@ def diagnose(result: Audit) -> Diagnosis:
             f"{said}, although both runs stepped their scheduler {sa} times {span}: the "
             f"schedule itself depends on the batch size or the number of micro-batches.",
             certain=False)
+    if first["settings_differ"]:
+        return Diagnosis(
+            f"the optimizer's settings differ from step {step}: {first['settings_differ']}: "
+            f"they depend on N in the loop; the big batch's update needs the big batch's "
+            f"settings.", certain=True)
     if _count(own, "discarded") > _count(base, "discarded"):
         window = own["steps"][0]
         return Diagnosis(
@@ -719,6 +819,14 @@ def _few(names: list[str]) -> str:
 
 # ---------------------------------------------------------------------------- run directory
 
+WEIGHTS_NOTE = {
+    True: "both at the big batch's weights: after each optimizer step the accumulated run "
+          "takes the big batch's weights (gradlab audit)",
+    False: "each at its own run's weights, which drift apart by rounding from step to step "
+           "(gradlab audit: the weights were too large to pass along)",
+}
+
+
 def write_run(result: Audit, out: Path) -> Path:
     """A run directory that compare, plot and report read like any other run's."""
     from gradlab import store  # pandas: only the parent needs it
@@ -735,7 +843,7 @@ def write_run(result: Audit, out: Path) -> Path:
                        f" against {result.base.call(result.max_steps)}, each in its own process;"
                        f" gradients at each run's own weights, step by step",
         "entrypoint": result.entrypoint,
-        "gradients_at": "each at its own run's weights, step by step (gradlab audit)",
+        "gradients_at": WEIGHTS_NOTE[result.same_weights],
         "device": result.captures["accumulated"]["device"],
         "trials": [{"trial": 0, "swept": {},
                     "arms": {a.name: {"baseline": a is result.base,
@@ -839,8 +947,8 @@ def render(result: Audit, console) -> None:
     plain = {"highlight": False, "soft_wrap": True, "markup": False, "emoji": False}
     console.print(f"verdict: equivalent when rel grad err = ||g_acc - g_big|| / ||g_big|| <= "
                   f"tolerance = {probe.TOLERANCE_FACTOR:g} * max(N, 2) * u ({result.dtype}) "
-                  f"and the learning rates agree to {LR_RTOL:g}; each run at its own weights",
-                  **plain)
+                  f"and the learning rates and optimizer settings agree (to {LR_RTOL:g}); "
+                  f"gradients {WEIGHTS_NOTE[result.same_weights].split(' (')[0]}", **plain)
     if result.estimate:
         console.print(f"estimate: parameters x steps > {result.copy_limit:g} elements, too many to "
                       f"copy: the errors are estimated from the norm and {PROJECTIONS} random "
@@ -858,6 +966,8 @@ def render(result: Audit, console) -> None:
     if first["rel_lr_diff"] > LR_RTOL:
         what += (f"; learning rate {fmt(first['lr_accumulated'])} against "
                  f"{fmt(first['lr_big_batch'])}")
+    if first["settings_differ"]:
+        what += f"; optimizer settings: {first['settings_differ']}"
     console.print(Text.assemble(("differs", "bold red"), f" from step {first['step']}: {what}"),
                   soft_wrap=True)
     if result.diagnosis:
@@ -891,5 +1001,7 @@ def shown_steps(steps: list[dict], keep: int = 12) -> list[dict | None]:
 
 
 if __name__ == "__main__":
-    entry, m, n, k, limit, path = sys.argv[1:]
-    worker(entry, int(m), int(n), int(k), int(limit), Path(path))
+    entry, m, n, k, limit, path, role, shared = sys.argv[1:]
+    worker(entry, int(m), int(n), int(k), int(limit), Path(path),
+           lead=Path(shared) if role == "lead" else None,
+           follow=Path(shared) if role == "follow" else None)

@@ -90,6 +90,18 @@ def right(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
     _train(model, x, y, micro_batch_size, accum_steps, max_steps)
 
 
+def weight_decay_times_n(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """Scales weight decay with N ("the effective batch is N times larger")."""
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.001 * accum_steps)
+    for step in range(max_steps):
+        for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+            (nn.functional.mse_loss(model(xb), yb) / accum_steps).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def not_divided(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
     x, y = _regression()
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()

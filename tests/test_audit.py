@@ -174,7 +174,8 @@ def test_compare_reads_audit_runs_and_checks_them(tutorial, broken):
     rows = {r["arm"]: r for r in doc["rows"]}
     assert rows["accumulated"]["verdict"] == "equivalent" and rows["accumulated"]["check"] == "ok"
     assert rows["big-batch"]["verdict"] == "baseline"
-    assert any("each at its own run's weights" in note for note in doc["notes"])
+    assert any("both at the big batch's weights: after each optimizer step the accumulated run "
+               "takes the big batch's weights" in note for note in doc["notes"])
 
     result = gradlab("compare", bad, "--check")
     assert result.exit_code == 1
@@ -244,10 +245,15 @@ def examined(entrypoint: str, tmp: Path, m: int = 4, n: int = 4, k: int = 3,
              copy_limit: int = audit.COPY_LIMIT) -> audit.Audit:
     """The worker's hooks in this process, then the parent's comparison and diagnosis."""
     base, arm = audit.twins(m, n)
+    shared = tmp / "weights"
+    shared.mkdir(exist_ok=True)
+    (shared / "done").unlink(missing_ok=True)
     captured = {}
-    for a in (base, arm):
+    for a, role in ((base, "lead"), (arm, "follow")):
         path = tmp / f"{a.name}.pt"
-        audit.worker(entrypoint, a.micro_batch_size, a.accum_steps, k, copy_limit, path)
+        audit.worker(entrypoint, a.micro_batch_size, a.accum_steps, k, copy_limit, path,
+                     **{role: shared})
+        (shared / "done").touch()  # the leader has finished: the follower waits for no more
         captured[a.name] = torch.load(path, weights_only=False)
         assert captured[a.name]["error"] is None, captured[a.name]["error"]
     result = audit.examine(entrypoint, base, arm, k, captured)
@@ -268,6 +274,8 @@ def test_hooks_are_removed_after_a_run(tmp_path):
 def test_record_of_a_right_loop(tmp_path):
     result = examined("audit_loops:right", tmp_path)
     assert result.verdict == "equivalent" and result.diagnosis is None
+    assert result.same_weights and result.captures["accumulated"]["forced"] == 3
+    assert result.captures["big-batch"]["forced"] == 0  # the leader follows no one
     own = result.captures["accumulated"]["steps"]
     assert [s["backwards"] for s in own] == [4, 4, 4]
     assert [s["zero_grads"] for s in own] == [0, 1, 1]  # after steps 1 and 2: in the next window
@@ -382,9 +390,27 @@ def test_parameters_of_different_shapes_are_refused(tmp_path):
         examined("audit_loops:width_from_batch", tmp_path)
 
 
+def test_a_long_float32_run_stays_within_the_floor_at_the_big_batchs_weights(tmp_path):
+    """Two runs left to train on their own drift apart by rounding, step after step, until
+    their gradients differ by more than rounding; at the same weights they never do."""
+    result = examined("experiments.tutorial_loop:train_float32", tmp_path, m=8, n=4, k=150)
+    assert result.same_weights and result.captures["accumulated"]["forced"] == 150
+    assert result.verdict == "equivalent"
+    assert all(s["rel_grad_err"] <= probe.rel_tolerance("float32", 4) / 10 for s in result.steps)
+
+
+def test_optimizer_settings_that_depend_on_n_are_caught(tmp_path):
+    """At the big batch's weights the update itself is not compared: its settings are."""
+    result = examined("audit_loops:weight_decay_times_n", tmp_path)
+    assert result.verdict == "differs" and result.first_difference["step"] == 1
+    assert result.first_difference["rel_grad_err"] <= 1e-12  # the gradient is right
+    assert "weight_decay 0.004 (big batch: 0.001)" in result.diagnosis
+
+
 def test_large_models_are_estimated_from_projections(tmp_path):
     right = examined("audit_loops:right", tmp_path, copy_limit=0)
     assert right.estimate and right.verdict == "equivalent"
+    assert not right.same_weights  # the weights are too large to pass along as well
     assert "projections" in right.captures["big-batch"]["steps"][0]
     assert "grad" not in right.captures["big-batch"]["steps"][0]
     exact = examined("audit_loops:right", tmp_path)
