@@ -30,6 +30,7 @@ import importlib
 import importlib.util
 import inspect
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -139,6 +140,7 @@ class Recorder:
         # every step's gradient of both runs is taken at the same weights
         self.lead, self.follow = lead, follow
         self.forced = 0  # steps after which the weights were set to the leader's
+        self._layout: dict[str, Any] | None = None  # names and dtype of the weights passed
         self.steps: list[dict[str, Any]] = []
         self.window = Window()
         self.seen: dict[int, nn.Module] = {}  # modules run before the first step
@@ -246,27 +248,35 @@ class Recorder:
         step, names = len(self.steps), self.steps[-1]["names"]
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.lead:
-            weights = torch.cat([p.detach().reshape(-1) for p in params]).to("cpu", copy=True)
-            partial = self.lead / f"{step}.partial"
-            torch.save({"names": names, "weights": weights}, partial)
-            partial.replace(self.lead / f"{step}.pt")  # whole or not there: never half
+            weights = torch.cat([p.detach().reshape(-1) for p in params]).cpu()
+            layout = {"names": names, "dtype": str(weights.dtype).removeprefix("torch.")}
+            if layout != self._layout:  # written once, not every step
+                _write_whole(self.lead / f"{step}.layout.json",
+                             json.dumps(layout).encode())
+                self._layout = layout
+            # raw bytes: a step's weights cost a write and a read, not a pickle
+            _write_whole(self.lead / f"{step}.weights", weights.view(torch.uint8).numpy())
             return
         if self.follow is None:
             return
-        path = self.follow / f"{step}.pt"
+        path = self.follow / f"{step}.weights"
         while not path.exists() and not (self.follow / "done").exists():
             time.sleep(0.0005)
-        if not path.exists():  # the leader made fewer steps, or failed: the parent says so
+        changed = self.follow / f"{step}.layout.json"
+        if changed.exists():
+            self._layout = json.loads(changed.read_text())
+        if not path.exists() or self._layout is None or self._layout["names"] != names:
+            self.follow = None  # the leader stopped, or trains another model: the parent
+            return              # says which, by step count, name and shape
+        raw = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        path.unlink()
+        weights = raw.view(getattr(torch, self._layout["dtype"]))
+        sizes = [p.numel() for p in params]
+        if weights.numel() != sum(sizes):
             self.follow = None
             return
-        shared = torch.load(path, weights_only=True)
-        path.unlink()
-        sizes = [p.numel() for p in params]
-        if shared["names"] != names or shared["weights"].numel() != sum(sizes):
-            self.follow = None  # another model: the parent refuses it by name and shape
-            return
         with torch.no_grad():
-            for p, value in zip(params, shared["weights"].split(sizes), strict=True):
+            for p, value in zip(params, weights.split(sizes), strict=True):
                 p.copy_(value.view_as(p))
         self.forced += 1
 
@@ -292,6 +302,14 @@ class Recorder:
         return {"steps": self.steps, "after_last_step": self.window.counts(),
                 "sketch": bool(self.sketch), "layers": self.layers, "device": self.device,
                 "forced": self.forced}
+
+
+def _write_whole(path: Path, data) -> None:
+    """Write, then rename: a reader sees the whole file or none of it."""
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as f:
+        f.write(data if isinstance(data, bytes) else data.tobytes())
+    partial.replace(path)
 
 
 def _settings(group: dict[str, Any]) -> dict[str, Any]:
@@ -438,7 +456,9 @@ def audit(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: i
 
     start = time.perf_counter()
     say(f"running {arm.call(max_steps)} and {base.call(max_steps)}, each in its own process")
-    with tempfile.TemporaryDirectory(prefix="gradlab-audit-") as tmp:
+    # memory-backed where there is one: the weights pass through it at every step
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="gradlab-audit-", dir=shm) as tmp:
         runs = [(base, "big-batch", "lead"), (arm, "accumulated", "follow")]
         captured = run_loops(entrypoint, runs, max_steps, copy_limit, Path(tmp), parallel)
         result = examine(entrypoint, base, arm, max_steps, captured)
