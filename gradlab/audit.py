@@ -860,8 +860,8 @@ def write_run(result: Audit, out: Path) -> Path:
     run_dir = store.RunDir(out, f"audit-{module}", {
         "experiment": "audit",
         "description": f"gradlab audit {result.entrypoint}: {result.arm.call(result.max_steps)}"
-                       f" against {result.base.call(result.max_steps)}, each in its own process;"
-                       f" gradients at each run's own weights, step by step",
+                       f" against {result.base.call(result.max_steps)}, each in its own process,"
+                       f" compared at every optimizer step",
         "entrypoint": result.entrypoint,
         "gradients_at": WEIGHTS_NOTE[result.same_weights],
         "device": result.captures["accumulated"]["device"],
@@ -931,8 +931,11 @@ def summary_rows(result: Audit) -> list[dict[str, Any]]:
 
 def check_rows(result: Audit) -> list[dict[str, Any]]:
     worst = max(s["rel_lr_diff"] for s in result.steps)
+    differing = sum(bool(s["settings_differ"]) for s in result.steps)
     return [{"trial": 0, "arm": result.arm.name, "check": "learning rate = big batch's",
-             "value": worst, "tolerance": LR_RTOL, "passed": worst <= LR_RTOL}]
+             "value": worst, "tolerance": LR_RTOL, "passed": worst <= LR_RTOL},
+            {"trial": 0, "arm": result.arm.name, "check": "steps whose optimizer settings differ",
+             "value": float(differing), "tolerance": 0.0, "passed": differing == 0}]
 
 
 # ---------------------------------------------------------------------------- rendering

@@ -405,6 +405,14 @@ def test_optimizer_settings_that_depend_on_n_are_caught(tmp_path):
     assert result.verdict == "differs" and result.first_difference["step"] == 1
     assert result.first_difference["rel_grad_err"] <= 1e-12  # the gradient is right
     assert "weight_decay 0.004 (big batch: 0.001)" in result.diagnosis
+    # compare's verdict reads the gradient alone; the run's own check carries the rest
+    result.seconds = {}
+    run_dir = audit.write_run(result, tmp_path / "out")
+    checks = table(run_dir, "checks").set_index("check")
+    assert not checks.loc["steps whose optimizer settings differ", "passed"]
+    assert checks.loc["steps whose optimizer settings differ", "value"] == 3
+    assert checks.loc["learning rate = big batch's", "passed"]
+    assert gradlab("compare", run_dir, "--check").exit_code == 1
 
 
 def test_large_models_are_estimated_from_projections(tmp_path):
