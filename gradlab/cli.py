@@ -10,6 +10,7 @@ is marked interrupted, with the trials finished so far kept.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -56,6 +57,8 @@ def early_stop(signum: int, what: str = "") -> SystemExit:
     import json
 
     message = STOPPED[signum] + what
+    if os.environ.get("RANK", "0") != "0":  # a rank of torchrun's other than 0: rank 0 says it
+        return SystemExit(128 + signum)
     if "--json" in sys.argv[1:]:
         print(json.dumps({"status": "interrupted", "error": message, "run_dir": None}),
               flush=True)
@@ -69,6 +72,7 @@ _handlers_before_import = catch_stop_signals(_raise_interrupted)
 try:
     import contextlib
     import dataclasses
+    import socket
     import traceback
     from pathlib import Path
     from typing import Annotated
@@ -87,7 +91,7 @@ try:
     )
     from rich.table import Table
 
-    from gradlab import compare, runner, spec, store, zoo
+    from gradlab import compare, distributed, runner, spec, store, zoo
     from gradlab.errors import GradlabError
 except Interrupted as stop:
     starting = (" before the run started; nothing was written" if sys.argv[1:2] == ["run"]
@@ -131,18 +135,22 @@ class Stop:
     signum: int | None = None
     finishing = False  # writing the end state: a second signal must not cut it short
     reported = False  # the one line is out
+    rank = False  # this process is a rank of a data-parallel run
 
 
 def _on_stop_signal(signum, frame):
     if Stop.signum is None:
         Stop.signum = signum
-    if not Stop.finishing:
+    # a rank's collective fails when the rank at its other end stops first, so a rank's stop
+    # often arrives while that error is being handled: the handler sees Stop.signum instead
+    handling = Stop.rank and sys.exc_info()[1] is not None
+    if not Stop.finishing and not handling:
         store.raise_after_write(Interrupted(signum))  # a CSV line is never cut in half
 
 
 def main() -> None:
     """The `gradlab` command: the app, with SIGINT and SIGTERM ending it in one line."""
-    Stop.signum, Stop.finishing, Stop.reported = None, False, False
+    Stop.signum, Stop.finishing, Stop.reported, Stop.rank = None, False, False, False
     previous = catch_stop_signals(_on_stop_signal)
     try:
         app()
@@ -184,49 +192,102 @@ def run(
 
     * `gradlab run my_spec.toml --set model=mypkg.nets:make_net --json`
     """
+    rank = world = None
+    try:
+        rank = distributed.Rank.from_env()
+        Stop.rank = rank is not None
+        if rank is not None and rank.rank != 0:
+            err.quiet = True  # rank 0 speaks for the run
+        loaded, trials, cost, ranks = prepare(experiment, set_ or [], yes, rank)
+        if ranks is not None and rank is not None:
+            world = distributed.join(rank, ranks)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through _on_stop_signal
+        signum = getattr(stop, "signum", Stop.signum or signal.SIGINT)
+        raise stopped(signum, json_out, None) from None
+    except GradlabError as e:
+        if Stop.signum is not None:
+            raise stopped(Stop.signum, json_out, None) from None
+        raise end_run(str(e), 2, "bad-input", json_out) from None
+    except Exception as e:
+        if Stop.signum is not None:
+            raise stopped(Stop.signum, json_out, None) from None
+        raise end_run(f"preparing the run failed: {type(e).__name__}: {e} (at "
+                      f"{_where(e)})", 1, "failed", json_out) from None
+    if ranks is not None and rank is None:  # data-parallel arms: start the ranks, as torchrun
+        args = ["run", experiment, *(f"--set={a}" for a in set_ or []), f"--out={out}",
+                *(["--json"] if json_out else []), *(["--yes"] if yes else [])]
+        ended = distributed.launch(ranks.size, args)
+        Stop.reported = True  # rank 0 said how the run ended, or:
+        if ended.message:
+            raise end_run(ended.message, ended.code, "failed", json_out)
+        raise typer.Exit(ended.code)
+    execute(loaded, trials, cost, world, set_ or [], out, json_out)
+
+
+def execute(loaded: spec.Spec, trials: list[spec.Trial], cost: runner.Plan,
+            world: distributed.World | None, assignments: list[str], out: Path,
+            json_out: bool) -> None:
+    """Run the prepared trials, write the run directory, judge and show it. On each rank of
+    a data-parallel run (``world``) alike; only rank 0 writes and prints."""
+    writes = world is None or world.rank == 0
     run_dir = None
     try:
-        loaded, trials, cost = prepare(experiment, set_ or [], yes)
-        run_dir = store.RunDir(out, loaded.name, {
-            "spec_source": loaded.source, "spec_text": loaded.text, "overrides": set_ or [],
-            "notes": loaded.notes, "description": loaded.description,
-            "trials": [{"trial": t.index, "swept": t.swept,
-                        "arms": {a.name: {"baseline": a.baseline, "expect": a.expect,
-                                          "settings": dataclasses.asdict(a.settings)}
-                                 for a in t.arms}} for t in trials],
-            "device": str(runner.resolve_device(trials[0].baseline.settings.device)),
-        })
+        ranks = world.gather({"rank": world.rank, "pid": os.getpid(),
+                              "host": socket.gethostname()}) if world else None
+        if writes:
+            run_dir = store.RunDir(out, loaded.name, {
+                "spec_source": loaded.source, "spec_text": loaded.text,
+                "overrides": assignments, "notes": loaded.notes,
+                "description": loaded.description,
+                "trials": [{"trial": t.index, "swept": t.swept,
+                            "arms": {a.name: {"baseline": a.baseline, "expect": a.expect,
+                                              "settings": dataclasses.asdict(a.settings)}
+                                     for a in t.arms}} for t in trials],
+                "device": str(runner.resolve_device(trials[0].baseline.settings.device)),
+                **({"ranks": ranks} if ranks else {}),
+            })
+        if world is not None:  # the ranks agree on the run directory: rank 0's
+            world.share(str(run_dir.path) if run_dir else None)
         for note in loaded.notes:
             err.print(note, markup=False, highlight=False, soft_wrap=True)
         if not json_out:
-            err.print(plan(loaded.name, trials, cost), markup=False, highlight=False,
+            err.print(plan(loaded.name, trials, cost, world), markup=False, highlight=False,
                       soft_wrap=True)
         total = sum(a.settings.steps for t in trials for a in t.arms)
-        show_progress = not json_out and sys.stdout.isatty()
+        show_progress = not json_out and sys.stdout.isatty() and writes
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("steps"), TimeElapsedColumn(), console=err,
                       disable=not show_progress, transient=True) as progress:
             task = progress.add_task(f"{loaded.name}: {len(trials)} trials", total=total)
             results = runner.run_trials(trials, run_dir, lambda n: progress.advance(task, n))
-        run_dir.finish("complete")
+        if run_dir is not None:
+            run_dir.finish("complete")
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through _on_stop_signal
         signum = getattr(stop, "signum", Stop.signum or signal.SIGINT)
-        raise stopped(signum, json_out, run_dir) from None
+        raise stopped(signum, json_out, run_dir, world) from None
     except GradlabError as e:  # bad input; during a stop, a factory may have turned it into one
         if Stop.signum is not None:
-            raise stopped(Stop.signum, json_out, run_dir) from None
+            raise stopped(Stop.signum, json_out, run_dir, world) from None
+        if world is not None:
+            raise rank_failed(world, e, str(e), 2, json_out, run_dir) from None
         if run_dir is not None:
             mark(run_dir, "failed", str(e))
         raise end_run(str(e), 2, "bad-input", json_out, run_dir) from None
     except Exception as e:  # a bug or a numerical failure: keep the evidence, say where
         if Stop.signum is not None:
-            raise stopped(Stop.signum, json_out, run_dir) from None
+            raise stopped(Stop.signum, json_out, run_dir, world) from None
+        if world is not None:
+            raise rank_failed(world, e, traceback.format_exc(), 1, json_out, run_dir) from None
         if run_dir is None:
             raise end_run(f"preparing the run failed: {type(e).__name__}: {e} (at "
                           f"{_where(e)})", 1, "failed", json_out) from None
         mark(run_dir, "failed", traceback.format_exc())
         raise end_run(f"run failed: {type(e).__name__}: {e} (traceback in "
                       f"{run_dir.path / 'run.json'})", 1, "failed", json_out, run_dir) from None
+    if world is not None:
+        world.leave()
+    if not writes:
+        return  # rank 0 judges and shows the run
 
     # the run is judged as compare judges it, from what was written: one rule, one table
     comparison = compare.compare(store.load_runs([run_dir.path]))
@@ -238,6 +299,7 @@ def run(
         render_comparison(comparison)
         render_checks(checks)
         render_divergence(summaries)
+        render_data_parallel(summaries)
         traces = [row for r in results for row in r["trace"]]
         if traces and len(traces) <= 64:
             render_trace(traces, [w for r in results for w in r["weights"]])
@@ -250,10 +312,15 @@ def run(
         raise typer.Exit(1)
 
 
-def prepare(experiment: str, assignments: list[str],
-            yes: bool) -> tuple[spec.Spec, list[spec.Trial], runner.Plan]:
-    """Everything that can refuse the input, before anything is written."""
-    loaded = spec.apply_overrides(spec.load_spec(experiment), assignments)
+def prepare(experiment: str, assignments: list[str], yes: bool,
+            rank: distributed.Rank | None = None
+            ) -> tuple[spec.Spec, list[spec.Trial], runner.Plan, distributed.Ranks | None]:
+    """Everything that can refuse the input, before anything is written or started; under
+    torchrun (``rank``), its WORLD_SIZE is the world_size of the arms that set none."""
+    loaded = spec.load_spec(experiment)
+    if rank is not None:
+        distributed.take_world_size(loaded, rank)
+    loaded = spec.apply_overrides(loaded, assignments)
     if not loaded.source.startswith(str(spec.builtin_dir())):
         # a spec's own folder is importable: setup = "my_lm:make_setup" finds my_lm.py
         sys.path.insert(0, str(Path(loaded.source).resolve().parent))
@@ -262,23 +329,53 @@ def prepare(experiment: str, assignments: list[str],
         axes = " x ".join(f"{k}: {len(v)} values" for k, v in loaded.sweep.items())
         raise GradlabError(f"{len(trials)} trials ({axes}) is more than {MAX_TRIALS}; add "
                            f"--yes to run them all, or sweep fewer values")
-    return loaded, trials, runner.preflight(trials)
+    ranks = distributed.ranks_needed(trials, rank)
+    return loaded, trials, runner.preflight(trials), ranks
 
 
-def plan(name: str, trials: list[spec.Trial], cost: runner.Plan) -> str:
+def plan(name: str, trials: list[spec.Trial], cost: runner.Plan,
+         world: distributed.World | None = None) -> str:
     """What is about to run, and what it will cost, on one line."""
     arms = list(dict.fromkeys(a.name for t in trials for a in t.arms))
     trainings = sum(len(t.arms) for t in trials)
     steps = sum(a.settings.steps for t in trials for a in t.arms)
+    ranks = f" on each of {world.size} ranks" if world is not None else ""
     return (f"{name}: {_count(len(trials), 'trial')} x {_count(len(arms), 'arm')} "
             f"({', '.join(arms)}) = {_count(trainings, 'training')}, {steps} optimizer steps "
-            f"in all; {cost.estimate()}")
+            f"in all{ranks}; {cost.estimate()}")
 
 
-def mark(run_dir: store.RunDir, status: str, error: str) -> None:
+def mark(run_dir: store.RunDir, status: str, error: str, rank: int | None = None) -> None:
     """Write how the run ended, if the disk still lets us: the error line matters more."""
     with contextlib.suppress(OSError):  # else run.json stays 'running', and compare says why
-        run_dir.finish(status, error)
+        run_dir.finish(status, error, rank)
+
+
+def rank_failed(world: distributed.World, error: BaseException, details: str, code: int,
+                json_out: bool, run_dir: store.RunDir | None) -> typer.Exit:
+    """A rank of a data-parallel run failed: this one, or another whose failure made this
+    one's collective fail (or brought a stop). Each rank records its own failure; rank 0
+    marks the run failed with the first one recorded: which rank, and why."""
+    if Stop.signum is not None:  # stopped: the other end of the failed collective stopped too
+        return stopped(Stop.signum, json_out, run_dir, world)
+    Stop.finishing = True  # the launcher's SIGTERM must not cut the record short
+    world.record_failure(f"{type(error).__name__}: {error}" if code == 1 else str(error),
+                         details, code)
+    return run_failed(world.first_failure() or {"rank": world.rank, "error": str(error),
+                                                "details": details, "code": code},
+                      json_out, run_dir)
+
+
+def run_failed(failure: dict, json_out: bool, run_dir: store.RunDir | None) -> typer.Exit:
+    """The run failed on the rank ``failure`` names (a record of distributed.World)."""
+    Stop.finishing = True
+    where = ""
+    if run_dir is not None:
+        mark(run_dir, "failed", f"rank {failure['rank']}: {failure['details']}",
+             failure["rank"])
+        where = f" (details in {run_dir.path / 'run.json'})"
+    return end_run(f"run failed on rank {failure['rank']}: {failure['error']}{where}",
+                   failure["code"], "failed", json_out, run_dir)
 
 
 def _count(n: int, noun: str) -> str:
@@ -295,15 +392,20 @@ def end_run(message: str, code: int, status: str, json_out: bool,
             run_dir: store.RunDir | None = None) -> typer.Exit:
     """A run that did not complete: its one line, and with --json its one document."""
     Stop.reported = True
-    if json_out:
+    if json_out and not err.quiet:  # (quiet: a rank other than 0, which rank 0 speaks for)
         typer.echo(store.dumps({"status": status, "error": " ".join(message.split()),
                                 "run_dir": str(run_dir.path) if run_dir else None}))
     return fail(message, code)
 
 
-def stopped(signum: int, json_out: bool, run_dir: store.RunDir | None) -> typer.Exit:
-    """SIGINT or SIGTERM: mark the run interrupted (finished trials stay) and say so."""
+def stopped(signum: int, json_out: bool, run_dir: store.RunDir | None,
+            world: distributed.World | None = None) -> typer.Exit:
+    """SIGINT or SIGTERM: mark the run interrupted (finished trials stay) and say so; unless
+    another rank failed first, and torchrun or the launcher stops this one for it."""
     Stop.finishing = True  # a second Ctrl-C must not cut the writing of run.json short
+    failure = world.first_failure() if world is not None else None
+    if failure is not None:
+        return run_failed(failure, json_out, run_dir)
     word = STOPPED.get(signum, f"stopped by signal {signum}")
     if run_dir is None:
         message = f"{word} before the run started; nothing was written"
@@ -341,6 +443,23 @@ def render_divergence(summaries: list[dict]) -> None:
             err.print(f"[bold]diverged:[/] trial {row['trial']} arm {row['arm']}: non-finite "
                       f"loss, gradient or weights from step {row['diverged_at_step']:.0f}; its "
                       f"gradient is judged on the probes before that", highlight=False)
+
+
+def render_data_parallel(summaries: list[dict]) -> None:
+    """What syncing cost each arm of a run with data-parallel arms: all-reduces and time."""
+    if not any(row["world_size"] > 1 for row in summaries):
+        return
+    table = Table(title="data parallel: gradient all-reduces per optimizer step (as DDP's "
+                        "communication hook counted them, one per bucket) and time per step "
+                        "(median, rank 0)", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("trial", "arm", "W", "N", "micro", "all-reduces/step", "ms/step"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for row in summaries:
+        table.add_row(str(row["trial"]), row["arm"], str(row["world_size"]),
+                      str(row["accum_steps"]), str(row["micro_batch"]),
+                      compare.fmt(row["allreduces_per_step"]),
+                      compare.fmt(row["step_seconds"] * 1000))
+    err.print(table)
 
 
 def render_checks(checks: list[dict]) -> None:

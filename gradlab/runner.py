@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradlab import engine, probe, schema, zoo
+from gradlab import distributed, engine, probe, schema, zoo
 from gradlab.errors import GradlabError
 from gradlab.setup import (
     Examples,
@@ -35,7 +35,6 @@ from gradlab.setup import (
     cross_entropy_loss,
     mse_loss,
     num_examples,
-    split,
     take,
 )
 from gradlab.spec import Arm, BnMode, Dtype, Settings, Trial, ZeroGrad
@@ -152,7 +151,7 @@ def windows(setup: Setup, s: Settings) -> Iterator[Examples]:
 # settings that change neither the model's shape nor the data, so not what preflight checks
 TRAINING_ONLY = {"seed", "lr", "momentum", "weight_decay", "optimizer", "steps", "probe_every",
                  "eval_every", "trace", "trace_elements", "zero_grad", "set_to_none",
-                 "loss_scale"}
+                 "loss_scale", "sync", "backend", "time_steps"}
 
 
 @dataclass
@@ -263,15 +262,19 @@ def check_setup(arm: Arm, setup: Setup) -> None:
         raise GradlabError(f"{name}: batch_size={s.batch_size} but the training set has {n} "
                            f"examples; use a smaller batch_size")
     has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in setup.model.modules())
-    if has_bn1d and s.batch_size // s.accum_steps == 1 and s.bn_mode == BnMode.TRAIN:
+    parts = s.accum_steps * s.world_size  # micro-batches of all ranks together
+    if has_bn1d and s.batch_size // parts == 1 and s.bn_mode == BnMode.TRAIN:
+        ranks = f", world_size={s.world_size}" if s.world_size > 1 else ""
         raise GradlabError(
             f"{name}: BatchNorm1d would see micro-batches of 1 example "
-            f"(batch_size={s.batch_size}, accum_steps={s.accum_steps}), so one value per "
-            f"channel and no batch statistics; use norm=gn or norm=ln, or a smaller accum_steps")
+            f"(batch_size={s.batch_size}, accum_steps={s.accum_steps}{ranks}), so one value "
+            f"per channel and no batch statistics; use norm=gn or norm=ln, or a smaller "
+            f"accum_steps")
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     engine.set_train_mode(setup.model, s)
+    every_rank = engine.rank_micro_batches(window, s.accum_steps, s.world_size)
     with torch.no_grad():
-        for i, micro_batch in enumerate(split(window, s.accum_steps)):
+        for i, micro_batch in enumerate(mb for part in every_rank for mb in part):
             units = int(setup.count_units(micro_batch))
             try:
                 if setup.loss in (mse_loss, cross_entropy_loss):  # predictions must fit targets
@@ -367,6 +370,7 @@ class ArmRun:
         self.trial, self.arm, self.setup, self.s = trial, arm, setup, arm.settings
         self.data_cache = data_cache
         self.model = setup.model
+        self.replica = self.replicate(self.model)  # what the engine trains
         self.optimizer = engine.make_optimizer(self.model, self.s)
         self.windows = windows(setup, self.s)
         self.rng = ArmRng(self.s.seed, setup.device)
@@ -379,6 +383,11 @@ class ArmRun:
     def fresh_model(self) -> nn.Module:
         """Another model like this arm's (for probes and checks to compute in)."""
         return build_setup(self.s, self.setup.device, self.data_cache).model
+
+    def replicate(self, model: nn.Module) -> nn.Module:
+        """The model as this arm trains it: a DDP replica on each rank when the arm is
+        data-parallel (world_size > 1), else the model itself."""
+        return distributed.Replica(model) if self.s.world_size > 1 else model
 
     @property
     def ids(self) -> dict[str, Any]:
@@ -395,8 +404,8 @@ class ArmRun:
         for o in self.observers:
             o.before_step(self, window)
         with self.rng:
-            stats = engine.train_step(self.model, self.optimizer, window, self.s, self.setup,
-                                      self)
+            stats = engine.train_step(self.replica, self.optimizer, window, self.s,
+                                      self.setup, self)
         self.examples += self.s.batch_size
         self.loss = stats.loss
         for o in self.observers:
@@ -443,6 +452,7 @@ class Trajectory(Observer):
         run.rows["steps"].append({
             **run.ids, "step": run.step, "examples": run.examples, "units": stats.units,
             "loss": stats.loss, "grad_norm": stats.grad_norm, "update_norm": stats.update_norm,
+            "allreduces": stats.allreduces, "step_seconds": stats.seconds,
             "weight_dist": weight_dist,
             "rel_loss_diff": abs(stats.loss - ref_loss) / abs(ref_loss) if ref_loss
             else math.nan})
@@ -487,11 +497,12 @@ class Probe(Observer):
         exact = self.exact_gradient(base)
         floor = probe.compare_models(base.model, exact)
         for arm in due:
-            model = self.probe_model(arm)
+            replica = self.probe_model(arm)  # a data-parallel arm's: all-reduced across ranks
+            model = engine.module_of(replica)
             self.start_at_baseline(model, base)
             window = cast(self.window, DTYPES[arm.s.dtype], arm.setup.device)
             with torch.random.fork_rng(devices=[]):  # the probe draws from no arm's stream
-                engine.window_gradient(model, window, arm.s, arm.setup)
+                engine.window_gradient(replica, window, arm.s, arm.setup)
             ids = {**arm.ids, "step": base.step}
             arm.rows["probe"] += [
                 {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"]}
@@ -519,7 +530,7 @@ class Probe(Observer):
 
     def probe_model(self, arm: ArmRun) -> nn.Module:
         if arm.arm.name not in self.probe_models:
-            self.probe_models[arm.arm.name] = arm.fresh_model()
+            self.probe_models[arm.arm.name] = arm.replicate(arm.fresh_model())
         return self.probe_models[arm.arm.name]
 
 
@@ -697,23 +708,27 @@ def summary_row(run: ArmRun) -> dict[str, Any]:
     s, arm = run.s, run.arm
     metrics = schema.summarise(run.rows["steps"], run.rows["probe"], run.rows["eval"],
                                run.rows["buffers"])
-    tolerance, verdict = schema.judge(arm.baseline, s.dtype, s.accum_steps, metrics)
+    tolerance, verdict = schema.judge(arm.baseline, s.dtype, s.accum_steps,
+                                      {**metrics, "world_size": s.world_size})
     return {**run.ids, "baseline": arm.baseline,
             **{key: getattr(s, key) for key in run.trial.swept},  # the arm's own value of each
             "batch_size": s.batch_size, "accum_steps": s.accum_steps,
-            "micro_batch": s.micro_batch, "dtype": s.dtype, **metrics,
+            "micro_batch": s.micro_batch, "world_size": s.world_size, "dtype": s.dtype,
+            **metrics,
             "rel_tolerance": tolerance, "expect": arm.expect or "", "verdict": verdict}
 
 
-def run_trials(trials: list[Trial], run_dir: RunDir,
+def run_trials(trials: list[Trial], run_dir: RunDir | None,
                advance: Callable[[int], None] = lambda n: None) -> list[dict[str, list[dict]]]:
-    """Run every trial, appending its rows to the run directory as soon as it is done."""
+    """Run every trial, appending its rows to the run directory as soon as it is done
+    (ranks other than 0 of a data-parallel run train alike and write nothing: None)."""
     cache: dict = {}
     results = []
     for trial in trials:
         rows = run_trial(trial, cache, advance)
-        with whole_write():  # a stop signal waits until the trial is on disk whole
-            for table in schema.TABLES:
-                run_dir.append(table, rows[table])
+        if run_dir is not None:
+            with whole_write():  # a stop signal waits until the trial is on disk whole
+                for table in schema.TABLES:
+                    run_dir.append(table, rows[table])
         results.append(rows)
     return results

@@ -22,13 +22,14 @@ KEYS = ("trial", "arm")
 
 # the columns of each table after KEYS (summary also holds the swept settings, see below)
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "summary": ("baseline", "batch_size", "accum_steps", "micro_batch", "dtype",
+    "summary": ("baseline", "batch_size", "accum_steps", "micro_batch", "world_size", "dtype",
                 "max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",
                 "exact_floor", "final_loss", "max_rel_loss_diff", "final_weight_dist",
                 "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff",
-                "diverged_at_step", "rel_tolerance", "expect", "verdict"),
-    "steps": ("step", "examples", "units", "loss", "grad_norm", "update_norm", "weight_dist",
-              "rel_loss_diff"),
+                "diverged_at_step", "allreduces_per_step", "step_seconds", "rel_tolerance",
+                "expect", "verdict"),
+    "steps": ("step", "examples", "units", "loss", "grad_norm", "update_norm", "allreduces",
+              "step_seconds", "weight_dist", "rel_loss_diff"),
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
               "exact_err", "floor_err"),
     "buffers": ("step", "buffer", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
@@ -54,7 +55,8 @@ TEXT_COLUMNS = ("arm", "param", "buffer", "expect", "verdict", "check", "dtype")
 # the summary metrics, in the order summary.csv and --json give them
 METRICS = ("max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",
            "exact_floor", "final_loss", "max_rel_loss_diff", "final_weight_dist",
-           "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff", "diverged_at_step")
+           "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff", "diverged_at_step",
+           "allreduces_per_step", "step_seconds")
 
 # short labels for tables meant for people (CSV and JSON keep the column names)
 HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel grad err",
@@ -63,7 +65,8 @@ HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel 
            "final_test_loss": "test loss", "final_weight_dist": "weight dist",
            "max_rel_loss_diff": "max rel loss diff", "loss_diff": "loss diff",
            "max_rel_buffer_diff": "rel BN stats diff", "max_exact_err": "vs exact",
-           "exact_floor": "floor", "diverged_at_step": "diverged at"}
+           "exact_floor": "floor", "diverged_at_step": "diverged at", "world_size": "W",
+           "allreduces_per_step": "all-reduces/step", "step_seconds": "s/step"}
 
 
 def allowed_columns(table: str, settings: Iterable[str] = ()) -> set[str]:
@@ -188,6 +191,19 @@ def _last(rows: list[Mapping], column: str) -> float:
     return rows[-1][column] if rows and not missing(rows[-1].get(column)) else math.nan
 
 
+def _mean(rows: Iterable[Mapping], column: str) -> float:
+    values = [r[column] for r in rows if not missing(r.get(column))]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _median(rows: Iterable[Mapping], column: str) -> float:
+    values = sorted(r[column] for r in rows if not missing(r.get(column)))
+    if not values:
+        return math.nan
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
 def summarise(steps: list[Mapping], probes: list[Mapping] = (), evals: list[Mapping] = (),
               buffers: list[Mapping] = ()) -> dict[str, float]:
     """The summary metrics of one arm from its rows (each list in step order).
@@ -213,6 +229,9 @@ def summarise(steps: list[Mapping], probes: list[Mapping] = (), evals: list[Mapp
         "final_test_accuracy": _last(list(evals), "test_accuracy"),
         "max_rel_buffer_diff": _worst([r for r in buffers if r["buffer"] == "*"], "rel_l2_err"),
         "diverged_at_step": diverged[0] if diverged else math.nan,
+        # what data parallelism costs: the all-reduces DDP's hook counted, and the time
+        "allreduces_per_step": _mean(steps, "allreduces"),
+        "step_seconds": _median(steps, "step_seconds"),
     }
 
 
@@ -222,8 +241,12 @@ def judge(baseline: bool, dtype: str, accum_steps: int, metrics: Mapping,
 
     ``rtol`` replaces the measured tolerance; ``atol`` also accepts an arm whose
     largest absolute error against the baseline is within it. A run made before
-    the exact reference was recorded is judged by gradlab 0.1's rule.
+    the exact reference was recorded is judged by gradlab 0.1's rule. A data-parallel
+    arm (``metrics`` holds its world_size W) adds up N partial gradients on each of W
+    ranks, so it is judged as W·N micro-batches.
     """
+    ranks = metrics.get("world_size")
+    accum_steps = int(accum_steps) * (1 if missing(ranks) else int(ranks))
     if missing(metrics.get("exact_floor")) and missing(metrics.get("max_exact_err")) \
             and not missing(metrics.get("max_rel_grad_err")):  # an old run
         err, tol = metrics["max_rel_grad_err"], legacy_rel_tolerance(dtype, accum_steps)

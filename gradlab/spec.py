@@ -86,6 +86,20 @@ class Device(Policy):
     AUTO = "auto"  # cuda when available
 
 
+class Sync(Policy):
+    """When a data-parallel arm (world_size > 1) all-reduces its gradient across the ranks."""
+    NO_SYNC = "no-sync"  # no_sync() on the first N-1 micro-batches: all-reduce once a window
+    EVERY_MICRO_BATCH = "every-micro-batch"  # after every backward: right, N× the all-reduces
+    NEVER = "never"  # no_sync() on all: each rank steps on its own slice's gradient
+
+
+class Backend(Policy):
+    """The torch.distributed backend of a data-parallel arm."""
+    AUTO = "auto"  # nccl on CUDA, gloo on CPU
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
 def _setting(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -140,6 +154,22 @@ class Settings:
                                   "and the weights after every step (trace.csv, weights.csv)")
     trace_elements: int = _setting(
         8, "trace: how many elements of each parameter to record (the first ones)")
+    world_size: int = _setting(
+        1, "W, processes (ranks) that share each window with DistributedDataParallel: each "
+           "takes B/W examples in N micro-batches. 1: one process. gradlab starts the ranks "
+           "itself, or takes torchrun's")
+    sync: Sync = _setting(
+        Sync.NO_SYNC,
+        "with world_size > 1, when the gradient is all-reduced across ranks: no-sync (once per "
+        "window: no_sync() on the first N-1 micro-batches), every-micro-batch (after every "
+        "backward), never (each rank steps on its own gradient)")
+    time_steps: bool = _setting(
+        False, "record each step's wall time (steps.csv step_seconds, its median in summary.csv):"
+               " a measurement of this machine, so a run that records it is not byte-identical "
+               "to its repeat")
+    backend: Backend = _setting(
+        Backend.AUTO, "with world_size > 1: torch.distributed backend, auto (nccl on CUDA, gloo "
+                      "on CPU) | gloo | nccl")
 
     def __post_init__(self):
         # a policy given as its string (dataclasses.replace in code, old run.json) becomes
@@ -165,8 +195,8 @@ class Settings:
 
     @property
     def micro_batch(self) -> int:
-        """Examples in the largest micro-batch (all are this size when N divides B)."""
-        return -(-self.batch_size // self.accum_steps)
+        """Examples in the largest micro-batch (all are this size when W·N divides B)."""
+        return -(-self.batch_size // (self.accum_steps * self.world_size))
 
 
 @dataclass(frozen=True)
@@ -367,6 +397,7 @@ RANGES = {
     "channels": (1, None, "it must be at least 1"),
     "groups": (1, None, "it must be at least 1"),
     "trace_elements": (1, None, "record at least 1 element of each parameter"),
+    "world_size": (1, None, "use 1 (one process) or more ranks"),
     "min_len": (2, None, "a sequence needs at least 2 tokens (one to read, one to predict)"),
     "max_len": (2, None, "a sequence needs at least 2 tokens (one to read, one to predict)"),
     "probe_every": (0, None, "use 0 or a positive number of steps"),
@@ -561,6 +592,14 @@ def validate(s: Settings, where: str, origin=lambda key: "") -> None:
         raise GradlabError(f"{where}: {shown('accum_steps')} is larger than "
                            f"{shown('batch_size')}, so a micro-batch would be empty; use "
                            f"accum_steps <= batch_size")
+    if s.accum_steps * s.world_size > s.batch_size:
+        raise GradlabError(f"{where}: {shown('world_size')} ranks x {shown('accum_steps')} "
+                           f"micro-batches is more than {shown('batch_size')} examples, so a "
+                           f"rank's micro-batch would be empty; use world_size x accum_steps "
+                           f"<= batch_size")
+    if s.world_size > 1 and s.backend == Backend.NCCL and s.device == Device.CPU:
+        raise GradlabError(f"{where}: {shown('backend')} all-reduces CUDA tensors only, and "
+                           f"{shown('device')}; use backend=gloo (or auto), or device=cuda")
     if s.min_len > s.max_len:
         raise GradlabError(f"{where}: {shown('min_len')} is larger than {shown('max_len')}; "
                            f"use min_len <= max_len")

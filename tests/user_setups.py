@@ -73,3 +73,38 @@ def miscounted(settings):  # units() counts examples, the loss counts elements
         return F.mse_loss(model(x), y, reduction="sum"), y.numel() * 2
 
     return Setup(torch.nn.Linear(3, 1), regression(), loss)
+
+
+# ----------------------------------------------------------------------------- ranks
+# Setups for data-parallel runs (test_ddp.py): good until the ranks have joined their
+# process group (gradlab's preflight calls the loss before that), then not.
+
+def fails_on_rank_1(settings):
+    """Rank 1's loss raises; rank 0's sleeps meanwhile, outside any collective, as a long
+    computation would, so that only the launcher's stop can end it."""
+    import time
+
+    import torch.distributed as dist
+
+    def loss(model, batch):
+        if dist.is_initialized():
+            if dist.get_rank() == 1:
+                raise RuntimeError("boom on rank 1")
+            time.sleep(600)
+        return summed_mse(model, batch)
+
+    return Setup(torch.nn.Linear(3, 1), regression(), loss)
+
+
+def sleeps_once_joined(settings):
+    """Every rank's loss sleeps: a data-parallel run that only a stop ends."""
+    import time
+
+    import torch.distributed as dist
+
+    def loss(model, batch):
+        if dist.is_initialized():
+            time.sleep(600)
+        return summed_mse(model, batch)
+
+    return Setup(torch.nn.Linear(3, 1), regression(), loss)
