@@ -136,6 +136,7 @@ class Stop:
     finishing = False  # writing the end state: a second signal must not cut it short
     reported = False  # the one line is out
     rank = False  # this process is a rank of a data-parallel run
+    world: distributed.World | None = None  # ... and the group it joined
 
 
 def _on_stop_signal(signum, frame):
@@ -151,6 +152,7 @@ def _on_stop_signal(signum, frame):
 def main() -> None:
     """The `gradlab` command: the app, with SIGINT and SIGTERM ending it in one line."""
     Stop.signum, Stop.finishing, Stop.reported, Stop.rank = None, False, False, False
+    Stop.world = None
     previous = catch_stop_signals(_on_stop_signal)
     try:
         app()
@@ -192,15 +194,17 @@ def run(
 
     * `gradlab run my_spec.toml --set model=mypkg.nets:make_net --json`
     """
-    rank = world = None
+    rank = world = cost = None
     try:
         rank = distributed.Rank.from_env()
         Stop.rank = rank is not None
         if rank is not None and rank.rank != 0:
             err.quiet = True  # rank 0 speaks for the run
-        loaded, trials, cost, ranks = prepare(experiment, set_ or [], yes, rank)
-        if ranks is not None and rank is not None:
-            world = distributed.join(rank, ranks)
+        loaded, trials, ranks = prepare(experiment, set_ or [], yes, rank)
+        if rank is None:  # (a rank runs preflight once joined: whatever fails, rank 0 says)
+            cost = runner.preflight(trials)
+        elif ranks is not None:
+            world = Stop.world = distributed.join(rank, ranks)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through _on_stop_signal
         signum = getattr(stop, "signum", Stop.signum or signal.SIGINT)
         raise stopped(signum, json_out, None) from None
@@ -224,7 +228,7 @@ def run(
     execute(loaded, trials, cost, world, set_ or [], out, json_out)
 
 
-def execute(loaded: spec.Spec, trials: list[spec.Trial], cost: runner.Plan,
+def execute(loaded: spec.Spec, trials: list[spec.Trial], cost: runner.Plan | None,
             world: distributed.World | None, assignments: list[str], out: Path,
             json_out: bool) -> None:
     """Run the prepared trials, write the run directory, judge and show it. On each rank of
@@ -232,6 +236,8 @@ def execute(loaded: spec.Spec, trials: list[spec.Trial], cost: runner.Plan,
     writes = world is None or world.rank == 0
     run_dir = None
     try:
+        if cost is None:
+            cost = runner.preflight(trials)
         ranks = world.gather({"rank": world.rank, "pid": os.getpid(),
                               "host": socket.gethostname()}) if world else None
         if writes:
@@ -314,9 +320,10 @@ def execute(loaded: spec.Spec, trials: list[spec.Trial], cost: runner.Plan,
 
 def prepare(experiment: str, assignments: list[str], yes: bool,
             rank: distributed.Rank | None = None
-            ) -> tuple[spec.Spec, list[spec.Trial], runner.Plan, distributed.Ranks | None]:
-    """Everything that can refuse the input, before anything is written or started; under
-    torchrun (``rank``), its WORLD_SIZE is the world_size of the arms that set none."""
+            ) -> tuple[spec.Spec, list[spec.Trial], distributed.Ranks | None]:
+    """The spec's trials, and the ranks they need, checked (runner.preflight checks the
+    models); under torchrun (``rank``), its WORLD_SIZE is the world_size of every arm that
+    sets none."""
     loaded = spec.load_spec(experiment)
     if rank is not None:
         distributed.take_world_size(loaded, rank)
@@ -329,8 +336,7 @@ def prepare(experiment: str, assignments: list[str], yes: bool,
         axes = " x ".join(f"{k}: {len(v)} values" for k, v in loaded.sweep.items())
         raise GradlabError(f"{len(trials)} trials ({axes}) is more than {MAX_TRIALS}; add "
                            f"--yes to run them all, or sweep fewer values")
-    ranks = distributed.ranks_needed(trials, rank)
-    return loaded, trials, runner.preflight(trials), ranks
+    return loaded, trials, distributed.ranks_needed(trials, rank)
 
 
 def plan(name: str, trials: list[spec.Trial], cost: runner.Plan,
@@ -392,6 +398,8 @@ def end_run(message: str, code: int, status: str, json_out: bool,
             run_dir: store.RunDir | None = None) -> typer.Exit:
     """A run that did not complete: its one line, and with --json its one document."""
     Stop.reported = True
+    if Stop.world is not None and Stop.world.rank == 0:
+        Stop.world.record_reported(code)
     if json_out and not err.quiet:  # (quiet: a rank other than 0, which rank 0 speaks for)
         typer.echo(store.dumps({"status": status, "error": " ".join(message.split()),
                                 "run_dir": str(run_dir.path) if run_dir else None}))

@@ -175,6 +175,8 @@ def cpu_cores() -> int:
 
 # the store keys a rank's failure is recorded under (within the torchrun attempt's prefix)
 FAILURES = "failures"
+# rank 0 has said how the run ended (its one line), and with which exit code
+REPORTED = "reported"
 
 
 class World:
@@ -200,6 +202,12 @@ class World:
         in one line, ``details`` (a traceback), and its exit code."""
         with contextlib.suppress(Exception):  # the store may be gone: the failure comes first
             record_failure(self.records, self.rank, error, details, code)
+
+    def record_reported(self, code: int) -> None:
+        """Rank 0 has said how the run ended: the launcher need not, even if a stop then
+        ends rank 0 before it exits."""
+        with contextlib.suppress(Exception):
+            self.records.set(REPORTED, str(code))
 
     def first_failure(self) -> dict | None:
         """The first failure any rank recorded, or None."""
@@ -369,12 +377,15 @@ def outcome(codes: list[int], records: dist.Store) -> Ended:
     first = codes[0]
     if first > 0 or all(code == 0 for code in codes):
         return Ended(first)  # rank 0 ended by itself and said why (or all went well)
+    if records.check([REPORTED]):  # it said why, then a stop ended it before it exited
+        return Ended(int(records.get(REPORTED)))
     failure = first_failure(records)
-    why = (f"rank {failure['rank']} failed: {failure['error']}" if failure else
+    why = (f"rank {failure['rank']}: {failure['error']}" if failure else
            ", ".join(f"rank {r} {ended(code)}" for r, code in enumerate(codes) if code != 0))
     if first == 0:
         return Ended(1, f"the run completed, but {why}")
-    return Ended(1, f"{why}; rank 0 {ended(first)} before it could record that in run.json")
+    return Ended(1, f"run failed on {why} (rank 0 {ended(first)} before it could write that "
+                    f"into run.json)")
 
 
 def ended(code: int) -> str:

@@ -1,9 +1,10 @@
 """Data-parallel arms (world_size > 1): W ranks of DistributedDataParallel, gloo on loopback.
 
-The runs here start real processes: `gradlab run ddp --set world_size=2` (gradlab's own
-launcher) and `torchrun --nproc-per-node 2 -m gradlab run ddp`, each rank with one thread.
-They are kept small (an mlp, 2 steps): most of their time is three or four Pythons
-importing torch.
+Four runs start real processes: `gradlab run ddp --set world_size=2` (gradlab's own
+launcher) three times (a good run, a rank that raises, a run to stop with SIGTERM) and
+`torchrun --nproc-per-node 2 -m gradlab run ddp`, each rank with one thread. They are
+small (an mlp, 2 steps), so most of their time is Pythons importing torch: all four
+start together with the module, and each test waits for its own.
 """
 
 from __future__ import annotations
@@ -173,14 +174,44 @@ def test_more_ranks_than_cores_names_the_limit(tmp_path):
 # ----------------------------------------------------------------------------- two ranks
 
 # the ddp experiment, 2 steps: every arm's gradient probed before each step
-SHORT = ["--set", "steps=2"]
+SHORT = ["ddp", "--set", "steps=2"]
+LAUNCHED = [*SHORT, "--set", "world_size=2"]
+TORCHRUN = (str(Path(sys.executable).with_name("torchrun")), "--nnodes", "1",
+            "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"{distributed.LOOPBACK}:0", "--local-addr", distributed.LOOPBACK,
+            "-m", "gradlab")
+RUNS = {
+    "good": (LAUNCHED, ["--json"]),
+    # rank 1 raises in its first data-parallel step; rank 0 sleeps meanwhile
+    "raises": (LAUNCHED, ["--set", "setup=user_setups:fails_on_rank_1", "--set",
+                          "dtype=float64"]),
+    # every rank sleeps in its first data-parallel step, until the launcher gets SIGTERM
+    "stopped": (LAUNCHED, ["--set", "setup=user_setups:sleeps_once_parallel", "--set",
+                           "dtype=float64"]),
+    "torchrun": (SHORT, ["--set", "dtype=float64", "--json"]),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)  # from the module's start: the others overlap
+def runs(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """Every run of this module, started at once; name -> (process, its --out folder)."""
+    started = {}
+    try:
+        for name, (args, extra) in RUNS.items():
+            out = tmp_path_factory.mktemp(name) / "results"
+            launcher = TORCHRUN if name == "torchrun" else (sys.executable, "-m", "gradlab")
+            started[name] = (start(*args, *extra, "--out", str(out), launcher=launcher), out)
+        yield started
+    finally:
+        for process, _ in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> tuple[Path, dict, str]:
-    out = tmp_path_factory.mktemp("ddp")
-    code, stdout, stderr = finish(start("ddp", *SHORT, "--set", "world_size=2", "--out",
-                                        str(out), "--json"))
+def two_ranks(runs) -> tuple[Path, dict, str]:
+    code, stdout, stderr = finish(runs["good"][0])
     assert code == 0, stderr
     doc = json.loads(stdout)
     return Path(doc["run_dir"]), doc, stderr
@@ -245,13 +276,12 @@ def test_only_rank_0_writes_and_speaks(two_ranks):
     assert [p.name for p in run.parent.iterdir()] == [run.name]  # ranks agree on one name
 
 
-def test_a_rank_that_raises_fails_the_run_and_the_launcher_stops_the_others(tmp_path):
-    """Rank 1 raises while rank 0 computes (sleeps) outside any collective: the launcher
-    stops rank 0, which marks the run failed with rank 1's error."""
-    out = tmp_path / "results"
-    code, stdout, stderr = finish(start(
-        "ddp", *SHORT, "--set", "world_size=2", "--set", "setup=user_setups:fails_on_rank_1",
-        "--set", "dtype=float64", "--out", str(out)))
+def test_a_rank_that_raises_fails_the_run_and_the_launcher_stops_the_others(runs):
+    """Rank 1 raises in its first data-parallel step while rank 0 computes (sleeps) outside
+    any collective: the launcher stops rank 0, which marks the run failed with rank 1's
+    error."""
+    process, out = runs["raises"]
+    code, stdout, stderr = finish(process)
     assert code == 1, stderr
     assert stdout == ""
     assert_one_error(stderr, "error: run failed on rank 1: RuntimeError: boom on rank 1 "
@@ -265,17 +295,14 @@ def test_a_rank_that_raises_fails_the_run_and_the_launcher_stops_the_others(tmp_
     assert_ranks_gone(meta)
 
 
-def test_sigterm_to_the_launcher_stops_every_rank(tmp_path):
-    out = tmp_path / "results"
-    launcher = start("ddp", *SHORT, "--set", "world_size=2",
-                     "--set", "setup=user_setups:sleeps_once_joined", "--set", "dtype=float64",
-                     "--out", str(out))
+def test_sigterm_to_the_launcher_stops_every_rank(runs):
+    launcher, out = runs["stopped"]
     deadline = time.monotonic() + HANG
     while not (out.is_dir() and any(out.glob("*/run.json"))):  # the ranks have joined
         assert launcher.poll() is None, launcher.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    time.sleep(1)  # both ranks are asleep in their first step by now, or soon
+    time.sleep(1)  # both ranks are asleep in their first data-parallel step by now, or soon
     launcher.send_signal(signal.SIGTERM)
     code, stdout, stderr = finish(launcher)
     assert code == 128 + signal.SIGTERM, stderr
@@ -286,15 +313,9 @@ def test_sigterm_to_the_launcher_stops_every_rank(tmp_path):
     assert_ranks_gone(meta)
 
 
-def test_torchrun_starts_the_ranks_itself(tmp_path):
+def test_torchrun_starts_the_ranks_itself(runs):
     """The same experiment under torchrun: its WORLD_SIZE is the arms' world_size."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    out = tmp_path / "results"
-    code, stdout, stderr = finish(start(
-        "ddp", *SHORT, "--set", "dtype=float64", "--out", str(out), "--json",
-        launcher=(str(torchrun), "--nnodes", "1", "--nproc-per-node", "2",
-                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{distributed.LOOPBACK}:0",
-                  "--local-addr", distributed.LOOPBACK, "-m", "gradlab")))
+    code, stdout, stderr = finish(runs["torchrun"][0])
     assert code == 0, stderr
     run = Path(json.loads(stdout)["run_dir"])
     summary = pd.read_csv(run / "summary.csv").set_index("arm")
@@ -305,3 +326,4 @@ def test_torchrun_starts_the_ranks_itself(tmp_path):
     assert summary.loc["sync-every-micro-batch", "allreduces_per_step"] == 4
     meta = json.loads((run / "run.json").read_text())
     assert_ranks_gone(meta)
+    assert "note:" not in stderr  # torchrun's WORLD_SIZE is no --set

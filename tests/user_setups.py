@@ -76,8 +76,8 @@ def miscounted(settings):  # units() counts examples, the loss counts elements
 
 
 # ----------------------------------------------------------------------------- ranks
-# Setups for data-parallel runs (test_ddp.py): good until the ranks have joined their
-# process group (gradlab's preflight calls the loss before that), then not.
+# Setups for data-parallel runs (test_ddp.py): good until a data-parallel arm trains (the
+# loss is given a DDP replica, not the model itself as in preflight and the baseline).
 
 def fails_on_rank_1(settings):
     """Rank 1's loss raises; rank 0's sleeps meanwhile, outside any collective, as a long
@@ -85,9 +85,10 @@ def fails_on_rank_1(settings):
     import time
 
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     def loss(model, batch):
-        if dist.is_initialized():
+        if isinstance(model, DistributedDataParallel):
             if dist.get_rank() == 1:
                 raise RuntimeError("boom on rank 1")
             time.sleep(600)
@@ -96,14 +97,14 @@ def fails_on_rank_1(settings):
     return Setup(torch.nn.Linear(3, 1), regression(), loss)
 
 
-def sleeps_once_joined(settings):
+def sleeps_once_parallel(settings):
     """Every rank's loss sleeps: a data-parallel run that only a stop ends."""
     import time
 
-    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     def loss(model, batch):
-        if dist.is_initialized():
+        if isinstance(model, DistributedDataParallel):
             time.sleep(600)
         return summed_mse(model, batch)
 
