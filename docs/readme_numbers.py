@@ -30,7 +30,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ["toy", "equivalence", "zero-grad-toy", "zero-grad", "batch-lr", "norm",
-               "norm-training", "tokens", "tokens-training"]
+               "norm-training", "tokens", "tokens-training", "ddp"]
 LOCAL = ["my_lm"]  # examples of your own setup, run from the repository root
 
 
@@ -269,6 +269,15 @@ def block_my_lm(runs: dict, printed: dict) -> str:
     return table(["arm", "N", "rel grad err", "vs exact", "tolerance", "verdict"], rows)
 
 
+def block_ddp(runs: dict, printed: dict) -> str:
+    s = summary(runs["ddp"])
+    rows = [[r.dtype, r.arm, str(r.world_size), str(r.accum_steps), str(r.micro_batch),
+             g(r.max_rel_grad_err), g(r.max_exact_err), g(r.rel_tolerance), r.verdict,
+             g(r.allreduces_per_step), g(r.step_seconds * 1000)] for r in s.itertuples()]
+    return table(["dtype", "arm", "W", "N", "m", "rel grad err", "vs exact", "tolerance",
+                  "verdict", "all-reduces / step", "ms / step"], rows)
+
+
 def block_margins(runs: dict, printed: dict) -> str:
     """How far every verdict is from its tolerance, per experiment and dtype."""
     rows = []
@@ -295,7 +304,8 @@ BLOCKS: dict[str, Callable] = {
     "equivalence-losses": block_equivalence_losses, "zero-grad-toy": block_zero_grad_toy,
     "zero-grad": block_zero_grad, "batch-lr": block_batch_lr, "norm": block_norm,
     "norm-training": block_norm_training, "tokens": block_tokens,
-    "tokens-training": block_tokens_training, "my_lm": block_my_lm, "margins": block_margins,
+    "tokens-training": block_tokens_training, "my_lm": block_my_lm, "ddp": block_ddp,
+    "margins": block_margins,
 }
 
 

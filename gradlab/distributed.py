@@ -380,12 +380,14 @@ def outcome(codes: list[int], records: dist.Store) -> Ended:
     if records.check([REPORTED]):  # it said why, then a stop ended it before it exited
         return Ended(int(records.get(REPORTED)))
     failure = first_failure(records)
-    why = (f"rank {failure['rank']}: {failure['error']}" if failure else
-           ", ".join(f"rank {r} {ended(code)}" for r, code in enumerate(codes) if code != 0))
+    others = ", ".join(f"rank {r} {ended(code)}" for r, code in enumerate(codes) if r and code)
     if first == 0:
-        return Ended(1, f"the run completed, but {why}")
-    return Ended(1, f"run failed on {why} (rank 0 {ended(first)} before it could write that "
-                    f"into run.json)")
+        cause = f"rank {failure['rank']} failed: {failure['error']}" if failure else others
+        return Ended(1, f"the run completed, but {cause}")
+    run_failed = f"run failed on rank {failure['rank']}: {failure['error']}" if failure \
+        else f"run failed: {others or 'no rank said why'}"
+    return Ended(1, f"{run_failed} (rank 0 {ended(first)} before it could write that into "
+                    f"run.json)")
 
 
 def ended(code: int) -> str:

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from conftest import gradlab
-from gradlab import distributed, engine
+from gradlab import distributed, engine, spec
+from gradlab.errors import GradlabError
 from gradlab.setup import Setup, mse_loss
 from gradlab.spec import Settings, Sync
 from test_cli import assert_clean_failure
@@ -169,6 +170,47 @@ def test_more_ranks_than_cores_names_the_limit(tmp_path):
     assert f"world_size={cores + 1} asks for {cores + 1} ranks on this machine but it has " \
            f"{cores} CPU cores" in result.stderr
     assert "--nnodes" in result.stderr
+
+
+def test_under_torchrun_its_world_size_is_the_arms_and_a_different_one_is_refused():
+    rank = distributed.Rank(rank=0, world_size=4, local_rank=0, local_world_size=1,
+                            master_addr=distributed.LOOPBACK, master_port=1, restart=0)
+    loaded = spec.load_spec("ddp")
+    distributed.take_world_size(loaded, rank)
+    trials = spec.expand(loaded)
+    sizes = {a.name: a.settings.world_size for a in trials[0].arms}
+    assert sizes == {"big-batch": 1, "no-sync": 4, "sync-every-micro-batch": 4,
+                     "never-synced": 4}
+    assert distributed.ranks_needed(trials, rank) == distributed.Ranks(4, "gloo", "cpu")
+    overridden = spec.expand(spec.apply_overrides(loaded, ["world_size=2"]))
+    with pytest.raises(GradlabError, match="torchrun started 4 ranks but arm 'no-sync' has "
+                                           "world_size=2; use --set world_size=4"):
+        distributed.ranks_needed(overridden, rank)
+    single = spec.expand(spec.apply_overrides(spec.load_spec("toy"), []))
+    assert distributed.ranks_needed(single, None) is None  # one process: nothing to start
+    with pytest.raises(GradlabError, match="every arm sets world_size=1"):
+        distributed.ranks_needed(single, rank)
+
+
+def test_the_launcher_speaks_only_when_rank_0_could_not():
+    records = dist.HashStore()
+    assert distributed.outcome([0, 0], records) == distributed.Ended(0)
+    assert distributed.outcome([1, 1], records) == distributed.Ended(1)  # rank 0 said why
+    assert distributed.outcome([2, -15], records) == distributed.Ended(2)
+    no_record = distributed.outcome([-9, 3], records)
+    assert no_record.code == 1
+    assert no_record.message == "run failed: rank 1 exited with code 3 (rank 0 was killed by " \
+                                "SIGKILL before it could write that into run.json)"
+    distributed.record_failure(records, 1, "RuntimeError: boom", "Traceback ...", 1)
+    distributed.record_failure(records, 0, "DistBackendError: peer gone", "...", 1)
+    killed = distributed.outcome([-9, 1], records)
+    assert killed == distributed.Ended(1, "run failed on rank 1: RuntimeError: boom (rank 0 "
+                                          "was killed by SIGKILL before it could write that "
+                                          "into run.json)")
+    assert distributed.outcome([0, 1], records).message == \
+        "the run completed, but rank 1 failed: RuntimeError: boom"
+    records.set(distributed.REPORTED, "1")  # rank 0 printed its line, then a stop ended it
+    assert distributed.outcome([-15, 1], records) == distributed.Ended(1)
 
 
 # ----------------------------------------------------------------------------- two ranks
