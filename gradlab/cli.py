@@ -220,7 +220,13 @@ def run(
     if ranks is not None and rank is None:  # data-parallel arms: start the ranks, as torchrun
         args = ["run", experiment, *(f"--set={a}" for a in set_ or []), f"--out={out}",
                 *(["--json"] if json_out else []), *(["--yes"] if yes else [])]
-        ended = distributed.launch(ranks.size, args)
+        try:
+            ended = distributed.launch(ranks.size, args)
+        except KeyboardInterrupt as stop:  # before the ranks started (later, they say it)
+            raise stopped(getattr(stop, "signum", signal.SIGINT), json_out, None) from None
+        except Exception as e:  # no store, no process: nothing started
+            raise end_run(f"starting {ranks.size} ranks failed: {type(e).__name__}: {e}", 1,
+                          "failed", json_out) from None
         Stop.reported = True  # rank 0 said how the run ended, or:
         if ended.message:
             raise end_run(ended.message, ended.code, "failed", json_out)
