@@ -72,7 +72,7 @@ def normalised(loss: torch.Tensor, units, window_units, s: Settings,
     """
     match s.loss_scale:
         case LossScale.BY_SIZE:
-            return loss * ranks / window_units
+            return (loss * ranks if ranks > 1 else loss) / window_units
         case LossScale.BY_COUNT:
             return loss / (units * s.accum_steps)
         case LossScale.NONE:  # the bug: N means added up, gradients N times too large
