@@ -259,7 +259,7 @@ def execute(loaded: spec.Spec, trials: list[spec.Trial], cost: runner.Plan | Non
                 **({"ranks": ranks} if ranks else {}),
             })
         if world is not None:  # the ranks agree on the run directory: rank 0's
-            world.share(str(run_dir.path) if run_dir else None)
+            world.run_dir = Path(world.share(str(run_dir.path) if run_dir else None))
         for note in loaded.notes:
             err.print(note, markup=False, highlight=False, soft_wrap=True)
         if not json_out:

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -185,6 +186,7 @@ class World:
     def __init__(self, rank: Rank, records: dist.Store):
         self.rank, self.size = rank.rank, rank.world_size
         self.records = records
+        self.run_dir: Path | None = None  # rank 0's, once it made it: the same on every rank
 
     def share(self, value: Any) -> Any:
         """Rank 0's value, on every rank (the run directory's path: ranks agree on it)."""
