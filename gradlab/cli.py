@@ -463,9 +463,8 @@ def render_data_parallel(summaries: list[dict]) -> None:
     """What syncing cost each arm of a run with data-parallel arms: all-reduces and time."""
     if not any(row["world_size"] > 1 for row in summaries):
         return
-    table = Table(title="data parallel: gradient all-reduces per optimizer step (as DDP's "
-                        "communication hook counted them, one per bucket) and time per step "
-                        "(median, rank 0)", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title="data parallel: what syncing cost", title_justify="left",
+                  box=box.SIMPLE_HEAD)
     for column in ("trial", "arm", "W", "N", "micro", "all-reduces/step", "ms/step"):
         table.add_column(column, justify="left" if column == "arm" else "right")
     for row in summaries:
@@ -474,6 +473,9 @@ def render_data_parallel(summaries: list[dict]) -> None:
                       compare.fmt(row["allreduces_per_step"]),
                       compare.fmt(row["step_seconds"] * 1000))
     err.print(table)
+    err.print("all-reduces/step: gradient all-reduces per optimizer step, as DDP's "
+              "communication hook counted them (one per bucket); ms/step: median time of a "
+              "step on rank 0 (with time_steps = true).", highlight=False, soft_wrap=True)
 
 
 def render_checks(checks: list[dict]) -> None:
