@@ -147,6 +147,9 @@ def ranks_needed(trials: list[Trial], rank: Rank | None) -> Ranks | None:
                            f"on {', '.join(sorted(devices))}; they share one process group, so "
                            f"give them the same backend and device")
     backend, device = backends.pop(), devices.pop()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GradlabError("device=cuda but this machine has no CUDA device (or this torch "
+                           "build has no CUDA); use --set device=cpu or device=auto")
     if backend == "nccl" and not torch.cuda.is_available():
         raise GradlabError("backend=nccl needs CUDA GPUs, and this machine has none (or torch "
                            "was built without CUDA); use --set backend=gloo (or auto: gloo "

@@ -148,14 +148,15 @@ def test_a_model_of_one_process_is_never_synced_nor_counted():
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--set", "world_size=0"], "world_size=0; use 1 (one process) or more ranks"),
-    (["--set", "backend=nccl", "--set", "device=cuda"], "backend=nccl needs CUDA GPUs"),
+    (["--set", "backend=nccl", "--set", "device=auto"], "backend=nccl needs CUDA GPUs"),
+    (["--set", "device=cuda"], "device=cuda but this machine has no CUDA device"),
     (["--set", "backend=nccl"], "all-reduces CUDA tensors only, and device=cpu"),
     (["--set", "accum_steps=32", "--set", "world_size=4"], "rank's micro-batch would be empty"),
     (["--set", "no-sync.world_size=3"], "different numbers of ranks"),
-], ids=["zero", "nccl-no-cuda", "nccl-on-cpu", "empty-micro-batch",
+], ids=["zero", "nccl-no-cuda", "cuda-no-cuda", "nccl-on-cpu", "empty-micro-batch",
         "two-sizes"])
 def test_bad_data_parallel_input_is_one_line_and_exit_2(tmp_path, args, expected):
-    if "device=cuda" in args and torch.cuda.is_available():
+    if ("needs CUDA" in expected or "no CUDA" in expected) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = tmp_path / "results"
     assert_clean_failure(gradlab("run", "ddp", *args, "--out", out), expected, out)
