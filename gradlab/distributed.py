@@ -177,8 +177,8 @@ def cpu_cores() -> int:
 
 # ----------------------------------------------------------------------------- the group
 
-# the store keys a rank's failure is recorded under (within the torchrun attempt's prefix)
-FAILURES = "failures"
+# the store key of the first failure a rank recorded (within the torchrun attempt's prefix)
+FIRST_FAILURE = "first-failure"
 # rank 0 has said how the run ended (its one line), and with which exit code
 REPORTED = "reported"
 
@@ -228,15 +228,16 @@ class World:
 
 def record_failure(records: dist.Store, rank: int, error: str, details: str,
                    code: int) -> None:
-    order = records.add(FAILURES, 1)
-    records.set(f"{FAILURES}/{order}", json.dumps({"rank": rank, "error": error,
-                                                   "details": details, "code": code}))
+    """Keep the first failure only (one atomic compare-and-set): a rank's failure makes the
+    others' collectives fail after it, and theirs are consequences."""
+    records.compare_set(FIRST_FAILURE, "", json.dumps({"rank": rank, "error": error,
+                                                       "details": details, "code": code}))
 
 
 def first_failure(records: dist.Store) -> dict | None:
-    if records.add(FAILURES, 0) == 0:
+    if not records.check([FIRST_FAILURE]):
         return None
-    return json.loads(records.get(f"{FAILURES}/1"))
+    return json.loads(records.get(FIRST_FAILURE))
 
 
 def join(rank: Rank, ranks: Ranks) -> World:
