@@ -27,9 +27,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
                 "exact_floor", "final_loss", "max_rel_loss_diff", "final_weight_dist",
                 "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff",
                 "diverged_at_step", "allreduces_per_step", "step_seconds", "rel_tolerance",
-                "expect", "verdict"),
+                "expect", "verdict",
+                # gradlab audit's, of the user's own loop
+                "max_rel_lr_diff", "first_difference", "estimate", "diagnosis"),
     "steps": ("step", "examples", "units", "loss", "grad_norm", "update_norm", "allreduces",
-              "step_seconds", "weight_dist", "rel_loss_diff"),
+              "step_seconds", "weight_dist", "rel_loss_diff", "lr"),
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
               "exact_err", "floor_err"),
     "buffers": ("step", "buffer", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
@@ -38,6 +40,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "trace": ("step", "micro_batch", "param", "element", "grad"),
     "weights": ("step", "param", "element", "value"),
     "checks": ("check", "value", "tolerance", "passed"),
+    # gradlab audit: one row per optimizer step of the user's loop, both runs side by side
+    "audit": ("step", "rel_grad_err", "max_abs_grad_err", "cosine", "grad_norm_big_batch",
+              "grad_norm_accumulated", "lr_big_batch", "lr_accumulated", "rel_lr_diff",
+              "loss_big_batch", "loss_accumulated", "tolerance", "verdict", "estimate",
+              "settings_differ"),
 }
 
 # what compare and plots cannot do without; a file lacking one of these is damaged
@@ -50,7 +57,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "checks": ("check", "value", "tolerance", "passed"),
 }
 # columns that hold text; in any other required column, text means the file was damaged
-TEXT_COLUMNS = ("arm", "param", "buffer", "expect", "verdict", "check", "dtype")
+TEXT_COLUMNS = ("arm", "param", "buffer", "expect", "verdict", "check", "dtype", "diagnosis",
+                "settings_differ")
 
 # the summary metrics, in the order summary.csv and --json give them
 METRICS = ("max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",
@@ -117,12 +125,6 @@ def sum_tolerance(dtype: str, terms: int) -> float:
     """A float64 sum of ``terms`` gradients against the same sum kept in ``dtype``: each
     addition rounds by at most u, with the headroom the built-in models need (16)."""
     return 16.0 * max(terms, 2) * UNIT_ROUNDOFF[dtype]
-
-
-def legacy_rel_tolerance(dtype: str, accum_steps: int) -> float:
-    """gradlab 0.1's rule, 16 * max(N, 2) * u on the error against the baseline: only for
-    reading runs made before the exact reference was recorded."""
-    return sum_tolerance(dtype, accum_steps)
 
 
 def verdict(baseline: bool, rel_err: float | None, rel_tol: float, abs_err: float = math.nan,
@@ -240,20 +242,19 @@ def judge(baseline: bool, dtype: str, accum_steps: int, metrics: Mapping,
     """(tolerance, verdict) of an arm from its summary metrics: the one rule.
 
     ``rtol`` replaces the measured tolerance; ``atol`` also accepts an arm whose
-    largest absolute error against the baseline is within it. A run made before
-    the exact reference was recorded is judged by gradlab 0.1's rule. A data-parallel
+    largest absolute error against the baseline is within it. A run with no exact
+    reference (gradlab audit, which runs the user's own loop; or a run made by gradlab
+    0.1) is judged on its distance from the baseline, with a floor of 0. A data-parallel
     arm (``metrics`` holds its world_size W) adds up N partial gradients on each of W
     ranks, so it is judged as W·N micro-batches.
     """
     ranks = metrics.get("world_size")
     accum_steps = int(accum_steps) * (1 if missing(ranks) else int(ranks))
-    if missing(metrics.get("exact_floor")) and missing(metrics.get("max_exact_err")) \
-            and not missing(metrics.get("max_rel_grad_err")):  # an old run
-        err, tol = metrics["max_rel_grad_err"], legacy_rel_tolerance(dtype, accum_steps)
-    else:
-        floor = metrics.get("exact_floor")
-        err = metrics.get("max_exact_err")
-        tol = rel_tolerance(dtype, accum_steps, 0.0 if missing(floor) else floor)
+    err = metrics.get("max_exact_err")
+    if missing(err):
+        err = metrics.get("max_rel_grad_err")
+    floor = metrics.get("exact_floor")
+    tol = rel_tolerance(dtype, accum_steps, 0.0 if missing(floor) else floor)
     tol = tol if rtol is None else rtol
     return (math.nan if baseline else tol), verdict(baseline, err, tol,
                                                     metrics.get("max_abs_grad_err", math.nan),
