@@ -195,6 +195,8 @@ def run(
                                           "settings": dataclasses.asdict(a.settings)}
                                  for a in t.arms}} for t in trials],
             "device": str(runner.resolve_device(trials[0].baseline.settings.device)),
+            "environment": [runner.environment(device) for device in dict.fromkeys(
+                runner.resolve_device(a.settings.device) for t in trials for a in t.arms)],
         })
         for note in loaded.notes:
             err.print(note, markup=False, highlight=False, soft_wrap=True)

@@ -32,6 +32,9 @@ HEADERS = schema.HEADERS
 KEY_METRICS = ("max_rel_grad_err", "max_exact_err", "rel_tolerance", "min_grad_cosine",
                "final_loss",
                "loss_diff", "final_test_accuracy")
+# shown as well when the arms compute in different precisions, or sum in a float32 buffer
+PRECISION_METRICS = ("exact_floor", "accum_rise", "accum_bound", "skipped_steps",
+                     "cuda_peak_bytes")
 OUTCOME = ("expect", "verdict", "check")
 # columns that say which row is which rather than what was measured
 IDENTITY = ("run", "trial", "arm", "micro_batch")
@@ -78,6 +81,7 @@ def arm_rows(runs: list[Run]) -> pd.DataFrame:
         rows["swept_accum_steps"] = rows["trial"].map(swept_n)
         frames.append(rows.merge(run_checks(run), on=["trial", "arm"], how="left"))
     rows = pd.concat(frames, ignore_index=True)
+    rows["precision"] = [schema.precision_of(r) for r in rows.to_dict("records")]
     rows["baseline"] = rows["baseline"].astype(bool)
     rows["expect"] = rows["expect"].astype(object).fillna("").astype(str)
     rows["run_checks"] = rows["run_checks"].fillna(0).astype(int)
@@ -191,8 +195,13 @@ def check(row: pd.Series) -> str:
 def judge(rows: pd.DataFrame, tol: Tolerance) -> pd.DataFrame:
     """Tolerance, verdict and check of every row, by the run's own rule (schema.judge)."""
     rows = rows.copy()
-    judged = [schema.judge(bool(row["baseline"]), row["dtype"], int(row["accum_steps"]),
+    judged = [schema.judge(bool(row["baseline"]), row["precision"], int(row["accum_steps"]),
                            row.to_dict(), tol.rtol, tol.atol) for _, row in rows.iterrows()]
+    if "max_sum_condition" in rows:  # read again at --at-step
+        rows["accum_bound"] = [
+            math.nan if row["baseline"] else schema.accumulation_bound(
+                row["precision"], int(row["accum_steps"]), row["max_sum_condition"])
+            for _, row in rows.iterrows()]
     rows["rel_tolerance"] = [t for t, _ in judged]
     rows["verdict"] = [v for _, v in judged]
     rows["check"] = rows.apply(check, axis=1)
@@ -350,7 +359,8 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
         shown_identity = [c for c in shown_identity if c not in ("run", "trial", "seed")]
         shown_identity += ["seeds", "n"]
         table = grouped
-    shown_metrics = [m for m in (["rel_tolerance", *measured] if show_all else KEY_METRICS)
+    key_metrics = [*KEY_METRICS, *(PRECISION_METRICS if mixed_precision(rows) else ())]
+    shown_metrics = [m for m in (["rel_tolerance", *measured] if show_all else key_metrics)
                      if m in rows and rows[m].notna().any()]  # test acc: not for regression
     outcome = OUTCOME if show_all else ("verdict", "check")  # check says if it was expected
     if not ((rows["expect"] != "") | (rows["run_checks"] > 0)).any():
@@ -366,6 +376,12 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
                       notes(rows, tol, recorded, reference, at_step, grouped is not None)
                       + [note for note in [repeated_seeds(rows, identity)] if note],
                       failures(rows, settings), rows)
+
+
+def mixed_precision(rows: pd.DataFrame) -> bool:
+    """Do the arms compute in different precisions, or some sum in a float32 buffer?"""
+    buffered = "grad_accum_dtype" in rows and (rows["grad_accum_dtype"] == "float32").any()
+    return rows["precision"].nunique() > 1 or bool(buffered)
 
 
 def telling(rows: pd.DataFrame, settings: list[str]) -> list[str]:

@@ -2,10 +2,12 @@
 
 This is the only training loop in gradlab. Every pitfall an experiment shows
 (forgetting to normalise the loss, misplacing zero_grad, BatchNorm statistics,
-dividing by the wrong token count) is a value of a setting read here, never a
-copy of this code. Read ``train_step`` top to bottom: ``window_gradient`` (split
-the window, then forward, normalise and backward each micro-batch, zero_grad
-where the policy puts it), then step and zero.
+dividing by the wrong token count, summing in bfloat16, clipping a scaled
+gradient) is a value of a setting read here, never a copy of this code. Read
+``train_step`` top to bottom: ``window_gradient`` (split the window, then
+forward, normalise, scale and backward each micro-batch, summing the partial
+gradients where the policy says, zero_grad where the policy puts it; then
+unscale and clip once), then step and zero.
 
 The probe calls ``window_gradient`` as well, so a verdict sees everything the
 step does to the gradient before the optimizer applies it.
@@ -13,16 +15,28 @@ step does to the gradient before the optimizer applies it.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
-from gradlab.errors import unhandled
+from gradlab.errors import GradlabError, unhandled
 from gradlab.setup import Examples, Setup, split
-from gradlab.spec import BnMode, LossScale, Optimizer, Settings, ZeroGrad
+from gradlab.spec import (
+    Autocast,
+    BnMode,
+    ClipAt,
+    GradAccumDtype,
+    GradScaling,
+    LossScale,
+    Optimizer,
+    Settings,
+    ZeroGrad,
+)
 
 
 class Watch(Protocol):
@@ -41,6 +55,14 @@ class StepStats:
     units: int  # loss units in the window: examples, or non-padding tokens
     grad_norm: float  # L2 norm of the gradient the optimizer applied (all parameters)
     update_norm: float  # L2 norm of the change in the parameters
+    skipped: bool = False  # the GradScaler found inf/NaN and skipped optimizer.step()
+    grad_scale: float = float("nan")  # what the GradScaler multiplied this window's losses by
+
+
+class WindowGradient(NamedTuple):
+    loss: torch.Tensor  # summed loss of the window, on the device
+    units: torch.Tensor | int  # loss units in the window
+    skip: bool  # the GradScaler found inf/NaN in .grad: the optimizer step will be skipped
 
 
 def normalised(loss: torch.Tensor, units, window_units, s: Settings) -> torch.Tensor:
@@ -76,46 +98,239 @@ def set_train_mode(model: nn.Module, s: Settings) -> None:
 
 
 def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setup,
-                    watch: Watch | None = None) -> tuple[torch.Tensor, torch.Tensor | int]:
-    """Backward each micro-batch of a window into ``.grad``; returns (summed loss, units).
+                    watch: Watch | None = None, *, optimizer: torch.optim.Optimizer | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> WindowGradient:
+    """Backward each micro-batch of a window into ``.grad``, then unscale and clip: ``.grad``
+    ends up holding what ``optimizer.step()`` will apply. Returns the summed loss, the units
+    and whether the step will be skipped.
 
     ``.grad`` is not cleared first: what it holds on entry is what the zero_grad
-    policy left there. Both returned values stay on the device (no host sync).
-    (model.zero_grad is optimizer.zero_grad here: the optimizer holds exactly the
-    model's parameters.)
+    policy left there. The loss and units stay on the device (no host sync); with a
+    GradScaler, deciding the skip reads one flag from it. (model.zero_grad is
+    optimizer.zero_grad here: the optimizer holds exactly the model's parameters.)
+    ``optimizer`` and ``scaler`` are needed with grad_scaler=on only: unscale_ works per
+    optimizer, and every micro-batch of the window is scaled by the scaler's one scale.
     """
+    if s.grad_scaler == GradScaling.ON and (scaler is None or optimizer is None):
+        raise AssertionError("grad_scaler=on: window_gradient needs the arm's GradScaler "
+                             "and optimizer")
     set_train_mode(model, s)
     micro_batches = split(window, s.accum_steps)
     window_units = sum(setup.count_units(mb) for mb in micro_batches)  # before any backward
     window_loss = 0.0
+    sums = PartialSums(model, s)
     for i, micro_batch in enumerate(micro_batches):
         if s.zero_grad == ZeroGrad.EVERY_STEP:  # zero_grad before each backward: last one wins
-            model.zero_grad(set_to_none=s.set_to_none)
-        loss, units = setup.loss(model, micro_batch)
-        normalised(loss, units, window_units, s).backward()
-        window_loss = window_loss + loss.detach()
+            sums.zero()
+        with forward_precision(s, setup.device):
+            loss, units = setup.loss(model, micro_batch)
+        sums.before_backward()
+        scaled(normalised(loss, units, window_units, s), s, scaler).backward()
+        sums.after_backward()
+        # a float16 loss under autocast is summed in float32; a float64 one stays float64
+        window_loss = window_loss + loss.detach().to(torch.promote_types(loss.dtype, torch.float32))
         if watch is not None:
             watch.micro_batch(i)
         if s.zero_grad == ZeroGrad.AFTER_BACKWARD:  # the misplacement: wipes what backward did
-            model.zero_grad(set_to_none=s.set_to_none)
-    return window_loss, window_units
+            sums.zero()
+    skip = unscale_and_clip(model, s, optimizer, scaler)
+    return WindowGradient(window_loss, window_units, skip)
+
+
+def forward_precision(s: Settings, device: torch.device) -> contextlib.AbstractContextManager:
+    """What a micro-batch's forward runs under: torch.autocast, or nothing."""
+    match s.autocast:
+        case Autocast.NONE:
+            return contextlib.nullcontext()
+        case Autocast.BFLOAT16:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        case Autocast.FLOAT16:
+            return torch.autocast(device.type, dtype=torch.float16)
+    unhandled(s.autocast)
+
+
+def scaled(loss: torch.Tensor, s: Settings, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """The loss to backward: multiplied by the GradScaler's scale (the same for every
+    micro-batch of a window: the scale changes only in update(), once per window)."""
+    match s.grad_scaler:
+        case GradScaling.OFF:
+            return loss
+        case GradScaling.ON:
+            return scaler.scale(loss)
+    unhandled(s.grad_scaler)
+
+
+class PartialSums:
+    """Where the partial gradients of a window add up, under grad_accum_dtype.
+
+    param: backward adds into .grad itself, so each of the N additions rounds in the
+    parameters' dtype (u = 2^-8 in bfloat16). float32: each partial gradient is moved
+    out of .grad into a float32 buffer right after its backward, and .grad gets the
+    buffer rounded to the parameters' dtype: the sum rounds at 2^-24, and the
+    parameters' dtype rounds it once. The buffer starts from what the zero_grad policy
+    left in .grad; a zero_grad inside the window clears it too.
+    """
+
+    def __init__(self, model: nn.Module, s: Settings):
+        self.model, self.s = model, s
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        match s.grad_accum_dtype:
+            case GradAccumDtype.PARAM:
+                self.buffer = None
+            case GradAccumDtype.FLOAT32:
+                self.buffer = [torch.zeros_like(p, dtype=torch.float32) if p.grad is None
+                               else p.grad.detach().to(torch.float32, copy=True)
+                               for p in self.params]
+            case _:
+                unhandled(s.grad_accum_dtype)
+
+    def zero(self) -> None:
+        self.model.zero_grad(set_to_none=self.s.set_to_none)
+        if self.buffer is not None:
+            for total in self.buffer:
+                total.zero_()
+
+    def before_backward(self) -> None:
+        if self.buffer is not None:  # .grad holds only the buffer's rounded copy: drop it
+            for p in self.params:
+                p.grad = None
+
+    def after_backward(self) -> None:
+        if self.buffer is not None:
+            for p, total in zip(self.params, self.buffer, strict=True):
+                if p.grad is not None:
+                    total.add_(p.grad.detach().to(torch.float32))
+                p.grad = total.to(p.dtype, copy=True)
+
+
+def unscale_and_clip(model: nn.Module, s: Settings, optimizer: torch.optim.Optimizer | None,
+                     scaler: torch.amp.GradScaler | None) -> bool:
+    """Once per window, after the last backward: the GradScaler's unscale_ and clipping, in
+    the order clip_at puts them. Returns True when the step will be skipped: with a
+    GradScaler, a gradient holding inf or NaN (scaler.step() skips it, update() backs off)."""
+    match s.clip_at:
+        case ClipAt.AFTER_ACCUMULATION:
+            unscale(s, optimizer, scaler)
+            clip(model, s)
+        case ClipAt.BEFORE_UNSCALE:  # the mistake: clip_norm meets scale × gradient
+            clip(model, s)
+            unscale(s, optimizer, scaler)
+        case _:
+            unhandled(s.clip_at)
+    match s.grad_scaler:
+        case GradScaling.OFF:  # nothing checks: inf and NaN reach the optimizer
+            return False
+        case GradScaling.ON:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            return bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+    unhandled(s.grad_scaler)
+
+
+def unscale(s: Settings, optimizer: torch.optim.Optimizer | None,
+            scaler: torch.amp.GradScaler | None) -> None:
+    match s.grad_scaler:
+        case GradScaling.OFF:
+            pass
+        case GradScaling.ON:
+            scaler.unscale_(optimizer)
+        case _:
+            unhandled(s.grad_scaler)
+
+
+def clip(model: nn.Module, s: Settings) -> None:
+    if s.clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                       s.clip_norm)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examples,
-               s: Settings, setup: Setup, watch: Watch | None = None) -> StepStats:
+               s: Settings, setup: Setup, watch: Watch | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> StepStats:
     """One optimizer step on a window of B examples, under the arm's policy."""
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    loss, units = window_gradient(model, window, s, setup, watch)
+    grad_scale = scaler.get_scale() if scaler is not None else float("nan")
+    loss, units, skip = window_gradient(model, window, s, setup, watch, optimizer=optimizer,
+                                        scaler=scaler)
     if watch is not None:
         watch.gradient()
     grad_norm = global_norm(p.grad for p in params)
-    optimizer.step()
+    step(optimizer, s, scaler)
     if s.zero_grad == ZeroGrad.EVERY_N:  # the accumulation pattern: clear once per step
         optimizer.zero_grad(set_to_none=s.set_to_none)
     update_norm = global_norm(p.detach() - b for p, b in zip(params, before, strict=True))
     units = int(units)
-    return StepStats(float(loss) / units, units, grad_norm, update_norm)
+    return StepStats(float(loss) / units, units, grad_norm, update_norm, skip, grad_scale)
+
+
+def step(optimizer: torch.optim.Optimizer, s: Settings,
+         scaler: torch.amp.GradScaler | None) -> None:
+    """optimizer.step(); with a GradScaler, its step (none when unscale_ found inf/NaN) and
+    the one update of the scale per window."""
+    match s.grad_scaler:
+        case GradScaling.OFF:
+            optimizer.step()
+        case GradScaling.ON:
+            scaler.step(optimizer)
+            scaler.update()
+        case _:
+            unhandled(s.grad_scaler)
+
+
+def make_scaler(s: Settings, device: torch.device,
+                like: torch.amp.GradScaler | None = None) -> torch.amp.GradScaler | None:
+    """The arm's GradScaler (None with grad_scaler=off). ``like``: a new scaler holding another's
+    state (its scale and growth count), so a probe computes with an arm's current scale
+    without touching that arm's scaler (unscale_ records state per optimizer in it)."""
+    match s.grad_scaler:
+        case GradScaling.OFF:
+            return None
+        case GradScaling.ON:
+            scaler = torch.amp.GradScaler(device.type)
+            if like is not None:
+                scaler.load_state_dict(like.state_dict())
+            return scaler
+    unhandled(s.grad_scaler)
+
+
+def check_precision_support(s: Settings, device: torch.device) -> None:
+    """What this torch supports on this device: autocast in the dtype asked for, and a
+    GradScaler (torch.amp.GradScaler on the CPU came with torch 2.3)."""
+    if s.autocast != Autocast.NONE and not autocast_supported(device.type, s.autocast):
+        raise GradlabError(f"autocast={s.autocast} is not supported on {device.type} by this "
+                           f"torch ({torch.__version__}); use autocast=bfloat16, autocast=none, "
+                           f"or device=cuda")
+    if s.grad_scaler == GradScaling.ON and not scaler_supported(device.type):
+        raise GradlabError(f"grad_scaler=on: this torch ({torch.__version__}) has no GradScaler "
+                           f"for {device.type}; use device=cuda, or torch >= 2.3 for the CPU "
+                           f"one, or grad_scaler=off")
+
+
+AUTOCAST_DTYPES = {Autocast.BFLOAT16: torch.bfloat16, Autocast.FLOAT16: torch.float16}
+
+
+def autocast_supported(device_type: str, autocast: Autocast) -> bool:
+    """Does torch.autocast run in this dtype on this device? (Where it does not, it warns and
+    turns itself off.)"""
+    dtype = AUTOCAST_DTYPES[autocast]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device_type, dtype=dtype):
+                return torch.is_autocast_enabled(device_type) \
+                    and torch.get_autocast_dtype(device_type) == dtype
+    except (RuntimeError, AttributeError, TypeError):
+        return False
+
+
+def scaler_supported(device_type: str) -> bool:
+    """Is there a working GradScaler for this device? (One without it disables itself.)"""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.amp.GradScaler(device_type).is_enabled()
+    except (RuntimeError, AttributeError, TypeError, ValueError):
+        return False
 
 
 def global_norm(tensors: Iterable[torch.Tensor | None]) -> float:

@@ -8,6 +8,9 @@ Which figures a run gets depends on what it recorded, not on its name:
     grad-error  relative gradient error against N, log axis, with the dtype's tolerance
                 c*max(N,2)*u as a labelled line over a shaded "equivalent" region, and the
                 N*u rounding bound (when N varies)
+    precision   in its place when the arms compute in different precisions (or sum in a
+                float32 buffer): the distance from the exact gradient against N, a panel per
+                precision, each arm with its floor + bound (N-1)*u*‖Σ|g_i|‖/‖g‖ as a thin line
     grad-norm   gradient norm (when arms differ in `zero_grad`)
     held-out    held-out accuracy (or loss) during training (when eval.csv has a curve)
     accuracy    final held-out accuracy against micro-batch size, error bars over seeds
@@ -94,6 +97,7 @@ class Plot:
     tolerance: bool = False  # draw rel_tolerance(dtype, N) and N*u, shade what is equivalent
     annotate: bool = False   # write each point's value next to it (a toy's few numbers)
     held: bool = False       # a value holds until the next point: draw steps, not slopes
+    bound: bool = False      # draw each line's exact_floor + accum_bound as a thin line
     notes: list[str] = field(default_factory=list)
 
 
@@ -102,7 +106,7 @@ class Plot:
 def with_settings(frames: list[pd.DataFrame], runs: list[Run], rows: pd.DataFrame
                   ) -> pd.DataFrame:
     """Per-run tables (with a `run` column) as one, each row joined with its arm's settings."""
-    describing = ["run", "trial", "arm", "baseline", "micro_batch", "sweep_point",
+    describing = ["run", "trial", "arm", "baseline", "micro_batch", "sweep_point", "precision",
                   *compare.setting_columns(runs, rows)]
     return pd.concat(frames, ignore_index=True).merge(rows[describing],
                                                       on=["run", "trial", "arm"])
@@ -213,6 +217,15 @@ def sweep_plot(runs, rows, y: str, x: str, panels: list[str], name: str | None =
                 data, x, y, panels, lines, tolerance)
 
 
+def precision_plot(runs: list[Run], rows: pd.DataFrame) -> Plot:
+    """Arms in different precisions: a panel per precision (and per swept model...), so each
+    arm is read against the floor of its own precision and the bound of its own u."""
+    data = rows[~rows["baseline"]].dropna(subset=["max_exact_err"])
+    panels, _ = layout(runs, data, "accum_steps")
+    return Plot("precision", "Distance from the exact gradient against N, by precision", data,
+                "accum_steps", "max_exact_err", [*panels, "precision"], ["arm"], bound=True)
+
+
 def trace_plot(runs: list[Run], trace: pd.DataFrame) -> Plot:
     panels, lines = layout(runs, trace, "examples")
     return Plot("trace", "The accumulated .grad after each backward, and the weights",
@@ -240,7 +253,10 @@ def standard_plots(runs: list[Run]) -> list[Plot]:
         plots.append(trace_plot(runs, trace))
     judged = "max_exact_err" if "max_exact_err" in rows else "max_rel_grad_err"  # old runs
     probed = rows[rows[judged].notna()]
-    if swept_within_an_arm(probed, "accum_steps"):
+    if swept_within_an_arm(probed, "accum_steps") and compare.mixed_precision(rows) \
+            and "accum_bound" in rows:
+        plots.append(precision_plot(runs, rows))
+    elif swept_within_an_arm(probed, "accum_steps"):
         plots.append(sweep_plot(runs, rows, judged, "accum_steps", ["dtype"],
                                 name="grad-error",
                                 title="Gradient error against N, at the baseline's weights"))
@@ -305,7 +321,7 @@ def word(column: str, value) -> str:
         return text
     named = {"accum_steps": "N = {}", "micro_batch": "micro-batch {}", "batch_size": "B = {}",
              "zero_grad": "zero_grad {}", "set_to_none": "set_to_none={}", "seed": "seed {}",
-             "loss_scale": "loss scale {}"}
+             "loss_scale": "loss scale {}", "precision": "computed in {}"}
     return named.get(column, column.replace("_", " ") + " {}").format(text)
 
 
@@ -507,9 +523,9 @@ def draw(plot: Plot, experiment: str) -> plt.Figure:
             part = part[part[column] == value]
         footnotes |= draw_panel(ax, plot, part, palette, legend, markers)
         title = [words(dict(zip(plot.panels, panel, strict=True)))]
-        if plot.tolerance and part["dtype"].nunique() == 1:  # the u of the bounds drawn
-            dtype = part["dtype"].iloc[0]
-            if "dtype" not in plot.panels:
+        if (plot.tolerance or plot.bound) and part["precision"].nunique() == 1:  # the bounds' u
+            dtype = part["precision"].iloc[0]
+            if "dtype" not in plot.panels and "precision" not in plot.panels:
                 title.append(dtype)
             title.append(f"u = 2^{round(np.log2(schema.UNIT_ROUNDOFF[dtype]))}")
         ax.set_title(", ".join(t for t in title if t), fontsize=10)
@@ -594,6 +610,8 @@ def draw_panel(ax, plot: Plot, part: pd.DataFrame, palette: dict, legend: dict,
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if plot.tolerance:
         draw_tolerance(ax, plot, part, legend)
+    if plot.bound:
+        draw_bounds(ax, part, palette, legend)
     if not sweep and clip_divergence(ax, part, plot.y):
         footnotes.add(f"A line that leaves the top of a panel diverged: it grew past "
                       f"{DIVERGED:g}× the baseline's largest value.")
@@ -640,14 +658,14 @@ def draw_tolerance(ax, plot: Plot, part: pd.DataFrame, legend: dict) -> None:
     """
     if "rel_tolerance" not in part or part["rel_tolerance"].isna().all():
         return
-    pairs = part[["dtype", "accum_steps"]].drop_duplicates()
+    pairs = part[["precision", "accum_steps"]].drop_duplicates()
     if plot.x != "accum_steps" and len(pairs) != 1:
         return
     ax.autoscale_view()
     (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
-    dtypes = list(dict.fromkeys(pairs["dtype"]))
+    dtypes = list(dict.fromkeys(pairs["precision"]))
     for dtype in dtypes:
-        rows = part[part["dtype"] == dtype].groupby("accum_steps")
+        rows = part[part["precision"] == dtype].groupby("accum_steps")
         ns = np.array(sorted(int(n) for n in rows.groups))
         tol = rows["rel_tolerance"].max().loc[ns].to_numpy()
         floor = rows["exact_floor"].max().loc[ns].to_numpy()
@@ -676,6 +694,19 @@ def draw_tolerance(ax, plot: Plot, part: pd.DataFrame, legend: dict) -> None:
                       plt.Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.2, lw=0))
     legend.setdefault("floor: the big batch's own distance from the exact gradient",
                       Line2D([], [], ls=":", color="0.25", lw=1.2))
+
+
+def draw_bounds(ax, part: pd.DataFrame, palette: dict, legend: dict) -> None:
+    """Each arm's floor + (N−1)·u·‖Σ|g_i|‖/‖g‖, thin, in the arm's colour: where summing its N
+    partial gradients in its precision could take it, to first order."""
+    for key, line in part.groupby(["arm"], sort=False):
+        ceiling = (line["exact_floor"] + line["accum_bound"]).groupby(line["accum_steps"]).max()
+        ceiling = ceiling[ceiling > 0]
+        if not ceiling.empty:
+            ax.plot(ceiling.index, ceiling.to_numpy(), color=palette[_tuple(key)].color,
+                    lw=0.8, alpha=0.6, zorder=2)
+    legend.setdefault("thin line: the arm's floor + (N−1)·u·‖Σ|g_i|‖/‖g‖, what summing its N "
+                      "partial gradients may add", Line2D([], [], color="0.4", lw=0.8))
 
 
 # ----------------------------------------------------------------------------- files

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +40,18 @@ from gradlab.setup import (
     split,
     take,
 )
-from gradlab.spec import Arm, BnMode, Dtype, Settings, Trial, ZeroGrad
+from gradlab.spec import (
+    Arm,
+    Autocast,
+    BnMode,
+    ClipAt,
+    Dtype,
+    GradAccumDtype,
+    GradScaling,
+    Settings,
+    Trial,
+    ZeroGrad,
+)
 from gradlab.store import RunDir, whole_write
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
@@ -52,6 +65,40 @@ def resolve_device(name: str) -> torch.device:
         raise GradlabError("device=cuda but this machine has no CUDA device (or this torch "
                            "build has no CUDA); use --set device=cpu or device=auto")
     return torch.device(name)
+
+
+def configure(device: torch.device) -> None:
+    """On CUDA, float32 means float32 and a run repeats: no TF32 in matmul or convolution
+    (it rounds at 2^-11), no cuDNN autotuning, deterministic cuDNN kernels. Recorded in
+    run.json (``environment``)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the numbers of a run depend on besides its settings: the device, the versions,
+    the threads and the determinism settings in force."""
+    cuda = device.type == "cuda"
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
 
 
 # ----------------------------------------------------------------------------- building
@@ -123,6 +170,7 @@ def user_setup(s: Settings) -> Setup:
 
 def build_setup(s: Settings, device: torch.device, data_cache: dict) -> Setup:
     """The arm's model and examples, in its dtype and on its device."""
+    engine.check_precision_support(s, device)
     setup = user_setup(s) if s.setup else builtin_setup(s, data_cache)
     name = s.setup or f"dataset '{s.dataset}'"
     check_examples(setup.train, f"{name}: training examples")
@@ -152,7 +200,7 @@ def windows(setup: Setup, s: Settings) -> Iterator[Examples]:
 # settings that change neither the model's shape nor the data, so not what preflight checks
 TRAINING_ONLY = {"seed", "lr", "momentum", "weight_decay", "optimizer", "steps", "probe_every",
                  "eval_every", "trace", "trace_elements", "zero_grad", "set_to_none",
-                 "loss_scale"}
+                 "loss_scale", "clip_norm", "clip_at"}
 
 
 @dataclass
@@ -190,6 +238,8 @@ ROW_BYTES = 1000
 def preflight(trials: list[Trial]) -> Plan:
     """Build each distinct setup once, run and time one window through it, before anything
     is written: bad input fails fast and clean, and the run's cost is estimated."""
+    for device in {resolve_device(a.settings.device) for t in trials for a in t.arms}:
+        configure(device)
     cache: dict = {}
     # setup -> (seconds per window, bytes of its parameters, number of parameter tensors)
     measured: dict[tuple, tuple[float, int, int]] = {}
@@ -215,7 +265,9 @@ def preflight(trials: list[Trial]) -> Plan:
             probes = 0 if arm.baseline else len([t for t in range(1, s.steps + 1)
                                                  if probe_due(s, t)])
             exact = 2 * probes if s.dtype != Dtype.FLOAT64 else 0  # the float64 reference
-            seconds += (s.steps + probes + exact) * step_seconds
+            # the big batch in the arm's precision (its floor), and Σ|g_i| in float64
+            floor = probes if precision(s) != precision(trial.baseline.settings) else 0
+            seconds += (s.steps + probes + exact + floor + 2 * probes) * step_seconds
             # model, .grad and the step's copy; a probe model with its .grad; the reference
             trial_bytes += 5 * params + (params * 8 // 4 if exact else 0)
             traced = s.trace * s.steps * (s.accum_steps + 1) * s.trace_elements
@@ -235,10 +287,12 @@ def time_one_window(setup: Setup, s: Settings) -> float:
     """Seconds for one window's forward and backward (the second of two: the first warms up)."""
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     seconds = []
+    optimizer = engine.make_optimizer(setup.model, s)
     with torch.random.fork_rng(devices=[]):
         for _ in range(2):
             start = time.perf_counter()
-            engine.window_gradient(setup.model, window, s, setup)
+            engine.window_gradient(setup.model, window, s, setup, optimizer=optimizer,
+                                   scaler=engine.make_scaler(s, setup.device))
             seconds.append(time.perf_counter() - start)
     setup.model.zero_grad(set_to_none=True)
     return seconds[-1]
@@ -368,6 +422,7 @@ class ArmRun:
         self.data_cache = data_cache
         self.model = setup.model
         self.optimizer = engine.make_optimizer(self.model, self.s)
+        self.scaler = engine.make_scaler(self.s, setup.device)  # None with grad_scaler=off
         self.windows = windows(setup, self.s)
         self.rng = ArmRng(self.s.seed, setup.device)
         self.step = 0  # the step being taken, or the last one taken
@@ -396,7 +451,7 @@ class ArmRun:
             o.before_step(self, window)
         with self.rng:
             stats = engine.train_step(self.model, self.optimizer, window, self.s, self.setup,
-                                      self)
+                                      self, self.scaler)
         self.examples += self.s.batch_size
         self.loss = stats.loss
         for o in self.observers:
@@ -443,6 +498,7 @@ class Trajectory(Observer):
         run.rows["steps"].append({
             **run.ids, "step": run.step, "examples": run.examples, "units": stats.units,
             "loss": stats.loss, "grad_norm": stats.grad_norm, "update_norm": stats.update_norm,
+            "skipped": stats.skipped, "grad_scale": stats.grad_scale,
             "weight_dist": weight_dist,
             "rel_loss_diff": abs(stats.loss - ref_loss) / abs(ref_loss) if ref_loss
             else math.nan})
@@ -450,6 +506,12 @@ class Trajectory(Observer):
 
 def probe_due(s: Settings, step: int) -> bool:
     return step == 1 or (s.probe_every > 0 and (step - 1) % s.probe_every == 0)
+
+
+def precision(s: Settings) -> tuple[Dtype, Autocast, GradScaling]:
+    """What decides how one big batch rounds: the parameters' dtype, autocast, the scaler.
+    (A float32 buffer changes nothing for one micro-batch.)"""
+    return s.dtype, s.autocast, s.grad_scaler
 
 
 class Probe(Observer):
@@ -460,17 +522,29 @@ class Probe(Observer):
 
     Each probe also takes the exact gradient: the baseline's, in float64, at the same
     weights on the same window. Every arm's distance from it (exact_err), and the
-    baseline's own (floor_err: what one big batch rounds in its dtype), are what the
-    verdict weighs (schema.py).
+    distance of one big batch in the arm's own precision (floor_err: the baseline's
+    own when the precisions agree), are what the verdict weighs (schema.py). And it
+    takes Σ_i |g_i| of the window's N partial gradients in float64, the condition of
+    their sum (sum_condition = ‖Σ|g_i|‖ / ‖Σ g_i‖), which scales the rounding that
+    summing them can add.
+
+    An arm with a GradScaler is probed with a copy of its scaler, holding the scale
+    the arm's own step will use: the probe's unscale_ leaves the arm's scaler as it was.
     """
 
     def __init__(self, base: ArmRun, arms: list[ArmRun]):
         self.arms = arms
-        self.probe_models: dict[str, nn.Module] = {}
+        self.probe_models: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
         self.window: Examples | None = None
         self.buffers_before: dict[str, torch.Tensor] = {}
-        self.exact_settings = dataclasses.replace(base.s, dtype=Dtype.FLOAT64)
+        # the big batch, computed exactly: no autocast, scaler or buffer in float64
+        self.exact_settings = dataclasses.replace(
+            base.s, dtype=Dtype.FLOAT64, autocast=Autocast.NONE, grad_scaler=GradScaling.OFF,
+            grad_accum_dtype=GradAccumDtype.PARAM, clip_at=ClipAt.AFTER_ACCUMULATION)
         self.exact: Setup | None = None  # built on the first probe, in float64
+        self.partials: Setup | None = None  # another float64 model, for Σ|g_i|
+        # a model (and an optimizer for a GradScaler's unscale_) per precision, for floors
+        self.floor_models: dict[tuple, tuple[Setup, torch.optim.Optimizer]] = {}
 
     def due(self, base: ArmRun) -> list[ArmRun]:
         return [a for a in self.arms if probe_due(a.s, base.step) and base.step <= a.s.steps]
@@ -485,18 +559,29 @@ class Probe(Observer):
         if not due:
             return
         exact = self.exact_gradient(base)
-        floor = probe.compare_models(base.model, exact)
+        floors = {precision(base.s): probe.compare_models(base.model, exact)}
+        conditions: dict[int, dict[str, float]] = {}
         for arm in due:
-            model = self.probe_model(arm)
+            model, optimizer = self.probe_model(arm)
             self.start_at_baseline(model, base)
             window = cast(self.window, DTYPES[arm.s.dtype], arm.setup.device)
             with torch.random.fork_rng(devices=[]):  # the probe draws from no arm's stream
-                engine.window_gradient(model, window, arm.s, arm.setup)
+                engine.window_gradient(model, window, arm.s, arm.setup, optimizer=optimizer,
+                                       scaler=engine.make_scaler(arm.s, arm.setup.device,
+                                                                 like=arm.scaler))
+            key = precision(arm.s)
+            if key not in floors or arm.scaler is not None:  # a floor at the arm's own scale
+                floors[key] = self.floor(arm, base, exact)
+            n = arm.s.accum_steps
+            if n not in conditions:
+                conditions[n] = self.sum_condition(base, n)
             ids = {**arm.ids, "step": base.step}
             arm.rows["probe"] += [
-                {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"]}
+                {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"],
+                 "sum_condition": conditions[n][r["param"]]}
                 for r, e, f in zip(probe.compare_models(model, base.model),
-                                   probe.compare_models(model, exact), floor, strict=True)]
+                                   probe.compare_models(model, exact), floors[key],
+                                   strict=True)]
             arm.rows["buffers"] += [{**ids, **r} for r in
                                     compare_buffers(model, base.model, arm.setup)]
 
@@ -517,10 +602,79 @@ class Probe(Observer):
             engine.window_gradient(self.exact.model, window, self.exact_settings, self.exact)
         return self.exact.model
 
-    def probe_model(self, arm: ArmRun) -> nn.Module:
+    def floor(self, arm: ArmRun, base: ArmRun, exact: nn.Module) -> list[dict[str, Any]]:
+        """The baseline's big batch computed in the arm's precision, against the exact
+        gradient: what one big batch rounds there (with a GradScaler: at the arm's scale)."""
+        s = dataclasses.replace(base.s, dtype=arm.s.dtype, autocast=arm.s.autocast,
+                                grad_scaler=arm.s.grad_scaler)
+        if precision(s) not in self.floor_models:
+            setup = build_setup(s, base.setup.device, base.data_cache)
+            self.floor_models[precision(s)] = setup, engine.make_optimizer(setup.model, s)
+        setup, optimizer = self.floor_models[precision(s)]
+        self.start_at_baseline(setup.model, base)
+        with torch.random.fork_rng(devices=[]):
+            engine.window_gradient(setup.model, cast(self.window, DTYPES[s.dtype], setup.device),
+                                   s, setup, optimizer=optimizer,
+                                   scaler=engine.make_scaler(s, setup.device, like=arm.scaler))
+        return probe.compare_models(setup.model, exact)
+
+    def sum_condition(self, base: ArmRun, accum_steps: int) -> dict[str, float]:
+        """‖Σ_i |g_i|‖ / ‖Σ_i g_i‖ over the window's partial gradients in float64, per
+        parameter and for all together ('*'): 1 when N = 1 or when the partial gradients
+        all point alike, large when they cancel."""
+        if self.partials is None:
+            self.partials = build_setup(self.exact_settings, base.setup.device, base.data_cache)
+        model = self.partials.model
+        self.start_at_baseline(model, base)
+        magnitudes = PartialMagnitudes(model)
+        with torch.random.fork_rng(devices=[]):
+            engine.window_gradient(model, cast(self.window, torch.float64, base.setup.device),
+                                   dataclasses.replace(self.exact_settings,
+                                                       accum_steps=accum_steps),
+                                   self.partials, magnitudes)
+        return magnitudes.condition()
+
+    def probe_model(self, arm: ArmRun) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The arm's probe model, and an optimizer over it that only a GradScaler's unscale_
+        uses (the probe never steps)."""
         if arm.arm.name not in self.probe_models:
-            self.probe_models[arm.arm.name] = arm.fresh_model()
+            model = arm.fresh_model()
+            self.probe_models[arm.arm.name] = model, engine.make_optimizer(model, arm.s)
         return self.probe_models[arm.arm.name]
+
+
+class PartialMagnitudes:
+    """Watches a float64 window_gradient and sums |g_i|, the magnitude of each micro-batch's
+    partial gradient (the difference in .grad across its backward), per parameter."""
+
+    def __init__(self, model: nn.Module):
+        self.params = dict(model.named_parameters())
+        self.before = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.total = {n: torch.zeros_like(p) for n, p in self.params.items()}
+
+    def micro_batch(self, index: int) -> None:
+        for name, p in self.params.items():
+            now = probe.grad_or_zeros(p).detach()
+            self.total[name] += (now - self.before[name]).abs()
+            self.before[name] = now.clone()
+
+    def gradient(self) -> None: ...
+
+    def condition(self) -> dict[str, float]:
+        rows, sums, norms = {}, 0.0, 0.0
+        for name in self.params:
+            total, norm = float(self.total[name].norm()), float(self.before[name].norm())
+            rows[name] = ratio(total, norm)
+            sums, norms = sums + total**2, norms + norm**2
+        rows["*"] = ratio(math.sqrt(sums), math.sqrt(norms))
+        return rows
+
+
+def ratio(magnitudes: float, norm: float) -> float:
+    """Σ|g_i| over ‖Σ g_i‖; a zero gradient made of zero parts is perfectly conditioned."""
+    if norm > 0:
+        return magnitudes / norm
+    return 1.0 if magnitudes == 0 else math.inf
 
 
 def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -613,6 +767,32 @@ def elements(model: nn.Module, tensor_of, count: int) -> Iterator[tuple[str, int
         yield from ((name, i, v) for i, v in enumerate(values))
 
 
+class CudaMemory(Observer):
+    """summary.csv cuda_peak_bytes, on CUDA: the arm's parameters, plus the most memory its
+    forward and backward passes allocated on top of what was allocated when its step began
+    (activations, gradients, a float32 buffer). Every arm of a trial lives on the device
+    at once, so a peak of the whole device would mostly count the other arms. It is read
+    before the probe runs (the probe's work is not the arm's)."""
+
+    def __init__(self, run: ArmRun):
+        self.device = run.setup.device
+        self.params = sum(p.numel() * p.element_size() for p in run.model.parameters())
+        self.start = 0
+        self.peak = 0
+
+    def before_step(self, run: ArmRun, window: Examples) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = torch.cuda.memory_allocated(self.device)
+
+    def gradient(self, run: ArmRun) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) - self.start)
+
+    def bytes(self) -> int:
+        return self.params + self.peak
+
+
 class HeldGradientCheck(Observer):
     """checks.csv, under zero_grad='never': the .grad held after step t must be the sum of
     the fresh gradients of steps 1..t, each taken at the weights of its own step.
@@ -665,6 +845,8 @@ def start(trial: Trial, data_cache: dict) -> list[ArmRun]:
               and r.s.batch_size == base.s.batch_size]
     base.observers.append(Probe(base, probed))
     for run in runs:
+        if run.setup.device.type == "cuda":  # first: it reads the peak before the probe runs
+            run.observers.insert(0, CudaMemory(run))
         run.observers += [Trajectory(base, same_architecture(run.model, base.model)),
                           Evaluation()]
         if run.s.trace:
@@ -697,11 +879,16 @@ def summary_row(run: ArmRun) -> dict[str, Any]:
     s, arm = run.s, run.arm
     metrics = schema.summarise(run.rows["steps"], run.rows["probe"], run.rows["eval"],
                                run.rows["buffers"])
-    tolerance, verdict = schema.judge(arm.baseline, s.dtype, s.accum_steps, metrics)
+    computed_in = schema.compute_dtype(s.dtype, s.autocast)
+    tolerance, verdict = schema.judge(arm.baseline, computed_in, s.accum_steps, metrics)
+    memory = [o.bytes() for o in run.observers if isinstance(o, CudaMemory)]
     return {**run.ids, "baseline": arm.baseline,
             **{key: getattr(s, key) for key in run.trial.swept},  # the arm's own value of each
             "batch_size": s.batch_size, "accum_steps": s.accum_steps,
-            "micro_batch": s.micro_batch, "dtype": s.dtype, **metrics,
+            "micro_batch": s.micro_batch, "dtype": s.dtype, "precision": computed_in, **metrics,
+            "accum_bound": math.nan if arm.baseline else schema.accumulation_bound(
+                computed_in, s.accum_steps, metrics["max_sum_condition"]),
+            "cuda_peak_bytes": memory[0] if memory else math.nan,
             "rel_tolerance": tolerance, "expect": arm.expect or "", "verdict": verdict}
 
 

@@ -22,15 +22,16 @@ KEYS = ("trial", "arm")
 
 # the columns of each table after KEYS (summary also holds the swept settings, see below)
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "summary": ("baseline", "batch_size", "accum_steps", "micro_batch", "dtype",
+    "summary": ("baseline", "batch_size", "accum_steps", "micro_batch", "dtype", "precision",
                 "max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",
-                "exact_floor", "final_loss", "max_rel_loss_diff", "final_weight_dist",
-                "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff",
-                "diverged_at_step", "rel_tolerance", "expect", "verdict"),
+                "exact_floor", "accum_rise", "max_sum_condition", "accum_bound", "final_loss",
+                "max_rel_loss_diff", "final_weight_dist", "final_test_loss",
+                "final_test_accuracy", "max_rel_buffer_diff", "diverged_at_step",
+                "skipped_steps", "cuda_peak_bytes", "rel_tolerance", "expect", "verdict"),
     "steps": ("step", "examples", "units", "loss", "grad_norm", "update_norm", "weight_dist",
-              "rel_loss_diff"),
+              "rel_loss_diff", "skipped", "grad_scale"),
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
-              "exact_err", "floor_err"),
+              "exact_err", "floor_err", "sum_condition"),
     "buffers": ("step", "buffer", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
                 "test_accuracy", "ref_test_accuracy"),
     "eval": ("step", "examples", "test_loss", "test_accuracy"),
@@ -49,12 +50,13 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "checks": ("check", "value", "tolerance", "passed"),
 }
 # columns that hold text; in any other required column, text means the file was damaged
-TEXT_COLUMNS = ("arm", "param", "buffer", "expect", "verdict", "check", "dtype")
+TEXT_COLUMNS = ("arm", "param", "buffer", "expect", "verdict", "check", "dtype", "precision")
 
 # the summary metrics, in the order summary.csv and --json give them
 METRICS = ("max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",
-           "exact_floor", "final_loss", "max_rel_loss_diff", "final_weight_dist",
-           "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff", "diverged_at_step")
+           "exact_floor", "accum_rise", "max_sum_condition", "final_loss", "max_rel_loss_diff",
+           "final_weight_dist", "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff",
+           "diverged_at_step", "skipped_steps")
 
 # short labels for tables meant for people (CSV and JSON keep the column names)
 HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel grad err",
@@ -63,7 +65,9 @@ HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel 
            "final_test_loss": "test loss", "final_weight_dist": "weight dist",
            "max_rel_loss_diff": "max rel loss diff", "loss_diff": "loss diff",
            "max_rel_buffer_diff": "rel BN stats diff", "max_exact_err": "vs exact",
-           "exact_floor": "floor", "diverged_at_step": "diverged at"}
+           "exact_floor": "floor", "diverged_at_step": "diverged at",
+           "accum_rise": "rise over N=1", "max_sum_condition": "Σ|g_i|/‖g‖",
+           "accum_bound": "bound", "skipped_steps": "skipped", "cuda_peak_bytes": "CUDA bytes"}
 
 
 def allowed_columns(table: str, settings: Iterable[str] = ()) -> set[str]:
@@ -76,18 +80,28 @@ def allowed_columns(table: str, settings: Iterable[str] = ()) -> set[str]:
 #
 # At every probe the run also takes the *exact* gradient: the big batch's, in
 # float64, at the same weights on the same window. An arm is judged by its distance
-# from that exact gradient, against the baseline's own distance from it:
+# from that exact gradient, against the distance of one big batch computed in the
+# arm's own precision:
 #
 #     equivalent  when  max_exact_err <= exact_floor + (N - 1) * u + REORDER * u_acc
 #
-# exact_floor is what one big batch rounds in this dtype, on this model, measured.
-# An exact arm does the same per-example arithmetic, so it rounds the same way:
-# only two things may add to its distance. Summing N partial gradients in the
-# dtype rounds up to (N - 1) * u (u: the dtype's unit roundoff). And splitting the
-# batch changes the order of the kernels' reductions over examples, which
-# accumulate in float32 (float64 for float64 arms): REORDER * u_acc covers that.
-# A float64 baseline computes exactly what the reference computes, so its floor is
-# 0 and the last term is all that is left.
+# exact_floor is what one big batch rounds in the arm's precision, on this model,
+# measured at the same weights (the baseline's own distance when the arm computes as
+# the baseline does). An exact arm does the same per-example arithmetic, so it
+# rounds the same way: only two things may add to its distance. Its N partial
+# gradients are each rounded to, and summed in, the precision the micro-batch
+# computes in: that adds up to (N - 1) * u. And splitting the batch changes the order
+# of the kernels' reductions over examples, which accumulate in float32 (float64 for
+# float64 arms): REORDER * u_acc covers that. A float64 baseline computes exactly what
+# the reference computes, so its floor is 0 and the last term is all that is left.
+#
+# u is the unit roundoff of the arm's *precision* (compute_dtype): autocast's dtype
+# when autocast is on, else the parameters' dtype. Under autocast the parameters and
+# .grad stay float32, but each partial gradient is computed, and rounded, in bfloat16
+# or float16 before it reaches .grad. A float32 accumulation buffer does not change u
+# either: it removes the rounding of the sum, not that of the partial gradients, so
+# the verdict holds a buffered arm and its native twin to the same line, and the
+# measured error tells them apart.
 
 UNIT_ROUNDOFF = {
     "float64": 2.0**-53,
@@ -102,6 +116,27 @@ ACCUMULATOR = {"float64": "float64", "float32": "float32", "float16": "float32",
 # Measured on the built-in experiments (README): exact arms in float64 land up to
 # 12 u away from the reference (tokens, N = 2), in float32 up to ... above the floor.
 REORDER = 32
+
+
+def compute_dtype(dtype: str, autocast: str | None = None) -> str:
+    """The precision a micro-batch's gradient is computed in, whose u the verdict uses:
+    autocast's dtype when it is on, else the parameters' dtype."""
+    return dtype if missing(autocast) or autocast in ("", "none") else str(autocast)
+
+
+def precision_of(row: Mapping) -> str:
+    """A summary row's precision (runs made before it was recorded: their dtype)."""
+    value = row.get("precision")
+    return str(row["dtype"]) if missing(value) or value == "" else str(value)
+
+
+def accumulation_bound(precision: str, accum_steps: int, condition: float) -> float:
+    """What summing N partial gradients can add to the relative error, to first order:
+    (N - 1) * u * ‖Σ|g_i|‖ / ‖Σ g_i‖ (recursive summation), u the precision's. Reported beside
+    accum_rise, the measured share; the verdict's (N - 1) * u leaves out the condition."""
+    if missing(condition):
+        return math.nan
+    return (accum_steps - 1) * UNIT_ROUNDOFF[precision] * condition
 
 
 def rel_tolerance(dtype: str, accum_steps: int, floor: float) -> float:
@@ -151,7 +186,7 @@ def explain(rows: Iterable[Mapping], rtol: float | None = None,
     by_dtype: dict[str, list[Mapping]] = {}
     for row in rows:
         if not row.get("baseline"):
-            by_dtype.setdefault(str(row["dtype"]), []).append(row)
+            by_dtype.setdefault(precision_of(row), []).append(row)
     def span(values: list[float]) -> str:
         low, high = fmt(min(values)), fmt(max(values))
         return low if low == high else f"{low}…{high}"
@@ -167,9 +202,10 @@ def explain(rows: Iterable[Mapping], rtol: float | None = None,
         here.append(text)
     return (f"verdict: equivalent when {rule}. vs exact: the arm's largest relative distance, "
             f"over the probes, from the exact gradient (the baseline's, in float64, at the "
-            f"same weights on the same window); floor: the baseline's own distance from it, "
-            f"what one big batch rounds in its dtype; u: the dtype's unit roundoff, u_acc: "
-            f"that of the kernels' sums (float32, or float64 for float64). Here: "
+            f"same weights on the same window); floor: one big batch's own distance from it "
+            f"in the arm's precision, what one big batch rounds there; u: the unit roundoff "
+            f"of that precision (autocast's dtype, else the parameters'), u_acc: that of the "
+            f"kernels' sums (float32, or float64 for float64). Here: "
             f"{'; '.join(here) or '-'}.")
 
 
@@ -198,14 +234,22 @@ def summarise(steps: list[Mapping], probes: list[Mapping] = (), evals: list[Mapp
     there (--at-step).
     """
     overall = [r for r in probes if r["param"] == "*"]
-    diverged = [r["step"] for r in steps if not all(
+    # a step the GradScaler skipped held inf/NaN on purpose: it applied nothing
+    skipped = [r["step"] for r in steps if is_true(r.get("skipped"))]
+    diverged = [r["step"] for r in steps if r["step"] not in skipped and not all(
         math.isfinite(r[c]) for c in ("loss", "grad_norm", "update_norm") if c in r)]
+    rises = [r["exact_err"] - r["floor_err"] for r in overall
+             if not missing(r.get("exact_err")) and not missing(r.get("floor_err"))]
     return {
         "max_rel_grad_err": _worst(overall, "rel_l2_err"),
         "max_abs_grad_err": _worst(overall, "max_abs_err"),
         "min_grad_cosine": _worst(overall, "cosine", min),
         "max_exact_err": _worst(overall, "exact_err"),
         "exact_floor": _worst(overall, "floor_err"),
+        # the share of the distance that accumulating adds: the arm against one big batch
+        # in its own precision at the same weights, i.e. its rise over N = 1
+        "accum_rise": max(rises) if rises else math.nan,
+        "max_sum_condition": _worst(overall, "sum_condition"),
         "final_loss": _last(steps, "loss"),
         "max_rel_loss_diff": _worst(steps, "rel_loss_diff"),
         "final_weight_dist": _last(steps, "weight_dist"),
@@ -213,7 +257,13 @@ def summarise(steps: list[Mapping], probes: list[Mapping] = (), evals: list[Mapp
         "final_test_accuracy": _last(list(evals), "test_accuracy"),
         "max_rel_buffer_diff": _worst([r for r in buffers if r["buffer"] == "*"], "rel_l2_err"),
         "diverged_at_step": diverged[0] if diverged else math.nan,
+        "skipped_steps": len(skipped) if any("skipped" in r for r in steps) else math.nan,
     }
+
+
+def is_true(value: Any) -> bool:
+    """A flag as a row holds it: True, or 'True' from a CSV that pandas read as text."""
+    return value is True or (not missing(value) and str(value).lower() in ("true", "1", "1.0"))
 
 
 def judge(baseline: bool, dtype: str, accum_steps: int, metrics: Mapping,

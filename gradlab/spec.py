@@ -86,6 +86,32 @@ class Device(Policy):
     AUTO = "auto"  # cuda when available
 
 
+class Autocast(Policy):
+    """The dtype torch.autocast runs each micro-batch's forward in (parameters stay float32)."""
+    NONE = "none"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class GradAccumDtype(Policy):
+    """Where a window's partial gradients are summed."""
+    PARAM = "param"      # in .grad, in the parameters' dtype: every addition rounds there
+    FLOAT32 = "float32"  # in a float32 buffer, rounded to the parameters' dtype once per window
+
+
+class GradScaling(Policy):
+    """torch.amp.GradScaler for float16: the loss scaled up before backward, so small
+    gradients do not underflow; the window's gradient unscaled before anything reads it."""
+    OFF = "off"
+    ON = "on"
+
+
+class ClipAt(Policy):
+    """Where the gradient is clipped to clip_norm, relative to the GradScaler's unscale_."""
+    AFTER_ACCUMULATION = "after-accumulation"  # once per window, on the unscaled gradient
+    BEFORE_UNSCALE = "before-unscale"  # the scaler mistake: the threshold meets scale × gradient
+
+
 def _setting(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -133,6 +159,23 @@ class Settings:
     seed: int = _setting(0, "seed for initial weights and the order of examples")
     dtype: Dtype = _setting(Dtype.FLOAT32, "float32 | float64 | bfloat16 | float16")
     device: Device = _setting(Device.CPU, "cpu | cuda | auto (cuda when available)")
+    autocast: Autocast = _setting(
+        Autocast.NONE, "none | bfloat16 | float16: run each micro-batch's forward under "
+                       "torch.autocast in this dtype; the parameters stay float32 (dtype)")
+    grad_accum_dtype: GradAccumDtype = _setting(
+        GradAccumDtype.PARAM, "where partial gradients are summed: param (in .grad, in the "
+                              "parameters' dtype) or float32 (a float32 buffer, handed to the "
+                              "optimizer once per window)")
+    grad_scaler: GradScaling = _setting(
+        GradScaling.OFF, "on | off: torch.amp.GradScaler (with autocast=float16): the loss "
+                        "scaled before each backward, the window's gradient unscaled once, the "
+                        "step skipped when it holds inf/NaN")
+    clip_norm: float = _setting(
+        0.0, "clip the window's gradient to this global L2 norm (0: no clipping)")
+    clip_at: ClipAt = _setting(
+        ClipAt.AFTER_ACCUMULATION,
+        "where clipping happens: after-accumulation (once per window, after the GradScaler's "
+        "unscale_) or before-unscale (the mistake: clipping the scaled gradient)")
     probe_every: int = _setting(
         1, "compare gradients at the baseline's weights every K steps (0: only before step 1)")
     eval_every: int = _setting(0, "held-out evaluation every K steps (0: only after the last)")
@@ -374,6 +417,7 @@ RANGES = {
     "lr": (0, None, "the learning rate cannot be negative"),
     "momentum": (0, None, "momentum cannot be negative"),
     "weight_decay": (0, None, "weight decay cannot be negative"),
+    "clip_norm": (0, None, "use 0 (no clipping) or a positive norm"),
     "seed": (0, 2**63 - 1, "use a seed from 0 to 2^63 - 1"),
 }
 # a user's own factory: 'pkg.module:callable'
@@ -564,3 +608,30 @@ def validate(s: Settings, where: str, origin=lambda key: "") -> None:
     if s.min_len > s.max_len:
         raise GradlabError(f"{where}: {shown('min_len')} is larger than {shown('max_len')}; "
                            f"use min_len <= max_len")
+    validate_precision(s, where, shown)
+
+
+def validate_precision(s: Settings, where: str, shown) -> None:
+    """autocast, grad_scaler, grad_accum_dtype and clip_at: the combinations that mean
+    something (what torch itself supports on the device is checked when the model is built)."""
+    if s.autocast != Autocast.NONE and s.dtype != Dtype.FLOAT32:
+        raise GradlabError(f"{where}: {shown('autocast')} with {shown('dtype')}: autocast "
+                           f"computes in {s.autocast} from float32 parameters; set dtype=float32, "
+                           f"or autocast=none to compute in {s.dtype} itself")
+    if s.grad_scaler == GradScaling.ON and s.autocast != Autocast.FLOAT16:
+        raise GradlabError(f"{where}: {shown('grad_scaler')} with {shown('autocast')} and "
+                           f"{shown('dtype')}: a GradScaler keeps float16 gradients from "
+                           f"underflowing and unscales float32 ones, so it needs dtype=float32 "
+                           f"with autocast=float16 (bfloat16 and float32 have float32's range: "
+                           f"use grad_scaler=off)")
+    if s.grad_scaler == GradScaling.ON and s.zero_grad == ZeroGrad.NEVER:
+        raise GradlabError(f"{where}: {shown('grad_scaler')} with {shown('zero_grad')}: the "
+                           f"scaler unscales all of .grad once per window, so .grad must start "
+                           f"each window empty; use zero_grad=every-n")
+    if s.grad_accum_dtype == GradAccumDtype.FLOAT32 and s.dtype == Dtype.FLOAT64:
+        raise GradlabError(f"{where}: {shown('grad_accum_dtype')} with {shown('dtype')} would "
+                           f"round float64 gradients to float32; use grad_accum_dtype=param")
+    if s.clip_at == ClipAt.BEFORE_UNSCALE and s.grad_scaler == GradScaling.OFF:
+        raise GradlabError(f"{where}: {shown('clip_at')} with {shown('grad_scaler')}: there "
+                           f"is no unscale_ to clip before; use grad_scaler=on, or "
+                           f"clip_at=after-accumulation")

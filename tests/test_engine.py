@@ -108,10 +108,11 @@ def test_token_batches_of_equal_length_make_mean_of_means_exact():
 def test_window_returns_summed_loss_and_units():
     setup = token_setup()
     s = dataclasses.replace(BIG, accum_steps=3)
-    loss, units = engine.window_gradient(setup.model, setup.train, s, setup)
+    loss, units, skip = engine.window_gradient(setup.model, setup.train, s, setup)
     whole_loss, whole_units = lm_loss(setup.model, setup.train)
     assert int(units) == int(whole_units) == int(count_tokens(setup.train))
     assert_close(loss, whole_loss.detach(), rtol=1e-12, atol=0)
+    assert skip is False  # no GradScaler: nothing is ever skipped
 
 
 # ----------------------------------------------------------------------------- policies
