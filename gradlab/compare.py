@@ -379,9 +379,11 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
 
 
 def mixed_precision(rows: pd.DataFrame) -> bool:
-    """Do the arms compute in different precisions, or some sum in a float32 buffer?"""
+    """Do the arms of a trial compute in different precisions, or some sum in a float32
+    buffer? (A sweep over dtype, every arm in each, is not that.)"""
     buffered = "grad_accum_dtype" in rows and (rows["grad_accum_dtype"] == "float32").any()
-    return rows["precision"].nunique() > 1 or bool(buffered)
+    keys = [c for c in ("run", "trial") if c in rows]
+    return bool(buffered) or bool((rows.groupby(keys)["precision"].nunique() > 1).any())
 
 
 def telling(rows: pd.DataFrame, settings: list[str]) -> list[str]:

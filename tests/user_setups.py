@@ -73,3 +73,13 @@ def miscounted(settings):  # units() counts examples, the loss counts elements
         return F.mse_loss(model(x), y, reduction="sum"), y.numel() * 2
 
     return Setup(torch.nn.Linear(3, 1), regression(), loss)
+
+
+def loud_regression(settings):
+    """Targets 50 times larger than the inputs: under float16 autocast a GradScaler's first
+    scales overflow the backward, so its first steps are skipped while the scale backs off."""
+    x, y = regression()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+    return Setup(model, (x, 50 * y), summed_mse)
