@@ -17,6 +17,7 @@ with gradlab).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -30,7 +31,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ["toy", "equivalence", "zero-grad-toy", "zero-grad", "batch-lr", "norm",
-               "norm-training", "tokens", "tokens-training"]
+               "norm-training", "tokens", "tokens-training", "precision"]
 LOCAL = ["my_lm"]  # examples of your own setup, run from the repository root
 
 
@@ -51,7 +52,7 @@ def run(name: str, out: Path) -> tuple[Path, float, str]:
 
 
 def latest(out: Path, name: str) -> Path:
-    return sorted((out / name).iterdir())[-1]
+    return sorted(p for p in (out / name).iterdir() if p.is_dir())[-1]  # not seconds.txt
 
 
 def read(run_dir: Path, table: str) -> pd.DataFrame:
@@ -269,6 +270,57 @@ def block_my_lm(runs: dict, printed: dict) -> str:
     return table(["arm", "N", "rel grad err", "vs exact", "tolerance", "verdict"], rows)
 
 
+PRECISION_ARMS = ["float32", "bf16-native", "bf16-fp32-buffer", "autocast-bf16", "fp16-native",
+                  "fp16-fp32-buffer", "autocast-fp16-scaler", "clip-before-unscale"]
+
+
+def block_precision(runs: dict, printed: dict) -> str:
+    """Per model and arm: the distance from the exact gradient against N, then the rise over
+    N = 1 beside the bound (N - 1) u ‖Σ|g_i|‖/‖g‖."""
+    s = summary(runs["precision"])
+    s = s[~s.baseline]
+    ns = sorted(s.accum_steps.unique())
+    errors, rises = [], []
+    for model in s.model.unique():
+        for arm in PRECISION_ARMS:
+            part = s[(s.model == model) & (s.arm == arm)].set_index("accum_steps")
+            if part.empty:
+                continue
+            first = part.iloc[0]
+            verdicts = ", ".join(sorted(set(part.verdict)))
+            errors.append([model, f"`{arm}`", first.precision, g(first.exact_floor, 2),
+                           *(g(part.loc[n, "max_exact_err"], 2) for n in ns), verdicts])
+            rises.append([model, f"`{arm}`", *(f"{g(part.loc[n, 'accum_rise'], 2)} / "
+                                                f"{g(part.loc[n, 'accum_bound'], 2)}"
+                                                for n in ns if n > 1)])
+    condition = s.groupby(["model", "accum_steps"]).max_sum_condition.max()
+    conditions = "; ".join(
+        f"{model}: " + ", ".join(f"{g(condition[(model, n)], 3)} at N = {n}" for n in ns
+                                 if n > 1) for model in s.model.unique())
+    skipped = int(s.skipped_steps.fillna(0).sum())
+    steps = read(runs["precision"], "steps")
+    scaled = steps[steps.arm == "autocast-fp16-scaler"].grad_norm.max()
+    meta = json.loads((runs["precision"] / "run.json").read_text())
+    clip = meta["trials"][0]["arms"]["autocast-fp16-scaler"]["settings"]["clip_norm"]
+    return "\n".join([
+        "Distance from the exact gradient (the big batch's, in float64, at the same weights "
+        "on the same window), worst over the probes; floor: one big batch computed in the "
+        "arm's precision:",
+        "",
+        table(["model", "arm", "computed in", "floor", *(f"N={n}" for n in ns), "verdict"],
+              errors),
+        "",
+        "Rise over N = 1 (vs exact − floor, the share accumulating adds) / the bound "
+        "(N − 1)·u·‖Σ|g_i|‖/‖g‖ for the arm's u:",
+        "",
+        table(["model", "arm", *(f"N={n}" for n in ns if n > 1)], rises),
+        "",
+        f"‖Σ|g_i|‖/‖g‖, the condition of the sum of the N partial gradients: {conditions}. "
+        f"GradScaler steps skipped in the whole run: {skipped}. The largest gradient norm an "
+        f"`autocast-fp16-scaler` step applied: {g(scaled)} (its clip_norm: {g(clip)}).",
+    ])
+
+
 def block_margins(runs: dict, printed: dict) -> str:
     """How far every verdict is from its tolerance, per experiment and dtype."""
     rows = []
@@ -296,6 +348,7 @@ BLOCKS: dict[str, Callable] = {
     "zero-grad": block_zero_grad, "batch-lr": block_batch_lr, "norm": block_norm,
     "norm-training": block_norm_training, "tokens": block_tokens,
     "tokens-training": block_tokens_training, "my_lm": block_my_lm, "margins": block_margins,
+    "precision": block_precision,
 }
 
 

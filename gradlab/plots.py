@@ -98,6 +98,7 @@ class Plot:
     annotate: bool = False   # write each point's value next to it (a toy's few numbers)
     held: bool = False       # a value holds until the next point: draw steps, not slopes
     bound: bool = False      # draw each line's exact_floor + accum_bound as a thin line
+    arm_styles: dict[str, Style] = field(default_factory=dict)  # lines = ["arm"]: set styles
     notes: list[str] = field(default_factory=list)
 
 
@@ -219,11 +220,15 @@ def sweep_plot(runs, rows, y: str, x: str, panels: list[str], name: str | None =
 
 def precision_plot(runs: list[Run], rows: pd.DataFrame) -> Plot:
     """Arms in different precisions: a panel per precision (and per swept model...), so each
-    arm is read against the floor of its own precision and the bound of its own u."""
+    arm is read against the floor of its own precision and the bound of its own u. Arms are
+    styled by how they sum and compute, so a native arm and its float32-buffer twin, side
+    by side in a panel, read as such in every panel."""
     data = rows[~rows["baseline"]].dropna(subset=["max_exact_err"])
     panels, _ = layout(runs, data, "accum_steps")
+    arms = data.drop_duplicates("arm").set_index("arm")
     return Plot("precision", "Distance from the exact gradient against N, by precision", data,
-                "accum_steps", "max_exact_err", [*panels, "precision"], ["arm"], bound=True)
+                "accum_steps", "max_exact_err", [*panels, "precision"], ["arm"], bound=True,
+                arm_styles={arm: precision_style(row) for arm, row in arms.iterrows()})
 
 
 def trace_plot(runs: list[Run], trace: pd.DataFrame) -> Plot:
@@ -477,6 +482,26 @@ def styles_by_arm(data: pd.DataFrame, keys: list[tuple], lines: list[str], arms:
     return out, legend
 
 
+# how an arm sums and computes -> its line: the same role looks the same in every panel
+PRECISION_STYLES = {
+    "float32": Style("black", ":", "o"),
+    "native": Style("tab:orange", "-", "o"),
+    "float32 buffer": Style("tab:green", "--", "s"),
+    "autocast": Style("tab:blue", "-.", "^"),
+    "clip before unscale": Style("tab:red", ":", "X"),
+}
+
+
+def precision_style(arm: pd.Series) -> Style:
+    if arm.get("clip_at") == "before-unscale":
+        return PRECISION_STYLES["clip before unscale"]
+    if arm.get("grad_accum_dtype") == "float32" and arm["dtype"] != "float32":
+        return PRECISION_STYLES["float32 buffer"]
+    if arm.get("autocast", "none") != "none":
+        return PRECISION_STYLES["autocast"]
+    return PRECISION_STYLES["native" if arm["precision"] != "float32" else "float32"]
+
+
 def line_kwargs(style: Style, rank: int) -> dict:
     return dict(color=style.color, ls=style.dashes, lw=3.5 if style.baseline else 1.4,
                 alpha=0.45 if style.baseline else 1.0,
@@ -516,6 +541,10 @@ def draw(plot: Plot, experiment: str) -> plt.Figure:
     points = data.groupby([*plot.panels, *plot.lines], dropna=False)[plot.x].nunique().max()
     markers = sweep or points <= FEW_POINTS
     palette, legend = styles(data, plot.lines, markers, sweep)
+    if plot.arm_styles:
+        palette = {(arm,): style for arm, style in plot.arm_styles.items()}
+        legend = {arm: proxy(style) for arm, style in plot.arm_styles.items()
+                  if arm in set(data["arm"])}
     footnotes: set[str] = set()
     for ax, panel in zip(axes.flat, panel_keys, strict=False):
         part = data

@@ -514,6 +514,11 @@ def precision(s: Settings) -> tuple[Dtype, Autocast, GradScaling]:
     return s.dtype, s.autocast, s.grad_scaler
 
 
+def floor_key(run: ArmRun) -> tuple:
+    """Arms alike in this compute the same floor: their precision, and a GradScaler's scale."""
+    return *precision(run.s), run.scaler.get_scale() if run.scaler is not None else None
+
+
 class Probe(Observer):
     """probe.csv and buffers.csv, watching the baseline: when its .grad holds the gradient
     its step will apply, each due arm computes its own at the same weights (and running
@@ -559,7 +564,7 @@ class Probe(Observer):
         if not due:
             return
         exact = self.exact_gradient(base)
-        floors = {precision(base.s): probe.compare_models(base.model, exact)}
+        floors = {floor_key(base): probe.compare_models(base.model, exact)}
         conditions: dict[int, dict[str, float]] = {}
         for arm in due:
             model, optimizer = self.probe_model(arm)
@@ -569,8 +574,8 @@ class Probe(Observer):
                 engine.window_gradient(model, window, arm.s, arm.setup, optimizer=optimizer,
                                        scaler=engine.make_scaler(arm.s, arm.setup.device,
                                                                  like=arm.scaler))
-            key = precision(arm.s)
-            if key not in floors or arm.scaler is not None:  # a floor at the arm's own scale
+            key = floor_key(arm)
+            if key not in floors:
                 floors[key] = self.floor(arm, base, exact)
             n = arm.s.accum_steps
             if n not in conditions:
