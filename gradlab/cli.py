@@ -171,6 +171,11 @@ def run(
     out: OutOpt = Path("results"),
     json_out: JsonOpt = False,
     yes: YesOpt = False,
+    jobs: Annotated[int | None, typer.Option(
+        "--jobs", "-j", min=1, show_default="the usable cores (on CUDA: the GPUs)",
+        help="Run up to K trials at once, each in a worker process with one intra-op "
+             "thread (a run of fewer trials gives each the cores left over). The CSVs are "
+             "the same bytes for any K.")] = None,
 ) -> None:
     """Run an experiment: every arm from the same weights on the same examples; write CSVs.
 
@@ -186,7 +191,8 @@ def run(
     """
     run_dir = None
     try:
-        loaded, trials, cost = prepare(experiment, set_ or [], yes)
+        loaded, trials, cost = prepare(experiment, set_ or [], yes, jobs)
+        workers = cost.workers
         run_dir = store.RunDir(out, loaded.name, {
             "spec_source": loaded.source, "spec_text": loaded.text, "overrides": set_ or [],
             "notes": loaded.notes, "description": loaded.description,
@@ -195,6 +201,7 @@ def run(
                                           "settings": dataclasses.asdict(a.settings)}
                                  for a in t.arms}} for t in trials],
             "device": str(runner.resolve_device(trials[0].baseline.settings.device)),
+            "jobs": workers.jobs, "workers": workers.processes, "threads": workers.threads,
         })
         for note in loaded.notes:
             err.print(note, markup=False, highlight=False, soft_wrap=True)
@@ -207,7 +214,8 @@ def run(
                       TextColumn("steps"), TimeElapsedColumn(), console=err,
                       disable=not show_progress, transient=True) as progress:
             task = progress.add_task(f"{loaded.name}: {len(trials)} trials", total=total)
-            results = runner.run_trials(trials, run_dir, lambda n: progress.advance(task, n))
+            results = runner.run_trials(trials, run_dir, lambda n: progress.advance(task, n),
+                                        workers)
         run_dir.finish("complete")
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through _on_stop_signal
         signum = getattr(stop, "signum", Stop.signum or signal.SIGINT)
@@ -250,9 +258,10 @@ def run(
         raise typer.Exit(1)
 
 
-def prepare(experiment: str, assignments: list[str],
-            yes: bool) -> tuple[spec.Spec, list[spec.Trial], runner.Plan]:
-    """Everything that can refuse the input, before anything is written."""
+def prepare(experiment: str, assignments: list[str], yes: bool,
+            jobs: int | None = None) -> tuple[spec.Spec, list[spec.Trial], runner.Plan]:
+    """Everything that can refuse the input, before anything is written; the plan says how
+    the trials will be spread over ``jobs`` (default: runner.default_jobs)."""
     loaded = spec.apply_overrides(spec.load_spec(experiment), assignments)
     if not loaded.source.startswith(str(spec.builtin_dir())):
         # a spec's own folder is importable: setup = "my_lm:make_setup" finds my_lm.py
@@ -262,7 +271,10 @@ def prepare(experiment: str, assignments: list[str],
         axes = " x ".join(f"{k}: {len(v)} values" for k, v in loaded.sweep.items())
         raise GradlabError(f"{len(trials)} trials ({axes}) is more than {MAX_TRIALS}; add "
                            f"--yes to run them all, or sweep fewer values")
-    return loaded, trials, runner.preflight(trials)
+    jobs = jobs or runner.default_jobs(trials)
+    if min(jobs, len(trials)) > 1:
+        runner.parallel.warm_up()  # the workers' imports, meanwhile
+    return loaded, trials, runner.spread(trials, jobs, runner.preflight(trials))
 
 
 def plan(name: str, trials: list[spec.Trial], cost: runner.Plan) -> str:

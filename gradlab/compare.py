@@ -31,7 +31,7 @@ HEADERS = schema.HEADERS
 # the numbers a reader looks at first; --all adds every other column
 KEY_METRICS = ("max_rel_grad_err", "max_exact_err", "rel_tolerance", "min_grad_cosine",
                "final_loss",
-               "loss_diff", "final_test_accuracy")
+               "loss_diff", "final_test_accuracy", *schema.COST_METRICS)
 OUTCOME = ("expect", "verdict", "check")
 # columns that say which row is which rather than what was measured
 IDENTITY = ("run", "trial", "arm", "micro_batch")
@@ -364,7 +364,8 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
         title += f", at step {at_step}"
     return Comparison(title, columns, table.reset_index(drop=True), grouped is not None,
                       notes(rows, tol, recorded, reference, at_step, grouped is not None)
-                      + [note for note in [repeated_seeds(rows, identity)] if note],
+                      + [note for note in [repeated_seeds(rows, identity)] if note]
+                      + budget_notes(rows, settings),
                       failures(rows, settings), rows)
 
 
@@ -427,3 +428,35 @@ def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
     if grouped:
         out.append("mean ± std (sample std) over rows that differ only by seed; n seeds each.")
     return out
+
+
+def budget_notes(rows: pd.DataFrame, settings: list[str]) -> list[str]:
+    """With budget_mb (the cost experiment): the largest micro-batch whose step fits in it,
+    for each setup measured (what Composer's automatic micro-batching finds at run time)."""
+    if "memory_mb" not in rows or "budget_mb" not in rows:
+        return []
+    budgeted = rows[(rows["budget_mb"] > 0) & rows["memory_mb"].notna()]
+    if budgeted.empty:
+        return []
+    keys = ["budget_mb", *(c for c in telling(budgeted, settings)
+                           if c not in ("accum_steps", "micro_batch", "budget_mb"))]
+    lines = []
+    for key, group in budgeted.groupby(keys, sort=False):
+        budget, where = key[0], dict(zip(keys[1:], key[1:], strict=True))
+        name = ", ".join(f"{k}={fmt(v)}" for k, v in where.items())
+        fits = group[group["memory_mb"] <= budget]
+        if fits.empty:
+            least = group.loc[group["memory_mb"].idxmin()]
+            lines.append(f"budget {fmt(budget)} MB{': ' + name if name else ''}: no micro-batch "
+                         f"measured fits; the smallest step, micro-batch "
+                         f"{int(least['micro_batch'])}, needs {fmt(least['memory_mb'])} MB.")
+            continue
+        best = fits.loc[fits["micro_batch"].idxmax()]
+        lines.append(f"budget {fmt(budget)} MB{': ' + name if name else ''}: the largest "
+                     f"micro-batch that fits is {int(best['micro_batch'])} (N = "
+                     f"{int(best['accum_steps'])}, step MB {fmt(best['memory_mb'])}, "
+                     f"{fmt(best['example_us'])} µs/example).")
+    lines.append("step MB: what a step holds at its peak: on CUDA torch.cuda."
+                 "max_memory_allocated; on CPU the weights, gradients and optimizer state plus "
+                 "the activations one micro-batch saves for backward.")
+    return lines

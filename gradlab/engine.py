@@ -13,6 +13,7 @@ step does to the gradient before the optimizer applies it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,7 +41,7 @@ class StepStats:
     loss: float  # summed loss of the window / its units, before the step
     units: int  # loss units in the window: examples, or non-padding tokens
     grad_norm: float  # L2 norm of the gradient the optimizer applied (all parameters)
-    update_norm: float  # L2 norm of the change in the parameters
+    update_norm: float  # L2 norm of the change in the parameters; NaN unless s.update_norm
 
 
 def normalised(loss: torch.Tensor, units, window_units, s: Settings) -> torch.Tensor:
@@ -103,9 +104,15 @@ def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setu
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examples,
                s: Settings, setup: Setup, watch: Watch | None = None) -> StepStats:
-    """One optimizer step on a window of B examples, under the arm's policy."""
+    """One optimizer step on a window of B examples, under the arm's policy.
+
+    What it measures costs next to nothing: the loss is summed on the device and the
+    gradient norm taken in one pass over .grad, then both come to the host once per
+    step. Only the update norm needs a copy of every parameter, so it is taken only
+    where the arm asks for it (s.update_norm).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in params]
+    before = [p.detach().clone() for p in params] if s.update_norm else None
     loss, units = window_gradient(model, window, s, setup, watch)
     if watch is not None:
         watch.gradient()
@@ -113,15 +120,31 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
     optimizer.step()
     if s.zero_grad == ZeroGrad.EVERY_N:  # the accumulation pattern: clear once per step
         optimizer.zero_grad(set_to_none=s.set_to_none)
-    update_norm = global_norm(p.detach() - b for p, b in zip(params, before, strict=True))
-    units = int(units)
-    return StepStats(float(loss) / units, units, grad_norm, update_norm)
+    update_norm = math.nan
+    if before is not None:
+        torch._foreach_sub_(before, [p.detach() for p in params])  # before - after, in place
+        update_norm = global_norm(before)
+    loss, units, grad_norm, update_norm = to_host(loss, units, grad_norm, update_norm)
+    return StepStats(loss / units, int(units), grad_norm, update_norm)
 
 
-def global_norm(tensors: Iterable[torch.Tensor | None]) -> float:
-    """L2 norm over all tensors, in float64 so low-precision arms are measured exactly."""
-    squares = [t.detach().double().pow(2).sum() for t in tensors if t is not None]
-    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+def to_host(*values: torch.Tensor | float) -> list[float]:
+    """Scalars on the device (or numbers) as floats, with one host sync for all of them."""
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                        for v in values]).tolist()
+
+
+def global_norm(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
+    """L2 norm over all tensors, as a tensor (no host sync): one pass over each, summed in
+    float32, or in float64 for float64 tensors (low precision is summed in float32)."""
+    norms = [torch.linalg.vector_norm(t.detach(), dtype=torch.float64 if t.dtype ==
+                                      torch.float64 else torch.float32).to(torch.float64)
+             for t in tensors if t is not None]
+    if not norms:
+        return torch.zeros((), dtype=torch.float64)
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
 def make_optimizer(model: nn.Module, s: Settings) -> torch.optim.Optimizer:

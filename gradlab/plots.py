@@ -9,6 +9,8 @@ Which figures a run gets depends on what it recorded, not on its name:
                 c*max(N,2)*u as a labelled line over a shaded "equivalent" region, and the
                 N*u rounding bound (when N varies)
     grad-norm   gradient norm (when arms differ in `zero_grad`)
+    cost        time per example and activation memory against micro-batch size (runs with
+                cost = true whose micro-batch size varies: the cost experiment)
     held-out    held-out accuracy (or loss) during training (when eval.csv has a curve)
     accuracy    final held-out accuracy against micro-batch size, error bars over seeds
                 (when the micro-batch size varies)
@@ -54,7 +56,7 @@ LABELS = {
     "max_exact_err": "distance from the exact gradient\n‖g − g_exact‖ / ‖g_exact‖",
     "exact_err": "distance from the exact gradient\n‖g − g_exact‖ / ‖g_exact‖",
     "final_test_accuracy": "test accuracy", "test_accuracy": "test accuracy",
-    "test_loss": "test loss", "value": "value",
+    "test_loss": "test loss", "value": "value", "amount": "",
 }
 # errors and distances: drawn on a log axis, where 1e-16 and 1 can both be read
 ERROR_METRICS = ("max_rel_grad_err", "rel_l2_err", "max_abs_grad_err", "max_abs_err",
@@ -94,6 +96,7 @@ class Plot:
     tolerance: bool = False  # draw rel_tolerance(dtype, N) and N*u, shade what is equivalent
     annotate: bool = False   # write each point's value next to it (a toy's few numbers)
     held: bool = False       # a value holds until the next point: draw steps, not slopes
+    log_y: bool = False      # a log y axis whatever the values span (proportions read as slopes)
     notes: list[str] = field(default_factory=list)
 
 
@@ -213,6 +216,22 @@ def sweep_plot(runs, rows, y: str, x: str, panels: list[str], name: str | None =
                 data, x, y, panels, lines, tolerance)
 
 
+# what the cost figure draws, in its panels' words
+COSTS = {"example_us": "time per example (µs)",
+         "activation_mb": "activations saved for backward (MB)"}
+
+
+def cost_plot(runs: list[Run], rows: pd.DataFrame) -> Plot:
+    """Time per example and activation memory against micro-batch size, a line per setup
+    (the cost experiment): one falls as the other rises."""
+    measured = rows.dropna(subset=list(COSTS))
+    data = pd.concat([measured.assign(quantity=label, amount=measured[column])
+                      for column, label in COSTS.items()], ignore_index=True)
+    _, lines = layout(runs, data, "micro_batch", panels=[])
+    return Plot("cost", "What accumulation costs and saves, against micro-batch size", data,
+                "micro_batch", "amount", ["quantity"], lines, log_y=True)
+
+
 def trace_plot(runs: list[Run], trace: pd.DataFrame) -> Plot:
     panels, lines = layout(runs, trace, "examples")
     return Plot("trace", "The accumulated .grad after each backward, and the weights",
@@ -253,6 +272,9 @@ def standard_plots(runs: list[Run]) -> list[Plot]:
         y = "test_accuracy" if evals["test_accuracy"].notna().any() else "test_loss"
         plots.append(curve_plot(runs, evals, y, x, name="held-out",
                                 title=f"Held-out {LABELS[y]} during training"))
+    if "activation_mb" in rows and swept_within_an_arm(
+            rows.dropna(subset=["activation_mb"]), "micro_batch"):
+        plots.append(cost_plot(runs, rows))
     evaluated = rows[rows["final_test_accuracy"].notna()]
     if swept_within_an_arm(evaluated, "micro_batch"):
         plots.append(sweep_plot(runs, rows, "final_test_accuracy", "micro_batch", ["dtype"],
@@ -534,7 +556,7 @@ def draw_panel(ax, plot: Plot, part: pd.DataFrame, palette: dict, legend: dict,
     """Draw one panel; returns the footnotes it needs (what a reader cannot see in it)."""
     sweep = plot.x in ("accum_steps", "micro_batch")
     positive = part[plot.y][part[plot.y] > 0]
-    log_y = plot.tolerance or spans_decades(part[plot.y]) or (
+    log_y = plot.log_y or plot.tolerance or spans_decades(part[plot.y]) or (
         plot.y in ERROR_METRICS and not positive.empty and (part[plot.y] >= 0).all())
     footnotes = set()
     arm_rank = {arm: i for i, arm in enumerate(dict.fromkeys(plot.data["arm"]))}  # spec order

@@ -15,8 +15,11 @@ itself is ``run_trial`` and ``ArmRun.advance``: a few lines.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradlab import engine, probe, schema, zoo
-from gradlab.errors import GradlabError
+from gradlab import engine, memory, parallel, probe, schema, zoo
+from gradlab.errors import GradlabError, unhandled
 from gradlab.setup import (
     Examples,
     Setup,
@@ -38,7 +41,7 @@ from gradlab.setup import (
     split,
     take,
 )
-from gradlab.spec import Arm, BnMode, Dtype, Settings, Trial, ZeroGrad
+from gradlab.spec import Arm, BnMode, Dtype, Optimizer, Settings, Trial, ZeroGrad
 from gradlab.store import RunDir, whole_write
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
@@ -155,20 +158,34 @@ TRAINING_ONLY = {"seed", "lr", "momentum", "weight_decay", "optimizer", "steps",
                  "loss_scale"}
 
 
+@dataclass(frozen=True)
+class Workers:
+    """How a run spreads its trials: worker processes, and the threads each trial gets."""
+    jobs: int  # what --jobs asked for
+    processes: int  # worker processes; 1: the trials run one by one in this process
+    threads: int  # torch intra-op threads per trial on CPU, unless its `threads` setting says
+
+    def threads_of(self, trial: Trial) -> int:
+        return trial.baseline.settings.threads or self.threads
+
+
 @dataclass
 class Plan:
     """What a run will cost, estimated in preflight from one timed step of each setup."""
     trials: int
     arms: int  # in all trials together
-    seconds: float
+    seconds: float  # one trial after another
     memory_bytes: int  # the largest trial's
     available_bytes: int | None  # what the machine has free (None: unknown)
+    workers: Workers | None = None  # how the trials will run (see spread)
 
     def estimate(self) -> str:
-        memory = f"{self.memory_bytes / 2**30:.1f} GiB" if self.memory_bytes >= 2**30 \
-            else f"{self.memory_bytes / 2**20:.0f} MiB"
-        return (f"about {format_seconds(self.seconds)} and {memory} (estimated from one timed "
-                f"step of each model)")
+        processes = self.workers.processes if self.workers else 1
+        held = self.memory_bytes * processes
+        memory = f"{held / 2**30:.1f} GiB" if held >= 2**30 else f"{held / 2**20:.0f} MiB"
+        where = f" in {processes} worker processes" if processes > 1 else ""
+        return (f"about {format_seconds(self.seconds / processes)}{where} and {memory} "
+                f"(estimated from one timed step of each model)")
 
 
 def format_seconds(seconds: float) -> str:
@@ -191,7 +208,7 @@ def preflight(trials: list[Trial]) -> Plan:
     measured: dict[tuple, tuple[float, int, int]] = {}
     seconds, worst_trial = 0.0, 0
     for trial in trials:
-        trial_bytes = 0
+        trial_bytes = probe_bytes = 0
         for arm in trial.arms:
             s = arm.settings
             key = tuple((k, v) for k, v in dataclasses.asdict(s).items()
@@ -212,11 +229,13 @@ def preflight(trials: list[Trial]) -> Plan:
                                                  if probe_due(s, t)])
             exact = 2 * probes if s.dtype != Dtype.FLOAT64 else 0  # the float64 reference
             seconds += (s.steps + probes + exact) * step_seconds
-            # model, .grad and the step's copy; a probe model with its .grad; the reference
-            trial_bytes += 5 * params + (params * 8 // 4 if exact else 0)
+            # weights and .grad, the optimizer's state, the step's copy for update_norm
+            trial_bytes += (2 + optimizer_copies(s) + s.update_norm) * params
+            if probes:  # one arm's gradient at a time, and the exact one (float64: 2x float32)
+                probe_bytes = params + (3 * params if exact else 0)
             traced = s.trace * s.steps * (s.accum_steps + 1) * s.trace_elements
             trial_bytes += ROW_BYTES * traced * tensors
-        worst_trial = max(worst_trial, trial_bytes)
+        worst_trial = max(worst_trial, trial_bytes + probe_bytes)
     plan = Plan(len(trials), sum(len(t.arms) for t in trials), seconds, worst_trial,
                 available_memory())
     if plan.available_bytes is not None and plan.memory_bytes > 0.8 * plan.available_bytes:
@@ -225,6 +244,16 @@ def preflight(trials: list[Trial]) -> Plan:
             f"machine has {plan.available_bytes / 2**30:.1f} GiB available; use a smaller "
             f"model, fewer arms, or trace=false (or fewer trace_elements)")
     return plan
+
+
+def optimizer_copies(s: Settings) -> int:
+    """Copies of the parameters the optimizer keeps: momentum, or Adam's two moments."""
+    match s.optimizer:
+        case Optimizer.SGD:
+            return 1 if s.momentum else 0
+        case Optimizer.ADAM | Optimizer.ADAMW:
+            return 2
+    unhandled(s.optimizer)
 
 
 def time_one_window(setup: Setup, s: Settings) -> float:
@@ -390,7 +419,9 @@ class ArmRun:
         self.step += 1
         for o in self.observers:
             o.before_step(self, window)
-        with self.rng:
+        with self.rng, contextlib.ExitStack() as around:
+            for o in self.observers:
+                around.enter_context(o.around_step(self))
             stats = engine.train_step(self.model, self.optimizer, window, self.s, self.setup,
                                       self)
         self.examples += self.s.batch_size
@@ -413,6 +444,11 @@ class Observer:
     """Watches an arm's steps and writes rows into it. Override what you need."""
 
     def before_step(self, run: ArmRun, window: Examples) -> None: ...
+
+    def around_step(self, run: ArmRun) -> contextlib.AbstractContextManager:
+        """A context the step runs inside (after before_step, before stepped)."""
+        return contextlib.nullcontext()
+
     def micro_batch(self, run: ArmRun, index: int) -> None: ...
     def gradient(self, run: ArmRun) -> None: ...
     def stepped(self, run: ArmRun, stats: engine.StepStats) -> None: ...
@@ -451,22 +487,30 @@ def probe_due(s: Settings, step: int) -> bool:
 class Probe(Observer):
     """probe.csv and buffers.csv, watching the baseline: when its .grad holds the gradient
     its step will apply, each due arm computes its own at the same weights (and running
-    statistics) on the same window, through the same engine function, in a model of its
-    own; the two are compared parameter by parameter.
+    statistics) on the same window, through the same engine function; the two are
+    compared parameter by parameter.
 
     Each probe also takes the exact gradient: the baseline's, in float64, at the same
     weights on the same window. Every arm's distance from it (exact_err), and the
     baseline's own (floor_err: what one big batch rounds in its dtype), are what the
     verdict weighs (schema.py).
+
+    Memory: the probe computes in the baseline's own model. The baseline's gradient is
+    set aside (not copied); the exact one is taken with the model cast to float64 in
+    place and back (exact: a float64 holds every value of a narrower float); each arm's
+    gradient then lands in the model's .grad, one arm at a time; at the end the
+    baseline's gradient and running statistics are put back. So a probe holds the
+    exact gradient (float64) and one arm's gradient beyond what training holds. Only
+    an arm in another dtype than the baseline gets a model of its own.
     """
 
     def __init__(self, base: ArmRun, arms: list[ArmRun]):
         self.arms = arms
-        self.probe_models: dict[str, nn.Module] = {}
+        self.models_by_dtype: dict[str, nn.Module] = {}  # arms not in the baseline's dtype
         self.window: Examples | None = None
         self.buffers_before: dict[str, torch.Tensor] = {}
+        self.after: dict[str, torch.Tensor] = {}  # every buffer after the baseline's forward
         self.exact_settings = dataclasses.replace(base.s, dtype=Dtype.FLOAT64)
-        self.exact: Setup | None = None  # built on the first probe, in float64
 
     def due(self, base: ArmRun) -> list[ArmRun]:
         return [a for a in self.arms if probe_due(a.s, base.step) and base.step <= a.s.steps]
@@ -480,60 +524,120 @@ class Probe(Observer):
         due = self.due(base)
         if not due:
             return
-        exact = self.exact_gradient(base)
-        floor = probe.compare_models(base.model, exact)
-        for arm in due:
-            model = self.probe_model(arm)
-            self.start_at_baseline(model, base)
-            window = cast(self.window, DTYPES[arm.s.dtype], arm.setup.device)
-            with torch.random.fork_rng(devices=[]):  # the probe draws from no arm's stream
-                engine.window_gradient(model, window, arm.s, arm.setup)
-            ids = {**arm.ids, "step": base.step}
-            arm.rows["probe"] += [
-                {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"]}
-                for r, e, f in zip(probe.compare_models(model, base.model),
-                                   probe.compare_models(model, exact), floor, strict=True)]
-            arm.rows["buffers"] += [{**ids, **r} for r in
-                                    compare_buffers(model, base.model, arm.setup)]
+        model = base.model
+        held = {name: p.grad for name, p in model.named_parameters()}  # set aside, not copied
+        baseline = {name: probe.grad_or_zeros(p) for name, p in model.named_parameters()}
+        self.after = {name: b.clone() for name, b in model.named_buffers()}  # the forward's
+        model.zero_grad(set_to_none=True)
+        try:
+            exact = self.exact_gradient(base)
+            if exact is None:  # a float64 baseline computes the exact gradient itself
+                exact = baseline
+            floor = compare_grads(baseline, exact)
+            for arm in due:
+                self.probe_arm(arm, base, baseline, exact, floor)
+        finally:
+            for name, p in model.named_parameters():
+                p.grad = held[name]
+            load_buffers(model, self.after)
+
+    def probe_arm(self, arm: ArmRun, base: ArmRun, baseline: dict[str, torch.Tensor],
+                  exact: dict[str, torch.Tensor], floor: list[dict]) -> None:
+        """The arm's gradient against the baseline's and the exact one: its probe rows."""
+        model = self.model_for(arm, base)
+        self.start_at_baseline(model, base)
+        window = cast(self.window, DTYPES[arm.s.dtype], arm.setup.device)
+        with torch.random.fork_rng(devices=[]):  # the probe draws from no arm's stream
+            engine.window_gradient(model, window, arm.s, arm.setup)
+        grads = {name: probe.grad_or_zeros(p) for name, p in model.named_parameters()}
+        ids = {**arm.ids, "step": base.step}
+        arm.rows["probe"] += [
+            {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"]}
+            for r, e, f in zip(compare_grads(grads, baseline), compare_grads(grads, exact),
+                               floor, strict=True)]
+        arm.rows["buffers"] += [{**ids, **r} for r in compare_buffers(
+            model, running_stats_of(self.after), arm.setup)]
+        model.zero_grad(set_to_none=True)  # one arm's gradient at a time
 
     def start_at_baseline(self, model: nn.Module, base: ArmRun) -> None:
-        """The baseline's weights, and its running statistics before this step's forward."""
-        model.load_state_dict({**base.model.state_dict(), **self.buffers_before})
+        """The baseline's weights, and its running statistics before this step's forward
+        (its other buffers, like BatchNorm's counter, as its forward left them)."""
+        if model is not base.model:
+            model.load_state_dict(base.model.state_dict())
+        load_buffers(model, {**self.after, **self.buffers_before})
         model.zero_grad(set_to_none=True)
 
-    def exact_gradient(self, base: ArmRun) -> nn.Module:
-        """A model whose .grad is the baseline's gradient computed in float64."""
-        if base.s.dtype == Dtype.FLOAT64:  # the baseline's own computation is the exact one
-            return base.model
-        if self.exact is None:
-            self.exact = build_setup(self.exact_settings, base.setup.device, base.data_cache)
-        self.start_at_baseline(self.exact.model, base)  # load_state_dict casts to float64
-        window = cast(self.window, torch.float64, base.setup.device)
-        with torch.random.fork_rng(devices=[]):
-            engine.window_gradient(self.exact.model, window, self.exact_settings, self.exact)
-        return self.exact.model
+    def exact_gradient(self, base: ArmRun) -> dict[str, torch.Tensor] | None:
+        """The baseline's gradient computed in float64 (None: the baseline is float64)."""
+        if base.s.dtype == Dtype.FLOAT64:
+            return None
+        model = base.model
+        with cast_in_place(model, torch.float64):
+            self.start_at_baseline(model, base)
+            window = cast(self.window, torch.float64, base.setup.device)
+            with torch.random.fork_rng(devices=[]):
+                engine.window_gradient(model, window, self.exact_settings, base.setup)
+            exact = {name: probe.grad_or_zeros(p) for name, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)  # the float64 gradient stays in `exact` alone
+        return exact
 
-    def probe_model(self, arm: ArmRun) -> nn.Module:
-        if arm.arm.name not in self.probe_models:
-            self.probe_models[arm.arm.name] = arm.fresh_model()
-        return self.probe_models[arm.arm.name]
+    def model_for(self, arm: ArmRun, base: ArmRun) -> nn.Module:
+        """Where the arm's probe computes: the baseline's model, or one in the arm's dtype."""
+        if arm.s.dtype == base.s.dtype:
+            return base.model
+        if arm.s.dtype not in self.models_by_dtype:
+            self.models_by_dtype[arm.s.dtype] = arm.fresh_model()
+        return self.models_by_dtype[arm.s.dtype]
+
+
+def compare_grads(arm: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
+                  ) -> list[dict[str, float | str]]:
+    return probe.compare_tensors((name, g, ref[name]) for name, g in arm.items())
+
+
+@contextlib.contextmanager
+def cast_in_place(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The model's floating parameters and buffers in ``dtype`` for the block, then back
+    to their own dtypes (the same objects: an optimizer's references stay valid)."""
+    tensors = [t for t in itertools.chain(model.parameters(), model.buffers())
+               if t.is_floating_point()]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.to(dtype)
+    try:
+        yield
+    finally:
+        for t, own in zip(tensors, dtypes, strict=True):
+            t.data = t.data.to(own)
 
 
 def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     """BatchNorm running means and variances (num_batches_tracked is a counter, not a statistic)."""
-    return {name: b.detach() for name, b in model.named_buffers()
+    return running_stats_of(dict(model.named_buffers()))
+
+
+def running_stats_of(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: b.detach() for name, b in buffers.items()
             if name.endswith(("running_mean", "running_var"))}
 
 
-def compare_buffers(probed: nn.Module, base: nn.Module, setup: Setup) -> list[dict[str, Any]]:
+def load_buffers(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Copy ``values`` into the model's buffers of those names (cast to their dtype)."""
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in values.items():
+            buffers[name].copy_(value)
+
+
+def compare_buffers(probed: nn.Module, ref: dict[str, torch.Tensor], setup: Setup
+                    ) -> list[dict[str, Any]]:
     """Running statistics the arm's probe pass left, vs the baseline's, and what they do to eval.
 
     Both passes started from the baseline's weights and statistics; the baseline's
-    forward updated them once, the arm's N times. The '*' row also evaluates the
-    baseline's weights with the arm's statistics and with the baseline's, so the
+    forward updated them once (``ref``), the arm's N times. The '*' row also evaluates
+    the baseline's weights with the arm's statistics and with the baseline's, so the
     accuracy change is due to the statistics alone.
     """
-    ref = running_stats(base)
     if not ref:
         return []
     arm = running_stats(probed)
@@ -541,9 +645,9 @@ def compare_buffers(probed: nn.Module, base: nn.Module, setup: Setup) -> list[di
             for r in probe.compare_tensors((k, arm[k], ref[k]) for k in ref)]
     with_arm = evaluate(probed, setup)
     saved = {k: v.clone() for k, v in arm.items()}
-    probed.load_state_dict(ref, strict=False)
+    load_buffers(probed, ref)
     with_ref = evaluate(probed, setup)
-    probed.load_state_dict(saved, strict=False)
+    load_buffers(probed, saved)
     if with_arm:
         rows[-1].update(test_accuracy=with_arm["test_accuracy"],
                         ref_test_accuracy=with_ref["test_accuracy"])
@@ -647,6 +751,55 @@ class HeldGradientCheck(Observer):
                                    "tolerance": tolerance, "passed": self.worst <= tolerance})
 
 
+class Cost(Observer):
+    """cost.csv (cost = true): the wall time of every optimizer step, and what the first
+    step held in memory: the bytes autograd saved for backward in its largest micro-batch
+    (activation_bytes: the activations, the parameters left out); memory_bytes, what the
+    step needs at its peak (CUDA: torch.cuda.max_memory_allocated during it; CPU: the
+    weights, gradients and optimizer state plus those activations, counted); rss_bytes,
+    the process's peak resident set size during it (CPU).
+
+    Memory is measured on the first step only: counting saved tensors slows a step, so
+    the time that summary.csv reports (step_ms) is the median of the later steps. The
+    baseline's steps include probing the other arms, if any.
+    """
+
+    def __init__(self) -> None:
+        self.saved: memory.SavedTensors | None = None  # counting, during the first step
+        self.activations = 0  # the largest micro-batch's saved bytes so far
+
+    @contextlib.contextmanager
+    def around_step(self, run: ArmRun) -> Iterator[None]:
+        device = run.setup.device
+        cuda = device.type == "cuda"
+        first = run.step == 1
+        if first:
+            self.saved, self.activations = memory.SavedTensors(run.model.parameters()), 0
+            memory.reset_peak(device)
+        with self.saved if first else contextlib.nullcontext():
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            yield
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+        row = {**run.ids, "step": run.step, "seconds": seconds, "activation_bytes": math.nan,
+               "memory_bytes": math.nan, "rss_bytes": math.nan}
+        if first:
+            peak = memory.peak_bytes(device)
+            held = peak if cuda else memory.state_bytes(run.model, run.optimizer) \
+                + self.activations
+            row.update(activation_bytes=self.activations, memory_bytes=held,
+                       rss_bytes=math.nan if cuda else peak)
+            self.saved = None
+        run.rows["cost"].append(row)
+
+    def micro_batch(self, run: ArmRun, index: int) -> None:
+        if self.saved is not None:  # what this micro-batch saved is freed by its backward
+            self.activations = max(self.activations, self.saved.take())
+
+
 # ----------------------------------------------------------------------------- trials
 
 def start(trial: Trial, data_cache: dict) -> list[ArmRun]:
@@ -667,6 +820,8 @@ def start(trial: Trial, data_cache: dict) -> list[ArmRun]:
             run.observers.append(Trace(run))
         if run.s.zero_grad == ZeroGrad.NEVER:
             run.observers.append(HeldGradientCheck(run))
+        if run.s.cost:
+            run.observers.append(Cost())
     return runs
 
 
@@ -694,6 +849,8 @@ def summary_row(run: ArmRun) -> dict[str, Any]:
     metrics = schema.summarise(run.rows["steps"], run.rows["probe"], run.rows["eval"],
                                run.rows["buffers"])
     tolerance, verdict = schema.judge(arm.baseline, s.dtype, s.accum_steps, metrics)
+    if s.cost:
+        metrics.update(schema.summarise_cost(run.rows["cost"], s.batch_size))
     return {**run.ids, "baseline": arm.baseline,
             **{key: getattr(s, key) for key in run.trial.swept},  # the arm's own value of each
             "batch_size": s.batch_size, "accum_steps": s.accum_steps,
@@ -701,15 +858,85 @@ def summary_row(run: ArmRun) -> dict[str, Any]:
             "rel_tolerance": tolerance, "expect": arm.expect or "", "verdict": verdict}
 
 
+# ----------------------------------------------------------------------------- workers
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_jobs(trials: list[Trial]) -> int:
+    """One job per usable core; on CUDA, one per GPU visible."""
+    if any(resolve_device(a.settings.device).type == "cuda" for t in trials for a in t.arms):
+        return max(1, torch.cuda.device_count())
+    return usable_cores()
+
+
+# what a worker process holds before its first trial (Python, torch, gradlab imported)
+PROCESS_BYTES = 400 * 2**20
+
+
+def spread(trials: list[Trial], jobs: int, plan: Plan) -> Plan:
+    """The plan, with how K jobs run its trials: at most K worker processes, no more than
+    there are trials or than fit in memory; each trial gets one intra-op thread, or the
+    cores left over when there are fewer trials than jobs (one trial alone gets them all)."""
+    processes = max(1, min(jobs, len(trials)))
+    if plan.available_bytes is not None and processes > 1:
+        fit = int(0.8 * plan.available_bytes // (plan.memory_bytes + PROCESS_BYTES))
+        processes = max(1, min(processes, fit))
+    return dataclasses.replace(plan, workers=Workers(jobs, processes, max(1, jobs // processes)))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_trials(trials: list[Trial], run_dir: RunDir,
-               advance: Callable[[int], None] = lambda n: None) -> list[dict[str, list[dict]]]:
-    """Run every trial, appending its rows to the run directory as soon as it is done."""
-    cache: dict = {}
-    results = []
-    for trial in trials:
-        rows = run_trial(trial, cache, advance)
+               advance: Callable[[int], None] = lambda n: None,
+               workers: Workers | None = None) -> list[dict[str, list[dict]]]:
+    """Run every trial, in this process or in worker processes, and append each trial's
+    rows to the run directory in trial order, as soon as every earlier trial is there: the
+    files are the same bytes for any number of workers. Returns every trial's rows.
+
+    When the run stops early (a stop signal, an error), the trials that finished are
+    written too, even those after one that did not."""
+    workers = workers or Workers(1, 1, torch.get_num_threads())
+    results: list[dict[str, list[dict]] | None] = [None] * len(trials)
+    written = 0
+
+    def write(rows: dict[str, list[dict]]) -> None:
         with whole_write():  # a stop signal waits until the trial is on disk whole
             for table in schema.TABLES:
                 run_dir.append(table, rows[table])
-        results.append(rows)
+
+    def finished(position: int, rows: dict[str, list[dict]]) -> None:
+        nonlocal written
+        results[position] = rows
+        while written < len(trials) and results[written] is not None:
+            written += 1
+            write(results[written - 1])
+
+    try:
+        if workers.processes == 1:
+            cache: dict = {}
+            for position, trial in enumerate(trials):
+                with torch_threads(workers.threads_of(trial)):
+                    rows = run_trial(trial, cache, advance)
+                finished(position, rows)
+        else:
+            parallel.run(trials, workers.processes, workers.threads_of, finished, advance)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the disk may be why it stopped
+            for rows in results[written:]:
+                if rows is not None:
+                    write(rows)
+        raise
     return results

@@ -11,11 +11,15 @@ not declared here, so the two sides cannot drift apart.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 # the CSV files of a run directory, in the order a trial's rows are written
-TABLES = ("summary", "steps", "probe", "buffers", "eval", "trace", "weights", "checks")
+TABLES = ("summary", "steps", "probe", "buffers", "eval", "trace", "weights", "checks", "cost")
+
+# what a step costs, in summary.csv of arms with cost = true (absent otherwise)
+COST_METRICS = ("step_ms", "example_us", "activation_mb", "memory_mb", "rss_mb")
 
 # every table starts with these, so a file that does not is not ours
 KEYS = ("trial", "arm")
@@ -26,7 +30,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
                 "max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",
                 "exact_floor", "final_loss", "max_rel_loss_diff", "final_weight_dist",
                 "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff",
-                "diverged_at_step", "rel_tolerance", "expect", "verdict"),
+                "diverged_at_step", "rel_tolerance", "expect", "verdict", *COST_METRICS),
     "steps": ("step", "examples", "units", "loss", "grad_norm", "update_norm", "weight_dist",
               "rel_loss_diff"),
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
@@ -37,6 +41,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "trace": ("step", "micro_batch", "param", "element", "grad"),
     "weights": ("step", "param", "element", "value"),
     "checks": ("check", "value", "tolerance", "passed"),
+    # cost = true: what each step cost (memory: measured on the first step only)
+    "cost": ("step", "seconds", "activation_bytes", "memory_bytes", "rss_bytes"),
 }
 
 # what compare and plots cannot do without; a file lacking one of these is damaged
@@ -47,6 +53,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine"),
     "eval": ("step", "examples", "test_loss", "test_accuracy"),
     "checks": ("check", "value", "tolerance", "passed"),
+    # cost = true: what each step cost (memory: measured on the first step only)
+    "cost": ("step", "seconds", "activation_bytes", "memory_bytes", "rss_bytes"),
 }
 # columns that hold text; in any other required column, text means the file was damaged
 TEXT_COLUMNS = ("arm", "param", "buffer", "expect", "verdict", "check", "dtype")
@@ -63,7 +71,9 @@ HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel 
            "final_test_loss": "test loss", "final_weight_dist": "weight dist",
            "max_rel_loss_diff": "max rel loss diff", "loss_diff": "loss diff",
            "max_rel_buffer_diff": "rel BN stats diff", "max_exact_err": "vs exact",
-           "exact_floor": "floor", "diverged_at_step": "diverged at"}
+           "exact_floor": "floor", "diverged_at_step": "diverged at",
+           "step_ms": "ms/step", "example_us": "µs/example", "activation_mb": "activations MB",
+           "memory_mb": "step MB", "rss_mb": "peak RSS MB"}
 
 
 def allowed_columns(table: str, settings: Iterable[str] = ()) -> set[str]:
@@ -198,8 +208,10 @@ def summarise(steps: list[Mapping], probes: list[Mapping] = (), evals: list[Mapp
     there (--at-step).
     """
     overall = [r for r in probes if r["param"] == "*"]
+    # (update_norm is NaN when not measured; weights a step made non-finite show in the
+    # next step's loss)
     diverged = [r["step"] for r in steps if not all(
-        math.isfinite(r[c]) for c in ("loss", "grad_norm", "update_norm") if c in r)]
+        math.isfinite(r[c]) for c in ("loss", "grad_norm") if c in r)]
     return {
         "max_rel_grad_err": _worst(overall, "rel_l2_err"),
         "max_abs_grad_err": _worst(overall, "max_abs_err"),
@@ -214,6 +226,26 @@ def summarise(steps: list[Mapping], probes: list[Mapping] = (), evals: list[Mapp
         "max_rel_buffer_diff": _worst([r for r in buffers if r["buffer"] == "*"], "rel_l2_err"),
         "diverged_at_step": diverged[0] if diverged else math.nan,
     }
+
+
+MB = 1e6  # the cost columns' megabyte: 10^6 bytes, as budget_mb
+
+
+def summarise_cost(costs: list[Mapping], batch_size: int) -> dict[str, float]:
+    """The cost metrics of one arm from its cost.csv rows (in step order): the median time
+    of the steps after the first (which warms up and measures memory), and the memory
+    measured on the first."""
+    timed = [r["seconds"] for r in costs[1:] or costs if not missing(r.get("seconds"))]
+    seconds = statistics.median(timed) if timed else math.nan
+    first = costs[0] if costs else {}
+
+    def mb(column: str) -> float:
+        value = first.get(column)
+        return math.nan if missing(value) else value / MB
+
+    return {"step_ms": 1e3 * seconds, "example_us": 1e6 * seconds / batch_size,
+            "activation_mb": mb("activation_bytes"), "memory_mb": mb("memory_bytes"),
+            "rss_mb": mb("rss_bytes")}
 
 
 def judge(baseline: bool, dtype: str, accum_steps: int, metrics: Mapping,

@@ -140,6 +140,18 @@ class Settings:
                                   "and the weights after every step (trace.csv, weights.csv)")
     trace_elements: int = _setting(
         8, "trace: how many elements of each parameter to record (the first ones)")
+    update_norm: bool = _setting(
+        False, "steps.csv: measure update_norm, the L2 norm of each step's change in the "
+               "weights (costs a copy of the parameters per step; NaN when false)")
+    cost: bool = _setting(
+        False, "measure what each step costs (cost.csv): time per optimizer step, the bytes "
+               "autograd saves for backward, peak memory (see the cost experiment)")
+    budget_mb: float = _setting(
+        0.0, "cost: a memory budget in MB; the run names the largest micro-batch whose step "
+             "fits in it (0: no budget)")
+    threads: int = _setting(
+        0, "intra-op threads a trial runs with on CPU (0: one per worker process, or the "
+           "cores --jobs gives when there are fewer trials than jobs)")
 
     def __post_init__(self):
         # a policy given as its string (dataclasses.replace in code, old run.json) becomes
@@ -375,6 +387,8 @@ RANGES = {
     "momentum": (0, None, "momentum cannot be negative"),
     "weight_decay": (0, None, "weight decay cannot be negative"),
     "seed": (0, 2**63 - 1, "use a seed from 0 to 2^63 - 1"),
+    "budget_mb": (0, None, "give a budget in MB, or 0 for none"),
+    "threads": (0, None, "use 0 (automatic) or a number of threads"),
 }
 # a user's own factory: 'pkg.module:callable'
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -529,6 +543,11 @@ def expand(spec: Spec) -> list[Trial]:
                      functools.partial(_origin, spec, arm_name, arm, axis_of))
             expect = arm.expect or (None if arm.baseline else trial_expect)
             arms.append(Arm(arm_name, settings, arm.baseline, expect, arm.help))
+        threads = sorted({a.settings.threads for a in arms})
+        if len(threads) > 1:  # a trial's arms run in one process, in lockstep
+            raise GradlabError(f"{spec.source}: the arms of a trial run in one process, so "
+                               f"with one thread count, but they set threads = {threads}; "
+                               f"set threads for all arms ([settings] or --set threads=N)")
         trials.append(Trial(len(trials), swept, tuple(arms)))
     # every trial names the same keys, so CSV columns line up when zipped axes differ
     keys = list(dict.fromkeys(k for t in trials for k in t.swept))
@@ -561,6 +580,10 @@ def validate(s: Settings, where: str, origin=lambda key: "") -> None:
         raise GradlabError(f"{where}: {shown('accum_steps')} is larger than "
                            f"{shown('batch_size')}, so a micro-batch would be empty; use "
                            f"accum_steps <= batch_size")
+    if s.budget_mb > 0 and not s.cost:
+        raise GradlabError(f"{where}: {shown('budget_mb')} needs cost=true, which measures "
+                           f"the memory it is compared with; run the cost experiment "
+                           f"(gradlab run cost --set budget_mb=...) or add --set cost=true")
     if s.min_len > s.max_len:
         raise GradlabError(f"{where}: {shown('min_len')} is larger than {shown('max_len')}; "
                            f"use min_len <= max_len")

@@ -149,7 +149,9 @@ def test_ctrl_c_leaves_a_readable_run_marked_interrupted(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runner, "run_trial", interrupt_second)
-    result = gradlab("run", "toy", "--set", "lr=0.01,0.02,0.03", "--out", tmp_path)
+    # in this process (--jobs 1): the patched run_trial is not in a worker's
+    result = gradlab("run", "toy", "--set", "lr=0.01,0.02,0.03", "--jobs", "1", "--out",
+                     tmp_path)
     assert result.exit_code == 130
     (run_dir,) = tmp_path.iterdir()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
