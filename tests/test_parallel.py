@@ -70,7 +70,8 @@ def test_a_threads_setting_is_the_trials_own():
 
 def test_progress_from_every_worker_reaches_the_parent(tmp_path):
     trials = spec.expand(spec.apply_overrides(spec.load_spec("toy"), ["seed=0,1,2"]))
-    run_dir = store.RunDir(tmp_path, "toy", {"trials": []})
+    run_dir = store.RunDir(tmp_path, "toy", {"trials": [{"trial": t.index, "swept": t.swept}
+                                                        for t in trials]})
     steps: list[int] = []
     results = runner.run_trials(trials, run_dir, steps.append,
                                 runner.Workers(jobs=2, processes=2, threads=1))
