@@ -182,7 +182,12 @@ class Plan:
     def estimate(self) -> str:
         processes = self.workers.processes if self.workers else 1
         held = self.memory_bytes * processes
-        memory = f"{held / 2**30:.1f} GiB" if held >= 2**30 else f"{held / 2**20:.0f} MiB"
+        if held >= 2**30:
+            memory = f"{held / 2**30:.1f} GiB"
+        elif held >= 2**20:
+            memory = f"{held / 2**20:.0f} MiB"
+        else:
+            memory = "under 1 MiB"
         where = f" in {processes} worker processes" if processes > 1 else ""
         return (f"about {format_seconds(self.seconds / processes)}{where} and {memory} "
                 f"(estimated from one timed step of each model)")
