@@ -88,17 +88,18 @@ def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setu
     set_train_mode(model, s)
     micro_batches = split(window, s.accum_steps)
     window_units = sum(setup.count_units(mb) for mb in micro_batches)  # before any backward
-    window_loss = 0.0
+    losses = []
     for i, micro_batch in enumerate(micro_batches):
         if s.zero_grad == ZeroGrad.EVERY_STEP:  # zero_grad before each backward: last one wins
             model.zero_grad(set_to_none=s.set_to_none)
         loss, units = setup.loss(model, micro_batch)
         normalised(loss, units, window_units, s).backward()
-        window_loss = window_loss + loss.detach()
+        losses.append(loss.detach())
         if watch is not None:
             watch.micro_batch(i)
         if s.zero_grad == ZeroGrad.AFTER_BACKWARD:  # the misplacement: wipes what backward did
             model.zero_grad(set_to_none=s.set_to_none)
+    window_loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
     return window_loss, window_units
 
 
@@ -129,22 +130,31 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
 
 
 def to_host(*values: torch.Tensor | float) -> list[float]:
-    """Scalars on the device (or numbers) as floats, with one host sync for all of them."""
-    device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
-                        for v in values]).tolist()
+    """Scalars (tensors on any device, or numbers) as floats, with at most one host sync:
+    the ones on an accelerator come over together."""
+    remote = [v for v in values if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
+    if remote:
+        fetched = iter(torch.stack([v.detach().reshape(()).double() for v in remote]).cpu())
+        values = tuple(next(fetched) if any(v is r for r in remote) else v for v in values)
+    return [float(v) for v in values]
 
 
 def global_norm(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
-    """L2 norm over all tensors, as a tensor (no host sync): one pass over each, summed in
-    float32, or in float64 for float64 tensors (low precision is summed in float32)."""
-    norms = [torch.linalg.vector_norm(t.detach(), dtype=torch.float64 if t.dtype ==
-                                      torch.float64 else torch.float32).to(torch.float64)
-             for t in tensors if t is not None]
+    """L2 norm over all tensors, as a float64 tensor (no host sync): one pass over each,
+    summed in float32 (float64 for float64 tensors), one kernel per dtype and device."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t is not None:
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+        group, 2.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)))
+        for (_, dtype), group in groups.items()]
+    if len(norms) == 1:
+        return norms[0].double()
     if not norms:
         return torch.zeros((), dtype=torch.float64)
     device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    return torch.linalg.vector_norm(torch.stack([n.double().to(device) for n in norms]))
 
 
 def make_optimizer(model: nn.Module, s: Settings) -> torch.optim.Optimizer:
