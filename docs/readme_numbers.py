@@ -405,7 +405,7 @@ def block_margins(runs: dict, printed: dict) -> str:
 def block_cost(runs: dict, printed: dict) -> str:
     s = summary(runs["cost"]).sort_values(["model", "micro_batch"], ascending=[True, False])
     rows = [[r.model, r.micro_batch, r.accum_steps, g(r.activation_mb), g(r.memory_mb),
-             g(r.step_ms), g(r.example_us)] for r in s.itertuples()]
+             f"{r.step_ms:.1f}", f"{r.example_us:.0f}"] for r in s.itertuples()]
     return table(["model", "micro-batch", "N", "activations MB", "step MB", "ms/step",
                   "µs/example"], rows)
 
@@ -419,11 +419,11 @@ def block_cost_prose(runs: dict, printed: dict) -> str:
             f"{largest} examples, {g(cnn.activation_mb[largest // 4])} MB at {largest // 4} "
             f"({g(cnn.activation_mb[largest // 4] / cnn.activation_mb[largest])}×) and "
             f"{g(cnn.activation_mb[smallest])} MB at {smallest}; the mlp's step never needs "
-            f"less than {g(mlp.memory_mb.min())} MB, its weights and gradients. Time per "
-            f"example: {g(cnn.example_us[largest])} µs for the cnn at {largest}, "
-            f"{g(cnn.example_us.min())} µs at best, {g(cnn.example_us[smallest])} µs at "
-            f"{smallest}; the mlp {g(mlp.example_us[largest])}, {g(mlp.example_us.min())} "
-            f"and {g(mlp.example_us[smallest])} µs.")
+            f"less than {g(mlp.memory_mb.min())} MB, nearly all weights and gradients. Time per "
+            f"example: {cnn.example_us[largest]:.0f} µs for the cnn at {largest}, "
+            f"{cnn.example_us.min():.0f} µs at best, {cnn.example_us[smallest]:.0f} µs at "
+            f"{smallest}; the mlp {mlp.example_us[largest]:.0f}, {mlp.example_us.min():.0f} "
+            f"and {mlp.example_us[smallest]:.0f} µs.")
 
 
 def block_cost_budget(runs: dict, printed: dict) -> str:
