@@ -232,7 +232,7 @@ def group_over_seeds(rows: pd.DataFrame, identity: list[str],
     number of distinct seeds and the std is the spread between seeds, not between copies.
     """
     keys = seed_group_keys(identity)
-    groups = rows.fillna({c: "" for c in keys}).groupby(keys, sort=False, dropna=False)
+    groups = blank_missing(rows, keys).groupby(keys, sort=False, dropna=False)
     if groups.ngroups == len(rows):
         return None
     out = []
@@ -257,10 +257,17 @@ def group_over_seeds(rows: pd.DataFrame, identity: list[str],
     return pd.DataFrame(out)
 
 
+def blank_missing(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Missing values of the key columns as "" (a column of numbers, or of empty strings
+    read back from a CSV as NaN, becomes text first: pandas will not put "" in floats)."""
+    holes = {c: object for c in keys if rows[c].isna().any()}
+    return rows.astype(holes).fillna({c: "" for c in keys})
+
+
 def repeated_seeds(rows: pd.DataFrame, identity: list[str]) -> str | None:
     """A note naming the seeds that more than one run holds for the same arm and point."""
     keys = [*seed_group_keys(identity), "seed"]
-    runs = rows.fillna({c: "" for c in keys}).groupby(keys, sort=False, dropna=False)["run"]
+    runs = blank_missing(rows, keys).groupby(keys, sort=False, dropna=False)["run"]
     repeats = [(name[-1], sorted(set(r))) for name, r in runs if r.nunique() > 1]
     if not repeats:
         return None

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import gradlab
-from gradlab import memory, runner
+from gradlab import compare, memory, runner, store
 from gradlab.spec import Settings
 from test_cli import assert_clean_failure
 
@@ -128,11 +128,15 @@ def test_a_budget_names_the_largest_micro_batch_that_fits(cost_run, tmp_path):
     assert expected in text
 
 
-def test_a_budget_nothing_fits_says_what_the_smallest_step_needs(tmp_path):
-    result = gradlab("run", *SMALL_COST, "--set", "budget_mb=0.001", "--out", tmp_path)
-    assert result.exit_code == 0, result.stderr
-    assert "no micro-batch measured fits; the smallest step, micro-batch 64, needs" in \
-        " ".join(result.stderr.split())
+def test_a_budget_nothing_fits_says_what_the_smallest_step_needs(cost_run):
+    (run,) = store.load_runs([cost_run])
+    rows = compare.arm_rows([run]).assign(budget_mb=0.001)
+    notes = compare.budget_notes(rows, compare.setting_columns([run], rows))
+    smallest = rows[rows.model == "cnn"].memory_mb.min()
+    assert notes[0] == (f"budget 0.001 MB: model=cnn: no micro-batch measured fits; the "
+                        f"smallest step, micro-batch 64, needs {compare.fmt(smallest)} MB.")
+    assert notes[1].startswith("budget 0.001 MB: model=mlp: no micro-batch measured fits")
+    assert compare.budget_notes(rows.assign(budget_mb=0.0), []) == []  # no budget, no note
 
 
 def test_a_budget_without_cost_is_refused(tmp_path):
