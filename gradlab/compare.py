@@ -30,8 +30,10 @@ FORMATS = ("table", "csv", "json", "md")
 HEADERS = schema.HEADERS
 # the numbers a reader looks at first; --all adds every other column
 KEY_METRICS = ("max_rel_grad_err", "max_exact_err", "rel_tolerance", "min_grad_cosine",
-               "final_loss",
+               "max_rel_lr_diff", "final_loss",
                "loss_diff", "final_test_accuracy")
+# key metrics shown only where some arm is not 0: most runs have no learning-rate schedule
+SHOWN_WHEN_NONZERO = ("max_rel_lr_diff",)
 OUTCOME = ("expect", "verdict", "check")
 # columns that say which row is which rather than what was measured
 IDENTITY = ("run", "trial", "arm", "micro_batch")
@@ -207,9 +209,11 @@ def failures(rows: pd.DataFrame, settings: list[str]) -> list[str]:
         where = " ".join(f"{k}={fmt(row[k])}" for k in shown)
         reasons = []
         if expectation(row) == "FAIL":
+            lr_diff = row.get("max_rel_lr_diff", math.nan)
+            lr = f", lr diff {fmt(lr_diff)}" if not is_missing(lr_diff) and lr_diff else ""
             reasons.append(f"expected {row['expect']}, got {row['verdict']} (vs exact "
                            f"{fmt(row.get('max_exact_err', math.nan))}, tolerance "
-                           f"{fmt(row['rel_tolerance'])})")
+                           f"{fmt(row['rel_tolerance'])}{lr})")
         if row["failed_checks"]:
             reasons.append(f"the run's check failed: {row['failed_checks']}")
         lines.append(f"{row['run']} trial {row['trial']} ({where}) arm '{row['arm']}': "
@@ -351,7 +355,9 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
         shown_identity += ["seeds", "n"]
         table = grouped
     shown_metrics = [m for m in (["rel_tolerance", *measured] if show_all else KEY_METRICS)
-                     if m in rows and rows[m].notna().any()]  # test acc: not for regression
+                     if m in rows and rows[m].notna().any()  # test acc: not for regression
+                     and (m not in SHOWN_WHEN_NONZERO or show_all
+                          or (rows[m].fillna(0) != 0).any())]
     outcome = OUTCOME if show_all else ("verdict", "check")  # check says if it was expected
     if not ((rows["expect"] != "") | (rows["run_checks"] > 0)).any():
         outcome = ("verdict",)

@@ -9,6 +9,7 @@ Which figures a run gets depends on what it recorded, not on its name:
                 c*max(N,2)*u as a labelled line over a shaded "equivalent" region, and the
                 N*u rounding bound (when N varies)
     grad-norm   gradient norm (when arms differ in `zero_grad`)
+    lr          the learning rate each step applied (when an arm's changes: a schedule)
     held-out    held-out accuracy (or loss) during training (when eval.csv has a curve)
     accuracy    final held-out accuracy against micro-batch size, error bars over seeds
                 (when the micro-batch size varies)
@@ -54,7 +55,7 @@ LABELS = {
     "max_exact_err": "distance from the exact gradient\n‖g − g_exact‖ / ‖g_exact‖",
     "exact_err": "distance from the exact gradient\n‖g − g_exact‖ / ‖g_exact‖",
     "final_test_accuracy": "test accuracy", "test_accuracy": "test accuracy",
-    "test_loss": "test loss", "value": "value",
+    "test_loss": "test loss", "value": "value", "lr": "learning rate",
 }
 # errors and distances: drawn on a log axis, where 1e-16 and 1 can both be read
 ERROR_METRICS = ("max_rel_grad_err", "rel_l2_err", "max_abs_grad_err", "max_abs_err",
@@ -119,7 +120,9 @@ def per_step(runs: list[Run], rows: pd.DataFrame) -> pd.DataFrame:
             frame = frame.merge(evals.drop(columns="examples"), on=keys, how="left")
         probes = run.table("probe")
         if probes is not None:
-            overall = probes[probes["param"] == "*"].drop(columns="param")
+            # the learning rate is steps.csv's (the probe's copy is for the verdict)
+            overall = probes[probes["param"] == "*"].drop(columns=["param", "lr", "ref_lr"],
+                                                          errors="ignore")
             frame = frame.merge(overall, on=keys, how="left")
         frames.append(frame.assign(run=run.name))
     return with_settings(frames, runs, rows)
@@ -247,6 +250,9 @@ def standard_plots(runs: list[Run]) -> list[Plot]:
     if "zero_grad" in varies:
         plots.append(curve_plot(runs, steps, "grad_norm", x, name="grad-norm",
                                 title="Gradient norm: where zero_grad() runs"))
+    if "lr" in steps and steps.groupby(["run", "trial", "arm"])["lr"].nunique().max() > 1:
+        plots.append(curve_plot(runs, steps, "lr", x, name="lr",
+                                title="Learning rate each step applied"))
     evals = per_eval(runs, rows)
     # a curve: one evaluation at the end is in the table (and in the accuracy figure)
     if evals is not None and evals.groupby(["run", "trial", "arm"]).size().max() > 1:

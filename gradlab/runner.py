@@ -19,6 +19,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from gradlab import engine, probe, schema, zoo
-from gradlab.errors import GradlabError
+from gradlab.errors import GradlabError, unhandled
 from gradlab.setup import (
     Examples,
     Setup,
@@ -38,7 +39,7 @@ from gradlab.setup import (
     split,
     take,
 )
-from gradlab.spec import Arm, BnMode, Dtype, Settings, Trial, ZeroGrad
+from gradlab.spec import Arm, BnMode, Dtype, EpochEnd, Settings, Trial, ZeroGrad
 from gradlab.store import RunDir, whole_write
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
@@ -135,16 +136,48 @@ def build_setup(s: Settings, device: torch.device, data_cache: dict) -> Setup:
 
 
 def windows(setup: Setup, s: Settings) -> Iterator[Examples]:
-    """The seeded stream of examples, B at a time; every arm of a trial reads the same one."""
+    """The seeded stream of windows; every arm of a trial reads the same examples in the same
+    order (reshuffled each epoch), grouped into windows as its epoch_end says."""
     n = num_examples(setup.train)
     g = torch.Generator().manual_seed(s.seed)
-    order = torch.empty(0, dtype=torch.long)
-    while True:
-        while len(order) < s.batch_size:  # epochs are concatenated, reshuffled each time
-            epoch = torch.randperm(n, generator=g) if setup.shuffle else torch.arange(n)
-            order = torch.cat([order, epoch])
-        index, order = order[:s.batch_size], order[s.batch_size:]
-        yield take(setup.train, index.to(setup.device))
+
+    def epoch() -> torch.Tensor:
+        return torch.randperm(n, generator=g) if setup.shuffle else torch.arange(n)
+
+    def window(index: torch.Tensor) -> Examples:
+        return take(setup.train, index.to(setup.device))
+
+    match s.epoch_end:
+        case EpochEnd.RUN_ON:
+            order = torch.empty(0, dtype=torch.long)
+            while True:
+                while len(order) < s.batch_size:  # epochs are concatenated
+                    order = torch.cat([order, epoch()])
+                index, order = order[:s.batch_size], order[s.batch_size:]
+                yield window(index)
+        case EpochEnd.SHORT_WINDOW:
+            while True:  # the last window of each epoch holds what is left: n mod B examples
+                yield from map(window, epoch().split(s.batch_size))
+        case EpochEnd.CARRY_OVER:
+            held = torch.empty(0, dtype=torch.long)
+            while True:
+                for index in epoch().split(s.batch_size):
+                    if len(index) < s.batch_size:  # backwarded at the epoch's end, not stepped
+                        held = index
+                    else:  # ... so its gradients are still in .grad at the next step
+                        yield window(torch.cat([held, index]))
+                        held = held[:0]
+        case _:
+            unhandled(s.epoch_end)
+
+
+def smallest_micro_batch(n: int, s: Settings) -> int:
+    """Examples in the smallest micro-batch the arm will run, on a training set of n."""
+    smallest = s.batch_size // s.accum_steps
+    short = n % s.batch_size
+    if short and s.epoch_end != EpochEnd.RUN_ON:  # the short window at each epoch's end
+        smallest = min(smallest, short // engine.micro_batch_count(short, s))
+    return smallest
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -152,7 +185,8 @@ def windows(setup: Setup, s: Settings) -> Iterator[Examples]:
 # settings that change neither the model's shape nor the data, so not what preflight checks
 TRAINING_ONLY = {"seed", "lr", "momentum", "weight_decay", "optimizer", "steps", "probe_every",
                  "eval_every", "trace", "trace_elements", "zero_grad", "set_to_none",
-                 "loss_scale"}
+                 "loss_scale", "clip_norm", "clip_at", "scheduler", "scheduler_step",
+                 "warmup_steps", "epoch_end", "mask_draws"}
 
 
 @dataclass
@@ -259,10 +293,12 @@ def check_setup(arm: Arm, setup: Setup) -> None:
         raise GradlabError(f"{name}: batch_size={s.batch_size} but the training set has {n} "
                            f"examples; use a smaller batch_size")
     has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in setup.model.modules())
-    if has_bn1d and s.batch_size // s.accum_steps == 1 and s.bn_mode == BnMode.TRAIN:
+    if has_bn1d and smallest_micro_batch(n, s) == 1 and s.bn_mode == BnMode.TRAIN:
+        last = f", epoch_end={s.epoch_end}: {n % s.batch_size} examples at an epoch's end" \
+            if smallest_micro_batch(n, s) < s.batch_size // s.accum_steps else ""
         raise GradlabError(
             f"{name}: BatchNorm1d would see micro-batches of 1 example "
-            f"(batch_size={s.batch_size}, accum_steps={s.accum_steps}), so one value per "
+            f"(batch_size={s.batch_size}, accum_steps={s.accum_steps}{last}), so one value per "
             f"channel and no batch statistics; use norm=gn or norm=ln, or a smaller accum_steps")
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     engine.set_train_mode(setup.model, s)
@@ -330,7 +366,7 @@ class ArmRng:
     depends on which arms stepped before it: swapped in around the arm's work."""
 
     def __init__(self, seed: int, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.cuda, self.device = device.type == "cuda", device
         with torch.random.fork_rng(devices=[device] if self.cuda else []):
             torch.manual_seed(seed)
             self.state = self._get()
@@ -351,6 +387,14 @@ class ArmRng:
         self.state = self._get()
         self._set(self.outside)
 
+    @contextmanager
+    def replay(self, state) -> Iterator[None]:
+        """Run from ``state`` (one this stream held), then put back whatever was there: a
+        probe draws the dropout masks the step it mirrors drew, and moves no stream."""
+        with torch.random.fork_rng(devices=[self.device] if self.cuda else []):
+            self._set(state)
+            yield
+
 
 class ArmRun:
     """One arm of a trial while it trains: model, optimizer, stream of windows, observers.
@@ -364,7 +408,9 @@ class ArmRun:
         self.data_cache = data_cache
         self.model = setup.model
         self.optimizer = engine.make_optimizer(self.model, self.s)
+        self.scheduler = engine.make_scheduler(self.optimizer, self.s)
         self.windows = windows(setup, self.s)
+        self.upcoming = next(self.windows)  # the window the next step takes
         self.rng = ArmRng(self.s.seed, setup.device)
         self.step = 0  # the step being taken, or the last one taken
         self.examples = 0  # examples seen after the last step
@@ -384,16 +430,21 @@ class ArmRun:
     def done(self) -> bool:
         return self.step >= self.s.steps
 
+    @property
+    def next_examples(self) -> int:
+        """Examples seen after the next step."""
+        return self.examples + num_examples(self.upcoming)
+
     def advance(self) -> None:
         """Take one optimizer step, with every observer watching."""
-        window = next(self.windows)
+        window, self.upcoming = self.upcoming, next(self.windows)
         self.step += 1
         for o in self.observers:
             o.before_step(self, window)
         with self.rng:
             stats = engine.train_step(self.model, self.optimizer, window, self.s, self.setup,
-                                      self)
-        self.examples += self.s.batch_size
+                                      self, self.scheduler)
+        self.examples += stats.examples
         self.loss = stats.loss
         for o in self.observers:
             o.stepped(self, stats)
@@ -436,8 +487,10 @@ class Trajectory(Observer):
         weight_dist = probe.param_distance(run.model, self.base.model) \
             if level and self.comparable else math.nan
         ref_loss = self.base.loss if level else math.nan
+        epoch = -(-run.examples // num_examples(run.setup.train))  # its last example's epoch
         run.rows["steps"].append({
-            **run.ids, "step": run.step, "examples": run.examples, "units": stats.units,
+            **run.ids, "step": run.step, "examples": run.examples, "epoch": epoch,
+            "window_size": stats.examples, "units": stats.units, "lr": stats.lr,
             "loss": stats.loss, "grad_norm": stats.grad_norm, "update_norm": stats.update_norm,
             "weight_dist": weight_dist,
             "rel_loss_diff": abs(stats.loss - ref_loss) / abs(ref_loss) if ref_loss
@@ -457,22 +510,36 @@ class Probe(Observer):
     Each probe also takes the exact gradient: the baseline's, in float64, at the same
     weights on the same window. Every arm's distance from it (exact_err), and the
     baseline's own (floor_err: what one big batch rounds in its dtype), are what the
-    verdict weighs (schema.py).
+    verdict weighs (schema.py). Each also records the learning rate the arm's step
+    applies (lr) beside the baseline's (ref_lr): a step is the gradient times it.
+
+    "The same window" is the same examples, drawn from the same random state: both the
+    exact gradient and every arm's start from the state the baseline's step started
+    from, so the big batch's dropout masks are the baseline's own, and an arm's differ
+    from them only by how its own split of the window draws them. An arm is due when
+    its next step ends where the baseline's does (the same examples seen); its window is
+    its own next one: the baseline's, or under epoch_end = carry-over the baseline's with
+    the last epoch's unflushed examples in front.
     """
 
     def __init__(self, base: ArmRun, arms: list[ArmRun]):
         self.arms = arms
         self.probe_models: dict[str, nn.Module] = {}
         self.window: Examples | None = None
+        self.end = 0  # examples the baseline will have seen after this step
+        self.start_state = None  # the baseline's random state as its step starts
         self.buffers_before: dict[str, torch.Tensor] = {}
         self.exact_settings = dataclasses.replace(base.s, dtype=Dtype.FLOAT64)
         self.exact: Setup | None = None  # built on the first probe, in float64
 
     def due(self, base: ArmRun) -> list[ArmRun]:
-        return [a for a in self.arms if probe_due(a.s, base.step) and base.step <= a.s.steps]
+        return [a for a in self.arms if probe_due(a.s, base.step) and base.step <= a.s.steps
+                and a.next_examples == self.end]
 
     def before_step(self, base: ArmRun, window: Examples) -> None:
         self.window = window
+        self.end = base.examples + num_examples(window)
+        self.start_state = base.rng.state
         if self.due(base):  # running statistics as the baseline's forward will find them
             self.buffers_before = {k: b.clone() for k, b in running_stats(base.model).items()}
 
@@ -485,12 +552,14 @@ class Probe(Observer):
         for arm in due:
             model = self.probe_model(arm)
             self.start_at_baseline(model, base)
-            window = cast(self.window, DTYPES[arm.s.dtype], arm.setup.device)
-            with torch.random.fork_rng(devices=[]):  # the probe draws from no arm's stream
+            window = cast(arm.upcoming, DTYPES[arm.s.dtype], arm.setup.device)
+            with base.rng.replay(self.start_state):  # and moves no arm's stream
                 engine.window_gradient(model, window, arm.s, arm.setup)
             ids = {**arm.ids, "step": base.step}
+            rates = {"lr": engine.learning_rate(arm.optimizer),
+                     "ref_lr": engine.learning_rate(base.optimizer)}
             arm.rows["probe"] += [
-                {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"]}
+                {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"], **rates}
                 for r, e, f in zip(probe.compare_models(model, base.model),
                                    probe.compare_models(model, exact), floor, strict=True)]
             arm.rows["buffers"] += [{**ids, **r} for r in
@@ -509,7 +578,7 @@ class Probe(Observer):
             self.exact = build_setup(self.exact_settings, base.setup.device, base.data_cache)
         self.start_at_baseline(self.exact.model, base)  # load_state_dict casts to float64
         window = cast(self.window, torch.float64, base.setup.device)
-        with torch.random.fork_rng(devices=[]):
+        with base.rng.replay(self.start_state):
             engine.window_gradient(self.exact.model, window, self.exact_settings, self.exact)
         return self.exact.model
 
@@ -628,7 +697,7 @@ class HeldGradientCheck(Observer):
     def before_step(self, run: ArmRun, window: Examples) -> None:
         self.scratch.load_state_dict(run.model.state_dict())
         self.scratch.zero_grad(set_to_none=True)
-        with torch.random.fork_rng(devices=[]):
+        with run.rng.replay(run.rng.state):  # the random state the step itself starts from
             engine.window_gradient(self.scratch, window, self.settings, run.setup)
         fresh = probe.grads_of(self.scratch)
         self.total = fresh if self.total is None else {
@@ -645,6 +714,54 @@ class HeldGradientCheck(Observer):
         tolerance = schema.sum_tolerance(s.dtype, s.steps * s.accum_steps)
         run.rows["checks"].append({**run.ids, "check": self.name, "value": self.worst,
                                    "tolerance": tolerance, "passed": self.worst <= tolerance})
+
+
+class MaskAverageCheck(Observer):
+    """checks.csv, with dropout and mask_draws = K: at step 1, the arm's gradient minus the
+    big batch's (the same settings with N = 1), at the same weights on the same window, for
+    K draws of the dropout masks, each pair from one random state. Each draw differs,
+    because the masks differ; unbiased accumulation makes the mean difference zero within
+    its standard error, sqrt(sum of |d_k - mean|^2 / (K - 1) / K). The check passes when
+    |mean| <= 4 standard errors; value and tolerance are both relative to |mean big-batch
+    gradient|.
+    """
+
+    def __init__(self, run: ArmRun):
+        self.name = f"mean over {run.s.mask_draws} mask draws of accumulated - big batch = 0"
+        self.row: dict[str, Any] | None = None
+
+    def before_step(self, run: ArmRun, window: Examples) -> None:
+        if run.step != 1:
+            return
+        s = run.s
+        big = dataclasses.replace(s, accum_steps=1)
+        scratch = run.fresh_model()
+        seeds = torch.randint(2**62, (s.mask_draws,),
+                              generator=torch.Generator().manual_seed(s.seed))
+        differences, bigs = [], []
+        for seed in seeds.tolist():
+            pair = []
+            for settings in (s, big):
+                scratch.load_state_dict(run.model.state_dict())
+                scratch.zero_grad(set_to_none=True)
+                with run.rng.replay(run.rng.state):  # a fork: seeding it moves no stream
+                    torch.manual_seed(seed)
+                    engine.window_gradient(scratch, window, settings, run.setup)
+                pair.append(torch.cat([g.flatten() for g in probe.grads_of(scratch).values()]))
+            differences.append(pair[0] - pair[1])
+            bigs.append(pair[1])
+        d = torch.stack(differences)
+        mean = d.mean(0)
+        standard_error = float(((d - mean) ** 2).sum() / (len(d) - 1) / len(d)) ** 0.5
+        scale = float(torch.stack(bigs).mean(0).norm())
+        value = float(mean.norm()) / scale
+        tolerance = 4 * standard_error / scale
+        self.row = {**run.ids, "check": self.name, "value": value, "tolerance": tolerance,
+                    "passed": value <= tolerance}
+
+    def finished(self, run: ArmRun) -> None:
+        if self.row is not None:
+            run.rows["checks"].append(self.row)
 
 
 # ----------------------------------------------------------------------------- trials
@@ -667,6 +784,8 @@ def start(trial: Trial, data_cache: dict) -> list[ArmRun]:
             run.observers.append(Trace(run))
         if run.s.zero_grad == ZeroGrad.NEVER:
             run.observers.append(HeldGradientCheck(run))
+        if run.s.mask_draws and not run.arm.baseline:
+            run.observers.append(MaskAverageCheck(run))
     return runs
 
 
@@ -676,7 +795,7 @@ def run_trial(trial: Trial, data_cache: dict,
     runs = start(trial, data_cache)
     while pending := [r for r in runs if not r.done]:
         # the fewest examples after its next step goes next; the baseline first on a tie
-        run = min(pending, key=lambda r: (r.examples + r.s.batch_size, not r.arm.baseline))
+        run = min(pending, key=lambda r: (r.next_examples, not r.arm.baseline))
         run.advance()
         advance(1)
     rows: dict[str, list[dict]] = {t: [] for t in schema.TABLES}
