@@ -199,8 +199,12 @@ class Plan:
     available_bytes: int | None  # what the machine has free (None: unknown)
 
     def estimate(self) -> str:
-        memory = f"{self.memory_bytes / 2**30:.1f} GiB" if self.memory_bytes >= 2**30 \
-            else f"{self.memory_bytes / 2**20:.0f} MiB"
+        if self.memory_bytes >= 2**30:
+            memory = f"{self.memory_bytes / 2**30:.1f} GiB"
+        elif self.memory_bytes >= 2**20:
+            memory = f"{self.memory_bytes / 2**20:.0f} MiB"
+        else:
+            memory = "under 1 MiB"
         return (f"about {format_seconds(self.seconds)} and {memory} (estimated from one timed "
                 f"step of each model)")
 

@@ -1,0 +1,664 @@
+"""Every number the README quotes, from fresh runs: run the experiments, rewrite the blocks.
+
+    python docs/readme_numbers.py                   # run everything, print the blocks
+    python docs/readme_numbers.py --write README.md # ... and replace them in the README
+    python docs/readme_numbers.py --runs DIR        # reuse the runs in DIR (no running)
+
+The README marks each generated block with HTML comments,
+
+    <!-- numbers: NAME -->  ...  <!-- /numbers: NAME -->
+
+and this script replaces what lies between them. A block that the README does not
+mark is printed only. Times are wall-clock seconds of `gradlab run NAME` on this
+machine, so run it on an idle one (the README says which). Needs pandas (installed
+with gradlab).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ["toy", "equivalence", "zero-grad-toy", "zero-grad", "batch-lr", "norm",
+               "norm-training", "tokens", "tokens-training", "clipping", "scheduler",
+               "last-window", "dropout"]
+LOCAL = ["my_lm"]  # examples of your own setup, run from the repository root
+# runs of a spec with other settings: name -> gradlab run arguments
+VARIANTS = {"norm-low": ["norm", "--set", "dtype=bfloat16,float16", "--set", "steps=11"],
+            # the mask-average check alone (it runs at step 1), for 16 to 1024 draws
+            "dropout-draws": ["dropout", "--set", "mask_draws=16,64,256,1024", "--set",
+                              "steps=1"]}
+# figures the README shows: docs/figures/FILE <- the standard figure of that run
+FIGURES = {"equivalence-grad-error.png": "equivalence", "norm-grad-error.png": "norm",
+           "norm-training-accuracy.png": "norm-training", "toy-trace.png": "toy",
+           "tokens-grad-error.png": "tokens", "tokens-training-loss.png": "tokens-training",
+           "clipping-grad-error.png": "clipping", "scheduler-lr.png": "scheduler",
+           "scheduler-loss.png": "scheduler"}
+# figures of a named metric: docs/figures/FILE <- (run, `gradlab plot` options, file it makes)
+PLOTTED = {"last-window-grad-error.png": ("last-window", ["-y", "exact_err"],
+                                          "last-window-exact_err-vs-step.png"),
+           "dropout-grad-error.png": ("dropout", ["-y", "exact_err"],
+                                      "dropout-exact_err-vs-step.png")}
+
+
+def gradlab() -> list[str]:
+    return [str(Path(sys.executable).with_name("gradlab"))]
+
+
+def run(name: str, out: Path) -> tuple[Path, float, str]:
+    """`gradlab run NAME` into out/NAME; (run directory, wall seconds, the table it printed)."""
+    start = time.perf_counter()
+    args = VARIANTS.get(name, [name])
+    done = subprocess.run([*gradlab(), "run", *args, "--out", str(out / name)], cwd=ROOT,
+                          capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "100", "NO_COLOR": "1"})
+    seconds = time.perf_counter() - start
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"gradlab run {name} failed ({done.returncode}):\n{done.stderr}")
+    return Path(done.stdout.strip().splitlines()[-1]), seconds, done.stderr
+
+
+def latest(out: Path, name: str) -> Path:
+    return sorted((out / name).iterdir())[-1]
+
+
+def read(run_dir: Path, table: str) -> pd.DataFrame:
+    return pd.read_csv(run_dir / f"{table}.csv")
+
+
+def summary(run_dir: Path) -> pd.DataFrame:
+    return read(run_dir, "summary")
+
+
+def g(x: float, digits: int = 3) -> str:
+    """A number as the README writes it."""
+    if pd.isna(x):
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x:.{digits}g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.{digits - 1}e}"
+
+
+def span(values) -> str:
+    values = [v for v in values if not pd.isna(v)]
+    low, high = g(min(values)), g(max(values))
+    return low if low == high else f"{low} … {high}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def block_toy_output(runs: dict, printed: dict) -> str:
+    return "```text\n$ gradlab run toy\n" + printed["toy"].rstrip() + "\n" + \
+        str(runs["toy"].relative_to(ROOT) if runs["toy"].is_relative_to(ROOT)
+            else runs["toy"]) + "\n```"
+
+
+TASKS = {("mlp", "none"): "mlp", ("cnn", "none"): "cnn, no norm", ("cnn", "gn"): "cnn, GroupNorm"}
+
+
+def block_equivalence(runs: dict, printed: dict) -> str:
+    s = summary(runs["equivalence"])
+    rows = []
+    for (model, norm), label in TASKS.items():
+        for dtype in ("float32", "float64"):
+            part = s[(s.model == model) & (s.norm == norm) & (s.dtype == dtype)
+                     & (s.accum_steps > 1)]
+            good = part[part.arm == "accumulated"]
+            bad = part[part.arm == "no-loss-scaling"].sort_values("accum_steps")
+            exact_n_minus_1 = all(abs(r.max_rel_grad_err - (r.accum_steps - 1)) < 1e-4
+                                  for r in bad.itertuples())
+            rows.append([label, dtype, span(good.exact_floor), span(good.max_exact_err),
+                         span(good.rel_tolerance),
+                         f"{g(good.max_exact_err.max() / good.rel_tolerance.min(), 2)}",
+                         "N − 1: " + ", ".join(g(v) for v in bad.max_rel_grad_err)
+                         if exact_n_minus_1 else span(bad.max_rel_grad_err)])
+    return table(["model", "dtype", "floor (big batch vs exact)",
+                  "accumulated: vs exact, N = 2..16", "tolerance", "worst err / tolerance",
+                  "no-loss-scaling: rel grad err"], rows)
+
+
+def block_equivalence_losses(runs: dict, printed: dict) -> str:
+    s = summary(runs["equivalence"])
+    good = s[s.arm == "accumulated"]
+    by = good.groupby("dtype").max_rel_loss_diff.max()
+    diverged = s[(s.arm == "no-loss-scaling") & s.diverged_at_step.notna()]
+    where = ", ".join(sorted({f"{r.model} N = {r.accum_steps} ({r.dtype})"
+                              for r in diverged.itertuples()}))
+    return (f"Over the 20 steps the accumulated arm's losses stay within "
+            f"{g(by.get('float32'))} (float32) and {g(by.get('float64'))} (float64), relative, "
+            f"of the big batch's. Forgetting to scale diverges (non-finite loss) for: "
+            f"{where or 'none'}.")
+
+
+def block_zero_grad_toy(runs: dict, printed: dict) -> str:
+    trace = read(runs["zero-grad-toy"], "trace")
+    weights = read(runs["zero-grad-toy"], "weights")
+    arms = ["every-step", "never", "after-backward"]
+    rows = []
+    for step in (1, 2, 3):
+        cells = []
+        for arm in arms:
+            value = trace[(trace.arm == arm) & (trace.step == step)].grad.iloc[-1]
+            cells.append(g(value, 6) + (", then wiped" if arm == "after-backward" else ""))
+        rows.append([str(step), *cells])
+    final = weights[weights.step == 3].set_index("arm").value
+    rows.append(["w after step 3", *(g(final[a], 6) for a in arms)])
+    return table(["step", "every-step (ordinary loop)", "never", "after-backward"], rows)
+
+
+def block_zero_grad(runs: dict, printed: dict) -> str:
+    run_dir = runs["zero-grad"]
+    s = summary(run_dir).set_index("arm")
+    steps = read(run_dir, "steps")
+    never = steps[steps.arm == "never"].set_index("step").grad_norm
+    base_norm = steps[steps.arm == "every-step"].grad_norm
+    checks = read(run_dir, "checks")
+    evals = read(run_dir, "eval").set_index(["arm", "step"])
+    rising = int((never.diff() > 0).sum())
+    lines = [
+        f"- **every-step** (baseline): final training loss {g(s.loc['every-step', 'final_loss'])}, "
+        f"held-out loss {g(s.loc['every-step', 'final_test_loss'])}, accuracy "
+        f"{g(s.loc['every-step', 'final_test_accuracy'])}.",
+        f"- **every-n**: gradient {g(s.loc['every-n', 'max_rel_grad_err'])} from the big "
+        f"batch's (relative), losses within {g(s.loc['every-n', 'max_rel_loss_diff'])}, weights "
+        f"{g(s.loc['every-n', 'final_weight_dist'])} apart after 60 steps.",
+        f"- **every-step-n**: gradient error {g(s.loc['every-step-n', 'max_rel_grad_err'])} "
+        f"(cosine {g(s.loc['every-step-n', 'min_grad_cosine'])} at worst); held-out accuracy "
+        f"{g(s.loc['every-step-n', 'final_test_accuracy'])}.",
+        f"- **never**: gradient norm {g(never[1])} at step 1, {g(never[10])} at step 10, "
+        f"{g(never[30])} at step 30, {g(never[60])} at step 60, rising at {rising} of the 59 "
+        f"steps (the baseline's stays between {g(base_norm.min())} and {g(base_norm.max())}); "
+        f"held-out loss {g(evals.loc[('never', 10), 'test_loss'])} vs "
+        f"{g(evals.loc[('every-step', 10), 'test_loss'])} after 640 examples; final training "
+        f"loss {g(s.loc['never', 'final_loss'])}, held-out loss "
+        f"{g(s.loc['never', 'final_test_loss'])}, accuracy "
+        f"{g(s.loc['never', 'final_test_accuracy'])}, weights "
+        f"{g(s.loc['never', 'final_weight_dist'])} from the baseline's. Held gradient = sum of "
+        f"fresh gradients: worst relative error {g(checks.value.max())} (tolerance "
+        f"{g(checks.tolerance.max())}).",
+        f"- **after-backward**: gradient norm and update norm "
+        f"{g(steps[steps.arm == 'after-backward'].update_norm.abs().max())} at every step; "
+        f"held-out accuracy {g(s.loc['after-backward', 'final_test_accuracy'])}; the baseline "
+        f"moves {g(s.loc['after-backward', 'final_weight_dist'])} away.",
+        f"- **set-to-none-false**: distance from the baseline's weights "
+        f"{g(steps[steps.arm == 'set-to-none-false'].weight_dist.abs().max())} at every step.",
+    ]
+    return "\n".join(lines)
+
+
+def block_batch_lr(runs: dict, printed: dict) -> str:
+    run_dir = runs["batch-lr"]
+    s = summary(run_dir).set_index("arm")
+    evals = read(run_dir, "eval")
+    labels = {"big-batch": "big-batch, 64×1 at lr 0.5, 60 steps",
+              "accumulated": "accumulated, 16×4 at lr 0.5, 60 steps",
+              "small-batch": "small-batch, 16×1 at lr 0.5, 240 steps",
+              "small-batch-lr-over-n": "small-batch-lr-over-n, 16×1 at lr 0.125, 240 steps"}
+    rows = []
+    for arm, label in labels.items():
+        acc = evals[evals.arm == arm].set_index("examples").test_accuracy
+        rows.append([label, " / ".join(g(acc[e]) for e in (640, 1920, 3840)),
+                     g(s.loc[arm, "final_test_loss"]), g(s.loc[arm, "final_weight_dist"])])
+    return table(["arm", "held-out acc after 640 / 1920 / 3840 examples", "final held-out loss",
+                  "distance from B×1 at the end"], rows)
+
+
+def norm_case(frame: pd.DataFrame) -> pd.Series:
+    return frame.norm.where(frame.bn_mode == "train", frame.norm + " frozen")
+
+
+def block_norm(runs: dict, printed: dict) -> str:
+    s = summary(runs["norm"])
+    s = s[s.arm == "accumulated"].assign(case=norm_case)
+    rows = []
+    for case in ("bn", "bn frozen", "gn", "ln", "in", "none"):
+        for dtype in ("float32", "float64"):
+            part = s[(s.case == case) & (s.dtype == dtype)].set_index("accum_steps")
+            rows.append([case, dtype, *(g(part.loc[n, "max_exact_err"])
+                                        for n in (1, 2, 4, 8, 16, 32))])
+    return table(["norm", "dtype", *(f"N={n}" for n in (1, 2, 4, 8, 16, 32))], rows)
+
+
+def bn_probes(runs: dict, table_name: str) -> pd.DataFrame:
+    """A table of the norm run (probe or buffers) for BatchNorm with batch statistics."""
+    s = summary(runs["norm"])
+    rows = read(runs["norm"], table_name).merge(
+        s[["trial", "arm", "norm", "bn_mode", "dtype", "accum_steps"]], on=["trial", "arm"])
+    return rows[(rows.norm == "bn") & (rows.bn_mode == "train")]
+
+
+NS = (1, 2, 4, 8, 16, 32)
+
+
+def block_norm_bn(runs: dict, printed: dict) -> str:
+    s = summary(runs["norm"])
+    bn = s[(s.arm == "accumulated") & (s.norm == "bn") & (s.bn_mode == "train")]
+    f32 = bn[bn.dtype == "float32"].set_index("accum_steps")
+    f64 = bn[bn.dtype == "float64"].set_index("accum_steps")
+    same = max(abs(f32.loc[n, "max_exact_err"] / f64.loc[n, "max_exact_err"] - 1)
+               for n in NS[1:])
+    others = s[(s.arm == "accumulated") & ~((s.norm == "bn") & (s.bn_mode == "train"))]
+    worst = others.groupby("dtype").max_exact_err.max()
+    return "\n".join([
+        f"- **bn** is {g(100 * f64.loc[2, 'max_exact_err'], 2)} % off at N = 2 and "
+        f"{g(100 * f64.loc[32, 'max_exact_err'], 2)} % at N = 32. float32 and float64 agree "
+        f"to {g(100 * same, 1)} %, so it is not rounding: the loss is a different function. "
+        f"The smallest cosine between the two gradients (float64) is "
+        + ", ".join(g(f64.loc[n, "min_grad_cosine"], 4) for n in NS[1:]) + " for N = 2..32.",
+        f"- **gn, ln, in, none and frozen bn** stay at rounding level for every N: at most "
+        f"{g(worst['float32'])} in float32 and {g(worst['float64'])} in float64 from the exact "
+        f"gradient. In eval mode BatchNorm is a fixed per-channel affine map, so the batch "
+        f"statistics cause the whole BN error."])
+
+
+def block_norm_bn_steps(runs: dict, printed: dict) -> str:
+    probes = bn_probes(runs, "probe")
+    probes = probes[(probes.param == "*") & (probes.dtype == "float64")]
+    pivot = probes.pivot_table(index="step", columns="accum_steps", values="exact_err")
+    rows = [[str(step), *(g(pivot.loc[step, n]) for n in NS)] for step in pivot.index]
+    return table(["step", *(f"N={n}" for n in NS)], rows)
+
+
+def block_norm_buffers(runs: dict, printed: dict) -> str:
+    buffers = bn_probes(runs, "buffers")
+    first = buffers[(buffers.step == 1) & (buffers.dtype == "float64")]
+    pivot = first.pivot_table(index="buffer", columns="accum_steps", values="rel_l2_err")
+    order = [b for b in pivot.index if b != "*"] + ["*"]
+    rows = [[b if b != "*" else "* (all four)", *(g(pivot.loc[b, n]) for n in NS)]
+            for b in order]
+    expected = ", ".join(g((1 - 0.9**n) / 0.1 - 1) for n in NS[1:])
+    return table(["buffer", *(f"N={n}" for n in NS)], rows) + (
+        f"\n\nThe running means start at 0. After one step the big batch's mean has moved "
+        f"0.1 of the way to the batch mean and the accumulated arm's 1 − 0.9^N of the way, so "
+        f"their relative difference is (1 − 0.9^N)/0.1 − 1: {expected} for N = 2..32.")
+
+
+def block_norm_buffers_steps(runs: dict, printed: dict) -> str:
+    buffers = bn_probes(runs, "buffers")
+    whole = buffers[(buffers.buffer == "*") & (buffers.dtype == "float64")]
+    pivot = whole.pivot_table(index="step", columns="accum_steps", values="rel_l2_err")
+    rows = [[str(step), *(g(pivot.loc[step, n]) for n in NS)] for step in pivot.index]
+    return table(["step", *(f"N={n}" for n in NS)], rows)
+
+
+def block_norm_eval(runs: dict, printed: dict) -> str:
+    buffers = bn_probes(runs, "buffers")
+    whole = buffers[(buffers.buffer == "*") & (buffers.dtype == "float64")]
+    arm = whole.pivot_table(index="step", columns="accum_steps", values="test_accuracy")
+    ref = whole.groupby("step").ref_test_accuracy.first()
+    rows = [[str(step), g(ref[step]), *(g(arm.loc[step, n]) for n in NS)] for step in arm.index]
+    gain = arm.sub(ref, axis=0)
+    best_step = gain.max(axis=1).idxmax()
+    return table(["step", "big-batch stats", *(f"N={n}" for n in NS)], rows) + (
+        f"\n\nThe N-fold update changed eval accuracy by {g(100 * gain.min().min(), 2)} to "
+        f"{g(100 * gain.max().max(), 2)} points, most at step {best_step}; at the last probe "
+        f"by up to {g(100 * gain.iloc[-1].max(), 2)} points.")
+
+
+def block_norm_training_prose(runs: dict, printed: dict) -> str:
+    s = summary(runs["norm-training"])
+    err = (1 - s.groupby(["norm", "micro_batch"]).final_test_accuracy.mean()) * 100
+    std = s.groupby(["norm", "micro_batch"]).final_test_accuracy.std() * 100
+    bn, gn = err["bn"], err["gn"]
+    gn_flat = s[s.norm == "gn"].groupby("seed").final_test_accuracy.nunique().max() == 1
+    return "\n".join([
+        f"- **GroupNorm** errs {span(gn)} % over the five micro-batch sizes"
+        + (", identically per seed: its accumulated gradient *is* the big-batch gradient, so "
+           "every micro-batch size trains the same model." if gn_flat else "."),
+        f"- **BatchNorm** errs {g(bn[32])} % at micro-batch 32 and {g(bn[2])} % at "
+        f"micro-batch 2 (std over seeds {g(std['bn'][32])} and {g(std['bn'][2])} points); its "
+        f"best size is {int(bn.idxmin())} ({g(bn.min())} %).",
+        f"- BatchNorm {'is' if (bn < gn).all() else 'is not'} ahead of GroupNorm at every "
+        f"size here."])
+
+
+def block_norm_low(runs: dict, printed: dict) -> str:
+    s = summary(runs["norm-low"])
+    s = s[s.arm == "accumulated"].assign(case=norm_case)
+    rows = []
+    for case in ("bn", "bn frozen", "gn", "ln", "in", "none"):
+        for dtype in ("bfloat16", "float16"):
+            part = s[(s.case == case) & (s.dtype == dtype)].set_index("accum_steps")
+            cells = [f"{g(part.loc[n, 'max_exact_err'])} / {g(part.loc[n, 'rel_tolerance'])}"
+                     for n in (2, 8, 32)]
+            rows.append([case, dtype, g(part.exact_floor.max()), *cells,
+                         ", ".join(sorted(set(part.loc[[2, 4, 8, 16, 32], "verdict"])))])
+    return table(["norm", "dtype", "floor", "N=2: vs exact / tolerance", "N=8", "N=32",
+                  "verdict, N = 2..32"], rows)
+
+
+def block_norm_training(runs: dict, printed: dict) -> str:
+    s = summary(runs["norm-training"])
+    rows = []
+    for micro, part in sorted(s.groupby("micro_batch"), key=lambda kv: -kv[0]):
+        cells = []
+        for norm in ("bn", "gn"):
+            acc = part[part.norm == norm].final_test_accuracy * 100
+            cells.append(f"{acc.mean():.1f} ± {acc.std():.1f} %")
+        rows.append([str(micro), str(int(part.accum_steps.iloc[0])), *cells])
+    return table(["micro-batch", "N", "BatchNorm", "GroupNorm"], rows)
+
+
+def block_tokens(runs: dict, printed: dict) -> str:
+    s = summary(runs["tokens"])
+    s = s[~s.baseline]
+    rows = []
+    for (low, dtype), part in s.groupby(["min_len", "dtype"], sort=False):
+        lengths = "8..64 (varying)" if low < 64 else "64 (all equal)"
+        for arm in ("global-tokens", "mean-of-means"):
+            byn = part[part.arm == arm].set_index("accum_steps")
+            rows.append([lengths, dtype, arm, *(g(byn.loc[n, "max_exact_err"])
+                                                for n in (1, 2, 4, 8)),
+                         ", ".join(sorted(set(byn.verdict)))])
+    return table(["lengths", "dtype", "arm", "N=1", "N=2", "N=4", "N=8", "verdict"], rows)
+
+
+def block_tokens_training(runs: dict, printed: dict) -> str:
+    run_dir = runs["tokens-training"]
+    s = summary(run_dir).set_index("arm")
+    evals = read(run_dir, "eval").pivot(index="step", columns="arm", values="test_loss")
+    last = evals.index.max()
+    probes = read(run_dir, "probe")
+    bug = probes[(probes.arm == "mean-of-means") & (probes.param == "*")]
+    return (f"Over {last} steps the mean-of-means gradient is "
+            f"{span(bug.rel_l2_err)} away from the big batch's (cosine down to "
+            f"{g(bug.cosine.min(), 4)}); global-tokens stays within "
+            f"{g(s.loc['global-tokens', 'max_rel_grad_err'])}. Held-out loss per token after "
+            f"{last} steps: big batch {g(evals.loc[last, 'big-batch'], 5)}, global-tokens "
+            f"{g(evals.loc[last, 'global-tokens'], 5)}, mean-of-means "
+            f"{g(evals.loc[last, 'mean-of-means'], 5)}; next-token accuracy "
+            f"{g(s.loc['big-batch', 'final_test_accuracy'])}, "
+            f"{g(s.loc['global-tokens', 'final_test_accuracy'])}, "
+            f"{g(s.loc['mean-of-means', 'final_test_accuracy'])}.")
+
+
+def block_my_lm(runs: dict, printed: dict) -> str:
+    s = summary(runs["my_lm"])
+    rows = [[r.arm, str(r.accum_steps), g(r.max_rel_grad_err), g(r.max_exact_err),
+             g(r.rel_tolerance), r.verdict] for r in s[~s.baseline].itertuples()]
+    return table(["arm", "N", "rel grad err", "vs exact", "tolerance", "verdict"], rows)
+
+
+def block_margins(runs: dict, printed: dict) -> str:
+    """How far every verdict is from its tolerance, per experiment and dtype."""
+    rows = []
+    for name, run_dir in runs.items():
+        s = summary(run_dir)
+        judged = s[~s.baseline & s.max_exact_err.notna() & s.rel_tolerance.notna()]
+        for dtype, part in judged.groupby("dtype", sort=False):
+            ratio = part.max_exact_err / part.rel_tolerance
+            good = ratio[part.verdict == "equivalent"]
+            # an arm that differs by its learning rate alone has a gradient that agrees
+            lr_only = part.get("max_rel_lr_diff", pd.Series(0, index=part.index)).fillna(0) > 0
+            bad = ratio[(part.verdict == "differs") & ~lr_only]
+            rows.append([name, dtype, str(len(good)), g(good.max()) if len(good) else "-",
+                         str(len(bad)), g(bad.min()) if len(bad) else "-"])
+    return table(["experiment", "dtype", "equivalent arms", "largest err / tolerance",
+                  "differing arms", "smallest err / tolerance"], rows)
+
+
+def overall_probes(run_dir: Path) -> pd.DataFrame:
+    """The all-parameter rows of probe.csv, with the arm's swept settings."""
+    probes = read(run_dir, "probe")
+    return probes[probes.param == "*"].merge(summary(run_dir).drop(columns="step",
+                                                                   errors="ignore"),
+                                             on=["trial", "arm"])
+
+
+def block_pitfalls(runs: dict, printed: dict) -> str:
+    clip = summary(runs["clipping"]).set_index(["arm", "accum_steps"])
+    after, per = clip.loc["after-accumulation"], clip.loc["per-micro-batch"]
+    sched = summary(runs["scheduler"]).set_index("arm")
+    lr = read(runs["scheduler"], "steps").pivot(index="step", columns="arm", values="lr")
+    stopped = lr.index[lr["per-micro-batch"] == 0].min()
+    last = overall_probes(runs["last-window"])
+    short = read(runs["last-window"], "steps").query("arm == 'big-batch'")
+    short_steps = short[short.window_size < short.window_size.max()].step
+    at_short = last[last.step.isin(short_steps)].set_index("arm").exact_err
+    drop = summary(runs["dropout"])
+    drop = drop[~drop.baseline].set_index("trial")
+    checks = read(runs["dropout"], "checks")
+    per_step = drop.loc[1]
+    rows = [
+        ["`clipping`", f"vs exact {span(after.max_exact_err)} (floor "
+                       f"{g(after.exact_floor.max(), 2)}, float32)",
+         f"vs exact {g(per.max_exact_err.min(), 2)} (N = {per.index.min()}) … "
+         f"{g(per.max_exact_err.max(), 2)} (N = {per.index.max()})"],
+        ["`scheduler`", f"lr diff {g(sched.loc['per-step', 'max_rel_lr_diff'])}, losses within "
+                        f"{g(sched.loc['per-step', 'max_rel_loss_diff'], 2)}",
+         f"lr diff {g(sched.loc['per-micro-batch', 'max_rel_lr_diff'])}; lr 0 from step "
+         f"{stopped}; final loss {g(sched.loc['per-micro-batch', 'final_loss'])} vs "
+         f"{g(sched.loc['big-batch', 'final_loss'])}"],
+        ["`last-window`", f"vs exact {g(at_short['by-size'].max(), 2)} on the short windows",
+         f"/ N anyway: {span(at_short['divided-by-n'])} at each short window; not flushed: "
+         f"{span(last[last.arm == 'not-flushed'].exact_err.nlargest(2))}"],
+        ["`dropout`", f"eval {g(drop.loc[0, 'max_exact_err'], 2)}, per-example masks "
+                      f"{g(drop.loc[2, 'max_exact_err'], 2)}",
+         f"nn.Dropout's masks: up to {g(per_step.max_exact_err, 2)}; the mean of "
+         f"{per_step.mask_draws} draws {g(checks.value.iloc[0], 2)} (tolerance "
+         f"{g(checks.tolerance.iloc[0], 2)})"],
+    ]
+    return table(["experiment", "the fix", "the bug"], rows)
+
+
+def block_clipping(runs: dict, printed: dict) -> str:
+    run_dir = runs["clipping"]
+    s = summary(run_dir).set_index(["arm", "accum_steps"])
+    probes = overall_probes(run_dir)
+    median = probes[probes.arm == "per-micro-batch"].groupby("accum_steps").exact_err.median()
+    steps = read(run_dir, "steps")
+    base = steps[steps.arm == "big-batch"]
+    rows = [[str(n), g(s.loc[("after-accumulation", n), "max_exact_err"]),
+             f"{g(s.loc[('per-micro-batch', n), 'max_exact_err'])} ({g(median[n])})",
+             g(s.loc[("per-micro-batch", n), "min_grad_cosine"]),
+             g(s.loc[("per-micro-batch", n), "final_test_accuracy"])]
+            for n in sorted(median.index)]
+    after = s.loc["after-accumulation"]
+    return table(["N", "after accumulation: vs exact",
+                  "per micro-batch: vs exact (median over steps)", "per micro-batch: min cosine",
+                  "per micro-batch: test accuracy"], rows) + (
+        f"\n\nThe big batch applies a gradient of norm {span(base.grad_norm)} at all "
+        f"{base.step.max()} steps "
+        f"(the clip is active at every one) and reaches test accuracy "
+        f"{span(s.loc['big-batch'].final_test_accuracy)}. After accumulation: floor "
+        f"{span(after.exact_floor)}, tolerance {span(after.rel_tolerance)}.")
+
+
+def block_scheduler(runs: dict, printed: dict) -> str:
+    run_dir = runs["scheduler"]
+    s = summary(run_dir).set_index("arm")
+    steps = read(run_dir, "steps")
+    lr = steps.pivot(index="step", columns="arm", values="lr")
+    loss = steps.pivot(index="step", columns="arm", values="loss")
+    last = int(lr.index.max())
+    shown_lr = [1, 2, 3, 8, 10, 11, 20]
+    shown_loss = [10, 20, last]
+    rows = []
+    for arm in ("big-batch", "per-step", "per-micro-batch"):
+        same = arm == "per-step" and (lr[arm] == lr["big-batch"]).all()
+        rows.append([arm, "the same, to the last bit" if same
+                     else ", ".join(g(lr.loc[t, arm]) for t in shown_lr),
+                     ", ".join(g(loss.loc[t, arm], 4) for t in shown_loss),
+                     g(s.loc[arm, "final_test_accuracy"])])
+    fix, bug = s.loc["per-step"], s.loc["per-micro-batch"]
+    return table(["arm", "lr at steps " + ", ".join(map(str, shown_lr)),
+                  "training loss at steps " + ", ".join(map(str, shown_loss)),
+                  "held-out accuracy"], rows) + (
+        f"\n\nper-step: vs exact {g(fix.max_exact_err)}, lr diff {g(fix.max_rel_lr_diff)}, "
+        f"losses within {g(fix.max_rel_loss_diff)} and weights within "
+        f"{g(steps[steps.arm == 'per-step'].weight_dist.max())} of the big batch's. "
+        f"per-micro-batch: vs exact {g(bug.max_exact_err)} (its gradient is right), lr diff "
+        f"{g(bug.max_rel_lr_diff)}, verdict {bug.verdict}.")
+
+
+def block_last_window(runs: dict, printed: dict) -> str:
+    run_dir = runs["last-window"]
+    probes = overall_probes(run_dir)
+    steps = read(run_dir, "steps")
+    base = steps[steps.arm == "big-batch"].set_index("step")
+    short = base.index[base.window_size < base.window_size.max()]
+    rows = []
+    for arm in ("by-size", "divided-by-n", "not-flushed"):
+        mine = probes[probes.arm == arm].set_index("step")
+        bad = mine[mine.exact_err > mine.rel_tolerance]
+        at_short = [g(mine.exact_err[t]) for t in short if t in mine.index]
+        rest = mine.drop(index=bad.index.union(short), errors="ignore")
+        rows.append([arm, ", ".join(at_short) or "not probed (no step of it ends there)",
+                     span(rest.exact_err),
+                     ", ".join(f"{g(v)} (step {t})" for t, v in bad.exact_err.items())
+                     or "none"])
+    by_step = steps.pivot(index="step", columns="arm", values="grad_norm")
+    t = short[0]
+    held = steps[(steps.arm == "not-flushed") & (steps.window_size > base.window_size.max())]
+    return table(["arm", "vs exact at the short windows (steps "
+                  + ", ".join(map(str, short)) + ")", "at the other probes",
+                  "steps over the tolerance"], rows) + (
+        f"\n\nThe short windows hold {base.loc[t, 'window_size']} examples. Gradient norm at "
+        f"step {t}: big batch {g(by_step.loc[t, 'big-batch'])}, divided-by-n "
+        f"{g(by_step.loc[t, 'divided-by-n'])}. not-flushed steps on "
+        f"{held.window_size.iloc[0]} examples at its step {held.step.iloc[0]}, gradient norm "
+        f"{g(held.grad_norm.iloc[0])}; cosine with the big batch's down to "
+        f"{g(probes[probes.arm == 'not-flushed'].cosine.min())}.")
+
+
+def block_dropout(runs: dict, printed: dict) -> str:
+    run_dir = runs["dropout"]
+    s = summary(run_dir)
+    s = s[~s.baseline].set_index("trial")
+    probes = overall_probes(run_dir)
+    cases = {0: "eval mode: no masks", 1: "train mode, `nn.Dropout`'s masks",
+             2: "train mode, per-example masks"}
+    rows = [[label, span(probes[probes.trial == trial].exact_err),
+             g(s.loc[trial, "max_rel_loss_diff"]), s.loc[trial, "verdict"]]
+            for trial, label in cases.items()]
+    checks = read(run_dir, "checks").iloc[0]
+    return table(["case", "vs exact, over the steps", "losses: largest relative difference",
+                  "verdict"], rows) + (
+        f"\n\nMean over {s.loc[1, 'mask_draws']} mask draws at step 1: "
+        f"{g(checks.value)} of the mean big-batch gradient's norm, tolerance (4 standard "
+        f"errors) {g(checks.tolerance)}: {'passed' if checks.passed else 'FAILED'}.")
+
+
+def block_dropout_draws(runs: dict, printed: dict) -> str:
+    s = summary(runs["dropout-draws"])
+    checks = read(runs["dropout-draws"], "checks").merge(
+        s[["trial", "arm", "mask_draws"]], on=["trial", "arm"]).sort_values("mask_draws")
+    return table(["mask draws", "mean difference / mean gradient", "tolerance", "passed"],
+                 [[str(r.mask_draws), g(r.value), g(r.tolerance), str(bool(r.passed))]
+                  for r in checks.itertuples()])
+
+
+def block_times(runs: dict, printed: dict, seconds: dict) -> str:
+    rows = [[f"`gradlab run {name}`", f"{seconds[name]:.0f} s"] for name in seconds]
+    return table(["command", "wall time"], rows)
+
+
+BLOCKS: dict[str, Callable] = {
+    "toy-output": block_toy_output, "equivalence": block_equivalence,
+    "equivalence-losses": block_equivalence_losses, "zero-grad-toy": block_zero_grad_toy,
+    "zero-grad": block_zero_grad, "batch-lr": block_batch_lr, "norm": block_norm,
+    "norm-training": block_norm_training, "norm-low": block_norm_low, "tokens": block_tokens,
+    "norm-bn": block_norm_bn, "norm-bn-steps": block_norm_bn_steps,
+    "norm-buffers": block_norm_buffers, "norm-buffers-steps": block_norm_buffers_steps,
+    "norm-eval": block_norm_eval, "norm-training-prose": block_norm_training_prose,
+    "tokens-training": block_tokens_training, "my_lm": block_my_lm, "margins": block_margins,
+    "pitfalls": block_pitfalls, "clipping": block_clipping, "scheduler": block_scheduler,
+    "last-window": block_last_window, "dropout": block_dropout,
+    "dropout-draws": block_dropout_draws,
+}
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    for name, body in blocks.items():
+        # (an empty block, the opening line right above the closing one, is filled too)
+        pattern = re.compile(rf"(<!-- numbers: {re.escape(name)} -->\n).*?"
+                             rf"(<!-- /numbers: {re.escape(name)} -->)", re.S)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, help="reuse the latest runs in this folder")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "readme")
+    parser.add_argument("--write", type=Path, help="rewrite the marked blocks of this file")
+    parser.add_argument("--only", help="comma-separated experiments to run")
+    args = parser.parse_args()
+    names = [*EXPERIMENTS, *LOCAL, *VARIANTS]
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    runs, printed, seconds = {}, {}, {}
+    for name in names:
+        if args.runs:
+            runs[name] = latest(args.runs, name)
+            printed[name] = (args.runs / name / "printed.txt").read_text() \
+                if (args.runs / name / "printed.txt").exists() else ""
+            timed = args.runs / name / "seconds.txt"
+            seconds[name] = float(timed.read_text()) if timed.exists() else float("nan")
+        else:
+            runs[name], seconds[name], printed[name] = run(name, args.out)
+            (args.out / name / "printed.txt").write_text(printed[name])
+            (args.out / name / "seconds.txt").write_text(f"{seconds[name]:.1f}")
+            print(f"{name}: {seconds[name]:.1f} s", file=sys.stderr)
+    blocks = {key: make(runs, printed) for key, make in BLOCKS.items()
+              if all(n in runs for n in needs(key))}
+    blocks["times"] = block_times(runs, printed, seconds)
+    if "equivalence" in seconds:
+        blocks["default-time"] = f"{seconds['equivalence']:.0f} s"
+    blocks["machine"] = (f"{platform.machine()}, {os.cpu_count()} cores, Python "
+                         f"{platform.python_version()}, torch "
+                         f"{__import__('torch').__version__}")
+    for key, body in blocks.items():
+        print(f"<!-- numbers: {key} -->\n{body}\n<!-- /numbers: {key} -->\n")
+    for figure, name in FIGURES.items():
+        if name in runs:
+            copy_figure(runs[name], figure)
+    for figure, (name, options, made) in PLOTTED.items():
+        if name in runs:
+            copy_figure(runs[name], figure, options, made)
+    if args.write:
+        args.write.write_text(replace_blocks(args.write.read_text(), blocks))
+
+
+def copy_figure(run_dir: Path, figure: str, options: tuple[str, ...] = (),
+                made_as: str | None = None) -> None:
+    """docs/figures/FIGURE from `gradlab plot RUN [OPTIONS]` (the run's standard figures, or
+    the ones the options ask for, which gradlab names MADE_AS)."""
+    subprocess.run([*gradlab(), "plot", str(run_dir), *options], cwd=ROOT, check=True,
+                   capture_output=True)
+    made = run_dir / "figures" / (made_as or figure)
+    if not made.exists():
+        raise SystemExit(f"gradlab plot {run_dir} made no {figure}: "
+                         f"{sorted(p.name for p in (run_dir / 'figures').iterdir())}")
+    (ROOT / "docs" / "figures" / figure).write_bytes(made.read_bytes())
+
+
+def needs(block: str) -> list[str]:
+    """The runs a block reads."""
+    if block.startswith("norm-training"):
+        return ["norm-training"]
+    if block.startswith("norm-") and block != "norm-low":
+        return ["norm"]
+    return {"toy-output": ["toy"], "equivalence-losses": ["equivalence"],
+            "margins": [], "pitfalls": ["clipping", "scheduler", "last-window", "dropout"]
+            }.get(block, [block])
+
+
+if __name__ == "__main__":
+    main()
