@@ -297,13 +297,17 @@ def check_setup(arm: Arm, setup: Setup) -> None:
         raise GradlabError(f"{name}: batch_size={s.batch_size} but the training set has {n} "
                            f"examples; use a smaller batch_size")
     has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in setup.model.modules())
-    if has_bn1d and smallest_micro_batch(n, s) == 1 and s.bn_mode == BnMode.TRAIN:
-        last = f", epoch_end={s.epoch_end}: {n % s.batch_size} examples at an epoch's end" \
-            if smallest_micro_batch(n, s) < s.batch_size // s.accum_steps else ""
+    smallest = smallest_micro_batch(n, s)
+    if has_bn1d and smallest == 1 and s.bn_mode == BnMode.TRAIN:
+        short = n % s.batch_size
+        at_end = smallest < s.batch_size // s.accum_steps  # only in an epoch's short window
+        where = f"{n} examples in windows of batch_size={s.batch_size} leave {short} at " \
+                f"each epoch's end, epoch_end={s.epoch_end}" \
+            if at_end else f"batch_size={s.batch_size}, accum_steps={s.accum_steps}"
+        fix = "another batch_size, or epoch_end=run-on" if at_end else "a smaller accum_steps"
         raise GradlabError(
-            f"{name}: BatchNorm1d would see micro-batches of 1 example "
-            f"(batch_size={s.batch_size}, accum_steps={s.accum_steps}{last}), so one value per "
-            f"channel and no batch statistics; use norm=gn or norm=ln, or a smaller accum_steps")
+            f"{name}: BatchNorm1d would see micro-batches of 1 example ({where}), so one value "
+            f"per channel and no batch statistics; use norm=gn or norm=ln, or {fix}")
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     engine.set_train_mode(setup.model, s)
     with torch.no_grad():

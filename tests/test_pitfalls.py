@@ -345,6 +345,9 @@ def test_the_mask_average_check_catches_a_biased_accumulation(tmp_path):
     (["equivalence", "--set", "mask_draws=8"], "there are none"),
     (["tokens", "--set", "dropout=0.1"], "only the built-in mlp and cnn have a dropout layer"),
     (["last-window", "--set", "epoch_end=drop"], "choose one of: run-on, short-window"),
+    (["last-window", "--set", "norm=bn", "--set", "batch_size=93"],
+     "BatchNorm1d would see micro-batches of 1 example (1024 examples in windows of "
+     "batch_size=93 leave 1 at each epoch's end"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_pitfall_setting_is_one_line_and_exit_2(tmp_path, args, expected):
     out = tmp_path / "results"
