@@ -291,6 +291,12 @@ def requested_plots(runs: list[Run], ys: list[str], x: str | None) -> list[Plot]
                for per, frame in (("step", steps), ("summary", rows))}
     plots = []
     for y in ys or [None]:
+        if y == "lr" and "applied_lr" in metrics["step"]:  # steps.csv's lr, as -y names it
+            axis = x or "step"
+            if axis in ("step", "examples"):
+                plots.append(curve_plot(runs, steps, "applied_lr", X_AXES[axis],
+                                        name=f"lr-vs-{X_AXES[axis]}"))
+                continue
         axis = x or ("step" if y is None or y in metrics["step"] else "N")
         per = "step" if axis in ("step", "examples") else "summary"
         y = y or DEFAULT_Y[axis]

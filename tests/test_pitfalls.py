@@ -277,6 +277,19 @@ def test_scheduler_experiment(scheduler_run):
     assert summary.loc["per-micro-batch", "verdict"] == "differs"
 
 
+def test_scheduler_run_gets_a_learning_rate_figure(scheduler_run, tmp_path):
+    from gradlab import plots, store
+
+    drawn = {p.name: p for p in plots.standard_plots([store.load_run(scheduler_run)])}
+    assert "lr" in drawn and drawn["lr"].y == "applied_lr"
+    lr = drawn["lr"].data.set_index(["arm", "step"])["applied_lr"]
+    steps = pd.read_csv(scheduler_run / "steps.csv").set_index(["arm", "step"])["lr"]
+    assert lr.sort_index().tolist() == steps.sort_index().tolist()
+    result = gradlab("plot", scheduler_run, "-y", "lr", "--out", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "scheduler-lr-vs-step.png").exists()
+
+
 @pytest.fixture(scope="module")
 def last_window_run(tmp_path_factory) -> Path:
     return run_dir("last-window", "--set", "steps=13",
