@@ -283,6 +283,8 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     judged: pd.DataFrame | None = None  # one row per (run, trial, arm), verdict and check
+    settings: list[str] = field(default_factory=list)  # the arms' setting columns
+    experiment: str = ""
 
     def check_of(self, trial: int, arm: str) -> str:
         """ok | FAIL | n/a | '' for one arm of one trial (of a single run)."""
@@ -365,7 +367,7 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
     return Comparison(title, columns, table.reset_index(drop=True), grouped is not None,
                       notes(rows, tol, recorded, reference, at_step, grouped is not None)
                       + [note for note in [repeated_seeds(rows, identity)] if note],
-                      failures(rows, settings), rows)
+                      failures(rows, settings), rows, settings, runs[0].experiment)
 
 
 def telling(rows: pd.DataFrame, settings: list[str]) -> list[str]:
@@ -427,3 +429,169 @@ def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
     if grouped:
         out.append("mean ± std (sample std) over rows that differ only by seed; n seeds each.")
     return out
+
+
+# ----------------------------------------------------------------------------- the pivot
+#
+# The compact answer: one row per arm and setting, one column per N, each cell the judged
+# number with a mark saying whether the spec's expectation held. Built from the judged rows
+# of a Comparison, so run, compare and report show the same verdicts as the full table.
+
+MARKS = {"ok": "✓", "FAIL": "✗", "n/a": "·"}
+
+
+@dataclass
+class PivotCell:
+    text: str     # the number, and its mark when something was checked
+    outcome: str  # ok | FAIL | n/a (as the check column) | baseline | '' (nothing expected)
+
+
+@dataclass
+class Pivot:
+    title: str
+    labels: list[str]   # the columns that name a row: settings that tell rows apart, the arm
+    ns: list[int]       # one column per N
+    rows: list[tuple[list[str], list[PivotCell]]]
+    totals: str         # one line: how many expectations held
+    notes: list[str]    # how to read a cell
+
+    def header(self) -> list[str]:
+        return [HEADERS.get(c, c.replace("_", " ")) for c in self.labels] + \
+            [f"N={n}" for n in self.ns]
+
+    def markdown(self) -> str:
+        def line(cells):
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        lines = [line(self.header()),
+                 line(["---"] * len(self.labels) + ["---:"] * len(self.ns)),
+                 *(line([*labels, *(c.text for c in cells)]) for labels, cells in self.rows)]
+        return "\n".join(lines) + "\n" + "".join(f"\n{text}\n"
+                                                 for text in [self.totals, *self.notes])
+
+
+def short(value: Any) -> str:
+    """A number in as few characters as a table cell can take: 2 significant digits, the
+    exponent without its padding (1.8e-7, not 1.80e-07)."""
+    if is_missing(value):
+        return "-"
+    text = f"{value:.2g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.1e}"
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}e{int(exponent)}" if e else text
+
+
+def cell_n(rows: pd.DataFrame) -> pd.Series:
+    """The N a row belongs under: the sweep's N where the sweep sets it (the baseline's own N
+    is 1 in every trial), else the arm's own."""
+    swept = pd.to_numeric(rows["swept_accum_steps"], errors="coerce")
+    return swept.fillna(rows["accum_steps"]).astype(int)
+
+
+def pivot_labels(comparison: Comparison) -> list[str]:
+    """The settings that tell the pivot's rows apart (N and seed aside), then the arm."""
+    rows = comparison.judged
+    settings = [c for c in telling(rows, comparison.settings)
+                if c not in ("accum_steps", "micro_batch", "seed")]
+    arms = ["arm"] if rows["arm"].nunique() > 1 or not rows["baseline"].all() else []
+    return [*settings, *arms]
+
+
+def pivot_groups(rows: pd.DataFrame, labels: list[str]):
+    """(label values, {N: rows}) per pivot row, in the order the run went: settings as the
+    trials came, arms as the spec lists them."""
+    rows = rows.assign(_n=cell_n(rows))
+    keys = [tuple(fmt(row[c]) for c in labels) for _, row in rows.iterrows()]
+    arm_order = {arm: i for i, arm in enumerate(dict.fromkeys(rows["arm"]))}
+    first = {}
+    for key in keys:
+        first.setdefault(key[:-1] if "arm" in labels else key, len(first))
+    rows = rows.assign(_key=keys)
+    ordered = sorted(dict.fromkeys(keys), key=lambda k: (
+        first[k[:-1] if "arm" in labels else k],
+        arm_order[k[-1]] if "arm" in labels else 0))
+    for key in ordered:
+        group = rows[rows["_key"].map(lambda k, key=key: k == key)]
+        yield list(key), {int(n): part for n, part in group.groupby("_n")}
+
+
+def judged_cell(part: pd.DataFrame, measure: str) -> PivotCell:
+    """The worst error of the rows under one cell (several when seeds or runs repeat it),
+    marked FAIL when any of them failed."""
+    checks = set(part["check"])
+    outcome = next((c for c in ("FAIL", "ok", "n/a") if c in checks), "")
+    if not outcome and part["baseline"].all():
+        outcome = "baseline"
+    # the baseline's own distance from the exact gradient is the floor
+    column = "exact_floor" if outcome == "baseline" and measure == "max_exact_err" else measure
+    values = pd.to_numeric(part[column], errors="coerce")
+    text = short(values.max())
+    # the mark right after the number: at 80 columns every character counts
+    return PivotCell(f"{text}{MARKS[outcome]}" if outcome in MARKS else text, outcome)
+
+
+def measured_cell(part: pd.DataFrame, measure: str) -> PivotCell:
+    """Mean ± std over the seeds of what a run of one arm measured (a seed repeated across
+    runs counts once)."""
+    per_seed = pd.to_numeric(part[measure], errors="coerce").groupby(part["seed"]).mean()
+    mean, std = per_seed.mean(), per_seed.std() if len(per_seed) > 1 else math.nan
+    mean_text = fmt(float(mean)) if not is_missing(mean) else "-"
+    return PivotCell(mean_text if is_missing(std) else f"{mean_text}±{std:.1g}", "")
+
+
+def totals(rows: pd.DataFrame) -> str:
+    """'50 expectations hold, 10 n/a, 0 fail': one count per arm of each trial."""
+    counts = rows["check"].value_counts()
+    if not counts.reindex(["ok", "n/a", "FAIL"]).fillna(0).any():
+        return "no expectations: the spec promises nothing about these arms"
+    held = counts.get("ok", 0)
+    return (f"{held} {'expectation holds' if held == 1 else 'expectations hold'}, "
+            f"{counts.get('n/a', 0)} n/a, {counts.get('FAIL', 0)} fail")
+
+
+def pivot(comparison: Comparison) -> Pivot:
+    """The compact table of a comparison (see the section comment above)."""
+    rows = comparison.judged
+    labels = pivot_labels(comparison)
+    groups = list(pivot_groups(rows, labels))
+    ns = sorted({n for _, cells in groups for n in cells})
+    repeated = max(len(part) for _, cells in groups for part in cells.values()) > 1
+    at = f", at step {comparison.title.rsplit('at step ', 1)[1]}" \
+        if ", at step " in comparison.title else ""
+    if rows["baseline"].all():  # one arm: each trial a training run of its own
+        measure = next(m for m in ("final_test_accuracy", "final_test_loss", "final_loss")
+                       if m in rows and rows[m].notna().any())
+        seeds = rows["seed"].nunique() if "seed" in rows else 1
+        sizes = sorted(set(rows["batch_size"]))
+        title = (f"{comparison.experiment}: {HEADERS.get(measure, measure)} by N{at}"
+                 + (f" (micro-batch B/N, B = {sizes[0]})" if len(sizes) == 1 else "")
+                 + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""))
+        table = [(labels_, [measured_cell(cells[n], measure) if n in cells
+                            else PivotCell("", "") for n in ns]) for labels_, cells in groups]
+        return Pivot(title, labels, ns, table,
+                     "no expectations: one arm, each trial a training run of its own", [])
+
+    measure = "max_exact_err" if rows.get("max_exact_err", pd.Series()).notna().any() \
+        else "max_rel_grad_err"
+    name = HEADERS[measure]
+    if measure == "max_exact_err":  # the floor is recorded with the arms probed against it
+        floors = rows.groupby(["run", "trial"])["exact_floor"].transform("max")
+        rows = rows.assign(exact_floor=rows["exact_floor"].fillna(floors))
+        groups = list(pivot_groups(rows, labels))
+    table = [(labels_, [judged_cell(cells[n], measure) if n in cells else PivotCell("", "")
+                        for n in ns]) for labels_, cells in groups]
+    marks = {c.outcome for _, cells in table for c in cells}
+    if measure == "max_exact_err":
+        what = (f"{name}: the arm's largest relative distance from the exact float64 "
+                f"gradient over the probes (the baseline's row: its own, the floor)")
+    else:
+        what = f"{name}: the arm's relative distance from the baseline's gradient (an old run)"
+    legend = [f"{MARKS['ok']} as the spec expects", f"{MARKS['FAIL']} not as it expects"]
+    if "n/a" in marks:
+        legend.append(f"{MARKS['n/a']} not checked (expected to differ, at N = 1: nothing to "
+                      f"accumulate)")
+    note = f"{what}{at}; {', '.join(legend)}."
+    if repeated:
+        note += " A cell holding several seeds or runs shows the worst."
+    return Pivot(f"{comparison.experiment}: each arm's distance from the exact gradient "
+                 f"({name}) by N{at}" if measure == "max_exact_err" else
+                 f"{comparison.experiment}: {name} by N{at}", labels, ns, table,
+                 totals(rows), [note + " --table full: every column and the rule."])
