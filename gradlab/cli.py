@@ -112,27 +112,23 @@ app = typer.Typer(
 )
 
 
+# off a terminal (a pipe, a log file, CI) lines are as long as they need to be: a table is
+# printed whole, one line per row, and a message on one line
+UNBOUNDED = 10_000
+
+
 def console(stderr: bool = False) -> Console:
     """Rich's console on stdout or stderr, made at each use, so that it writes to the
-    stream and the width (COLUMNS) in force then. Off a terminal rich would wrap at 80
-    columns: a log or a pipe gets long lines instead (tables: see print_table)."""
+    stream and the width (COLUMNS) in force then. A terminal (or a set COLUMNS) gets its
+    width, tables squeezed to fit; anything else long lines (rich would wrap at 80)."""
     stream = sys.stderr if stderr else sys.stdout
-    wide = not stream.isatty() and "COLUMNS" not in os.environ
-    return Console(stderr=stderr, width=160 if wide else None)
+    fixed = stream.isatty() or "COLUMNS" in os.environ
+    return Console(stderr=stderr, width=None if fixed else UNBOUNDED)
 
 
 def say(message: str, markup: bool = False) -> None:
     """A message for people: stderr, never wrapped into the middle of a word."""
     console(stderr=True).print(message, markup=markup, highlight=False, soft_wrap=True)
-
-
-def print_table(out: Console, table: Table) -> None:
-    """A terminal (or a set COLUMNS) squeezes the table to fit, folding the columns that
-    may fold; a log file, a pipe or CI output gets it whole, one line per row."""
-    if not out.is_terminal and "COLUMNS" not in os.environ:
-        natural = out.measure(table, options=out.options.update(max_width=10_000)).maximum
-        out = Console(stderr=out.stderr, width=max(out.width, natural))
-    out.print(table)
 
 
 def version_callback(value: bool) -> None:
@@ -153,6 +149,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
                                                       "nothing else (no table, no progress).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder that receives the run "
                                                           "directory.")]
+
+
+def complete_spec_names(incomplete: str) -> list[str]:
+    """Shell completion of an experiment name (gradlab --install-completion)."""
+    return [name for name in spec.findable_specs() if name.startswith(incomplete)]
 
 
 SetOpt = Annotated[list[str] | None, typer.Option(
@@ -227,7 +228,7 @@ def run(
     experiment: Annotated[str, typer.Argument(
         help="An experiment name (see `gradlab list`: ./experiments/NAME.toml first, then the "
              "built-ins) or a path to a spec .toml.",
-        show_default=True)] = "equivalence",
+        show_default=True, autocompletion=complete_spec_names)] = "equivalence",
     set_: SetOpt = None,
     out: OutOpt = Path("results"),
     table: TableOpt = "compact",
@@ -526,7 +527,7 @@ def render_trace(traces: list[dict], weights: list[dict], out: Console) -> None:
             table.add_row(str(row["trial"]), Text(row["arm"]), str(row["step"]),
                           "optimizer step", Text(f"{row['param']}[{row['element']}]"),
                           f"{row['value']:.6g}")
-    print_table(out, table)
+    out.print(table)
 
 
 # ----------------------------------------------------------------------------- specs
@@ -557,7 +558,7 @@ def list_(json_out: JsonOpt = False) -> None:
     table.add_column(style="dim", overflow="fold")
     for name, path in found.items():
         table.add_row(name, Text(experiments[name]), Text(_where_spec(name, path)))
-    print_table(out, table)
+    out.print(table)
     for title, rows in (("models (--set model=NAME)", catalog.MODELS),
                         ("datasets (--set dataset=NAME)", catalog.DATASETS)):
         table = Table(title=title, title_justify="left", show_header=False)
@@ -565,14 +566,14 @@ def list_(json_out: JsonOpt = False) -> None:
         table.add_column()
         for name, text in rows.items():
             table.add_row(name, Text(text))  # a description is text, never markup: [norm]
-        print_table(out, table)
+        out.print(table)
     table = Table(title="settings (--set KEY=VALUE; KEY=a,b,c sweeps)", title_justify="left")
     table.add_column("setting", style="bold cyan", no_wrap=True)
     table.add_column("default")
     table.add_column("what it does")
     for row in settings:
         table.add_row(row["name"], Text(repr(row["default"])), Text(row["help"]))
-    print_table(out, table)
+    out.print(table)
 
 
 def _describe(path: Path) -> str:
@@ -595,7 +596,7 @@ def _where_spec(name: str, path: Path) -> str:
 def show(
     experiment: Annotated[str, typer.Argument(
         help="An experiment name (see `gradlab list`) or a path to a spec .toml.",
-        show_default=False)],
+        show_default=False, autocompletion=complete_spec_names)],
     set_: SetOpt = None,
     estimate: Annotated[bool, typer.Option(
         "--estimate/--no-estimate", help="Build each model once and time one step, as `run` "
@@ -629,26 +630,22 @@ def show(
     out.print(f"spec: {path} ({origin})", markup=False, highlight=False, soft_wrap=True)
     for note in loaded.notes:
         say(note)
-    base = spec.Settings()
-    first = trials[0]
-    table = Table(title="arms (settings that differ from the defaults; the sweep's values "
-                        "vary by trial)", title_justify="left", box=box.SIMPLE_HEAD)
+    if loaded.settings:
+        out.print(Text.assemble(("settings of every arm: ", "bold"),
+                                _assignments(loaded.settings)), soft_wrap=True)
+    table = Table(title="arms", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("arm", style="bold cyan", no_wrap=True)
     table.add_column("expect", no_wrap=True)
     table.add_column("what it does")
-    table.add_column("settings", overflow="fold")
-    swept = set(first.swept)
-    for arm in first.arms:
-        changed = {f.name: getattr(arm.settings, f.name) for f in dataclasses.fields(base)
-                   if getattr(arm.settings, f.name) != getattr(base, f.name)
-                   and f.name not in swept}
+    table.add_column("its own settings", overflow="fold")
+    for name, arm in loaded.arms.items():
         # a sweep value may set what the arm expects (norm: differs only for BatchNorm)
         expects = dict.fromkeys(a.expect or "-" for t in trials for a in t.arms
-                                if a.name == arm.name)
+                                if a.name == name)
         expect = "baseline" if arm.baseline else " or ".join(expects)
-        table.add_row(arm.name, expect, Text(arm.help or "-"),
-                      Text(" ".join(f"{k}={v}" for k, v in changed.items()) or "-"))
-    print_table(out, table)
+        table.add_row(name, expect, Text(arm.help or "-"),
+                      Text(_assignments(arm.overrides) or "-"))
+    out.print(table)
     if loaded.sweep:
         table = Table(title="sweep (one trial per combination)", title_justify="left",
                       box=box.SIMPLE_HEAD)
@@ -658,7 +655,7 @@ def show(
             shown = [", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict)
                      else str(value) for value in values]
             table.add_row(axis, Text(" | ".join(shown)))
-        print_table(out, table)
+        out.print(table)
     arms = {a.name for t in trials for a in t.arms}
     steps = sum(a.settings.steps for t in trials for a in t.arms)
     out.print(f"{_count(len(trials), 'trial')} x {_count(len(arms), 'arm')} = "
@@ -672,11 +669,15 @@ def show(
               markup=False, highlight=False, soft_wrap=True)
 
 
+def _assignments(values: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
 @app.command()
 def init(
     experiment: Annotated[str, typer.Argument(
         help="The built-in experiment to start from (see `gradlab list`).",
-        show_default=False)],
+        show_default=False, autocompletion=complete_spec_names)],
     name: Annotated[str | None, typer.Option(
         "--as", help="Name of your copy (default: the same name; yours is then found first, "
                      "in place of the built-in).")] = None,
@@ -837,8 +838,7 @@ def render_comparison(result: compare.Comparison, out: Console) -> None:
                 if n or c in KEY_COLUMNS)
     folded_settings = 3 * sum(1 for c, n in zip(result.columns, numeric, strict=True)
                               if not n and c not in KEY_COLUMNS)
-    fits = whole + folded_settings + len(result.columns) - 1 <= out.width \
-        or not (out.is_terminal or "COLUMNS" in os.environ)
+    fits = whole + folded_settings + len(result.columns) - 1 <= out.width
     for column, header, width, number in zip(result.columns, headers, widest, numeric,
                                              strict=True):
         justify = "right" if result.numeric(column) else "left"
@@ -850,7 +850,7 @@ def render_comparison(result: compare.Comparison, out: Console) -> None:
     for cells in rows:
         table.add_row(*(Text(cell, style=_style(column, cell))
                         for column, cell in zip(result.columns, cells, strict=True)))
-    print_table(out, table)
+    out.print(table)
     for note in result.notes:
         out.print(note, markup=False, highlight=False, soft_wrap=True)
 
@@ -892,7 +892,7 @@ def render_pivot(pivot: compare.Pivot, out: Console) -> None:
             any(c.outcome == "baseline" for c in cells) else ""
         table.add_row(*(Text(label, style=dim) for label in labels),
                       *(Text(c.text, style=OUTCOME_STYLE.get(c.outcome, "")) for c in cells))
-    print_table(out, table)
+    out.print(table)
     failed = " 0 fail" not in pivot.totals and "fail" in pivot.totals
     out.print(Text(pivot.totals, style="bold red" if failed else "bold"), soft_wrap=True)
     for note in pivot.notes:
