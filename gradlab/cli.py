@@ -812,11 +812,11 @@ OUTCOME_STYLE = {"ok": "green", "FAIL": "bold red", "n/a": "dim", "baseline": "d
 KEY_COLUMNS = ("arm", "accum_steps", "verdict", "check")
 
 
-def compact_table(title: str) -> Table:
+def compact_table() -> Table:
     """A table whose columns are one space apart: no rules, no edges, no padding; every
-    character goes to the numbers."""
-    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
-                 padding=0)
+    character goes to the numbers. (Its title is printed above it, on its own: a table
+    narrower than its title would wrap the title.)"""
+    return Table(box=box.SIMPLE_HEAD, show_edge=False, padding=0)
 
 
 def render_comparison(result: compare.Comparison, out: Console) -> None:
@@ -825,7 +825,7 @@ def render_comparison(result: compare.Comparison, out: Console) -> None:
     When it is wider than the terminal, the settings fold first (wrap inside their cells);
     the numbers fold only when even that is not enough; arm, N, verdict and check never do.
     """
-    table = compact_table(result.title)
+    table = compact_table()
     rows = result.cells()
     widest = [max(len(cells[j]) for cells in rows) if rows else 0
               for j in range(len(result.columns))]
@@ -850,9 +850,10 @@ def render_comparison(result: compare.Comparison, out: Console) -> None:
     for cells in rows:
         table.add_row(*(Text(cell, style=_style(column, cell))
                         for column, cell in zip(result.columns, cells, strict=True)))
+    out.print(Text(result.title, style="bold"))
     out.print(table)
-    for note in result.notes:
-        out.print(note, markup=False, highlight=False, soft_wrap=True)
+    for note in result.notes:  # wrapped at the terminal's width, between words
+        out.print(note, markup=False, highlight=False)
 
 
 def _wrapped(header: str, width: int) -> str:
@@ -876,7 +877,7 @@ def _style(column: str, cell: str) -> str:
 def render_pivot(pivot: compare.Pivot, out: Console) -> None:
     """The compact table: one row per arm and setting, one column per N; then the totals
     and how to read a cell. The N columns never shrink; the setting and arm columns fold."""
-    table = compact_table(pivot.title)
+    table = compact_table()
     header = pivot.header()
     for name, label in zip(pivot.labels, header, strict=False):
         if name == "arm":  # a row's name: whole, like the numbers
@@ -892,11 +893,12 @@ def render_pivot(pivot: compare.Pivot, out: Console) -> None:
             any(c.outcome == "baseline" for c in cells) else ""
         table.add_row(*(Text(label, style=dim) for label in labels),
                       *(Text(c.text, style=OUTCOME_STYLE.get(c.outcome, "")) for c in cells))
+    out.print(Text(pivot.title, style="bold"))
     out.print(table)
     failed = " 0 fail" not in pivot.totals and "fail" in pivot.totals
-    out.print(Text(pivot.totals, style="bold red" if failed else "bold"), soft_wrap=True)
-    for note in pivot.notes:
-        out.print(note, markup=False, highlight=False, soft_wrap=True)
+    out.print(Text(pivot.totals, style="bold red" if failed else "bold"))
+    for note in pivot.notes:  # wrapped at the terminal's width, between words
+        out.print(note, markup=False, highlight=False)
 
 
 @app.command()
