@@ -326,8 +326,9 @@ class RunProgress:
     """A run's progress on stderr, from the optimizer steps done (runner.run_trials calls
     ``advance(n)``). On a terminal: a bar with the time left. Off one (a CI log, a file):
     a line every 10 s and one at the end, so a log shows the run moving without a line per
-    step. The time left is the time so far scaled by the steps left; before the first step,
-    preflight's estimate."""
+    step. The time left is the steps left at the pace since the first step (building the
+    first models takes a while and says nothing about the pace); before that, preflight's
+    estimate."""
 
     EVERY = 10.0  # seconds between lines off a terminal
 
@@ -336,6 +337,7 @@ class RunProgress:
         self.name, self.trials, self.total, self.estimate = name, trials, total, estimate
         self.shown, self.clock = shown, clock
         self.done = 0
+        self.first: tuple[float, int] | None = None  # (time, steps done) at the first step
         self.bar = None
         from gradlab.runner import format_seconds  # run has imported runner already
 
@@ -370,9 +372,10 @@ class RunProgress:
                 f"{self.format(self.clock() - self.started)}")
 
     def seconds_left(self) -> float:
-        if not self.done:
-            return self.estimate
-        return (self.clock() - self.started) * (self.total - self.done) / self.done
+        if self.first is None or self.done == self.first[1]:
+            return self.estimate * (self.total - self.done) / max(self.total, 1)
+        since, done_then = self.first
+        return (self.clock() - since) * (self.total - self.done) / (self.done - done_then)
 
     def left(self) -> str:
         return f"about {self.format(self.seconds_left())} left" if self.done < self.total else ""
@@ -384,6 +387,8 @@ class RunProgress:
 
     def advance(self, n: int) -> None:
         self.done += n
+        if self.first is None:
+            self.first = (self.clock(), self.done)
         if self.bar is not None:
             self.bar.update(self.task, advance=n, left=self.left())
         elif self.shown and self.done < self.total and \

@@ -366,17 +366,21 @@ def test_off_a_terminal_progress_is_a_line_every_10_s_with_the_time_left(capsys)
     clock = Clock()
     with cli.RunProgress("equivalence", 30, 100, estimate=50.0, clock=clock) as progress:
         assert progress.left() == "about 50 s left"  # before any step: preflight's estimate
-        for second in range(1, 41):  # one step every 0.4 s... then steps every second
+        clock.now = 5.0  # building the first models: no step yet
+        assert progress.left() == "about 50 s left"
+        for second in range(6, 46):  # 2 steps a second, then 1 from t = 16
             clock.now = float(second)
-            progress.advance(2 if second <= 10 else 1)
+            progress.advance(2 if second <= 15 else 1)
         clock.now = 80.0
         progress.advance(100 - progress.done)
     lines = capsys.readouterr().err.splitlines()
+    # the pace counts from the first step (t = 6, 2 steps done): at t = 10, 8 more in 4 s,
+    # so the 90 left take 45 s (from the start, 10 steps in 10 s, it would say 90 s)
     assert lines == [
-        "equivalence: 20 of 100 steps (20%), 10 s so far, about 40 s left",
-        "equivalence: 30 of 100 steps (30%), 20 s so far, about 47 s left",
-        "equivalence: 40 of 100 steps (40%), 30 s so far, about 45 s left",
-        "equivalence: 50 of 100 steps (50%), 40 s so far, about 40 s left",
+        "equivalence: 10 of 100 steps (10%), 10 s so far, about 45 s left",   # 4 * 90 / 8
+        "equivalence: 25 of 100 steps (25%), 20 s so far, about 46 s left",   # 14 * 75 / 23
+        "equivalence: 35 of 100 steps (35%), 30 s so far, about 47 s left",   # 24 * 65 / 33
+        "equivalence: 45 of 100 steps (45%), 40 s so far, about 43 s left",   # 34 * 55 / 43
         "equivalence: 100 of 100 steps done in 80 s"]
 
 
@@ -386,3 +390,12 @@ def test_progress_is_silent_with_json(capsys):
         clock.now = 30.0
         progress.advance(2)
     assert capsys.readouterr().err == ""
+
+
+def test_the_version_is_the_package_version():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == __version__
+    assert pyproject["project"]["license"] == "MIT"
+    assert (Path(__file__).parents[1] / "LICENSE").read_text().startswith("MIT License")
