@@ -68,6 +68,12 @@ def early_stop(signum: int, what: str = "") -> SystemExit:
     return SystemExit(128 + signum)
 
 
+def starting() -> str:
+    """What a stop before any command began adds to its line: nothing was written."""
+    return (" before the run started; nothing was written" if sys.argv[1:2] == ["run"]
+            else " while starting; nothing was written")
+
+
 # before anything slow: torch and pandas take seconds to import, and a Ctrl-C meanwhile gets
 # the one line too (only Python's own start-up, some milliseconds, comes before this)
 _handlers_before_import = catch_stop_signals(_raise_interrupted)
@@ -95,9 +101,7 @@ try:
     if TYPE_CHECKING:  # the modules that import torch or pandas: only inside the commands
         from gradlab import compare, runner, store
 except Interrupted as stop:
-    starting = (" before the run started; nothing was written" if sys.argv[1:2] == ["run"]
-                else " while starting; nothing was written")
-    raise early_stop(stop.signum, starting) from None
+    raise early_stop(stop.signum, starting()) from None
 finally:
     restore_signal_handlers(_handlers_before_import)
 
@@ -191,6 +195,7 @@ class Stop:
     signum: int | None = None
     finishing = False  # writing the end state: a second signal must not cut it short
     reported = False  # the one line is out
+    began = False  # a command that writes files has begun: "nothing was written" may be false
 
 
 def _on_stop_signal(signum, frame):
@@ -206,18 +211,20 @@ def _on_stop_signal(signum, frame):
 
 def main() -> None:
     """The `gradlab` command: the app, with SIGINT and SIGTERM ending it in one line."""
-    Stop.signum, Stop.finishing, Stop.reported = None, False, False
+    Stop.signum, Stop.finishing, Stop.reported, Stop.began = None, False, False, False
     previous = catch_stop_signals(_on_stop_signal)
     try:
         app()
     except KeyboardInterrupt:  # outside any command, e.g. while typer reads the arguments
         Stop.finishing = True
-        raise early_stop(Stop.signum or signal.SIGINT) from None
+        raise early_stop(Stop.signum or signal.SIGINT,
+                         "" if Stop.began else starting()) from None
     except SystemExit as ended:
-        # typer turns a KeyboardInterrupt that leaves a command into a silent exit 130
+        # typer turns a KeyboardInterrupt that leaves a command (or its argument parsing)
+        # into a silent exit 130
         if ended.code == 130 and Stop.signum is not None and not Stop.reported:
             Stop.finishing = True
-            raise early_stop(Stop.signum) from None
+            raise early_stop(Stop.signum, "" if Stop.began else starting()) from None
         raise
     finally:
         restore_signal_handlers(previous)
@@ -250,6 +257,7 @@ def run(
 
     * `gradlab run my_spec.toml --set model=mypkg.nets:make_net --json`
     """
+    Stop.began = True
     check_choice("--table", table, TABLES)
     run_dir = None
     try:
@@ -452,8 +460,9 @@ def end_run(message: str, code: int, status: str, json_out: bool,
     """A run that did not complete: its one line, and with --json its one document."""
     Stop.reported = True
     if json_out:
-        typer.echo(store.dumps({"status": status, "error": " ".join(message.split()),
-                                "run_dir": str(run_dir.path) if run_dir else None}))
+        # plain json: store (and pandas) may be what was being imported when it stopped
+        typer.echo(json.dumps({"status": status, "error": " ".join(message.split()),
+                               "run_dir": str(run_dir.path) if run_dir else None}, indent=2))
     return fail(message, code)
 
 
@@ -697,6 +706,7 @@ def init(
     * `gradlab init norm --as my-norm` - writes experiments/my-norm.toml, run by
       `gradlab run my-norm`
     """
+    Stop.began = True
     builtins = spec.builtin_specs()
     if experiment not in builtins:
         raise fail(f"no built-in experiment '{experiment}'; choose one of "
@@ -928,6 +938,7 @@ def plot(
 
     * `gradlab plot RUN -y grad_norm -x examples --format svg --out figs/`
     """
+    Stop.began = True
     try:
         # matplotlib and pandas are slow to import: only the commands that need them do
         from gradlab import plots, store
@@ -952,6 +963,7 @@ def report(
 
     Example: `gradlab report results/equivalence-20250101-120000`
     """
+    Stop.began = True
     try:
         from gradlab import report as reports  # imports matplotlib: slow, so only here
         from gradlab import store
