@@ -131,7 +131,7 @@ def console(stderr: bool = False) -> Console:
 
 
 def say(message: str, markup: bool = False) -> None:
-    """A message for people: stderr, never wrapped into the middle of a word."""
+    """A message for people, on stderr, in one line (a terminal wraps it as it wraps)."""
     console(stderr=True).print(message, markup=markup, highlight=False, soft_wrap=True)
 
 
@@ -148,6 +148,7 @@ def main_options(
         help="Print gradlab's version and exit.")] = False,
 ) -> None:
     """The options that come before a command."""
+
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and "
                                                       "nothing else (no table, no progress).")]

@@ -285,6 +285,7 @@ class Comparison:
     judged: pd.DataFrame | None = None  # one row per (run, trial, arm), verdict and check
     settings: list[str] = field(default_factory=list)  # the arms' setting columns
     experiment: str = ""
+    at_step: int | None = None  # --at-step: the metrics are read at this step
 
     def check_of(self, trial: int, arm: str) -> str:
         """ok | FAIL | n/a | '' for one arm of one trial (of a single run)."""
@@ -367,7 +368,7 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
     return Comparison(title, columns, table.reset_index(drop=True), grouped is not None,
                       notes(rows, tol, recorded, reference, at_step, grouped is not None)
                       + [note for note in [repeated_seeds(rows, identity)] if note],
-                      failures(rows, settings), rows, settings, runs[0].experiment)
+                      failures(rows, settings), rows, settings, runs[0].experiment, at_step)
 
 
 def telling(rows: pd.DataFrame, settings: list[str]) -> list[str]:
@@ -497,20 +498,18 @@ def pivot_labels(comparison: Comparison) -> list[str]:
 
 def pivot_groups(rows: pd.DataFrame, labels: list[str]):
     """(label values, {N: rows}) per pivot row, in the order the run went: settings as the
-    trials came, arms as the spec lists them."""
+    trials came, then the arms as the spec lists them (the arm is the last label)."""
+    settings = [c for c in labels if c != "arm"]
+    point = [tuple(fmt(row[c]) for c in settings) for _, row in rows.iterrows()]
     rows = rows.assign(_n=cell_n(rows))
-    keys = [tuple(fmt(row[c]) for c in labels) for _, row in rows.iterrows()]
-    arm_order = {arm: i for i, arm in enumerate(dict.fromkeys(rows["arm"]))}
-    first = {}
-    for key in keys:
-        first.setdefault(key[:-1] if "arm" in labels else key, len(first))
-    rows = rows.assign(_key=keys)
-    ordered = sorted(dict.fromkeys(keys), key=lambda k: (
-        first[k[:-1] if "arm" in labels else k],
-        arm_order[k[-1]] if "arm" in labels else 0))
-    for key in ordered:
-        group = rows[rows["_key"].map(lambda k, key=key: k == key)]
-        yield list(key), {int(n): part for n, part in group.groupby("_n")}
+    arms = list(dict.fromkeys(rows["arm"])) if "arm" in labels else [None]
+    for setting in dict.fromkeys(point):
+        at_setting = rows[[p == setting for p in point]]
+        for arm in arms:
+            group = at_setting if arm is None else at_setting[at_setting["arm"] == arm]
+            if len(group):
+                yield [*setting, *([arm] if arm else [])], \
+                    {int(n): part for n, part in group.groupby("_n")}
 
 
 def judged_cell(part: pd.DataFrame, measure: str) -> PivotCell:
@@ -550,48 +549,52 @@ def totals(rows: pd.DataFrame) -> str:
 def pivot(comparison: Comparison) -> Pivot:
     """The compact table of a comparison (see the section comment above)."""
     rows = comparison.judged
+    at = f", at step {comparison.at_step}" if comparison.at_step is not None else ""
+    if rows["baseline"].all():  # one arm: each trial a training run of its own
+        return measured_pivot(comparison, at)
+    if "max_exact_err" in rows and rows["max_exact_err"].notna().any():
+        measure = "max_exact_err"
+        # the floor is recorded on the rows of the arms probed against the baseline
+        floors = rows.groupby(["run", "trial"])["exact_floor"].transform("max")
+        rows = rows.assign(exact_floor=rows["exact_floor"].fillna(floors))
+        title = (f"{comparison.experiment}: each arm's distance from the exact gradient "
+                 f"({HEADERS[measure]}) by N{at}")
+        what = (f"{HEADERS[measure]}: the arm's largest relative distance from the exact "
+                f"float64 gradient over the probes (the baseline's row: its own, the floor)")
+    else:  # a run made before the exact reference was recorded
+        measure = "max_rel_grad_err"
+        title = f"{comparison.experiment}: {HEADERS[measure]} by N{at}"
+        what = f"{HEADERS[measure]}: the arm's relative distance from the baseline's gradient"
     labels = pivot_labels(comparison)
     groups = list(pivot_groups(rows, labels))
     ns = sorted({n for _, cells in groups for n in cells})
-    repeated = max(len(part) for _, cells in groups for part in cells.values()) > 1
-    at = f", at step {comparison.title.rsplit('at step ', 1)[1]}" \
-        if ", at step " in comparison.title else ""
-    if rows["baseline"].all():  # one arm: each trial a training run of its own
-        measure = next(m for m in ("final_test_accuracy", "final_test_loss", "final_loss")
-                       if m in rows and rows[m].notna().any())
-        seeds = rows["seed"].nunique() if "seed" in rows else 1
-        sizes = sorted(set(rows["batch_size"]))
-        title = (f"{comparison.experiment}: {HEADERS.get(measure, measure)} by N{at}"
-                 + (f" (micro-batch B/N, B = {sizes[0]})" if len(sizes) == 1 else "")
-                 + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""))
-        table = [(labels_, [measured_cell(cells[n], measure) if n in cells
-                            else PivotCell("", "") for n in ns]) for labels_, cells in groups]
-        return Pivot(title, labels, ns, table,
-                     "no expectations: one arm, each trial a training run of its own", [])
-
-    measure = "max_exact_err" if rows.get("max_exact_err", pd.Series()).notna().any() \
-        else "max_rel_grad_err"
-    name = HEADERS[measure]
-    if measure == "max_exact_err":  # the floor is recorded with the arms probed against it
-        floors = rows.groupby(["run", "trial"])["exact_floor"].transform("max")
-        rows = rows.assign(exact_floor=rows["exact_floor"].fillna(floors))
-        groups = list(pivot_groups(rows, labels))
-    table = [(labels_, [judged_cell(cells[n], measure) if n in cells else PivotCell("", "")
-                        for n in ns]) for labels_, cells in groups]
-    marks = {c.outcome for _, cells in table for c in cells}
-    if measure == "max_exact_err":
-        what = (f"{name}: the arm's largest relative distance from the exact float64 "
-                f"gradient over the probes (the baseline's row: its own, the floor)")
-    else:
-        what = f"{name}: the arm's relative distance from the baseline's gradient (an old run)"
+    table = [(names, [judged_cell(cells[n], measure) if n in cells else PivotCell("", "")
+                      for n in ns]) for names, cells in groups]
     legend = [f"{MARKS['ok']} as the spec expects", f"{MARKS['FAIL']} not as it expects"]
-    if "n/a" in marks:
+    if any(c.outcome == "n/a" for _, cells in table for c in cells):
         legend.append(f"{MARKS['n/a']} not checked (expected to differ, at N = 1: nothing to "
                       f"accumulate)")
     note = f"{what}{at}; {', '.join(legend)}."
-    if repeated:
+    if max(len(part) for _, cells in groups for part in cells.values()) > 1:
         note += " A cell holding several seeds or runs shows the worst."
-    return Pivot(f"{comparison.experiment}: each arm's distance from the exact gradient "
-                 f"({name}) by N{at}" if measure == "max_exact_err" else
-                 f"{comparison.experiment}: {name} by N{at}", labels, ns, table,
-                 totals(rows), [note + " --table full: every column and the rule."])
+    return Pivot(title, labels, ns, table, totals(rows),
+                 [note + " --table full: every column and the rule."])
+
+
+def measured_pivot(comparison: Comparison, at: str) -> Pivot:
+    """The pivot of a run of one arm: what each setting measured, mean ± std over seeds."""
+    rows = comparison.judged
+    measure = next(m for m in ("final_test_accuracy", "final_test_loss", "final_loss")
+                   if m in rows and rows[m].notna().any())
+    seeds = rows["seed"].nunique()
+    sizes = sorted(set(rows["batch_size"]))
+    title = (f"{comparison.experiment}: {HEADERS.get(measure, measure)} by N{at}"
+             + (f" (micro-batch B/N, B = {sizes[0]})" if len(sizes) == 1 else "")
+             + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""))
+    labels = pivot_labels(comparison)
+    groups = list(pivot_groups(rows, labels))
+    ns = sorted({n for _, cells in groups for n in cells})
+    table = [(names, [measured_cell(cells[n], measure) if n in cells else PivotCell("", "")
+                      for n in ns]) for names, cells in groups]
+    return Pivot(title, labels, ns, table,
+                 "no expectations: one arm, each trial a training run of its own", [])

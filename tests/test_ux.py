@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,18 @@ def test_the_pivot_has_one_row_per_arm_and_one_column_per_n(mini):
     floors = summary.groupby("trial").exact_floor.max()
     assert [c.text for c in rows["big-batch"]] == [compare.short(f) for f in floors]
     assert {c.outcome for c in rows["big-batch"]} == {"baseline"}
+    assert pivot.totals == "5 expectations hold, 1 n/a, 0 fail"
+
+
+def test_a_run_made_before_the_exact_reference_pivots_its_rel_grad_err(mini, tmp_path):
+    old = tmp_path / mini.name
+    shutil.copytree(mini, old)
+    summary = pd.read_csv(old / "summary.csv").drop(columns=["max_exact_err", "exact_floor"])
+    summary.to_csv(old / "summary.csv", index=False)
+    pivot = compare.pivot(judged(old))
+    assert pivot.title == "equivalence: rel grad err by N"
+    rows = {labels[0]: cells for labels, cells in pivot.rows}
+    assert [c.text for c in rows["no-loss-scaling"]] == ["0·", "1✓", "3✓"]
     assert pivot.totals == "5 expectations hold, 1 n/a, 0 fail"
 
 
