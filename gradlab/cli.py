@@ -648,7 +648,8 @@ def show(
     if loaded.settings:
         out.print(Text.assemble(("settings of every arm: ", "bold"),
                                 _assignments(loaded.settings)), soft_wrap=True)
-    table = Table(title="arms", title_justify="left", box=box.SIMPLE_HEAD)
+    out.print(Text("arms", style="bold"))
+    table = Table(box=box.SIMPLE_HEAD)
     table.add_column("arm", style="bold cyan", no_wrap=True)
     table.add_column("expect", no_wrap=True)
     table.add_column("what it does")
@@ -662,8 +663,8 @@ def show(
                       Text(_assignments(arm.overrides) or "-"))
     out.print(table)
     if loaded.sweep:
-        table = Table(title="sweep (one trial per combination)", title_justify="left",
-                      box=box.SIMPLE_HEAD)
+        out.print(Text("sweep (one trial per combination)", style="bold"))
+        table = Table(box=box.SIMPLE_HEAD)
         table.add_column("axis", style="bold cyan", no_wrap=True)
         table.add_column("values")
         for axis, values in loaded.sweep.items():
