@@ -131,8 +131,9 @@ def console(stderr: bool = False) -> Console:
 
 
 def say(message: str, markup: bool = False) -> None:
-    """A message for people, on stderr, in one line (a terminal wraps it as it wraps)."""
-    console(stderr=True).print(message, markup=markup, highlight=False, soft_wrap=True)
+    """A message for people, on stderr: in a terminal wrapped between words at its width,
+    elsewhere one line."""
+    console(stderr=True).print(message, markup=markup, highlight=False)
 
 
 def version_callback(value: bool) -> None:
@@ -508,7 +509,7 @@ def render_divergence(summaries: list[dict], out: Console, one_line: bool = Fals
                           f"{row['diverged_at_step']:.0f})" for row in diverged)
         out.print(f"[bold]diverged:[/] {_count(len(diverged), 'training')} reached a non-finite "
                   f"loss, gradient or weights, and are judged on the probes before that: "
-                  f"{escape(where)}", highlight=False, soft_wrap=True)
+                  f"{escape(where)}", highlight=False)
         return
     for row in diverged:
         out.print(f"[bold]diverged:[/] trial {row['trial']} arm {escape(row['arm'])}: "
