@@ -366,7 +366,8 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
     if at_step is not None:
         title += f", at step {at_step}"
     return Comparison(title, columns, table.reset_index(drop=True), grouped is not None,
-                      notes(rows, tol, recorded, reference, at_step, grouped is not None)
+                      notes(rows, tol, recorded, reference, at_step, grouped is not None,
+                            runs[0].meta.get("gradients_at"))
                       + [note for note in [repeated_seeds(rows, identity)] if note],
                       failures(rows, settings), rows, settings, runs[0].experiment, at_step)
 
@@ -408,10 +409,15 @@ def sort_rows(table: pd.DataFrame, column: str, columns: list[str], grouped: boo
 
 
 def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
-          at_step: int | None, grouped: bool) -> list[str]:
-    """How to read the table: which tolerance, and why."""
+          at_step: int | None, grouped: bool, where: str | None = None) -> list[str]:
+    """How to read the table: which tolerance, and why.
+
+    where: at which weights the gradients were taken, when not at the baseline's (a run
+    may say so in run.json's 'gradients_at', as gradlab audit does).
+    """
+    where = where or f"both at {recorded}'s weights"
     out = [schema.explain(rows.to_dict("records"), tol.rtol, tol.atol)
-           + f" rel grad err: the same against '{recorded}''s own gradient."]
+           + f" rel grad err: the same against '{recorded}''s own gradient, {where}."]
     if rows["run_checks"].any():
         out.append(f"check also covers the {rows['run_checks'].sum()} check(s) the run recorded "
                    f"in checks.csv: FAIL when one of them failed.")

@@ -116,12 +116,6 @@ def sum_tolerance(dtype: str, terms: int) -> float:
     return 16.0 * max(terms, 2) * UNIT_ROUNDOFF[dtype]
 
 
-def legacy_rel_tolerance(dtype: str, accum_steps: int) -> float:
-    """gradlab 0.1's rule, 16 * max(N, 2) * u on the error against the baseline: only for
-    reading runs made before the exact reference was recorded."""
-    return sum_tolerance(dtype, accum_steps)
-
-
 def verdict(baseline: bool, rel_err: float | None, rel_tol: float, abs_err: float = math.nan,
             abs_tol: float | None = None) -> str:
     """baseline | not probed | equivalent | differs: the one rule, for run and compare alike.
@@ -221,16 +215,15 @@ def judge(baseline: bool, dtype: str, accum_steps: int, metrics: Mapping,
     """(tolerance, verdict) of an arm from its summary metrics: the one rule.
 
     ``rtol`` replaces the measured tolerance; ``atol`` also accepts an arm whose
-    largest absolute error against the baseline is within it. A run made before
-    the exact reference was recorded is judged by gradlab 0.1's rule.
+    largest absolute error against the baseline is within it. A run with no exact
+    reference (gradlab audit, which runs the user's own loop; or a run made by gradlab
+    0.1) is judged on its distance from the baseline, with a floor of 0.
     """
-    if missing(metrics.get("exact_floor")) and missing(metrics.get("max_exact_err")) \
-            and not missing(metrics.get("max_rel_grad_err")):  # an old run
-        err, tol = metrics["max_rel_grad_err"], legacy_rel_tolerance(dtype, accum_steps)
-    else:
-        floor = metrics.get("exact_floor")
-        err = metrics.get("max_exact_err")
-        tol = rel_tolerance(dtype, accum_steps, 0.0 if missing(floor) else floor)
+    err = metrics.get("max_exact_err")
+    if missing(err):
+        err = metrics.get("max_rel_grad_err")
+    floor = metrics.get("exact_floor")
+    tol = rel_tolerance(dtype, accum_steps, 0.0 if missing(floor) else floor)
     tol = tol if rtol is None else rtol
     return (math.nan if baseline else tol), verdict(baseline, err, tol,
                                                     metrics.get("max_abs_grad_err", math.nan),
