@@ -630,7 +630,7 @@ def settings_differences(ref: list[dict], own: list[dict]) -> list[str]:
 
 def gradient_tables(ref: list[dict], own: list[dict],
                     estimate: bool) -> list[list[dict[str, Any]]]:
-    """For each step, per parameter and then '*' for all together: probe.compare_grads's
+    """For each step, per parameter and then '*' for all together: probe.compare_tensors's
     metrics, computed for runs of steps with the same parameters at once (a long audit
     would otherwise spend milliseconds a step on tiny tensor operations), or estimated."""
     if estimate:
@@ -665,8 +665,9 @@ def batched_rows(ref: torch.Tensor, arm: torch.Tensor, names: list[str],
         rel = torch.where(ref_norm > 0, diff / ref_norm,
                           torch.where(diff == 0, 0.0, math.inf))
         both = (ref_norm > 0) & (arm_norm > 0)
+        # a zero gradient has no direction: the same only if both are zero (as probe.py)
         cosine = torch.where(both, (a * r).sum(dim=1) / (arm_norm * ref_norm),
-                             (arm_norm == ref_norm).double())
+                             torch.where(arm_norm == ref_norm, 1.0, math.nan))
         max_abs = d.abs().amax(dim=1) if hi > lo else torch.zeros(len(d), dtype=d.dtype)
         metrics[name] = zip(max_abs.tolist(), rel.tolist(), cosine.tolist(),
                             ref_norm.tolist(), arm_norm.tolist(), strict=True)

@@ -26,9 +26,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
                 "max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",
                 "exact_floor", "final_loss", "max_rel_loss_diff", "final_weight_dist",
                 "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff",
-                "diverged_at_step", "rel_tolerance", "expect", "verdict"),
+                "diverged_at_step", "rel_tolerance", "expect", "verdict",
+                # gradlab audit's, of the user's own loop
+                "max_rel_lr_diff", "first_difference", "estimate", "diagnosis"),
     "steps": ("step", "examples", "units", "loss", "grad_norm", "update_norm", "weight_dist",
-              "rel_loss_diff"),
+              "rel_loss_diff", "lr"),
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
               "exact_err", "floor_err"),
     "buffers": ("step", "buffer", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
@@ -37,6 +39,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "trace": ("step", "micro_batch", "param", "element", "grad"),
     "weights": ("step", "param", "element", "value"),
     "checks": ("check", "value", "tolerance", "passed"),
+    # gradlab audit: one row per optimizer step of the user's loop, both runs side by side
+    "audit": ("step", "rel_grad_err", "max_abs_grad_err", "cosine", "grad_norm_big_batch",
+              "grad_norm_accumulated", "lr_big_batch", "lr_accumulated", "rel_lr_diff",
+              "loss_big_batch", "loss_accumulated", "tolerance", "verdict", "estimate",
+              "settings_differ"),
 }
 
 # what compare and plots cannot do without; a file lacking one of these is damaged
@@ -49,7 +56,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "checks": ("check", "value", "tolerance", "passed"),
 }
 # columns that hold text; in any other required column, text means the file was damaged
-TEXT_COLUMNS = ("arm", "param", "buffer", "expect", "verdict", "check", "dtype")
+TEXT_COLUMNS = ("arm", "param", "buffer", "expect", "verdict", "check", "dtype", "diagnosis",
+                "settings_differ")
 
 # the summary metrics, in the order summary.csv and --json give them
 METRICS = ("max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",

@@ -17,7 +17,7 @@ import torch
 
 import audit_loops
 from conftest import gradlab
-from gradlab import audit, probe
+from gradlab import audit, probe, schema
 from gradlab.errors import GradlabError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_tutorial_loop_in_float32_is_within_the_float32_floor(out):
     result, run_dir = cli_audit(out, "experiments.tutorial_loop:train_float32")
     assert result.exit_code == 0, result.stderr
     steps = table(run_dir, "audit")
-    tolerance = probe.rel_tolerance("float32", 4)
+    tolerance = schema.rel_tolerance("float32", 4, 0.0)
     torch.testing.assert_close(torch.tensor(steps["tolerance"].to_numpy()),
                                torch.full((STEPS,), tolerance, dtype=torch.float64),
                                rtol=0, atol=0)
@@ -124,7 +124,7 @@ def test_scheduler_per_micro_batch_is_named(broken):
     assert result.exit_code == 1, result.stderr
     steps = table(run_dir, "audit")
     # the gradient at step 1 is right (same weights); the learning rate is not
-    assert steps["rel_grad_err"].iloc[0] <= probe.rel_tolerance("float64", 4)
+    assert steps["rel_grad_err"].iloc[0] <= schema.rel_tolerance("float64", 4, 0.0)
     assert steps["lr_accumulated"].iloc[0] < steps["lr_big_batch"].iloc[0]
     assert "differs from step 1" in result.stderr
     assert "it is stepped once per micro-batch" in result.stderr
@@ -361,7 +361,7 @@ def test_a_loop_that_raises_is_reported_where_it_raised(tmp_path):
 
 
 def test_batched_metrics_are_probes_metrics():
-    """All steps at once give what probe.compare_grads gives step by step, edge cases too."""
+    """All steps at once give what probe.compare_tensors gives step by step, edge cases too."""
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 2), (4,), (2,)]
     ref = torch.randn(3, 12, generator=g, dtype=torch.float64)
@@ -375,12 +375,14 @@ def test_batched_metrics_are_probes_metrics():
         return dict(zip("wbc", parts, strict=True))
 
     for step in range(3):
-        expected = probe.compare_grads(named(arm[step]), named(ref[step]))
+        a, r = named(arm[step]), named(ref[step])
+        expected = probe.compare_tensors((n, a[n], r[n]) for n in r)
         assert [r["param"] for r in rows[step]] == [r["param"] for r in expected]
         for got, want in zip(rows[step], expected, strict=True):
             for key in ("max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm"):
-                torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=0)
-    assert rows[0][1]["rel_l2_err"] == math.inf and rows[0][1]["cosine"] == 0.0
+                torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=0,
+                                           equal_nan=True)
+    assert rows[0][1]["rel_l2_err"] == math.inf and math.isnan(rows[0][1]["cosine"])
     assert rows[2][2]["rel_l2_err"] == 0.0 and rows[2][2]["cosine"] == 1.0
 
 
@@ -396,7 +398,8 @@ def test_a_long_float32_run_stays_within_the_floor_at_the_big_batchs_weights(tmp
     result = examined("experiments.tutorial_loop:train_float32", tmp_path, m=8, n=4, k=150)
     assert result.same_weights and result.captures["accumulated"]["forced"] == 150
     assert result.verdict == "equivalent"
-    assert all(s["rel_grad_err"] <= probe.rel_tolerance("float32", 4) / 10 for s in result.steps)
+    tolerance = schema.rel_tolerance("float32", 4, 0.0)
+    assert all(s["rel_grad_err"] <= tolerance / 10 for s in result.steps)
 
 
 def test_optimizer_settings_that_depend_on_n_are_caught(tmp_path):
