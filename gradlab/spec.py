@@ -310,6 +310,22 @@ def local_dir() -> Path:
     return Path("experiments")
 
 
+def local_specs() -> dict[str, Path]:
+    """Your own specs in ./experiments, by name."""
+    folder = local_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
+
+
+def findable_specs() -> dict[str, Path]:
+    """Every spec `gradlab run NAME` finds by name: ./experiments first, then the built-ins
+    (a local spec named like a built-in one replaces it)."""
+    return {**builtin_specs(), **local_specs()}
+
+
+def is_builtin(path: Path) -> bool:
+    return path.resolve().parent == builtin_dir().resolve()
+
+
 def find_spec(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_dir():

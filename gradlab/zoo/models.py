@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from gradlab import catalog
 from gradlab.dropout import ExampleDropout
 from gradlab.errors import GradlabError, unhandled
 from gradlab.spec import Norm
@@ -111,13 +112,10 @@ def transformer_lm(settings, data) -> nn.Module:
     return TransformerLanguageModel(max_len=settings.max_len)
 
 
-MODELS = {
-    "toy-linear": (toy_linear, "one weight w = 1, prediction w*x (use with toy-pairs)"),
-    "mlp": (mlp, "Linear-[norm]-ReLU-[dropout] x depth + Linear head; settings hidden, depth, "
-                 "norm, dropout"),
-    "cnn": (cnn, "2 conv blocks (conv-norm-ReLU-pool-[dropout]) + Linear, 8x8 images; "
-                 "channels, norm, dropout"),
-    "gru-lm": (gru_lm, "causal LM: byte embedding, one GRU layer, linear head (docstrings)"),
-    "transformer-lm": (transformer_lm, "causal LM: 2-layer, 2-head transformer, width 32 "
-                                       "(docstrings)"),
-}
+MODELS = {name: (factory, catalog.MODELS[name]) for name, factory in {
+    "toy-linear": toy_linear,
+    "mlp": mlp,
+    "cnn": cnn,
+    "gru-lm": gru_lm,
+    "transformer-lm": transformer_lm,
+}.items()}
