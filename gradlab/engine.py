@@ -2,10 +2,12 @@
 
 This is the only training loop in gradlab. Every pitfall an experiment shows
 (forgetting to normalise the loss, misplacing zero_grad, BatchNorm statistics,
-dividing by the wrong token count) is a value of a setting read here, never a
-copy of this code. Read ``train_step`` top to bottom: ``window_gradient`` (split
-the window, then forward, normalise and backward each micro-batch, zero_grad
-where the policy puts it), then step and zero.
+dividing by the wrong token count, clipping each micro-batch, stepping the LR
+scheduler per micro-batch, the short window at an epoch's end, dropout masks) is a
+value of a setting read here, never a copy of this code. Read ``train_step`` top
+to bottom: ``window_gradient`` (split the window, then forward, normalise and
+backward each micro-batch, zero_grad and clipping where the policy puts them),
+then step, zero and the scheduler.
 
 The probe calls ``window_gradient`` as well, so a verdict sees everything the
 step does to the gradient before the optimizer applies it.
@@ -13,6 +15,7 @@ step does to the gradient before the optimizer applies it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,9 +24,22 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from gradlab.dropout import example_keys
 from gradlab.errors import unhandled
-from gradlab.setup import Examples, Setup, split
-from gradlab.spec import BnMode, LossScale, Optimizer, Settings, ZeroGrad
+from gradlab.setup import Examples, Setup, num_examples, split, split_at
+from gradlab.spec import (
+    BnMode,
+    ClipAt,
+    DropoutMasks,
+    DropoutMode,
+    EpochEnd,
+    LossScale,
+    Optimizer,
+    Scheduler,
+    SchedulerStep,
+    Settings,
+    ZeroGrad,
+)
 
 
 class Watch(Protocol):
@@ -42,6 +58,8 @@ class StepStats:
     units: int  # loss units in the window: examples, or non-padding tokens
     grad_norm: float  # L2 norm of the gradient the optimizer applied (all parameters)
     update_norm: float  # L2 norm of the change in the parameters; NaN unless s.update_norm
+    lr: float  # the learning rate the step applied
+    examples: int  # examples in the window: B, fewer at an epoch's short end
 
 
 def normalised(loss: torch.Tensor, units, window_units, s: Settings) -> torch.Tensor:
@@ -74,6 +92,62 @@ def set_train_mode(model: nn.Module, s: Settings) -> None:
                     module.eval()
         case _:
             unhandled(s.bn_mode)
+    match s.dropout_mode:
+        case DropoutMode.TRAIN:
+            pass
+        case DropoutMode.EVAL:  # no masks: dropout is the identity
+            for module in model.modules():
+                if isinstance(module, nn.modules.dropout._DropoutNd):
+                    module.eval()
+        case _:
+            unhandled(s.dropout_mode)
+
+
+def step_windows(window: Examples, s: Settings) -> list[Examples]:
+    """The windows whose gradients one optimizer step applies, each normalised on its own.
+
+    One, except under epoch_end = carry-over: there a window longer than B starts with
+    the last n mod B examples of the epoch before, which the loop backwarded but never
+    stepped on (the window stream puts them in front of the next epoch's first window).
+    """
+    match s.epoch_end:
+        case EpochEnd.RUN_ON | EpochEnd.SHORT_WINDOW:
+            return [window]
+        case EpochEnd.CARRY_OVER:
+            held = num_examples(window) - s.batch_size
+            return list(split_at(window, held)) if held > 0 else [window]
+    unhandled(s.epoch_end)
+
+
+def micro_batch_count(examples: int, s: Settings) -> int:
+    """N for a window of B examples. A short window (an epoch's last n mod B examples) holds
+    as many micro-batches of B/N as it fills, as a loader of micro-batches hands them out."""
+    return s.accum_steps if examples >= s.batch_size else -(-examples // s.micro_batch)
+
+
+def mask_keys(window: Examples, s: Settings) -> torch.Tensor | None:
+    """Each example's dropout key: one draw from the arm's random stream per window, plus the
+    example's place in the window. None: masks come from the stream as nn.Dropout draws them."""
+    match s.dropout_masks:
+        case DropoutMasks.STREAM:
+            return None
+        case DropoutMasks.PER_EXAMPLE:
+            first = int(torch.randint(2**62, ()))
+            return first + torch.arange(num_examples(window))
+    unhandled(s.dropout_masks)
+
+
+def clips_each_micro_batch(s: Settings) -> bool:
+    match s.clip_at:
+        case ClipAt.AFTER_ACCUMULATION:
+            return False
+        case ClipAt.PER_MICRO_BATCH:  # the bug: .grad holds a partial sum, and it gets clipped
+            return True
+    unhandled(s.clip_at)
+
+
+def clip(model: nn.Module, s: Settings) -> None:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_norm)
 
 
 def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setup,
@@ -86,25 +160,36 @@ def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setu
     model's parameters.)
     """
     set_train_mode(model, s)
-    micro_batches = split(window, s.accum_steps)
-    window_units = sum(setup.count_units(mb) for mb in micro_batches)  # before any backward
-    losses = []
-    for i, micro_batch in enumerate(micro_batches):
-        if s.zero_grad == ZeroGrad.EVERY_STEP:  # zero_grad before each backward: last one wins
-            model.zero_grad(set_to_none=s.set_to_none)
-        loss, units = setup.loss(model, micro_batch)
-        normalised(loss, units, window_units, s).backward()
-        losses.append(loss.detach())
-        if watch is not None:
-            watch.micro_batch(i)
-        if s.zero_grad == ZeroGrad.AFTER_BACKWARD:  # the misplacement: wipes what backward did
-            model.zero_grad(set_to_none=s.set_to_none)
-    window_loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-    return window_loss, window_units
+    keys = mask_keys(window, s)
+    per_micro_batch_clip = s.clip_norm > 0 and clips_each_micro_batch(s)
+    window_loss, total_units, index, offset = 0.0, 0, 0, 0
+    for part in step_windows(window, s):
+        micro_batches = split(part, micro_batch_count(num_examples(part), s))
+        window_units = sum(setup.count_units(mb) for mb in micro_batches)  # before any backward
+        for micro_batch in micro_batches:
+            if s.zero_grad == ZeroGrad.EVERY_STEP:  # zero_grad before each backward: last wins
+                model.zero_grad(set_to_none=s.set_to_none)
+            size = num_examples(micro_batch)
+            with example_keys(model, None if keys is None else keys[offset:offset + size]):
+                loss, units = setup.loss(model, micro_batch)
+            normalised(loss, units, window_units, s).backward()
+            if per_micro_batch_clip:
+                clip(model, s)
+            window_loss = window_loss + loss.detach()
+            if watch is not None:
+                watch.micro_batch(index)
+            if s.zero_grad == ZeroGrad.AFTER_BACKWARD:  # the misplacement: wipes what backward did
+                model.zero_grad(set_to_none=s.set_to_none)
+            index, offset = index + 1, offset + size
+        total_units = total_units + window_units
+    if s.clip_norm > 0 and not per_micro_batch_clip:  # once, on what the step will apply
+        clip(model, s)
+    return window_loss, total_units
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examples,
-               s: Settings, setup: Setup, watch: Watch | None = None) -> StepStats:
+               s: Settings, setup: Setup, watch: Watch | None = None,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> StepStats:
     """One optimizer step on a window of B examples, under the arm's policy.
 
     What it measures costs next to nothing: the loss is summed on the device and the
@@ -118,15 +203,36 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
     if watch is not None:
         watch.gradient()
     grad_norm = global_norm(p.grad for p in params)
+    lr = learning_rate(optimizer)
     optimizer.step()
     if s.zero_grad == ZeroGrad.EVERY_N:  # the accumulation pattern: clear once per step
         optimizer.zero_grad(set_to_none=s.set_to_none)
+    if scheduler is not None:
+        for _ in range(scheduler_steps(window, s)):
+            scheduler.step()
     update_norm = math.nan
     if before is not None:
         torch._foreach_sub_(before, [p.detach() for p in params])  # before - after, in place
         update_norm = global_norm(before)
     loss, units, grad_norm, update_norm = to_host(loss, units, grad_norm, update_norm)
-    return StepStats(loss / units, int(units), grad_norm, update_norm)
+    return StepStats(loss / units, int(units), grad_norm, update_norm, lr,
+                     num_examples(window))
+
+
+def scheduler_steps(window: Examples, s: Settings) -> int:
+    """How many times scheduler.step() runs for one optimizer step."""
+    match s.scheduler_step:
+        case SchedulerStep.PER_STEP:
+            return 1
+        case SchedulerStep.PER_MICRO_BATCH:  # the bug: called next to backward(), not step()
+            return sum(micro_batch_count(num_examples(part), s)
+                       for part in step_windows(window, s))
+    unhandled(s.scheduler_step)
+
+
+def learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the next optimizer.step() applies (gradlab makes one group)."""
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def to_host(*values: torch.Tensor | float) -> list[float]:
@@ -155,6 +261,26 @@ def global_norm(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float64)
     device = norms[0].device
     return torch.linalg.vector_norm(torch.stack([n.double().to(device) for n in norms]))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer,
+                   s: Settings) -> torch.optim.lr_scheduler.LRScheduler | None:
+    match s.scheduler:
+        case Scheduler.NONE:
+            return None
+        case Scheduler.WARMUP_COSINE:
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, functools.partial(warmup_cosine, s.warmup_steps, s.steps))
+    unhandled(s.scheduler)
+
+
+def warmup_cosine(warmup: int, total: int, k: int) -> float:
+    """The factor on lr after k scheduler steps: 1/warmup, 2/warmup ... up to 1, then half a
+    cosine that reaches 0 at step ``total``, and 0 after it (a schedule run past its end)."""
+    if k < warmup:
+        return (k + 1) / warmup
+    progress = min(1.0, (k - warmup) / (total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: nn.Module, s: Settings) -> torch.optim.Optimizer:

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ from gradlab.setup import (
     split,
     take,
 )
-from gradlab.spec import Arm, BnMode, Dtype, Optimizer, Settings, Trial, ZeroGrad
+from gradlab.spec import Arm, BnMode, Dtype, EpochEnd, Optimizer, Settings, Trial, ZeroGrad
 from gradlab.store import RunDir, whole_write
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
@@ -138,16 +139,48 @@ def build_setup(s: Settings, device: torch.device, data_cache: dict) -> Setup:
 
 
 def windows(setup: Setup, s: Settings) -> Iterator[Examples]:
-    """The seeded stream of examples, B at a time; every arm of a trial reads the same one."""
+    """The seeded stream of windows; every arm of a trial reads the same examples in the same
+    order (reshuffled each epoch), grouped into windows as its epoch_end says."""
     n = num_examples(setup.train)
     g = torch.Generator().manual_seed(s.seed)
-    order = torch.empty(0, dtype=torch.long)
-    while True:
-        while len(order) < s.batch_size:  # epochs are concatenated, reshuffled each time
-            epoch = torch.randperm(n, generator=g) if setup.shuffle else torch.arange(n)
-            order = torch.cat([order, epoch])
-        index, order = order[:s.batch_size], order[s.batch_size:]
-        yield take(setup.train, index.to(setup.device))
+
+    def epoch() -> torch.Tensor:
+        return torch.randperm(n, generator=g) if setup.shuffle else torch.arange(n)
+
+    def window(index: torch.Tensor) -> Examples:
+        return take(setup.train, index.to(setup.device))
+
+    match s.epoch_end:
+        case EpochEnd.RUN_ON:
+            order = torch.empty(0, dtype=torch.long)
+            while True:
+                while len(order) < s.batch_size:  # epochs are concatenated
+                    order = torch.cat([order, epoch()])
+                index, order = order[:s.batch_size], order[s.batch_size:]
+                yield window(index)
+        case EpochEnd.SHORT_WINDOW:
+            while True:  # the last window of each epoch holds what is left: n mod B examples
+                yield from map(window, epoch().split(s.batch_size))
+        case EpochEnd.CARRY_OVER:
+            held = torch.empty(0, dtype=torch.long)
+            while True:
+                for index in epoch().split(s.batch_size):
+                    if len(index) < s.batch_size:  # backwarded at the epoch's end, not stepped
+                        held = index
+                    else:  # ... so its gradients are still in .grad at the next step
+                        yield window(torch.cat([held, index]))
+                        held = held[:0]
+        case _:
+            unhandled(s.epoch_end)
+
+
+def smallest_micro_batch(n: int, s: Settings) -> int:
+    """Examples in the smallest micro-batch the arm will run, on a training set of n."""
+    smallest = s.batch_size // s.accum_steps
+    short = n % s.batch_size
+    if short and s.epoch_end != EpochEnd.RUN_ON:  # the short window at each epoch's end
+        smallest = min(smallest, short // engine.micro_batch_count(short, s))
+    return smallest
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -155,7 +188,8 @@ def windows(setup: Setup, s: Settings) -> Iterator[Examples]:
 # settings that change neither the model's shape nor the data, so not what preflight checks
 TRAINING_ONLY = {"seed", "lr", "momentum", "weight_decay", "optimizer", "steps", "probe_every",
                  "eval_every", "trace", "trace_elements", "zero_grad", "set_to_none",
-                 "loss_scale"}
+                 "loss_scale", "clip_norm", "clip_at", "scheduler", "scheduler_step",
+                 "warmup_steps", "epoch_end", "mask_draws"}
 
 
 @dataclass(frozen=True)
@@ -293,11 +327,17 @@ def check_setup(arm: Arm, setup: Setup) -> None:
         raise GradlabError(f"{name}: batch_size={s.batch_size} but the training set has {n} "
                            f"examples; use a smaller batch_size")
     has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in setup.model.modules())
-    if has_bn1d and s.batch_size // s.accum_steps == 1 and s.bn_mode == BnMode.TRAIN:
+    smallest = smallest_micro_batch(n, s)
+    if has_bn1d and smallest == 1 and s.bn_mode == BnMode.TRAIN:
+        short = n % s.batch_size
+        at_end = smallest < s.batch_size // s.accum_steps  # only in an epoch's short window
+        where = f"{n} examples in windows of batch_size={s.batch_size} leave {short} at " \
+                f"each epoch's end, epoch_end={s.epoch_end}" \
+            if at_end else f"batch_size={s.batch_size}, accum_steps={s.accum_steps}"
+        fix = "another batch_size, or epoch_end=run-on" if at_end else "a smaller accum_steps"
         raise GradlabError(
-            f"{name}: BatchNorm1d would see micro-batches of 1 example "
-            f"(batch_size={s.batch_size}, accum_steps={s.accum_steps}), so one value per "
-            f"channel and no batch statistics; use norm=gn or norm=ln, or a smaller accum_steps")
+            f"{name}: BatchNorm1d would see micro-batches of 1 example ({where}), so one value "
+            f"per channel and no batch statistics; use norm=gn or norm=ln, or {fix}")
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     engine.set_train_mode(setup.model, s)
     with torch.no_grad():
@@ -364,7 +404,7 @@ class ArmRng:
     depends on which arms stepped before it: swapped in around the arm's work."""
 
     def __init__(self, seed: int, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.cuda, self.device = device.type == "cuda", device
         with torch.random.fork_rng(devices=[device] if self.cuda else []):
             torch.manual_seed(seed)
             self.state = self._get()
@@ -385,6 +425,14 @@ class ArmRng:
         self.state = self._get()
         self._set(self.outside)
 
+    @contextmanager
+    def replay(self, state) -> Iterator[None]:
+        """Run from ``state`` (one this stream held), then put back whatever was there: a
+        probe draws the dropout masks the step it mirrors drew, and moves no stream."""
+        with torch.random.fork_rng(devices=[self.device] if self.cuda else []):
+            self._set(state)
+            yield
+
 
 class ArmRun:
     """One arm of a trial while it trains: model, optimizer, stream of windows, observers.
@@ -398,7 +446,9 @@ class ArmRun:
         self.data_cache = data_cache
         self.model = setup.model
         self.optimizer = engine.make_optimizer(self.model, self.s)
+        self.scheduler = engine.make_scheduler(self.optimizer, self.s)
         self.windows = windows(setup, self.s)
+        self.upcoming = next(self.windows)  # the window the next step takes
         self.rng = ArmRng(self.s.seed, setup.device)
         self.step = 0  # the step being taken, or the last one taken
         self.examples = 0  # examples seen after the last step
@@ -418,9 +468,14 @@ class ArmRun:
     def done(self) -> bool:
         return self.step >= self.s.steps
 
+    @property
+    def next_examples(self) -> int:
+        """Examples seen after the next step."""
+        return self.examples + num_examples(self.upcoming)
+
     def advance(self) -> None:
         """Take one optimizer step, with every observer watching."""
-        window = next(self.windows)
+        window, self.upcoming = self.upcoming, next(self.windows)
         self.step += 1
         for o in self.observers:
             o.before_step(self, window)
@@ -428,8 +483,8 @@ class ArmRun:
             for o in self.observers:
                 around.enter_context(o.around_step(self))
             stats = engine.train_step(self.model, self.optimizer, window, self.s, self.setup,
-                                      self)
-        self.examples += self.s.batch_size
+                                      self, self.scheduler)
+        self.examples += stats.examples
         self.loss = stats.loss
         for o in self.observers:
             o.stepped(self, stats)
@@ -477,8 +532,10 @@ class Trajectory(Observer):
         weight_dist = probe.param_distance(run.model, self.base.model) \
             if level and self.comparable else math.nan
         ref_loss = self.base.loss if level else math.nan
+        epoch = -(-run.examples // num_examples(run.setup.train))  # its last example's epoch
         run.rows["steps"].append({
-            **run.ids, "step": run.step, "examples": run.examples, "units": stats.units,
+            **run.ids, "step": run.step, "examples": run.examples, "epoch": epoch,
+            "window_size": stats.examples, "units": stats.units, "lr": stats.lr,
             "loss": stats.loss, "grad_norm": stats.grad_norm, "update_norm": stats.update_norm,
             "weight_dist": weight_dist,
             "rel_loss_diff": abs(stats.loss - ref_loss) / abs(ref_loss) if ref_loss
@@ -498,7 +555,16 @@ class Probe(Observer):
     Each probe also takes the exact gradient: the baseline's, in float64, at the same
     weights on the same window. Every arm's distance from it (exact_err), and the
     baseline's own (floor_err: what one big batch rounds in its dtype), are what the
-    verdict weighs (schema.py).
+    verdict weighs (schema.py). Each also records the learning rate the arm's step
+    applies (lr) beside the baseline's (ref_lr): a step is the gradient times it.
+
+    "The same window" is the same examples, drawn from the same random state: both the
+    exact gradient and every arm's start from the state the baseline's step started
+    from, so the big batch's dropout masks are the baseline's own, and an arm's differ
+    from them only by how its own split of the window draws them. An arm is due when
+    its next step ends where the baseline's does (the same examples seen); its window is
+    its own next one: the baseline's, or under epoch_end = carry-over the baseline's with
+    the last epoch's unflushed examples in front.
 
     Memory: the probe computes in the baseline's own model. The baseline's gradient is
     set aside (not copied); the exact one is taken with the model cast to float64 in
@@ -506,22 +572,28 @@ class Probe(Observer):
     gradient then lands in the model's .grad, one arm at a time; at the end the
     baseline's gradient and running statistics are put back. So a probe holds the
     exact gradient (float64) and one arm's gradient beyond what training holds. Only
-    an arm in another dtype than the baseline gets a model of its own.
+    an arm whose model may differ from the baseline's (another dtype, or a setting the
+    engine does not read: see ENGINE_SETTINGS) gets a model of its own.
     """
 
     def __init__(self, base: ArmRun, arms: list[ArmRun]):
         self.arms = arms
-        self.models_by_dtype: dict[str, nn.Module] = {}  # arms not in the baseline's dtype
+        self.own_models: dict[str, nn.Module] = {}  # arms whose model may differ, by name
         self.window: Examples | None = None
+        self.end = 0  # examples the baseline will have seen after this step
+        self.start_state = None  # the baseline's random state as its step starts
         self.buffers_before: dict[str, torch.Tensor] = {}
         self.after: dict[str, torch.Tensor] = {}  # every buffer after the baseline's forward
         self.exact_settings = dataclasses.replace(base.s, dtype=Dtype.FLOAT64)
 
     def due(self, base: ArmRun) -> list[ArmRun]:
-        return [a for a in self.arms if probe_due(a.s, base.step) and base.step <= a.s.steps]
+        return [a for a in self.arms if probe_due(a.s, base.step) and base.step <= a.s.steps
+                and a.next_examples == self.end]
 
     def before_step(self, base: ArmRun, window: Examples) -> None:
         self.window = window
+        self.end = base.examples + num_examples(window)
+        self.start_state = base.rng.state
         if self.due(base):  # running statistics as the baseline's forward will find them
             self.buffers_before = {k: b.clone() for k, b in running_stats(base.model).items()}
 
@@ -551,13 +623,15 @@ class Probe(Observer):
         """The arm's gradient against the baseline's and the exact one: its probe rows."""
         model = self.model_for(arm, base)
         self.start_at_baseline(model, base)
-        window = cast(self.window, DTYPES[arm.s.dtype], arm.setup.device)
-        with torch.random.fork_rng(devices=[]):  # the probe draws from no arm's stream
+        window = cast(arm.upcoming, DTYPES[arm.s.dtype], arm.setup.device)
+        with base.rng.replay(self.start_state):  # and moves no arm's stream
             engine.window_gradient(model, window, arm.s, arm.setup)
         grads = {name: probe.grad_or_zeros(p) for name, p in model.named_parameters()}
         ids = {**arm.ids, "step": base.step}
+        rates = {"lr": engine.learning_rate(arm.optimizer),
+                 "ref_lr": engine.learning_rate(base.optimizer)}
         arm.rows["probe"] += [
-            {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"]}
+            {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"], **rates}
             for r, e, f in zip(compare_grads(grads, baseline), compare_grads(grads, exact),
                                floor, strict=True)]
         arm.rows["buffers"] += [{**ids, **r} for r in compare_buffers(
@@ -580,19 +654,36 @@ class Probe(Observer):
         with cast_in_place(model, torch.float64):
             self.start_at_baseline(model, base)
             window = cast(self.window, torch.float64, base.setup.device)
-            with torch.random.fork_rng(devices=[]):
+            with base.rng.replay(self.start_state):  # the baseline's dropout masks
                 engine.window_gradient(model, window, self.exact_settings, base.setup)
             exact = {name: probe.grad_or_zeros(p) for name, p in model.named_parameters()}
             model.zero_grad(set_to_none=True)  # the float64 gradient stays in `exact` alone
         return exact
 
     def model_for(self, arm: ArmRun, base: ArmRun) -> nn.Module:
-        """Where the arm's probe computes: the baseline's model, or one in the arm's dtype."""
-        if arm.s.dtype == base.s.dtype:
+        """Where the arm's probe computes: the baseline's model when the arm's can only be
+        the same (their settings differ only in what the engine reads), else its own."""
+        if same_model(arm.s, base.s):
             return base.model
-        if arm.s.dtype not in self.models_by_dtype:
-            self.models_by_dtype[arm.s.dtype] = arm.fresh_model()
-        return self.models_by_dtype[arm.s.dtype]
+        if arm.arm.name not in self.own_models:
+            self.own_models[arm.arm.name] = arm.fresh_model()
+        return self.own_models[arm.arm.name]
+
+
+# Settings the engine and the run read, never a model factory: arms differing from the
+# baseline only in these compute their probes in the baseline's model. A setting missing
+# here only costs a model of the arm's own (a factory receives every setting).
+ENGINE_SETTINGS = frozenset({
+    "batch_size", "accum_steps", "loss_scale", "zero_grad", "set_to_none", "bn_mode",
+    "optimizer", "clip_norm", "clip_at", "dropout_mode", "dropout_masks", "mask_draws",
+    "epoch_end", "lr", "scheduler", "scheduler_step", "warmup_steps", "momentum",
+    "weight_decay", "steps", "probe_every", "eval_every", "trace", "trace_elements",
+    "update_norm", "cost", "budget_mb", "threads"})
+
+
+def same_model(a: Settings, b: Settings) -> bool:
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(Settings)
+               if f.name not in ENGINE_SETTINGS)
 
 
 def compare_grads(arm: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
@@ -737,7 +828,7 @@ class HeldGradientCheck(Observer):
     def before_step(self, run: ArmRun, window: Examples) -> None:
         self.scratch.load_state_dict(run.model.state_dict())
         self.scratch.zero_grad(set_to_none=True)
-        with torch.random.fork_rng(devices=[]):
+        with run.rng.replay(run.rng.state):  # the random state the step itself starts from
             engine.window_gradient(self.scratch, window, self.settings, run.setup)
         fresh = probe.grads_of(self.scratch)
         self.total = fresh if self.total is None else {
@@ -803,6 +894,52 @@ class Cost(Observer):
     def micro_batch(self, run: ArmRun, index: int) -> None:
         if self.saved is not None:  # what this micro-batch saved is freed by its backward
             self.activations = max(self.activations, self.saved.take())
+class MaskAverageCheck(Observer):
+    """checks.csv, with dropout and mask_draws = K: at step 1, the arm's gradient minus the
+    big batch's (the same settings with N = 1), at the same weights on the same window, for
+    K draws of the dropout masks, each pair from one random state. Each draw differs,
+    because the masks differ; unbiased accumulation makes the mean difference zero within
+    its standard error, sqrt(sum of |d_k - mean|^2 / (K - 1) / K). The check passes when
+    |mean| <= 4 standard errors; value and tolerance are both relative to |mean big-batch
+    gradient|.
+    """
+
+    def __init__(self, run: ArmRun):
+        self.name = f"mean over {run.s.mask_draws} mask draws of accumulated - big batch = 0"
+        self.row: dict[str, Any] | None = None
+
+    def before_step(self, run: ArmRun, window: Examples) -> None:
+        if run.step != 1:
+            return
+        s = run.s
+        big = dataclasses.replace(s, accum_steps=1)
+        scratch = run.fresh_model()
+        seeds = torch.randint(2**62, (s.mask_draws,),
+                              generator=torch.Generator().manual_seed(s.seed))
+        differences, bigs = [], []
+        for seed in seeds.tolist():
+            pair = []
+            for settings in (s, big):
+                scratch.load_state_dict(run.model.state_dict())
+                scratch.zero_grad(set_to_none=True)
+                with run.rng.replay(run.rng.state):  # a fork: seeding it moves no stream
+                    torch.manual_seed(seed)
+                    engine.window_gradient(scratch, window, settings, run.setup)
+                pair.append(torch.cat([g.flatten() for g in probe.grads_of(scratch).values()]))
+            differences.append(pair[0] - pair[1])
+            bigs.append(pair[1])
+        d = torch.stack(differences)
+        mean = d.mean(0)
+        standard_error = float(((d - mean) ** 2).sum() / (len(d) - 1) / len(d)) ** 0.5
+        scale = float(torch.stack(bigs).mean(0).norm())
+        value = float(mean.norm()) / scale
+        tolerance = 4 * standard_error / scale
+        self.row = {**run.ids, "check": self.name, "value": value, "tolerance": tolerance,
+                    "passed": value <= tolerance}
+
+    def finished(self, run: ArmRun) -> None:
+        if self.row is not None:
+            run.rows["checks"].append(self.row)
 
 
 # ----------------------------------------------------------------------------- trials
@@ -827,6 +964,8 @@ def start(trial: Trial, data_cache: dict) -> list[ArmRun]:
             run.observers.append(HeldGradientCheck(run))
         if run.s.cost:
             run.observers.append(Cost())
+        if run.s.mask_draws and not run.arm.baseline:
+            run.observers.append(MaskAverageCheck(run))
     return runs
 
 
@@ -836,7 +975,7 @@ def run_trial(trial: Trial, data_cache: dict,
     runs = start(trial, data_cache)
     while pending := [r for r in runs if not r.done]:
         # the fewest examples after its next step goes next; the baseline first on a tie
-        run = min(pending, key=lambda r: (r.examples + r.s.batch_size, not r.arm.baseline))
+        run = min(pending, key=lambda r: (r.next_examples, not r.arm.baseline))
         run.advance()
         advance(1)
     rows: dict[str, list[dict]] = {t: [] for t in schema.TABLES}

@@ -30,11 +30,14 @@ COLUMNS: dict[str, tuple[str, ...]] = {
                 "max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",
                 "exact_floor", "final_loss", "max_rel_loss_diff", "final_weight_dist",
                 "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff",
-                "diverged_at_step", "rel_tolerance", "expect", "verdict", *COST_METRICS),
-    "steps": ("step", "examples", "units", "loss", "grad_norm", "update_norm", "weight_dist",
-              "rel_loss_diff"),
+                "diverged_at_step", "max_rel_lr_diff", "rel_tolerance", "expect", "verdict",
+                *COST_METRICS,
+                # gradlab audit's, of the user's own loop
+                "first_difference", "estimate", "diagnosis"),
+    "steps": ("step", "examples", "epoch", "window_size", "units", "lr", "loss", "grad_norm",
+              "update_norm", "weight_dist", "rel_loss_diff"),
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
-              "exact_err", "floor_err"),
+              "exact_err", "floor_err", "lr", "ref_lr"),
     "buffers": ("step", "buffer", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
                 "test_accuracy", "ref_test_accuracy"),
     "eval": ("step", "examples", "test_loss", "test_accuracy"),
@@ -43,6 +46,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "checks": ("check", "value", "tolerance", "passed"),
     # cost = true: what each step cost (memory: measured on the first step only)
     "cost": ("step", "seconds", "activation_bytes", "memory_bytes", "rss_bytes"),
+    # gradlab audit: one row per optimizer step of the user's loop, both runs side by side
+    "audit": ("step", "rel_grad_err", "max_abs_grad_err", "cosine", "grad_norm_big_batch",
+              "grad_norm_accumulated", "lr_big_batch", "lr_accumulated", "rel_lr_diff",
+              "loss_big_batch", "loss_accumulated", "tolerance", "verdict", "estimate",
+              "settings_differ"),
 }
 
 # what compare and plots cannot do without; a file lacking one of these is damaged
@@ -57,12 +65,14 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "cost": ("step", "seconds", "activation_bytes", "memory_bytes", "rss_bytes"),
 }
 # columns that hold text; in any other required column, text means the file was damaged
-TEXT_COLUMNS = ("arm", "param", "buffer", "expect", "verdict", "check", "dtype")
+TEXT_COLUMNS = ("arm", "param", "buffer", "expect", "verdict", "check", "dtype", "diagnosis",
+                "settings_differ")
 
 # the summary metrics, in the order summary.csv and --json give them
 METRICS = ("max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact_err",
            "exact_floor", "final_loss", "max_rel_loss_diff", "final_weight_dist",
-           "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff", "diverged_at_step")
+           "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff", "diverged_at_step",
+           "max_rel_lr_diff")
 
 # short labels for tables meant for people (CSV and JSON keep the column names)
 HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel grad err",
@@ -72,6 +82,7 @@ HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel 
            "max_rel_loss_diff": "max rel loss diff", "loss_diff": "loss diff",
            "max_rel_buffer_diff": "rel BN stats diff", "max_exact_err": "vs exact",
            "exact_floor": "floor", "diverged_at_step": "diverged at",
+           "max_rel_lr_diff": "lr diff",
            "step_ms": "ms/step", "example_us": "µs/example", "activation_mb": "activations MB",
            "memory_mb": "step MB", "rss_mb": "peak RSS MB"}
 
@@ -98,6 +109,11 @@ def allowed_columns(table: str, settings: Iterable[str] = ()) -> set[str]:
 # accumulate in float32 (float64 for float64 arms): REORDER * u_acc covers that.
 # A float64 baseline computes exactly what the reference computes, so its floor is
 # 0 and the last term is all that is left.
+#
+# A step applies the gradient times the learning rate, so an arm whose step applies
+# another learning rate than the baseline's at a probed step differs, however close
+# its gradient (max_rel_lr_diff > 0: an LR scheduler stepped per micro-batch). Both
+# rates are computed by the same Python code, so an equivalent arm's are equal.
 
 UNIT_ROUNDOFF = {
     "float64": 2.0**-53,
@@ -126,31 +142,36 @@ def sum_tolerance(dtype: str, terms: int) -> float:
     return 16.0 * max(terms, 2) * UNIT_ROUNDOFF[dtype]
 
 
-def legacy_rel_tolerance(dtype: str, accum_steps: int) -> float:
-    """gradlab 0.1's rule, 16 * max(N, 2) * u on the error against the baseline: only for
-    reading runs made before the exact reference was recorded."""
-    return sum_tolerance(dtype, accum_steps)
-
-
 def verdict(baseline: bool, rel_err: float | None, rel_tol: float, abs_err: float = math.nan,
-            abs_tol: float | None = None) -> str:
+            abs_tol: float | None = None, lr_diff: float = math.nan) -> str:
     """baseline | not probed | equivalent | differs: the one rule, for run and compare alike.
 
     Equivalent when the relative error is within rel_tol, or (only when an
-    absolute tolerance is given) the largest absolute error is within abs_tol.
+    absolute tolerance is given) the largest absolute error is within abs_tol, and
+    the step applies the baseline's learning rate (lr_diff 0, or not recorded).
     """
     if baseline:
         return "baseline"
     if missing(rel_err):
         return "not probed"
+    if not missing(lr_diff) and lr_diff > 0:
+        return "differs"
     if rel_err <= rel_tol or (abs_tol is not None and abs_err <= abs_tol):
         return "equivalent"
     return "differs"
 
 
+def rel_diff(value: float, reference: float) -> float:
+    """|value - reference| / |reference|; 0 when equal (0 too), inf against a reference 0."""
+    if value == reference:
+        return 0.0
+    return abs(value - reference) / abs(reference) if reference else math.inf
+
+
 def explain(rows: Iterable[Mapping], rtol: float | None = None,
             atol: float | None = None) -> str:
     """The rule under a table, with the floors and tolerances its rows were judged by."""
+    rows = list(rows)
     fmt = "{:.2g}".format
     if rtol is not None:
         rule = f"vs exact <= {fmt(rtol)} (--rtol, in place of the measured tolerance)"
@@ -175,11 +196,15 @@ def explain(rows: Iterable[Mapping], rtol: float | None = None,
         text += f", floor {span(floors)}" if floors else ""
         text += f", tolerance {span(tols)})" if tols else ")"
         here.append(text)
-    return (f"verdict: equivalent when {rule}. vs exact: the arm's largest relative distance, "
-            f"over the probes, from the exact gradient (the baseline's, in float64, at the "
-            f"same weights on the same window); floor: the baseline's own distance from it, "
-            f"what one big batch rounds in its dtype; u: the dtype's unit roundoff, u_acc: "
-            f"that of the kernels' sums (float32, or float64 for float64). Here: "
+    lr = " and the arm's step applies the baseline's learning rate (lr diff: their largest " \
+         "relative difference at a probe; any makes the arm differ)" \
+        if any(not missing(r.get("max_rel_lr_diff")) and r["max_rel_lr_diff"] > 0
+               for r in rows) else ""
+    return (f"verdict: equivalent when {rule}{lr}. vs exact: the arm's largest relative "
+            f"distance, over the probes, from the exact gradient (the baseline's, in float64, "
+            f"at the same weights on the same window); floor: the baseline's own distance "
+            f"from it, what one big batch rounds in its dtype; u: the dtype's unit roundoff, "
+            f"u_acc: that of the kernels' sums (float32, or float64 for float64). Here: "
             f"{'; '.join(here) or '-'}.")
 
 
@@ -225,6 +250,8 @@ def summarise(steps: list[Mapping], probes: list[Mapping] = (), evals: list[Mapp
         "final_test_accuracy": _last(list(evals), "test_accuracy"),
         "max_rel_buffer_diff": _worst([r for r in buffers if r["buffer"] == "*"], "rel_l2_err"),
         "diverged_at_step": diverged[0] if diverged else math.nan,
+        "max_rel_lr_diff": max((rel_diff(r["lr"], r["ref_lr"]) for r in overall
+                                if not missing(r.get("lr"))), default=math.nan),
     }
 
 
@@ -253,17 +280,17 @@ def judge(baseline: bool, dtype: str, accum_steps: int, metrics: Mapping,
     """(tolerance, verdict) of an arm from its summary metrics: the one rule.
 
     ``rtol`` replaces the measured tolerance; ``atol`` also accepts an arm whose
-    largest absolute error against the baseline is within it. A run made before
-    the exact reference was recorded is judged by gradlab 0.1's rule.
+    largest absolute error against the baseline is within it. A run with no exact
+    reference (gradlab audit, which runs the user's own loop; or a run made by gradlab
+    0.1) is judged on its distance from the baseline, with a floor of 0.
     """
-    if missing(metrics.get("exact_floor")) and missing(metrics.get("max_exact_err")) \
-            and not missing(metrics.get("max_rel_grad_err")):  # an old run
-        err, tol = metrics["max_rel_grad_err"], legacy_rel_tolerance(dtype, accum_steps)
-    else:
-        floor = metrics.get("exact_floor")
-        err = metrics.get("max_exact_err")
-        tol = rel_tolerance(dtype, accum_steps, 0.0 if missing(floor) else floor)
+    err = metrics.get("max_exact_err")
+    if missing(err):
+        err = metrics.get("max_rel_grad_err")
+    floor = metrics.get("exact_floor")
+    tol = rel_tolerance(dtype, accum_steps, 0.0 if missing(floor) else floor)
     tol = tol if rtol is None else rtol
     return (math.nan if baseline else tol), verdict(baseline, err, tol,
                                                     metrics.get("max_abs_grad_err", math.nan),
-                                                    atol)
+                                                    atol, metrics.get("max_rel_lr_diff",
+                                                                      math.nan))

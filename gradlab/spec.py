@@ -67,6 +67,45 @@ class BnMode(Policy):
     FROZEN = "frozen"  # eval mode while training: a fixed per-channel affine map
 
 
+class ClipAt(Policy):
+    """Where clip_grad_norm_ runs (when clip_norm > 0)."""
+    AFTER_ACCUMULATION = "after-accumulation"  # once, on the accumulated gradient: exact
+    PER_MICRO_BATCH = "per-micro-batch"        # after every backward: clips the partial sums
+
+
+class Scheduler(Policy):
+    NONE = "none"                    # the learning rate stays lr
+    WARMUP_COSINE = "warmup-cosine"  # linear warm-up over warmup_steps, then cosine to 0
+
+
+class SchedulerStep(Policy):
+    """How often scheduler.step() runs."""
+    PER_STEP = "per-step"                # once per optimizer step: the schedule as written
+    PER_MICRO_BATCH = "per-micro-batch"  # once per micro-batch: the schedule runs N times fast
+
+
+class EpochEnd(Policy):
+    """What the window stream does where an epoch ends (n training examples, B per window)."""
+    RUN_ON = "run-on"            # no boundary: a window may hold the end of one epoch and the
+                                 # start of the next; every window holds B examples
+    SHORT_WINDOW = "short-window"  # each epoch ends with a window of its last n mod B examples
+    CARRY_OVER = "carry-over"    # that short window is not flushed: no step, no zero_grad; its
+                                 # gradients are added to the next epoch's first step
+
+
+class DropoutMode(Policy):
+    TRAIN = "train"  # dropout layers drop while training
+    EVAL = "eval"    # dropout layers in eval mode while training: they drop nothing
+
+
+class DropoutMasks(Policy):
+    """Where a dropout mask's random numbers come from."""
+    STREAM = "stream"            # torch's nn.Dropout: drawn from the arm's random stream, in the
+                                 # order the forward passes run, so micro-batching changes them
+    PER_EXAMPLE = "per-example"  # each example its own generator state, seeded by one draw per
+                                 # window and its place in the window: the same however split
+
+
 class Optimizer(Policy):
     SGD = "sgd"
     ADAM = "adam"
@@ -126,7 +165,38 @@ class Settings:
     bn_mode: BnMode = _setting(
         BnMode.TRAIN, "BatchNorm while training: train (batch statistics) or frozen (eval mode)")
     optimizer: Optimizer = _setting(Optimizer.SGD, "sgd | adam | adamw")
+    clip_norm: float = _setting(
+        0.0, "clip_grad_norm_: the largest global L2 norm of the gradient (0: no clipping)")
+    clip_at: ClipAt = _setting(
+        ClipAt.AFTER_ACCUMULATION,
+        "where clipping runs: after-accumulation (once, on the gradient the step applies) or "
+        "per-micro-batch (after every backward, on the partial sum .grad holds)")
+    dropout: float = _setting(
+        0.0, "mlp/cnn: dropout rate of a dropout layer after each hidden activation (0: none)")
+    dropout_mode: DropoutMode = _setting(
+        DropoutMode.TRAIN, "dropout while training: train (drops) or eval (drops nothing)")
+    dropout_masks: DropoutMasks = _setting(
+        DropoutMasks.STREAM,
+        "dropout masks: stream (torch's nn.Dropout, from the arm's random stream: micro-"
+        "batching changes them) or per-example (each example's own generator state: the "
+        "same masks however the window is split)")
+    mask_draws: int = _setting(
+        0, "dropout: at step 1, average the accumulated minus big-batch gradient over this "
+           "many mask draws, and check that the mean is zero within 4 standard errors "
+           "(checks.csv); 0: no check")
+    epoch_end: EpochEnd = _setting(
+        EpochEnd.RUN_ON,
+        "where an epoch ends: run-on (no boundary, every window holds B examples), "
+        "short-window (the epoch's last n mod B examples are a window of their own), "
+        "carry-over (that short window is not flushed: its gradients join the next step)")
     lr: float = _setting(0.05, "learning rate")
+    scheduler: Scheduler = _setting(
+        Scheduler.NONE, "learning-rate schedule: none or warmup-cosine (linear warm-up over "
+                        "warmup_steps, then cosine decay to 0 at the last step)")
+    scheduler_step: SchedulerStep = _setting(
+        SchedulerStep.PER_STEP, "when scheduler.step() runs: per-step (after each optimizer "
+                                "step) or per-micro-batch (N times per optimizer step)")
+    warmup_steps: int = _setting(0, "warmup-cosine: optimizer steps of linear warm-up")
     momentum: float = _setting(0.0, "sgd momentum")
     weight_decay: float = _setting(0.0, "weight decay (L2 for sgd/adam, decoupled for adamw)")
     steps: int = _setting(20, "optimizer steps each arm trains for")
@@ -250,6 +320,22 @@ def builtin_specs() -> dict[str, Path]:
 def local_dir() -> Path:
     """Your own specs: ./experiments, looked in before the built-in ones."""
     return Path("experiments")
+
+
+def local_specs() -> dict[str, Path]:
+    """Your own specs in ./experiments, by name."""
+    folder = local_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
+
+
+def findable_specs() -> dict[str, Path]:
+    """Every spec `gradlab run NAME` finds by name: ./experiments first, then the built-ins
+    (a local spec named like a built-in one replaces it)."""
+    return {**builtin_specs(), **local_specs()}
+
+
+def is_builtin(path: Path) -> bool:
+    return path.resolve().parent == builtin_dir().resolve()
 
 
 def find_spec(name_or_path: str) -> Path:
@@ -384,12 +470,19 @@ RANGES = {
     "probe_every": (0, None, "use 0 or a positive number of steps"),
     "eval_every": (0, None, "use 0 or a positive number of steps"),
     "lr": (0, None, "the learning rate cannot be negative"),
+    "clip_norm": (0, None, "give the largest gradient norm, > 0 (or 0 for no clipping)"),
+    # [0, 1): the largest float below 1 is the top, so a rate of 1 (drop everything) is refused
+    "dropout": (0, math.nextafter(1.0, 0.0), "a dropout rate must be in [0, 1) (0: no dropout)"),
+    "mask_draws": (0, None, "use 0 (no check) or a number of mask draws, at least 2"),
+    "warmup_steps": (0, None, "use 0 or a positive number of steps"),
     "momentum": (0, None, "momentum cannot be negative"),
     "weight_decay": (0, None, "weight decay cannot be negative"),
     "seed": (0, 2**63 - 1, "use a seed from 0 to 2^63 - 1"),
     "budget_mb": (0, None, "give a budget in MB, or 0 for none"),
     "threads": (0, None, "use 0 (automatic) or a number of threads"),
 }
+# the built-in models that put a dropout layer after each hidden activation when dropout > 0
+DROPOUT_MODELS = ("mlp", "cnn")
 # a user's own factory: 'pkg.module:callable'
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
@@ -587,3 +680,27 @@ def validate(s: Settings, where: str, origin=lambda key: "") -> None:
     if s.min_len > s.max_len:
         raise GradlabError(f"{where}: {shown('min_len')} is larger than {shown('max_len')}; "
                            f"use min_len <= max_len")
+    if s.clip_norm == 0 and origin("clip_at") not in ("", "the default"):
+        raise GradlabError(f"{where}: {shown('clip_at')} asks for clipping but "
+                           f"{shown('clip_norm')} turns it off; give clip_norm > 0, the "
+                           f"largest gradient norm")
+    if s.dropout > 0 and (s.setup or s.model not in DROPOUT_MODELS):
+        raise GradlabError(f"{where}: {shown('dropout')} but only the built-in "
+                           f"{' and '.join(DROPOUT_MODELS)} have a dropout layer; use one of "
+                           f"them, or put dropout in your own model and leave dropout=0")
+    if s.mask_draws == 1:
+        raise GradlabError(f"{where}: {shown('mask_draws')}; a mean and its standard error "
+                           f"need at least 2 draws (0: no check)")
+    if s.mask_draws and (s.dropout == 0 or s.dropout_mode != DropoutMode.TRAIN):
+        off = shown("dropout") if s.dropout == 0 else shown("dropout_mode")
+        raise GradlabError(f"{where}: {shown('mask_draws')} averages over dropout masks, but "
+                           f"with {off} there are none; set dropout > 0 and "
+                           f"dropout_mode=train, or mask_draws=0")
+    if s.scheduler == Scheduler.NONE and (s.warmup_steps or origin("scheduler_step")
+                                          not in ("", "the default")):
+        asked = shown("warmup_steps") if s.warmup_steps else shown("scheduler_step")
+        raise GradlabError(f"{where}: {asked} needs a schedule, but {shown('scheduler')}; "
+                           f"set scheduler=warmup-cosine")
+    if s.scheduler == Scheduler.WARMUP_COSINE and s.warmup_steps >= s.steps:
+        raise GradlabError(f"{where}: {shown('warmup_steps')} leaves none of the "
+                           f"{shown('steps')} for the cosine; use warmup_steps < steps")

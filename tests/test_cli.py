@@ -184,7 +184,9 @@ def test_list_shows_experiments_models_datasets_settings():
     assert {"batch_size", "accum_steps", "model", "dataset", "norm", "optimizer", "lr", "steps",
             "seed", "dtype", "device"} <= names
     human = gradlab("list")
-    assert "accum_steps" in human.stderr and "equivalence" in human.stderr
+    assert "accum_steps" in human.stdout and "equivalence" in human.stdout
+    assert human.stderr == ""  # the tables are the command's result
+    assert "Linear-[norm]-ReLU" in human.stdout  # text, not rich markup that eats [norm]
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["list"]])
