@@ -2,12 +2,13 @@
 
 This is the only training loop in gradlab. Every pitfall an experiment shows
 (forgetting to normalise the loss, misplacing zero_grad, BatchNorm statistics,
-dividing by the wrong token count, summing in bfloat16, clipping a scaled
-gradient) is a value of a setting read here, never a copy of this code. Read
-``train_step`` top to bottom: ``window_gradient`` (split the window, then
-forward, normalise, scale and backward each micro-batch, summing the partial
-gradients where the policy says, zero_grad where the policy puts it; then
-unscale and clip once), then step and zero.
+dividing by the wrong token count, summing in bfloat16, clipping a scaled or a
+partial gradient, stepping the LR scheduler per micro-batch, the short window at
+an epoch's end, dropout masks) is a value of a setting read here, never a copy of
+this code. Read ``train_step`` top to bottom: ``window_gradient`` (split the
+window, then forward, normalise, scale and backward each micro-batch, summing the
+partial gradients where the policy says, zero_grad and clipping where the policy
+puts them; then unscale and clip once), then step, zero and the scheduler.
 
 The probe calls ``window_gradient`` as well, so a verdict sees everything the
 step does to the gradient before the optimizer applies it.
@@ -16,6 +17,8 @@ step does to the gradient before the optimizer applies it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,16 +27,22 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from gradlab.dropout import example_keys
 from gradlab.errors import GradlabError, unhandled
-from gradlab.setup import Examples, Setup, split
+from gradlab.setup import Examples, Setup, num_examples, split, split_at
 from gradlab.spec import (
     Autocast,
     BnMode,
     ClipAt,
+    DropoutMasks,
+    DropoutMode,
+    EpochEnd,
     GradAccumDtype,
     GradScaling,
     LossScale,
     Optimizer,
+    Scheduler,
+    SchedulerStep,
     Settings,
     ZeroGrad,
 )
@@ -54,7 +63,9 @@ class StepStats:
     loss: float  # summed loss of the window / its units, before the step
     units: int  # loss units in the window: examples, or non-padding tokens
     grad_norm: float  # L2 norm of the gradient the optimizer applied (all parameters)
-    update_norm: float  # L2 norm of the change in the parameters
+    update_norm: float  # L2 norm of the change in the parameters; NaN unless s.update_norm
+    lr: float  # the learning rate the step applied
+    examples: int  # examples in the window: B, fewer at an epoch's short end
     skipped: bool = False  # the GradScaler found inf/NaN and skipped optimizer.step()
     grad_scale: float = float("nan")  # what the GradScaler multiplied this window's losses by
 
@@ -95,6 +106,58 @@ def set_train_mode(model: nn.Module, s: Settings) -> None:
                     module.eval()
         case _:
             unhandled(s.bn_mode)
+    match s.dropout_mode:
+        case DropoutMode.TRAIN:
+            pass
+        case DropoutMode.EVAL:  # no masks: dropout is the identity
+            for module in model.modules():
+                if isinstance(module, nn.modules.dropout._DropoutNd):
+                    module.eval()
+        case _:
+            unhandled(s.dropout_mode)
+
+
+def step_windows(window: Examples, s: Settings) -> list[Examples]:
+    """The windows whose gradients one optimizer step applies, each normalised on its own.
+
+    One, except under epoch_end = carry-over: there a window longer than B starts with
+    the last n mod B examples of the epoch before, which the loop backwarded but never
+    stepped on (the window stream puts them in front of the next epoch's first window).
+    """
+    match s.epoch_end:
+        case EpochEnd.RUN_ON | EpochEnd.SHORT_WINDOW:
+            return [window]
+        case EpochEnd.CARRY_OVER:
+            held = num_examples(window) - s.batch_size
+            return list(split_at(window, held)) if held > 0 else [window]
+    unhandled(s.epoch_end)
+
+
+def micro_batch_count(examples: int, s: Settings) -> int:
+    """N for a window of B examples. A short window (an epoch's last n mod B examples) holds
+    as many micro-batches of B/N as it fills, as a loader of micro-batches hands them out."""
+    return s.accum_steps if examples >= s.batch_size else -(-examples // s.micro_batch)
+
+
+def mask_keys(window: Examples, s: Settings) -> torch.Tensor | None:
+    """Each example's dropout key: one draw from the arm's random stream per window, plus the
+    example's place in the window. None: masks come from the stream as nn.Dropout draws them."""
+    match s.dropout_masks:
+        case DropoutMasks.STREAM:
+            return None
+        case DropoutMasks.PER_EXAMPLE:
+            first = int(torch.randint(2**62, ()))
+            return first + torch.arange(num_examples(window))
+    unhandled(s.dropout_masks)
+
+
+def clips_each_micro_batch(s: Settings) -> bool:
+    match s.clip_at:
+        case ClipAt.AFTER_ACCUMULATION | ClipAt.BEFORE_UNSCALE:
+            return False
+        case ClipAt.PER_MICRO_BATCH:  # the bug: .grad holds a partial sum, and it gets clipped
+            return True
+    unhandled(s.clip_at)
 
 
 def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setup,
@@ -115,26 +178,36 @@ def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setu
         raise AssertionError("grad_scaler=on: window_gradient needs the arm's GradScaler "
                              "and optimizer")
     set_train_mode(model, s)
-    micro_batches = split(window, s.accum_steps)
-    window_units = sum(setup.count_units(mb) for mb in micro_batches)  # before any backward
-    window_loss = 0.0
+    keys = mask_keys(window, s)
+    per_micro_batch_clip = clips_each_micro_batch(s)
     sums = PartialSums(model, s)
-    for i, micro_batch in enumerate(micro_batches):
-        if s.zero_grad == ZeroGrad.EVERY_STEP:  # zero_grad before each backward: last one wins
-            sums.zero()
-        with forward_precision(s, setup.device):
-            loss, units = setup.loss(model, micro_batch)
-        sums.before_backward()
-        scaled(normalised(loss, units, window_units, s), s, scaler).backward()
-        sums.after_backward()
-        # a float16 loss under autocast is summed in float32; a float64 one stays float64
-        window_loss = window_loss + loss.detach().to(torch.promote_types(loss.dtype, torch.float32))
-        if watch is not None:
-            watch.micro_batch(i)
-        if s.zero_grad == ZeroGrad.AFTER_BACKWARD:  # the misplacement: wipes what backward did
-            sums.zero()
+    window_loss, total_units, index, offset = 0.0, 0, 0, 0
+    for part in step_windows(window, s):
+        micro_batches = split(part, micro_batch_count(num_examples(part), s))
+        window_units = sum(setup.count_units(mb) for mb in micro_batches)  # before any backward
+        for micro_batch in micro_batches:
+            if s.zero_grad == ZeroGrad.EVERY_STEP:  # zero_grad before each backward: last wins
+                sums.zero()
+            size = num_examples(micro_batch)
+            with example_keys(model, None if keys is None else keys[offset:offset + size]), \
+                    forward_precision(s, setup.device):
+                loss, units = setup.loss(model, micro_batch)
+            sums.before_backward()
+            scaled(normalised(loss, units, window_units, s), s, scaler).backward()
+            sums.after_backward()
+            if per_micro_batch_clip:
+                clip(model, s)
+            # a float16 loss under autocast is summed in float32; a float64 one stays float64
+            window_loss = window_loss + loss.detach().to(
+                torch.promote_types(loss.dtype, torch.float32))
+            if watch is not None:
+                watch.micro_batch(index)
+            if s.zero_grad == ZeroGrad.AFTER_BACKWARD:  # the misplacement: wipes what backward did
+                sums.zero()
+            index, offset = index + 1, offset + size
+        total_units = total_units + window_units
     skip = unscale_and_clip(model, s, optimizer, scaler)
-    return WindowGradient(window_loss, window_units, skip)
+    return WindowGradient(window_loss, total_units, skip)
 
 
 def forward_precision(s: Settings, device: torch.device) -> contextlib.AbstractContextManager:
@@ -215,6 +288,8 @@ def unscale_and_clip(model: nn.Module, s: Settings, optimizer: torch.optim.Optim
         case ClipAt.BEFORE_UNSCALE:  # the mistake: clip_norm meets scale × gradient
             clip(model, s)
             unscale(s, optimizer, scaler)
+        case ClipAt.PER_MICRO_BATCH:  # clipped already, each partial sum as it came
+            unscale(s, optimizer, scaler)
         case _:
             unhandled(s.clip_at)
     match s.grad_scaler:
@@ -245,22 +320,37 @@ def clip(model: nn.Module, s: Settings) -> None:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examples,
                s: Settings, setup: Setup, watch: Watch | None = None,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                scaler: torch.amp.GradScaler | None = None) -> StepStats:
-    """One optimizer step on a window of B examples, under the arm's policy."""
+    """One optimizer step on a window of B examples, under the arm's policy.
+
+    What it measures costs next to nothing: the loss is summed on the device and the
+    gradient norm taken in one pass over .grad, then both come to the host once per
+    step. Only the update norm needs a copy of every parameter, so it is taken only
+    where the arm asks for it (s.update_norm).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in params]
-    grad_scale = scaler.get_scale() if scaler is not None else float("nan")
+    before = [p.detach().clone() for p in params] if s.update_norm else None
+    grad_scale = scaler.get_scale() if scaler is not None else math.nan
     loss, units, skip = window_gradient(model, window, s, setup, watch, optimizer=optimizer,
                                         scaler=scaler)
     if watch is not None:
         watch.gradient()
     grad_norm = global_norm(p.grad for p in params)
+    lr = learning_rate(optimizer)
     step(optimizer, s, scaler)
     if s.zero_grad == ZeroGrad.EVERY_N:  # the accumulation pattern: clear once per step
         optimizer.zero_grad(set_to_none=s.set_to_none)
-    update_norm = global_norm(p.detach() - b for p, b in zip(params, before, strict=True))
-    units = int(units)
-    return StepStats(float(loss) / units, units, grad_norm, update_norm, skip, grad_scale)
+    if scheduler is not None:
+        for _ in range(scheduler_steps(window, s)):
+            scheduler.step()
+    update_norm = math.nan
+    if before is not None:
+        torch._foreach_sub_(before, [p.detach() for p in params])  # before - after, in place
+        update_norm = global_norm(before)
+    loss, units, grad_norm, update_norm = to_host(loss, units, grad_norm, update_norm)
+    return StepStats(loss / units, int(units), grad_norm, update_norm, lr,
+                     num_examples(window), skip, grad_scale)
 
 
 def step(optimizer: torch.optim.Optimizer, s: Settings,
@@ -333,10 +423,68 @@ def scaler_supported(device_type: str) -> bool:
         return False
 
 
-def global_norm(tensors: Iterable[torch.Tensor | None]) -> float:
-    """L2 norm over all tensors, in float64 so low-precision arms are measured exactly."""
-    squares = [t.detach().double().pow(2).sum() for t in tensors if t is not None]
-    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+def scheduler_steps(window: Examples, s: Settings) -> int:
+    """How many times scheduler.step() runs for one optimizer step."""
+    match s.scheduler_step:
+        case SchedulerStep.PER_STEP:
+            return 1
+        case SchedulerStep.PER_MICRO_BATCH:  # the bug: called next to backward(), not step()
+            return sum(micro_batch_count(num_examples(part), s)
+                       for part in step_windows(window, s))
+    unhandled(s.scheduler_step)
+
+
+def learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the next optimizer.step() applies (gradlab makes one group)."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def to_host(*values: torch.Tensor | float) -> list[float]:
+    """Scalars (tensors on any device, or numbers) as floats, with at most one host sync:
+    the ones on an accelerator come over together."""
+    remote = [v for v in values if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
+    if remote:
+        fetched = iter(torch.stack([v.detach().reshape(()).double() for v in remote]).cpu())
+        values = tuple(next(fetched) if any(v is r for r in remote) else v for v in values)
+    return [float(v) for v in values]
+
+
+def global_norm(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
+    """L2 norm over all tensors, as a float64 tensor (no host sync): one pass over each,
+    summed in float32 (float64 for float64 tensors), one kernel per dtype and device."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t is not None:
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+        group, 2.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)))
+        for (_, dtype), group in groups.items()]
+    if len(norms) == 1:
+        return norms[0].double()
+    if not norms:
+        return torch.zeros((), dtype=torch.float64)
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.double().to(device) for n in norms]))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer,
+                   s: Settings) -> torch.optim.lr_scheduler.LRScheduler | None:
+    match s.scheduler:
+        case Scheduler.NONE:
+            return None
+        case Scheduler.WARMUP_COSINE:
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, functools.partial(warmup_cosine, s.warmup_steps, s.steps))
+    unhandled(s.scheduler)
+
+
+def warmup_cosine(warmup: int, total: int, k: int) -> float:
+    """The factor on lr after k scheduler steps: 1/warmup, 2/warmup ... up to 1, then half a
+    cosine that reaches 0 at step ``total``, and 0 after it (a schedule run past its end)."""
+    if k < warmup:
+        return (k + 1) / warmup
+    progress = min(1.0, (k - warmup) / (total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: nn.Module, s: Settings) -> torch.optim.Optimizer:

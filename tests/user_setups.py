@@ -83,3 +83,25 @@ def loud_regression(settings):
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 1)
     return Setup(model, (x, 50 * y), summed_mse)
+class BreaksForSeed1(torch.nn.Linear):
+    """A Linear whose forward fails in the trial with seed 1: preflight, which builds each
+    setup once whatever its seed, never meets it; a worker does, mid-run."""
+
+    def __init__(self, seed: int):
+        super().__init__(3, 1)
+        self.seed = seed
+
+    def forward(self, x):
+        if self.seed == 1:
+            raise FloatingPointError("overflow in the user's model")
+        return super().forward(x)
+
+
+def breaks_for_seed_1(settings):
+    return Setup(BreaksForSeed1(settings.seed), regression(), summed_mse)
+
+
+def refuses_seed_1(settings):  # bad input that only the trial with seed 1 meets
+    if settings.seed == 1:
+        raise ValueError("no data for seed 1")
+    return good(settings)

@@ -1,0 +1,173 @@
+"""Training loops for tests/test_audit.py: tiny and synthetic, each with one property.
+
+Each is train(micro_batch_size, accum_steps, max_steps) as `gradlab audit` calls it.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+
+def _regression(seed: int = 0):
+    torch.manual_seed(seed)
+    x = torch.randn(256, 3, dtype=torch.float64)
+    return x, x.sum(1, keepdim=True) + 0.1 * torch.randn(256, 1, dtype=torch.float64)
+
+
+def _window(x, y, micro_batch_size, accum_steps, step):
+    """The accum_steps micro-batches of one optimizer step, in order."""
+    start = step * micro_batch_size * accum_steps
+    for i in range(accum_steps):
+        a = start + i * micro_batch_size
+        yield x[a:a + micro_batch_size], y[a:a + micro_batch_size]
+
+
+def _train(model, x, y, micro_batch_size, accum_steps, max_steps, loss_fn=nn.functional.mse_loss):
+    """The right loop: loss / N, step and clear every N micro-batches."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(max_steps):
+        for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+            (loss_fn(model(xb), yb) / accum_steps).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def never_steps(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    x, y = _regression()
+    model = nn.Linear(3, 1).double()
+    for step in range(max_steps):  # backward and nothing else: no optimizer anywhere
+        for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+            nn.functional.mse_loss(model(xb), yb).backward()
+
+
+def counts_micro_batches(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """Stops after max_steps micro-batches: the accumulated run makes max_steps / N steps."""
+    x, y = _regression()
+    model = nn.Linear(3, 1).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(max_steps):
+        xb, yb = x[i * micro_batch_size:(i + 1) * micro_batch_size], \
+            y[i * micro_batch_size:(i + 1) * micro_batch_size]
+        (nn.functional.mse_loss(model(xb), yb) / accum_steps).backward()
+        if (i + 1) % accum_steps == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def unseeded_shuffle(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """Shuffles with Python's random, which every process seeds differently."""
+    x, y = _regression()
+    order = list(range(len(x)))
+    random.shuffle(order)
+    model = nn.Linear(3, 1).double()
+    _train(model, x[order], y[order], micro_batch_size, accum_steps, max_steps)
+
+
+def wrong_signature(batch_size: int, steps: int) -> None:
+    raise AssertionError("never called")
+
+
+def raises(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    x, y = _regression()
+    model = nn.Linear(3, 1).double()
+    model(x[:micro_batch_size, :2])  # a shape mistake, as in real loops
+
+
+def width_from_batch(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """The model's size depends on the batch size, so the two runs train different models."""
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(3, micro_batch_size), nn.Tanh(),
+                          nn.Linear(micro_batch_size, 1)).double()
+    _train(model, x, y, micro_batch_size, accum_steps, max_steps)
+
+
+def right(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    _train(model, x, y, micro_batch_size, accum_steps, max_steps)
+
+
+def weight_decay_times_n(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """Scales weight decay with N ("the effective batch is N times larger")."""
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.001 * accum_steps)
+    for step in range(max_steps):
+        for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+            (nn.functional.mse_loss(model(xb), yb) / accum_steps).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def not_divided(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    _train(model, x, y, micro_batch_size, accum_steps, max_steps,
+           loss_fn=lambda out, target: accum_steps * nn.functional.mse_loss(out, target))
+
+
+def batchnorm(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+    _train(model.double(), x, y, micro_batch_size, accum_steps, max_steps)
+
+
+def dropout(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """Two dropout layers: micro-batches draw their masks in another order than the big
+    batch (A1 B1 A2 B2 ... against A B). With one layer on the CPU the masks coincide."""
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 8),
+                          nn.Dropout(0.5), nn.Linear(8, 1))
+    _train(model.double(), x, y, micro_batch_size, accum_steps, max_steps)
+
+
+def separate_accumulation_branch(micro_batch_size: int, accum_steps: int,
+                                 max_steps: int) -> None:
+    """A hand-written accumulation branch that forgets zero_grad() after its step."""
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(max_steps):
+        if accum_steps == 1:
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x[step * micro_batch_size:][:micro_batch_size]),
+                                   y[step * micro_batch_size:][:micro_batch_size]).backward()
+            optimizer.step()
+        else:
+            for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+                (nn.functional.mse_loss(model(xb), yb) / accum_steps).backward()
+            optimizer.step()  # BUG: no zero_grad() after it
+
+
+def _sequences(equal: bool):
+    """Token sequences of length 1..8 (or all 8), padded with -100, which the loss ignores."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 6, (256, 9), generator=g)
+    if not equal:
+        lengths = torch.randint(1, 9, (256,), generator=g)
+        tokens[torch.arange(9) > lengths[:, None]] = -100
+    return tokens[:, :-1].clamp(min=0), tokens[:, 1:]
+
+
+def _language_model(micro_batch_size, accum_steps, max_steps, equal: bool) -> None:
+    inputs, targets = _sequences(equal)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 4), nn.Linear(4, 6)).double()
+
+    def loss_fn(logits, target):  # the mean over this micro-batch's own tokens
+        return nn.functional.cross_entropy(logits.reshape(-1, 6), target.reshape(-1),
+                                           ignore_index=-100)
+
+    _train(model, inputs, targets, micro_batch_size, accum_steps, max_steps, loss_fn)
+
+
+def tokens_mean_per_micro_batch(micro_batch_size: int, accum_steps: int,
+                                max_steps: int) -> None:
+    _language_model(micro_batch_size, accum_steps, max_steps, equal=False)
+
+
+def tokens_equal_lengths(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    _language_model(micro_batch_size, accum_steps, max_steps, equal=True)

@@ -1,0 +1,438 @@
+"""gradlab audit: a user's own loop against its big-batch twin, through the hooks alone.
+
+The examples in experiments/ run through the CLI (two worker processes each, shared by
+module-scoped fixtures); the other patterns run the worker in this process, which
+installs the same hooks, to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import audit_loops
+from conftest import gradlab
+from gradlab import audit, probe, schema
+from gradlab.errors import GradlabError
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def in_repo():
+    """`experiments.*` is found from the project folder, as a user runs it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        yield
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("audits")
+
+
+def cli_audit(out: Path, entrypoint: str, *args: str):
+    """`gradlab audit ENTRYPOINT -n 4 --steps STEPS`; the result and its run directory."""
+    result = gradlab("audit", entrypoint, "--accum-steps", "4", "--steps", str(STEPS),
+                     "--out", out, *args)
+    run_dir = Path(result.stdout.strip()) if result.exit_code in (0, 1) else None
+    return result, run_dir
+
+
+def table(run_dir: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(run_dir / f"{name}.csv")
+
+
+@pytest.fixture(scope="module")
+def tutorial(out):
+    return cli_audit(out, "experiments.tutorial_loop:train")
+
+
+@pytest.fixture(scope="module")
+def broken(out):
+    """The three broken copies of the tutorial loop, audited once each."""
+    return {name: cli_audit(out, f"experiments.{name}:train")
+            for name in ("loop_no_division", "loop_zero_every_micro_batch",
+                         "loop_scheduler_per_micro_batch")}
+
+
+# ----------------------------------------------------------------------------- the examples
+
+def test_tutorial_loop_is_equivalent_in_float64_at_every_step(tutorial):
+    result, run_dir = tutorial
+    assert result.exit_code == 0, result.stderr
+    steps = table(run_dir, "audit")
+    assert list(steps["step"]) == list(range(1, STEPS + 1))
+    assert (steps["rel_grad_err"] <= 1e-12).all()
+    assert (steps["rel_grad_err"] > 0).any()  # measured, not a copy of one run compared to itself
+    assert (steps["verdict"] == "equivalent").all()
+    assert (steps["rel_lr_diff"] == 0).all()
+    # the schedule decays, and the audit saw it in both runs
+    assert steps["lr_big_batch"].is_monotonic_decreasing and steps["lr_big_batch"].nunique() > 1
+    assert "equivalent at every one of the 4 steps" in result.stderr
+    assert "diagnosis" not in result.stderr
+    assert result.stdout.strip() == str(run_dir)  # stdout: the run directory, nothing else
+
+
+def test_tutorial_loop_in_float32_is_within_the_float32_floor(out):
+    result, run_dir = cli_audit(out, "experiments.tutorial_loop:train_float32")
+    assert result.exit_code == 0, result.stderr
+    steps = table(run_dir, "audit")
+    tolerance = schema.rel_tolerance("float32", 4, 0.0)
+    torch.testing.assert_close(torch.tensor(steps["tolerance"].to_numpy()),
+                               torch.full((STEPS,), tolerance, dtype=torch.float64),
+                               rtol=0, atol=0)
+    assert (steps["rel_grad_err"] <= tolerance).all()
+    assert (steps["rel_grad_err"] > 1e-9).all()  # float32 rounding shows: this is float32
+    assert json.loads((run_dir / "run.json").read_text())["trials"][0]["arms"]["accumulated"][
+        "settings"]["dtype"] == "float32"
+
+
+def test_no_division_differs_by_n_minus_1_at_step_1(broken):
+    result, run_dir = broken["loop_no_division"]
+    assert result.exit_code == 1, result.stderr
+    first = table(run_dir, "audit").iloc[0]
+    torch.testing.assert_close(first["rel_grad_err"], 3.0, rtol=1e-12, atol=0)
+    torch.testing.assert_close(first["grad_norm_accumulated"] / first["grad_norm_big_batch"],
+                               4.0, rtol=1e-12, atol=0)
+    torch.testing.assert_close(first["cosine"], 1.0, rtol=0, atol=1e-12)
+    assert "differs from step 1" in result.stderr
+    assert "the loss is not divided by N = 4" in result.stderr
+    # an exact multiple is no accident of an unseeded loop: no rerun needed to say so
+    assert not json.loads((run_dir / "run.json").read_text())["audit"]["determinism_rechecked"]
+    assert "zero_grad" not in result.stderr and "scheduler" not in result.stderr
+
+
+def test_zero_grad_every_micro_batch_is_named(broken):
+    result, run_dir = broken["loop_zero_every_micro_batch"]
+    assert result.exit_code == 1, result.stderr
+    assert "zero_grad() cleared .grad between the micro-batches" in result.stderr
+    assert "discarded 3 of the 4 backward() results" in result.stderr
+    assert "not divided" not in result.stderr
+    first = table(run_dir, "audit").iloc[0]
+    assert first["verdict"] == "differs" and first["cosine"] < 0.99
+
+
+def test_scheduler_per_micro_batch_is_named(broken):
+    result, run_dir = broken["loop_scheduler_per_micro_batch"]
+    assert result.exit_code == 1, result.stderr
+    steps = table(run_dir, "audit")
+    # the gradient at step 1 is right (same weights); the learning rate is not
+    assert steps["rel_grad_err"].iloc[0] <= schema.rel_tolerance("float64", 4, 0.0)
+    assert steps["lr_accumulated"].iloc[0] < steps["lr_big_batch"].iloc[0]
+    assert "differs from step 1" in result.stderr
+    assert "it is stepped once per micro-batch" in result.stderr
+    assert "4x too fast" in result.stderr
+    checks = table(run_dir, "checks")
+    assert not checks["passed"].iloc[0] and checks["value"].iloc[0] > 0.5
+
+
+def test_accelerate_accumulate_is_equivalent(out):
+    pytest.importorskip("accelerate")
+    result, run_dir = cli_audit(out, "experiments.accelerate_loop:train")
+    assert result.exit_code == 0, result.stderr
+    steps = table(run_dir, "audit")
+    assert (steps["rel_grad_err"] <= 1e-12).all() and (steps["rel_lr_diff"] == 0).all()
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+def test_run_directory_reads_like_a_run(tutorial, broken):
+    _, good = tutorial
+    _, bad = broken["loop_no_division"]
+    for run_dir in (good, bad):
+        summary = table(run_dir, "summary").set_index("arm")
+        assert summary.loc["big-batch", "verdict"] == "baseline"
+        assert summary.loc["accumulated", ["batch_size", "accum_steps", "micro_batch"]].tolist() \
+            == [32, 4, 8]
+        assert summary.loc["big-batch", ["batch_size", "accum_steps", "micro_batch"]].tolist() \
+            == [32, 1, 32]
+        steps = table(run_dir, "steps")
+        assert len(steps) == 2 * STEPS and steps["loss"].notna().all()
+        probe_rows = table(run_dir, "probe")
+        assert set(probe_rows["param"]) == {"0.weight", "0.bias", "2.weight", "2.bias", "*"}
+    assert table(good, "summary").set_index("arm").loc["accumulated", "verdict"] == "equivalent"
+    assert table(bad, "summary").set_index("arm").loc["accumulated", "verdict"] == "differs"
+    # the loss each step's gradient belongs to: N times the big batch's without the division
+    losses = table(bad, "steps").pivot(index="step", columns="arm", values="loss")
+    torch.testing.assert_close(losses["accumulated"].iloc[0] / losses["big-batch"].iloc[0], 4.0,
+                               rtol=1e-12, atol=0)
+
+
+def test_compare_reads_audit_runs_and_checks_them(tutorial, broken):
+    _, good = tutorial
+    _, bad = broken["loop_no_division"]
+    result = gradlab("compare", good, "--json", "--check")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    rows = {r["arm"]: r for r in doc["rows"]}
+    assert rows["accumulated"]["verdict"] == "equivalent" and rows["accumulated"]["check"] == "ok"
+    assert rows["big-batch"]["verdict"] == "baseline"
+    assert any("both at the big batch's weights: after each optimizer step the accumulated run "
+               "takes the big batch's weights" in note for note in doc["notes"])
+
+    result = gradlab("compare", bad, "--check")
+    assert result.exit_code == 1
+    assert "expected equivalent, got differs" in result.stderr
+
+
+def test_plot_and_report_read_an_audit_run(broken, tmp_path):
+    _, run_dir = broken["loop_scheduler_per_micro_batch"]
+    result = gradlab("plot", run_dir, "-y", "lr,rel_l2_err", "--out", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(Path(p).name for p in result.stdout.split()) == [
+        "audit-lr-vs-step.png", "audit-rel_l2_err-vs-step.png"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("entrypoint, args, fragments", [
+    ("audit_loops", (), ("give it as pkg.module:function",)),
+    ("no_such_module:train", (), ("no module named 'no_such_module'",)),
+    ("audit_loops:right", ("--accum-steps", "1"), ("--accum-steps 1", ">= 2")),
+    ("audit_loops:right", ("--accum-steps", "2", "--steps", "0"), ("--steps 0",)),
+])
+def test_bad_arguments_fail_before_any_process_starts(entrypoint, args, fragments, tmp_path):
+    args = args or ("--accum-steps", "2")
+    one_line_error(gradlab("audit", entrypoint, *args, "--out", tmp_path), *fragments)
+    assert not any(tmp_path.iterdir())  # no run directory for a run that never was
+
+
+@pytest.mark.parametrize("entrypoint, fragments", [
+    ("audit_loops:wrong_signature", ("is wrong_signature(batch_size, steps)",
+                                     "train(micro_batch_size: int, accum_steps: int")),
+    ("audit_loops:unseeded_shuffle", ("not deterministic", "train(4, 1, 4) run twice")),
+])
+def test_loops_that_cannot_be_audited_say_why(entrypoint, fragments, tmp_path):
+    """Through the worker processes: the worker's own check, and the rerun of a loop that
+    does not repeat itself (Python's random is seeded anew in every process)."""
+    result = gradlab("audit", entrypoint, "--accum-steps", "2", "--micro-batch-size", "2",
+                     "--steps", "4", "--out", tmp_path)
+    one_line_error(result, *fragments)
+    assert not any(tmp_path.iterdir())
+
+
+def test_entrypoint_contract(monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert audit.resolve_entrypoint("audit_loops:right").__name__ == "right"
+    with pytest.raises(GradlabError, match="audit_loops.nothing does not exist; functions in "
+                                           "audit_loops: .*never_steps"):
+        audit.resolve_entrypoint("audit_loops:nothing")
+    with pytest.raises(GradlabError, match="_sequences.* must accept train"):
+        audit.resolve_entrypoint("audit_loops:_sequences")
+    with pytest.raises(GradlabError, match="random is not a function"):
+        audit.resolve_entrypoint("audit_loops:random")
+
+
+# ----------------------------------------------------------------------------- in one process
+
+def examined(entrypoint: str, tmp: Path, m: int = 4, n: int = 4, k: int = 3,
+             copy_limit: int = audit.COPY_LIMIT) -> audit.Audit:
+    """The worker's hooks in this process, then the parent's comparison and diagnosis."""
+    base, arm = audit.twins(m, n)
+    shared = tmp / "weights"
+    shared.mkdir(exist_ok=True)
+    (shared / "done").unlink(missing_ok=True)
+    captured = {}
+    for a, role in ((base, "lead"), (arm, "follow")):
+        path = tmp / f"{a.name}.pt"
+        audit.worker(entrypoint, a.micro_batch_size, a.accum_steps, k, copy_limit, path,
+                     **{role: shared})
+        (shared / "done").touch()  # the leader has finished: the follower waits for no more
+        captured[a.name] = torch.load(path, weights_only=False)
+        assert captured[a.name]["error"] is None, captured[a.name]["error"]
+    result = audit.examine(entrypoint, base, arm, k, captured)
+    if result.failed:
+        result.diagnosis = audit.diagnose(result).text
+    return result
+
+
+def test_hooks_are_removed_after_a_run(tmp_path):
+    before = (torch.Tensor.backward, torch.optim.Optimizer.zero_grad, torch.nn.Module.zero_grad)
+    examined("audit_loops:right", tmp_path)
+    after = (torch.Tensor.backward, torch.optim.Optimizer.zero_grad, torch.nn.Module.zero_grad)
+    assert before == after
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+    assert not _global_optimizer_pre_hooks
+
+
+def test_record_of_a_right_loop(tmp_path):
+    result = examined("audit_loops:right", tmp_path)
+    assert result.verdict == "equivalent" and result.diagnosis is None
+    assert result.same_weights and result.captures["accumulated"]["forced"] == 3
+    assert result.captures["big-batch"]["forced"] == 0  # the leader follows no one
+    own = result.captures["accumulated"]["steps"]
+    assert [s["backwards"] for s in own] == [4, 4, 4]
+    assert [s["zero_grads"] for s in own] == [0, 1, 1]  # after steps 1 and 2: in the next window
+    assert [s["discarded"] for s in own] == [0, 0, 0]
+    assert own[0]["names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert all(s["rel_grad_err"] <= 1e-12 for s in result.steps)
+    # what the big batch's first step received: the gradient of the mean loss over its batch
+    x, y = audit_loops._regression()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 1)).double()
+    torch.nn.functional.mse_loss(model(x[:16]), y[:16]).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    captured = result.captures["big-batch"]["steps"][0]["grad"]
+    torch.testing.assert_close(captured, expected, rtol=0, atol=0)
+    assert result.captures["big-batch"]["steps"][0]["loss"] == pytest.approx(
+        torch.nn.functional.mse_loss(model(x[:16]), y[:16]).item(), rel=1e-15)
+
+
+def test_not_divided_in_process_matches_the_example(tmp_path):
+    result = examined("audit_loops:not_divided", tmp_path)
+    assert result.first_difference["step"] == 1
+    torch.testing.assert_close(result.first_difference["rel_grad_err"], 3.0, rtol=1e-12, atol=0)
+    assert "not divided by N = 4" in result.diagnosis
+
+
+DIAGNOSES = {
+    "audit_loops:batchnorm": "BatchNorm in training mode (1)",
+    "audit_loops:dropout": "dropout in training mode (2, 4)",
+    "audit_loops:separate_accumulation_branch":
+        "equal at step 1, different from step 2: no zero_grad() ran",
+    "audit_loops:tokens_mean_per_micro_batch": "tokens in sequences of unequal length",
+}
+
+
+@pytest.mark.parametrize("entrypoint", DIAGNOSES)
+def test_diagnoses(entrypoint, tmp_path):
+    result = examined(entrypoint, tmp_path)
+    assert result.verdict == "differs"
+    assert DIAGNOSES[entrypoint] in result.diagnosis
+    for other in set(DIAGNOSES.values()) - {DIAGNOSES[entrypoint]}:
+        assert other not in result.diagnosis
+    # only the count of zero_grad() calls is a fact; the others are likenesses, given only
+    # after the loop has been rerun and shown to be deterministic
+    certain = entrypoint.endswith("separate_accumulation_branch")
+    assert audit.diagnose(result).certain == certain
+
+
+def test_determinism_check(tmp_path):
+    first = examined("audit_loops:right", tmp_path)
+    again = examined("audit_loops:right", tmp_path)
+    base = first.base
+    audit.check_deterministic(base, 3, first.captures["big-batch"], again.captures["big-batch"],
+                              "float64")  # passes: the same call, the same record
+    one = examined("audit_loops:unseeded_shuffle", tmp_path, n=2, m=2)
+    two = examined("audit_loops:unseeded_shuffle", tmp_path, n=2, m=2)
+    with pytest.raises(GradlabError, match=r"not deterministic: train\(4, 1, 3\) run twice "
+                                           r"hands the optimizer different gradients at step 1"):
+        audit.check_deterministic(one.base, 3, one.captures["big-batch"],
+                                  two.captures["big-batch"], "float64")
+
+
+def test_token_count_error_vanishes_with_equal_lengths(tmp_path):
+    assert examined("audit_loops:tokens_equal_lengths", tmp_path).verdict == "equivalent"
+
+
+@pytest.mark.parametrize("entrypoint, message", [
+    ("audit_loops:never_steps", r"^train\(16, 1, 8\) never called optimizer.step\(\)"),
+    ("audit_loops:counts_micro_batches", r"different numbers of optimizer steps \(train\(16, 1, "
+                                         r"8\) made 8, train\(4, 4, 8\) made 2\)"),
+])
+def test_loops_that_do_not_step_as_asked_are_refused(entrypoint, message, tmp_path):
+    with pytest.raises(GradlabError, match=message):
+        examined(entrypoint, tmp_path, k=8)
+
+
+def test_a_loop_that_raises_is_reported_where_it_raised(tmp_path):
+    audit.worker("audit_loops:raises", 4, 4, 3, audit.COPY_LIMIT, tmp_path / "out.pt")
+    error = torch.load(tmp_path / "out.pt", weights_only=False)["error"]
+    line = next(i for i, text in enumerate(Path(audit_loops.__file__).read_text().splitlines(),
+                                           start=1) if "a shape mistake" in text)
+    assert error.startswith("train(4, 4, 3) raised RuntimeError: mat1 and mat2 shapes")
+    assert f"at audit_loops.py:{line};" in error
+
+
+def test_batched_metrics_are_probes_metrics():
+    """All steps at once give what probe.compare_tensors gives step by step, edge cases too."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 2), (4,), (2,)]
+    ref = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    arm = ref + 1e-3 * torch.randn(3, 12, generator=g, dtype=torch.float64)
+    ref[0, 6:10] = 0.0  # a parameter whose reference gradient is zero ...
+    arm[1, 10:] = 0.0   # ... or whose arm gradient is
+    ref[2, 10:], arm[2, 10:] = 0.0, 0.0  # or both: equal
+    rows = audit.batched_rows(ref, arm, ["w", "b", "c"], shapes)
+    def named(flat):
+        parts = [p.view(s) for p, s in zip(flat.split([6, 4, 2]), shapes, strict=True)]
+        return dict(zip("wbc", parts, strict=True))
+
+    for step in range(3):
+        a, r = named(arm[step]), named(ref[step])
+        expected = probe.compare_tensors((n, a[n], r[n]) for n in r)
+        assert [r["param"] for r in rows[step]] == [r["param"] for r in expected]
+        for got, want in zip(rows[step], expected, strict=True):
+            for key in ("max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm"):
+                torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=0,
+                                           equal_nan=True)
+    assert rows[0][1]["rel_l2_err"] == math.inf and math.isnan(rows[0][1]["cosine"])
+    assert rows[2][2]["rel_l2_err"] == 0.0 and rows[2][2]["cosine"] == 1.0
+
+
+def test_parameters_of_different_shapes_are_refused(tmp_path):
+    with pytest.raises(GradlabError, match=r"parameter '0.weight' has shape \[4, 3\] in "
+                                           r"train\(4, 4, 3\) but \[16, 3\] in train\(16, 1, 3\)"):
+        examined("audit_loops:width_from_batch", tmp_path)
+
+
+def test_a_long_float32_run_stays_within_the_floor_at_the_big_batchs_weights(tmp_path):
+    """Two runs left to train on their own drift apart by rounding, step after step, until
+    their gradients differ by more than rounding; at the same weights they never do."""
+    result = examined("experiments.tutorial_loop:train_float32", tmp_path, m=8, n=4, k=150)
+    assert result.same_weights and result.captures["accumulated"]["forced"] == 150
+    assert result.verdict == "equivalent"
+    tolerance = schema.rel_tolerance("float32", 4, 0.0)
+    assert all(s["rel_grad_err"] <= tolerance / 10 for s in result.steps)
+
+
+def test_optimizer_settings_that_depend_on_n_are_caught(tmp_path):
+    """At the big batch's weights the update itself is not compared: its settings are."""
+    result = examined("audit_loops:weight_decay_times_n", tmp_path)
+    assert result.verdict == "differs" and result.first_difference["step"] == 1
+    assert result.first_difference["rel_grad_err"] <= 1e-12  # the gradient is right
+    assert "weight_decay 0.004 (big batch: 0.001)" in result.diagnosis
+    # compare's verdict reads the gradient alone; the run's own check carries the rest
+    result.seconds = {}
+    run_dir = audit.write_run(result, tmp_path / "out")
+    checks = table(run_dir, "checks").set_index("check")
+    assert not checks.loc["steps whose optimizer settings differ", "passed"]
+    assert checks.loc["steps whose optimizer settings differ", "value"] == 3
+    assert checks.loc["learning rate = big batch's", "passed"]
+    assert gradlab("compare", run_dir, "--check").exit_code == 1
+
+
+def test_large_models_are_estimated_from_projections(tmp_path):
+    right = examined("audit_loops:right", tmp_path, copy_limit=0)
+    assert right.estimate and right.verdict == "equivalent"
+    assert not right.same_weights  # the weights are too large to pass along as well
+    assert "projections" in right.captures["big-batch"]["steps"][0]
+    assert "grad" not in right.captures["big-batch"]["steps"][0]
+    exact = examined("audit_loops:right", tmp_path)
+    # norms are exact; only the distance is estimated
+    for est, ex in zip(right.steps, exact.steps, strict=True):
+        torch.testing.assert_close(est["grad_norm_big_batch"], ex["grad_norm_big_batch"],
+                                   rtol=1e-12, atol=0)
+        assert math.isnan(est["max_abs_grad_err"])
+    wrong = examined("audit_loops:not_divided", tmp_path, copy_limit=0)
+    # E[(r.d)^2] = |d|^2: the estimate of N - 1 = 3 from 4 projections of 4 parameters
+    assert 1.5 < wrong.first_difference["rel_grad_err"] < 4.5
+    # the norms are exact and the projections of 4g are 4 times those of g: cosine 1
+    torch.testing.assert_close(wrong.first_difference["cosine"], 1.0, rtol=0, atol=1e-12)
+    assert "not divided by N = 4" in wrong.diagnosis
