@@ -17,6 +17,7 @@ with gradlab).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -30,17 +31,29 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ["toy", "equivalence", "zero-grad-toy", "zero-grad", "batch-lr", "norm",
-               "norm-training", "tokens", "tokens-training", "contrastive",
+               "norm-training", "tokens", "tokens-training", "precision", "clipping",
+               "scheduler", "last-window", "dropout", "cost", "ddp", "contrastive",
                "contrastive-training"]
 LOCAL = ["my_lm"]  # examples of your own setup, run from the repository root
 # runs of a spec with other settings: name -> gradlab run arguments
-VARIANTS = {"norm-low": ["norm", "--set", "dtype=bfloat16,float16", "--set", "steps=11"]}
+VARIANTS = {"norm-low": ["norm", "--set", "dtype=bfloat16,float16", "--set", "steps=11"],
+            # the mask-average check alone (it runs at step 1), for 16 to 1024 draws
+            "dropout-draws": ["dropout", "--set", "mask_draws=16,64,256,1024", "--set",
+                              "steps=1"],
+            "cost-budget": ["cost", "--set", "budget_mb=10"]}
 # figures the README shows: docs/figures/FILE <- the standard figure of that run
 FIGURES = {"equivalence-grad-error.png": "equivalence", "norm-grad-error.png": "norm",
            "norm-training-accuracy.png": "norm-training", "toy-trace.png": "toy",
            "tokens-grad-error.png": "tokens", "tokens-training-loss.png": "tokens-training",
            "contrastive-grad-error.png": "contrastive",
-           "contrastive-training-held-out.png": "contrastive-training"}
+           "contrastive-training-held-out.png": "contrastive-training",
+           "clipping-grad-error.png": "clipping", "scheduler-lr.png": "scheduler",
+           "scheduler-loss.png": "scheduler", "cost-cost.png": "cost"}
+# figures of a named metric: docs/figures/FILE <- (run, `gradlab plot` options, file it makes)
+PLOTTED = {"last-window-grad-error.png": ("last-window", ["-y", "exact_err"],
+                                          "last-window-exact_err-vs-step.png"),
+           "dropout-grad-error.png": ("dropout", ["-y", "exact_err"],
+                                      "dropout-exact_err-vs-step.png")}
 
 
 def gradlab() -> list[str]:
@@ -61,7 +74,7 @@ def run(name: str, out: Path) -> tuple[Path, float, str]:
 
 
 def latest(out: Path, name: str) -> Path:
-    return sorted((out / name).iterdir())[-1]
+    return sorted(p for p in (out / name).iterdir() if p.is_dir())[-1]  # not the .txt files
 
 
 def read(run_dir: Path, table: str) -> pd.DataFrame:
@@ -387,6 +400,101 @@ def block_my_lm(runs: dict, printed: dict) -> str:
     return table(["arm", "N", "rel grad err", "vs exact", "tolerance", "verdict"], rows)
 
 
+def block_ddp(runs: dict, printed: dict) -> str:
+    s = summary(runs["ddp"])
+    rows = [[r.dtype, r.arm, str(r.world_size), str(r.accum_steps), str(r.micro_batch),
+             g(r.max_rel_grad_err), g(r.max_exact_err), g(r.rel_tolerance), r.verdict,
+             g(r.allreduces_per_step), g(r.step_seconds * 1000)] for r in s.itertuples()]
+    return table(["dtype", "arm", "W", "N", "m", "rel grad err", "vs exact", "tolerance",
+                  "verdict", "all-reduces / step", "ms / step"], rows)
+
+
+def block_ddp_findings(runs: dict, printed: dict) -> str:
+    s = summary(runs["ddp"]).set_index(["dtype", "arm"])
+    right = ["no-sync", "sync-every-micro-batch"]
+    synced = s[s.index.get_level_values("arm").isin(right)]
+    never = s.xs("never-synced", level="arm")
+    n = int(s.loc[("float64", "no-sync"), "accum_steps"])
+    ranks = int(s.loc[("float64", "no-sync"), "world_size"])
+
+    def errors(dtype: str) -> str:
+        return " and ".join(g(s.loc[(dtype, arm), "max_rel_grad_err"]) for arm in right)
+
+    def per_step(arm: str, column: str) -> str:
+        return span(s.xs(arm, level="arm")[column])
+
+    def ms(arm: str) -> str:  # the median over dtypes of each trial's median step
+        return g(s.xs(arm, level="arm").step_seconds.median() * 1000)
+
+    return "\n".join([
+        f"- **The window's gradient is the big batch's.** With `no-sync` and with "
+        f"`sync-every-micro-batch`, the gradient after the window is the single-process big "
+        f"batch's to {errors('float64')} relative in float64 and {errors('float32')} in "
+        f"float32, at every probed step; their losses stay within "
+        f"{g(synced.max_rel_loss_diff.max())} of the big batch's, relative.",
+        f"- **Syncing once is enough.** `no-sync` all-reduced "
+        f"{per_step('no-sync', 'allreduces_per_step')} time per optimizer step and "
+        f"`sync-every-micro-batch` {per_step('sync-every-micro-batch', 'allreduces_per_step')} "
+        f"times (N = {n}), for the same gradient; a step took {ms('no-sync')} ms against "
+        f"{ms('sync-every-micro-batch')} ms on rank 0 ({ms('never-synced')} ms never "
+        f"syncing, {ms('big-batch')} ms for the big batch in one process).",
+        f"- **Never syncing is wrong.** `never-synced` steps on rank 0's own slice, 1/{ranks} "
+        f"of the window: its gradient is {span(never.max_rel_grad_err)} away from the big "
+        f"batch's (cosine {g(never.min_grad_cosine.min(), 2)}), in float32 and float64 alike.",
+    ])
+
+
+PRECISION_ARMS = ["float32", "bf16-native", "bf16-fp32-buffer", "autocast-bf16", "fp16-native",
+                  "fp16-fp32-buffer", "autocast-fp16-scaler", "clip-before-unscale"]
+
+
+def block_precision(runs: dict, printed: dict) -> str:
+    """Per model and arm: the distance from the exact gradient against N, then the rise over
+    N = 1 beside the bound (N - 1) u ‖Σ|g_i|‖/‖g‖."""
+    s = summary(runs["precision"])
+    s = s[~s.baseline]
+    ns = sorted(s.accum_steps.unique())
+    errors, rises = [], []
+    for model in s.model.unique():
+        for arm in PRECISION_ARMS:
+            part = s[(s.model == model) & (s.arm == arm)].set_index("accum_steps")
+            if part.empty:
+                continue
+            first = part.iloc[0]
+            verdicts = ", ".join(sorted(set(part.verdict)))
+            errors.append([model, f"`{arm}`", first.precision, g(first.exact_floor, 2),
+                           *(g(part.loc[n, "max_exact_err"], 2) for n in ns), verdicts])
+            rises.append([model, f"`{arm}`", *(f"{g(part.loc[n, 'accum_rise'], 2)} / "
+                                                f"{g(part.loc[n, 'accum_bound'], 2)}"
+                                                for n in ns if n > 1)])
+    condition = s.groupby(["model", "accum_steps"]).max_sum_condition.max()
+    conditions = "; ".join(
+        f"{model}: " + ", ".join(f"{g(condition[(model, n)], 3)} at N = {n}" for n in ns
+                                 if n > 1) for model in s.model.unique())
+    skipped = int(s.skipped_steps.fillna(0).sum())
+    steps = read(runs["precision"], "steps")
+    scaled = steps[steps.arm == "autocast-fp16-scaler"].grad_norm.max()
+    meta = json.loads((runs["precision"] / "run.json").read_text())
+    clip = meta["trials"][0]["arms"]["autocast-fp16-scaler"]["settings"]["clip_norm"]
+    return "\n".join([
+        "Distance from the exact gradient (the big batch's, in float64, at the same weights "
+        "on the same window), worst over the probes; floor: one big batch computed in the "
+        "arm's precision:",
+        "",
+        table(["model", "arm", "computed in", "floor", *(f"N={n}" for n in ns), "verdict"],
+              errors),
+        "",
+        "Rise over N = 1 (vs exact − floor, the share accumulating adds) / the bound "
+        "(N − 1)·u·‖Σ|g_i|‖/‖g‖ for the arm's u:",
+        "",
+        table(["model", "arm", *(f"N={n}" for n in ns if n > 1)], rises),
+        "",
+        f"‖Σ|g_i|‖/‖g‖, the condition of the sum of the N partial gradients: {conditions}. "
+        f"GradScaler steps skipped in the whole run: {skipped}. The largest gradient norm an "
+        f"`autocast-fp16-scaler` step applied: {g(scaled)} (its clip_norm: {g(clip)}).",
+    ])
+
+
 def block_margins(runs: dict, printed: dict) -> str:
     """How far every verdict is from its tolerance, per experiment and dtype."""
     rows = []
@@ -396,7 +504,9 @@ def block_margins(runs: dict, printed: dict) -> str:
         for dtype, part in judged.groupby("dtype", sort=False):
             ratio = part.max_exact_err / part.rel_tolerance
             good = ratio[part.verdict == "equivalent"]
-            bad = ratio[part.verdict == "differs"]
+            # an arm that differs by its learning rate alone has a gradient that agrees
+            lr_only = part.get("max_rel_lr_diff", pd.Series(0, index=part.index)).fillna(0) > 0
+            bad = ratio[(part.verdict == "differs") & ~lr_only]
             rows.append([name, dtype, str(len(good)), g(good.max()) if len(good) else "-",
                          str(len(bad)), g(bad.min()) if len(bad) else "-"])
     return table(["experiment", "dtype", "equivalent arms", "largest err / tolerance",
@@ -560,6 +670,183 @@ def block_contrastive_training_prose(runs: dict, printed: dict) -> str:
         f"{last} steps its held-out retrieval accuracy is "
         + ", ".join(f"{g(gap['naive-accumulation', n].loc[last], 2)} points lower at N = {n}"
                     for n in naive.index) + "."])
+def block_cost(runs: dict, printed: dict) -> str:
+    s = summary(runs["cost"]).sort_values(["model", "micro_batch"], ascending=[True, False])
+    rows = [[r.model, r.micro_batch, r.accum_steps, g(r.activation_mb), g(r.memory_mb),
+             f"{r.step_ms:.1f}", f"{r.example_us:.0f}"] for r in s.itertuples()]
+    return table(["model", "micro-batch", "N", "activations MB", "step MB", "ms/step",
+                  "µs/example"], rows)
+
+
+def block_cost_prose(runs: dict, printed: dict) -> str:
+    s = summary(runs["cost"])
+    cnn = s[s.model == "cnn"].set_index("micro_batch")
+    mlp = s[s.model == "mlp"].set_index("micro_batch")
+    smallest, largest = int(cnn.index.min()), int(cnn.index.max())
+    return (f"For the cnn the activations are {g(cnn.activation_mb[largest])} MB at "
+            f"{largest} examples, {g(cnn.activation_mb[largest // 4])} MB at {largest // 4} "
+            f"({g(cnn.activation_mb[largest // 4] / cnn.activation_mb[largest])}×) and "
+            f"{g(cnn.activation_mb[smallest])} MB at {smallest}; the mlp's step never needs "
+            f"less than {g(mlp.memory_mb.min())} MB, nearly all weights and gradients. Time per "
+            f"example: {cnn.example_us[largest]:.0f} µs for the cnn at {largest}, "
+            f"{cnn.example_us.min():.0f} µs at best, {cnn.example_us[smallest]:.0f} µs at "
+            f"{smallest}; the mlp {mlp.example_us[largest]:.0f}, {mlp.example_us.min():.0f} "
+            f"and {mlp.example_us[smallest]:.0f} µs.")
+
+
+def block_cost_budget(runs: dict, printed: dict) -> str:
+    lines = [" ".join(line.split()) for line in printed["cost-budget"].splitlines()
+             if line.startswith("budget ")]
+    return "```text\n$ gradlab run cost --set budget_mb=10\n…\n" + "\n".join(lines) + "\n```"
+def overall_probes(run_dir: Path) -> pd.DataFrame:
+    """The all-parameter rows of probe.csv, with the arm's swept settings."""
+    probes = read(run_dir, "probe")
+    return probes[probes.param == "*"].merge(summary(run_dir).drop(columns="step",
+                                                                   errors="ignore"),
+                                             on=["trial", "arm"])
+
+
+def block_pitfalls(runs: dict, printed: dict) -> str:
+    clip = summary(runs["clipping"]).set_index(["arm", "accum_steps"])
+    after, per = clip.loc["after-accumulation"], clip.loc["per-micro-batch"]
+    sched = summary(runs["scheduler"]).set_index("arm")
+    lr = read(runs["scheduler"], "steps").pivot(index="step", columns="arm", values="lr")
+    stopped = lr.index[lr["per-micro-batch"] == 0].min()
+    last = overall_probes(runs["last-window"])
+    short = read(runs["last-window"], "steps").query("arm == 'big-batch'")
+    short_steps = short[short.window_size < short.window_size.max()].step
+    at_short = last[last.step.isin(short_steps)].set_index("arm").exact_err
+    drop = summary(runs["dropout"])
+    drop = drop[~drop.baseline].set_index("trial")
+    checks = read(runs["dropout"], "checks")
+    per_step = drop.loc[1]
+    rows = [
+        ["`clipping`", f"vs exact {span(after.max_exact_err)} (floor "
+                       f"{g(after.exact_floor.max(), 2)}, float32)",
+         f"vs exact {g(per.max_exact_err.min(), 2)} (N = {per.index.min()}) … "
+         f"{g(per.max_exact_err.max(), 2)} (N = {per.index.max()})"],
+        ["`scheduler`", f"lr diff {g(sched.loc['per-step', 'max_rel_lr_diff'])}, losses within "
+                        f"{g(sched.loc['per-step', 'max_rel_loss_diff'], 2)}",
+         f"lr diff {g(sched.loc['per-micro-batch', 'max_rel_lr_diff'])}; lr 0 from step "
+         f"{stopped}; final loss {g(sched.loc['per-micro-batch', 'final_loss'])} vs "
+         f"{g(sched.loc['big-batch', 'final_loss'])}"],
+        ["`last-window`", f"vs exact {g(at_short['by-size'].max(), 2)} on the short windows",
+         f"/ N anyway: {span(at_short['divided-by-n'])} at each short window; not flushed: "
+         f"{span(last[last.arm == 'not-flushed'].exact_err.nlargest(2))}"],
+        ["`dropout`", f"eval {g(drop.loc[0, 'max_exact_err'], 2)}, per-example masks "
+                      f"{g(drop.loc[2, 'max_exact_err'], 2)}",
+         f"nn.Dropout's masks: up to {g(per_step.max_exact_err, 2)}; the mean of "
+         f"{per_step.mask_draws} draws {g(checks.value.iloc[0], 2)} (tolerance "
+         f"{g(checks.tolerance.iloc[0], 2)})"],
+    ]
+    return table(["experiment", "the fix", "the bug"], rows)
+
+
+def block_clipping(runs: dict, printed: dict) -> str:
+    run_dir = runs["clipping"]
+    s = summary(run_dir).set_index(["arm", "accum_steps"])
+    probes = overall_probes(run_dir)
+    median = probes[probes.arm == "per-micro-batch"].groupby("accum_steps").exact_err.median()
+    steps = read(run_dir, "steps")
+    base = steps[steps.arm == "big-batch"]
+    rows = [[str(n), g(s.loc[("after-accumulation", n), "max_exact_err"]),
+             f"{g(s.loc[('per-micro-batch', n), 'max_exact_err'])} ({g(median[n])})",
+             g(s.loc[("per-micro-batch", n), "min_grad_cosine"]),
+             g(s.loc[("per-micro-batch", n), "final_test_accuracy"])]
+            for n in sorted(median.index)]
+    after = s.loc["after-accumulation"]
+    return table(["N", "after accumulation: vs exact",
+                  "per micro-batch: vs exact (median over steps)", "per micro-batch: min cosine",
+                  "per micro-batch: test accuracy"], rows) + (
+        f"\n\nThe big batch applies a gradient of norm {span(base.grad_norm)} at all "
+        f"{base.step.max()} steps "
+        f"(the clip is active at every one) and reaches test accuracy "
+        f"{span(s.loc['big-batch'].final_test_accuracy)}. After accumulation: floor "
+        f"{span(after.exact_floor)}, tolerance {span(after.rel_tolerance)}.")
+
+
+def block_scheduler(runs: dict, printed: dict) -> str:
+    run_dir = runs["scheduler"]
+    s = summary(run_dir).set_index("arm")
+    steps = read(run_dir, "steps")
+    lr = steps.pivot(index="step", columns="arm", values="lr")
+    loss = steps.pivot(index="step", columns="arm", values="loss")
+    last = int(lr.index.max())
+    shown_lr = [1, 2, 3, 8, 10, 11, 20]
+    shown_loss = [10, 20, last]
+    rows = []
+    for arm in ("big-batch", "per-step", "per-micro-batch"):
+        same = arm == "per-step" and (lr[arm] == lr["big-batch"]).all()
+        rows.append([arm, "the same, to the last bit" if same
+                     else ", ".join(g(lr.loc[t, arm]) for t in shown_lr),
+                     ", ".join(g(loss.loc[t, arm], 4) for t in shown_loss),
+                     g(s.loc[arm, "final_test_accuracy"])])
+    fix, bug = s.loc["per-step"], s.loc["per-micro-batch"]
+    return table(["arm", "lr at steps " + ", ".join(map(str, shown_lr)),
+                  "training loss at steps " + ", ".join(map(str, shown_loss)),
+                  "held-out accuracy"], rows) + (
+        f"\n\nper-step: vs exact {g(fix.max_exact_err)}, lr diff {g(fix.max_rel_lr_diff)}, "
+        f"losses within {g(fix.max_rel_loss_diff)} and weights within "
+        f"{g(steps[steps.arm == 'per-step'].weight_dist.max())} of the big batch's. "
+        f"per-micro-batch: vs exact {g(bug.max_exact_err)} (its gradient is right), lr diff "
+        f"{g(bug.max_rel_lr_diff)}, verdict {bug.verdict}.")
+
+
+def block_last_window(runs: dict, printed: dict) -> str:
+    run_dir = runs["last-window"]
+    probes = overall_probes(run_dir)
+    steps = read(run_dir, "steps")
+    base = steps[steps.arm == "big-batch"].set_index("step")
+    short = base.index[base.window_size < base.window_size.max()]
+    rows = []
+    for arm in ("by-size", "divided-by-n", "not-flushed"):
+        mine = probes[probes.arm == arm].set_index("step")
+        bad = mine[mine.exact_err > mine.rel_tolerance]
+        at_short = [g(mine.exact_err[t]) for t in short if t in mine.index]
+        rest = mine.drop(index=bad.index.union(short), errors="ignore")
+        rows.append([arm, ", ".join(at_short) or "not probed (no step of it ends there)",
+                     span(rest.exact_err),
+                     ", ".join(f"{g(v)} (step {t})" for t, v in bad.exact_err.items())
+                     or "none"])
+    by_step = steps.pivot(index="step", columns="arm", values="grad_norm")
+    t = short[0]
+    held = steps[(steps.arm == "not-flushed") & (steps.window_size > base.window_size.max())]
+    return table(["arm", "vs exact at the short windows (steps "
+                  + ", ".join(map(str, short)) + ")", "at the other probes",
+                  "steps over the tolerance"], rows) + (
+        f"\n\nThe short windows hold {base.loc[t, 'window_size']} examples. Gradient norm at "
+        f"step {t}: big batch {g(by_step.loc[t, 'big-batch'])}, divided-by-n "
+        f"{g(by_step.loc[t, 'divided-by-n'])}. not-flushed steps on "
+        f"{held.window_size.iloc[0]} examples at its step {held.step.iloc[0]}, gradient norm "
+        f"{g(held.grad_norm.iloc[0])}; cosine with the big batch's down to "
+        f"{g(probes[probes.arm == 'not-flushed'].cosine.min())}.")
+
+
+def block_dropout(runs: dict, printed: dict) -> str:
+    run_dir = runs["dropout"]
+    s = summary(run_dir)
+    s = s[~s.baseline].set_index("trial")
+    probes = overall_probes(run_dir)
+    cases = {0: "eval mode: no masks", 1: "train mode, `nn.Dropout`'s masks",
+             2: "train mode, per-example masks"}
+    rows = [[label, span(probes[probes.trial == trial].exact_err),
+             g(s.loc[trial, "max_rel_loss_diff"]), s.loc[trial, "verdict"]]
+            for trial, label in cases.items()]
+    checks = read(run_dir, "checks").iloc[0]
+    return table(["case", "vs exact, over the steps", "losses: largest relative difference",
+                  "verdict"], rows) + (
+        f"\n\nMean over {s.loc[1, 'mask_draws']} mask draws at step 1: "
+        f"{g(checks.value)} of the mean big-batch gradient's norm, tolerance (4 standard "
+        f"errors) {g(checks.tolerance)}: {'passed' if checks.passed else 'FAILED'}.")
+
+
+def block_dropout_draws(runs: dict, printed: dict) -> str:
+    s = summary(runs["dropout-draws"])
+    checks = read(runs["dropout-draws"], "checks").merge(
+        s[["trial", "arm", "mask_draws"]], on=["trial", "arm"]).sort_values("mask_draws")
+    return table(["mask draws", "mean difference / mean gradient", "tolerance", "passed"],
+                 [[str(r.mask_draws), g(r.value), g(r.tolerance), str(bool(r.passed))]
+                  for r in checks.itertuples()])
 
 
 def block_times(runs: dict, printed: dict, seconds: dict) -> str:
@@ -575,7 +862,13 @@ BLOCKS: dict[str, Callable] = {
     "norm-bn": block_norm_bn, "norm-bn-steps": block_norm_bn_steps,
     "norm-buffers": block_norm_buffers, "norm-buffers-steps": block_norm_buffers_steps,
     "norm-eval": block_norm_eval, "norm-training-prose": block_norm_training_prose,
-    "tokens-training": block_tokens_training, "my_lm": block_my_lm, "margins": block_margins,
+    "tokens-training": block_tokens_training, "my_lm": block_my_lm, "ddp": block_ddp,
+    "ddp-findings": block_ddp_findings, "margins": block_margins,
+    "precision": block_precision,
+    "cost": block_cost, "cost-prose": block_cost_prose, "cost-budget": block_cost_budget,
+    "pitfalls": block_pitfalls, "clipping": block_clipping, "scheduler": block_scheduler,
+    "last-window": block_last_window, "dropout": block_dropout,
+    "dropout-draws": block_dropout_draws,
     "contrastive": block_contrastive, "contrastive-prose": block_contrastive_prose,
     "contrastive-chance": block_contrastive_chance,
     "contrastive-memory": block_contrastive_memory,
@@ -630,15 +923,20 @@ def main() -> None:
     for figure, name in FIGURES.items():
         if name in runs:
             copy_figure(runs[name], figure)
+    for figure, (name, options, made) in PLOTTED.items():
+        if name in runs:
+            copy_figure(runs[name], figure, options, made)
     if args.write:
         args.write.write_text(replace_blocks(args.write.read_text(), blocks))
 
 
-def copy_figure(run_dir: Path, figure: str) -> None:
-    """docs/figures/FIGURE from `gradlab plot RUN` (the run's standard figures)."""
-    subprocess.run([*gradlab(), "plot", str(run_dir)], cwd=ROOT, check=True,
+def copy_figure(run_dir: Path, figure: str, options: tuple[str, ...] = (),
+                made_as: str | None = None) -> None:
+    """docs/figures/FIGURE from `gradlab plot RUN [OPTIONS]` (the run's standard figures, or
+    the ones the options ask for, which gradlab names MADE_AS)."""
+    subprocess.run([*gradlab(), "plot", str(run_dir), *options], cwd=ROOT, check=True,
                    capture_output=True)
-    made = run_dir / "figures" / figure
+    made = run_dir / "figures" / (made_as or figure)
     if not made.exists():
         raise SystemExit(f"gradlab plot {run_dir} made no {figure}: "
                          f"{sorted(p.name for p in (run_dir / 'figures').iterdir())}")
@@ -655,8 +953,12 @@ def needs(block: str) -> list[str]:
         return ["contrastive"]
     if block.startswith("norm-") and block != "norm-low":
         return ["norm"]
+    if block.startswith("ddp"):
+        return ["ddp"]
     return {"toy-output": ["toy"], "equivalence-losses": ["equivalence"],
-            "margins": []}.get(block, [block])
+            "margins": [], "cost-prose": ["cost"],
+            "pitfalls": ["clipping", "scheduler", "last-window", "dropout"]
+            }.get(block, [block])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
 """The gradlab command line. Thin: parse, validate, call the library, render.
 
-Data goes to stdout (the run directory's path, or one JSON document with
---json); tables, progress and messages go to stderr.
+A command's result goes to stdout: the tables of `list`, `show` and `compare`, the
+run directory's path (`run`), the paths written (`plot`, `report`, `init`), or one
+JSON document with --json. Progress, messages, warnings and `run`'s own table go to
+stderr, so `gradlab run ... | xargs gradlab compare` and `gradlab list | grep lr` work.
+
+Start-up is fast: torch, pandas and matplotlib are imported inside the commands that
+need them, never here (tests/test_startup.py holds that).
 
 SIGINT (Ctrl-C) and SIGTERM (kill, timeout, a batch scheduler) stop gradlab at any
 moment with one line and exit code 130 or 143; a run directory that exists by then
@@ -10,6 +15,7 @@ is marked interrupted, with the trials finished so far kept.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -56,11 +62,19 @@ def early_stop(signum: int, what: str = "") -> SystemExit:
     import json
 
     message = STOPPED[signum] + what
+    if os.environ.get("RANK", "0") != "0":  # a rank of torchrun's other than 0: rank 0 says it
+        return SystemExit(128 + signum)
     if "--json" in sys.argv[1:]:
         print(json.dumps({"status": "interrupted", "error": message, "run_dir": None}),
               flush=True)
     sys.stderr.write(f"error: {message}\n")
     return SystemExit(128 + signum)
+
+
+def starting() -> str:
+    """What a stop before any command began adds to its line: nothing was written."""
+    return (" before the run started; nothing was written" if sys.argv[1:2] == ["run"]
+            else " while starting; nothing was written")
 
 
 # before anything slow: torch and pandas take seconds to import, and a Ctrl-C meanwhile gets
@@ -69,30 +83,28 @@ _handlers_before_import = catch_stop_signals(_raise_interrupted)
 try:
     import contextlib
     import dataclasses
+    import json
+    import re
+    import socket
+    import time
     import traceback
     from pathlib import Path
-    from typing import Annotated
+    from typing import TYPE_CHECKING, Annotated
 
-    import pandas as pd
     import typer
     from rich import box
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
     from rich.table import Table
+    from rich.text import Text
 
-    from gradlab import compare, runner, spec, store, zoo
+    from gradlab import __version__, catalog, schema, spec
     from gradlab.errors import GradlabError
+
+    if TYPE_CHECKING:  # the modules that import torch or pandas: only inside the commands
+        from gradlab import compare, distributed, runner, store
 except Interrupted as stop:
-    starting = (" before the run started; nothing was written" if sys.argv[1:2] == ["run"]
-                else " while starting; nothing was written")
-    raise early_stop(stop.signum, starting) from None
+    raise early_stop(stop.signum, starting()) from None
 finally:
     restore_signal_handlers(_handlers_before_import)
 
@@ -100,13 +112,48 @@ app = typer.Typer(
     help="gradlab: does your gradient accumulation compute the big-batch gradient? "
          "Run paired experiments (B x 1 against (B/N) x N) and measure.",
     epilog="Start with `gradlab run toy`, then `gradlab run` (the equivalence experiment); "
-           "`gradlab list` shows what there is.",
+           "`gradlab list` shows what there is, `gradlab show NAME` what a spec will run.",
     no_args_is_help=True,
-    add_completion=False,
     rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-# when stderr is not a terminal (CI logs, captured output) rich would wrap tables at 80 columns
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+# off a terminal (a pipe, a log file, CI) lines are as long as they need to be: a table is
+# printed whole, one line per row, and a message on one line
+UNBOUNDED = 10_000
+
+
+def console(stderr: bool = False) -> Console:
+    """Rich's console on stdout or stderr, made at each use, so that it writes to the
+    stream and the width (COLUMNS) in force then. A terminal (or a set COLUMNS) gets its
+    width, tables squeezed to fit; anything else long lines (rich would wrap at 80)."""
+    stream = sys.stderr if stderr else sys.stdout
+    fixed = stream.isatty() or "COLUMNS" in os.environ
+    return Console(stderr=stderr, width=None if fixed else UNBOUNDED,
+                   quiet=stderr and Stop.quiet)
+
+
+def say(message: str, markup: bool = False) -> None:
+    """A message for people, on stderr: in a terminal wrapped between words at its width,
+    elsewhere one line."""
+    console(stderr=True).print(message, markup=markup, highlight=False)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"gradlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option(
+        "--version", "-V", callback=version_callback, is_eager=True,
+        help="Print gradlab's version and exit.")] = False,
+) -> None:
+    """The options that come before a command."""
+
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and "
                                                       "nothing else (no table, no progress).")]
@@ -114,16 +161,39 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder that receives 
                                                           "directory.")]
 
 
+def complete_spec_names(incomplete: str) -> list[str]:
+    """Shell completion of an experiment name (gradlab --install-completion)."""
+    return [name for name in spec.findable_specs() if name.startswith(incomplete)]
+
+
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", metavar="KEY=VALUE",
+    help="Override a setting; a comma list sweeps it (`--set accum_steps=2,4`); "
+         "ARM.KEY=VALUE sets it in one arm. Repeatable.")]
+
 # above this many trials a run needs --yes: a typo in a sweep should not start hours of work
 MAX_TRIALS = 1000
 YesOpt = Annotated[bool, typer.Option(
     "--yes", help=f"Run even when the sweep makes more than {MAX_TRIALS} trials.")]
 
 
+TableOpt = Annotated[str, typer.Option(
+    "--table", "-t", help="compact: one row per arm and setting, one column per N, each cell "
+                          "the judged error marked ✓ (as the spec expects), ✗ or · (not "
+                          "checked); full: one row per arm of every trial, every column.")]
+TABLES = ("compact", "full")
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     one_line = " ".join(message.split())  # an exception's text may hold newlines
-    err.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
+    console(stderr=True).print(f"[bold red]error:[/] {escape(one_line)}", highlight=False,
+                               soft_wrap=True)
     return typer.Exit(code)
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise fail(f"{option} {value}: choose one of {', '.join(choices)}")
 
 
 class Stop:
@@ -131,29 +201,43 @@ class Stop:
     signum: int | None = None
     finishing = False  # writing the end state: a second signal must not cut it short
     reported = False  # the one line is out
+    began = False  # a command that writes files has begun: "nothing was written" may be false
+    rank = False  # this process is a rank of a data-parallel run
+    world: distributed.World | None = None  # ... and the group it joined
+    quiet = False  # a rank other than 0: rank 0 speaks for the run, on stderr
 
 
 def _on_stop_signal(signum, frame):
     if Stop.signum is None:
         Stop.signum = signum
-    if not Stop.finishing:
-        store.raise_after_write(Interrupted(signum))  # a CSV line is never cut in half
+    # a rank's collective fails when the rank at its other end stops first, so a rank's stop
+    # often arrives while that error is being handled: the handler sees Stop.signum instead
+    handling = Stop.rank and sys.exc_info()[1] is not None
+    if not Stop.finishing and not handling:
+        # a CSV line is never cut in half; before store is imported nothing can be writing
+        store_module = sys.modules.get("gradlab.store")
+        if store_module is None:
+            raise Interrupted(signum)
+        store_module.raise_after_write(Interrupted(signum))
 
 
 def main() -> None:
     """The `gradlab` command: the app, with SIGINT and SIGTERM ending it in one line."""
-    Stop.signum, Stop.finishing, Stop.reported = None, False, False
+    Stop.signum, Stop.finishing, Stop.reported, Stop.began = None, False, False, False
+    Stop.rank, Stop.world, Stop.quiet = False, None, False
     previous = catch_stop_signals(_on_stop_signal)
     try:
         app()
     except KeyboardInterrupt:  # outside any command, e.g. while typer reads the arguments
         Stop.finishing = True
-        raise early_stop(Stop.signum or signal.SIGINT) from None
+        raise early_stop(Stop.signum or signal.SIGINT,
+                         "" if Stop.began else starting()) from None
     except SystemExit as ended:
-        # typer turns a KeyboardInterrupt that leaves a command into a silent exit 130
+        # typer turns a KeyboardInterrupt that leaves a command (or its argument parsing)
+        # into a silent exit 130
         if ended.code == 130 and Stop.signum is not None and not Stop.reported:
             Stop.finishing = True
-            raise early_stop(Stop.signum) from None
+            raise early_stop(Stop.signum, "" if Stop.began else starting()) from None
         raise
     finally:
         restore_signal_handlers(previous)
@@ -162,17 +246,24 @@ def main() -> None:
 @app.command()
 def run(
     experiment: Annotated[str, typer.Argument(
-        help="A built-in experiment name (see `gradlab list`) or a path to a spec .toml.",
-        show_default=True)] = "equivalence",
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", "-s", metavar="KEY=VALUE",
-        help="Override a setting; a comma list sweeps it (`--set accum_steps=2,4`); "
-             "ARM.KEY=VALUE sets it in one arm. Repeatable.")] = None,
+        help="An experiment name (see `gradlab list`: ./experiments/NAME.toml first, then the "
+             "built-ins) or a path to a spec .toml.",
+        show_default=True, autocompletion=complete_spec_names)] = "equivalence",
+    set_: SetOpt = None,
     out: OutOpt = Path("results"),
+    table: TableOpt = "compact",
     json_out: JsonOpt = False,
     yes: YesOpt = False,
+    jobs: Annotated[int | None, typer.Option(
+        "--jobs", "-j", min=1, show_default="the usable cores (on CUDA: the GPUs)",
+        help="Run up to K trials at once, each in a worker process with one intra-op "
+             "thread (a run of fewer trials gives each the cores left over). The CSVs are "
+             "the same bytes for any K.")] = None,
 ) -> None:
     """Run an experiment: every arm from the same weights on the same examples; write CSVs.
+
+    Prints the run directory on stdout; the plan, progress and the table of results go to
+    stderr. Exit 1 when an arm does not do what its spec expects.
 
     Examples:
 
@@ -184,76 +275,258 @@ def run(
 
     * `gradlab run my_spec.toml --set model=mypkg.nets:make_net --json`
     """
-    run_dir = None
+    Stop.began = True
+    check_choice("--table", table, TABLES)
+    rank = world = cost = None
     try:
-        loaded, trials, cost = prepare(experiment, set_ or [], yes)
-        run_dir = store.RunDir(out, loaded.name, {
-            "spec_source": loaded.source, "spec_text": loaded.text, "overrides": set_ or [],
-            "notes": [*loaded.notes, *cost.notes], "description": loaded.description,
-            "trials": [{"trial": t.index, "swept": t.swept,
-                        "arms": {a.name: {"baseline": a.baseline, "expect": a.expect,
-                                          "settings": dataclasses.asdict(a.settings)}
-                                 for a in t.arms}} for t in trials],
-            "device": str(runner.resolve_device(trials[0].baseline.settings.device)),
-        })
-        for note in [*loaded.notes, *cost.notes]:
-            err.print(note, markup=False, highlight=False, soft_wrap=True)
-        if not json_out:
-            err.print(plan(loaded.name, trials, cost), markup=False, highlight=False,
-                      soft_wrap=True)
-        total = sum(a.settings.steps for t in trials for a in t.arms)
-        show_progress = not json_out and sys.stdout.isatty()
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("steps"), TimeElapsedColumn(), console=err,
-                      disable=not show_progress, transient=True) as progress:
-            task = progress.add_task(f"{loaded.name}: {len(trials)} trials", total=total)
-            results = runner.run_trials(trials, run_dir, lambda n: progress.advance(task, n))
-        run_dir.finish("complete")
+        from gradlab import distributed  # torch: seconds to import
+
+        rank = distributed.Rank.from_env()
+        Stop.rank = rank is not None
+        Stop.quiet = rank is not None and rank.rank != 0  # rank 0 speaks for the run
+        loaded, trials, ranks = prepare(experiment, set_ or [], yes, rank)
+        if rank is None and ranks is None:  # (a rank runs preflight once joined)
+            cost = spread(trials, jobs)
+        elif rank is not None and ranks is not None:
+            world = Stop.world = distributed.join(rank, ranks)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through _on_stop_signal
         signum = getattr(stop, "signum", Stop.signum or signal.SIGINT)
-        raise stopped(signum, json_out, run_dir) from None
+        raise stopped(signum, json_out, None) from None
+    except GradlabError as e:
+        if Stop.signum is not None:
+            raise stopped(Stop.signum, json_out, None) from None
+        raise end_run(str(e), 2, "bad-input", json_out) from None
+    except Exception as e:
+        if Stop.signum is not None:
+            raise stopped(Stop.signum, json_out, None) from None
+        raise end_run(f"preparing the run failed: {type(e).__name__}: {e} (at "
+                      f"{_where(e)})", 1, "failed", json_out) from None
+    if ranks is not None and rank is None:  # data-parallel arms: start the ranks, as torchrun
+        args = ["run", experiment, *(f"--set={a}" for a in set_ or []), f"--out={out}",
+                f"--table={table}", *(["--json"] if json_out else []),
+                *(["--yes"] if yes else [])]
+        try:
+            ended = distributed.launch(ranks.size, args)
+        except KeyboardInterrupt as stop:  # before the ranks started (later, they say it)
+            raise stopped(getattr(stop, "signum", signal.SIGINT), json_out, None) from None
+        except Exception as e:  # no store, no process: nothing started
+            raise end_run(f"starting {ranks.size} ranks failed: {type(e).__name__}: {e}", 1,
+                          "failed", json_out) from None
+        Stop.reported = True  # rank 0 said how the run ended, or:
+        if ended.message:
+            raise end_run(ended.message, ended.code, "failed", json_out)
+        raise typer.Exit(ended.code)
+    execute(loaded, trials, cost, world, set_ or [], out, json_out, table)
+
+
+def spread(trials: list[spec.Trial], jobs: int | None) -> runner.Plan:
+    """Preflight's plan, with the trials spread over ``jobs`` worker processes (default:
+    runner.default_jobs)."""
+    from gradlab import runner
+
+    jobs = jobs or runner.default_jobs(trials)
+    if min(jobs, len(trials)) > 1:
+        runner.parallel.warm_up()  # the workers' imports, meanwhile
+    return runner.spread(trials, jobs, runner.preflight(trials))
+
+
+def execute(loaded: spec.Spec, trials: list[spec.Trial], cost: runner.Plan | None,
+            world: distributed.World | None, assignments: list[str], out: Path,
+            json_out: bool, table: str) -> None:
+    """Run the prepared trials, write the run directory, judge and show it. On each rank of
+    a data-parallel run (``world``) alike, the trials one after another in the rank's own
+    process; only rank 0 writes and prints."""
+    from gradlab import compare, runner, store
+
+    writes = world is None or world.rank == 0
+    run_dir = None
+    try:
+        if cost is None:  # a rank: its trials in its own process
+            cost = runner.spread(trials, 1, runner.preflight(trials))
+        workers = cost.workers
+        ranks = world.gather({"rank": world.rank, "pid": os.getpid(),
+                              "host": socket.gethostname()}) if world else None
+        if writes:
+            run_dir = store.RunDir(out, loaded.name, {
+                "spec_source": loaded.source, "spec_text": loaded.text,
+                "overrides": assignments, "notes": [*loaded.notes, *cost.notes],
+                "description": loaded.description,
+                "trials": [{"trial": t.index, "swept": t.swept,
+                            "arms": {a.name: {"baseline": a.baseline, "expect": a.expect,
+                                              "help": a.help,
+                                              "settings": dataclasses.asdict(a.settings)}
+                                     for a in t.arms}} for t in trials],
+                "device": str(runner.resolve_device(trials[0].baseline.settings.device)),
+                "environment": [runner.environment(device) for device in dict.fromkeys(
+                    runner.resolve_device(a.settings.device) for t in trials for a in t.arms)],
+                "jobs": workers.jobs, "workers": workers.processes, "threads": workers.threads,
+                **({"ranks": ranks} if ranks else {}),
+            })
+        if world is not None:  # the ranks agree on the run directory: rank 0's
+            world.run_dir = Path(world.share(str(run_dir.path) if run_dir else None))
+        for note in [*loaded.notes, *cost.notes]:
+            say(note)
+        if not json_out:
+            say(plan(loaded.name, trials, cost, world))
+        total = sum(a.settings.steps for t in trials for a in t.arms)
+        with RunProgress(loaded.name, len(trials), total, cost.seconds,
+                         shown=not json_out and writes) as progress:
+            results = runner.run_trials(trials, run_dir, progress.advance, workers)
+        if run_dir is not None:
+            run_dir.finish("complete")
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through _on_stop_signal
+        signum = getattr(stop, "signum", Stop.signum or signal.SIGINT)
+        raise stopped(signum, json_out, run_dir, world) from None
     except GradlabError as e:  # bad input; during a stop, a factory may have turned it into one
         if Stop.signum is not None:
-            raise stopped(Stop.signum, json_out, run_dir) from None
+            raise stopped(Stop.signum, json_out, run_dir, world) from None
+        if world is not None:
+            raise rank_failed(world, e, str(e), 2, json_out, run_dir) from None
         if run_dir is not None:
             mark(run_dir, "failed", str(e))
         raise end_run(str(e), 2, "bad-input", json_out, run_dir) from None
     except Exception as e:  # a bug or a numerical failure: keep the evidence, say where
         if Stop.signum is not None:
-            raise stopped(Stop.signum, json_out, run_dir) from None
+            raise stopped(Stop.signum, json_out, run_dir, world) from None
+        if world is not None:
+            raise rank_failed(world, e, traceback.format_exc(), 1, json_out, run_dir) from None
         if run_dir is None:
             raise end_run(f"preparing the run failed: {type(e).__name__}: {e} (at "
                           f"{_where(e)})", 1, "failed", json_out) from None
         mark(run_dir, "failed", traceback.format_exc())
         raise end_run(f"run failed: {type(e).__name__}: {e} (traceback in "
                       f"{run_dir.path / 'run.json'})", 1, "failed", json_out, run_dir) from None
+    if world is not None:
+        world.leave()
+    if not writes:
+        return  # rank 0 judges and shows the run
 
     # the run is judged as compare judges it, from what was written: one rule, one table
     comparison = compare.compare(store.load_runs([run_dir.path]))
     summaries = [row for r in results for row in r["summary"]]
     checks = [row for r in results for row in r["checks"]]
+    err = console(stderr=True)
     if json_out:
         typer.echo(store.dumps(json_document(run_dir, trials, summaries, checks, comparison)))
+    elif table == "full":
+        render_comparison(comparison, err)
+        render_checks(checks, err)
+        render_divergence(summaries, err)
+        render_data_parallel(summaries, err)
     else:
-        render_comparison(comparison)
-        render_checks(checks)
-        render_divergence(summaries)
+        render_pivot(compare.pivot(comparison), err)
+        render_divergence(summaries, err, one_line=True)
+        render_data_parallel(summaries, err)
+    if not json_out:
         traces = [row for r in results for row in r["trace"]]
         if traces and len(traces) <= 64:
-            render_trace(traces, [w for r in results for w in r["weights"]])
+            render_trace(traces, [w for r in results for w in r["weights"]], err)
     for line in comparison.failures:
-        err.print(f"[bold red]expectation failed:[/] {line}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]expectation failed:[/] {escape(line)}", highlight=False,
+                  soft_wrap=True)
     if not json_out:
-        err.print(f"run directory ({len(trials)} trials, status complete):", highlight=False)
+        say(f"run directory ({len(trials)} trials, status complete):")
         typer.echo(str(run_dir.path))
     if comparison.failures:
         raise typer.Exit(1)
 
 
-def prepare(experiment: str, assignments: list[str],
-            yes: bool) -> tuple[spec.Spec, list[spec.Trial], runner.Plan]:
-    """Everything that can refuse the input, before anything is written."""
-    loaded = spec.apply_overrides(spec.load_spec(experiment), assignments)
+class RunProgress:
+    """A run's progress on stderr, from the optimizer steps done (runner.run_trials calls
+    ``advance(n)``). On a terminal: a bar with the time left. Off one (a CI log, a file):
+    a line every 10 s and one at the end, so a log shows the run moving without a line per
+    step. The time left is the steps left at the pace since the first step (building the
+    first models takes a while and says nothing about the pace); before that, preflight's
+    estimate."""
+
+    EVERY = 10.0  # seconds between lines off a terminal
+
+    def __init__(self, name: str, trials: int, total: int, estimate: float, shown: bool = True,
+                 clock=time.monotonic):
+        self.name, self.trials, self.total, self.estimate = name, trials, total, estimate
+        self.shown, self.clock = shown, clock
+        self.done = 0
+        self.first: tuple[float, int] | None = None  # (time, steps done) at the first step
+        self.bar = None
+        from gradlab.runner import format_seconds  # run has imported runner already
+
+        self.format = format_seconds
+
+    def __enter__(self) -> RunProgress:
+        self.started = self.last_line = self.clock()
+        err = console(stderr=True)
+        if self.shown and err.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
+                                TextColumn("{task.fields[left]}"), console=err,
+                                transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(f"{self.name}: {_count(self.trials, 'trial')}",
+                                          total=self.total, left=self.left())
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(kind, value, tb)
+        elif self.shown and kind is None:
+            say(f"{self.name}: {self.total} of {self.total} steps done in "
+                f"{self.format(self.clock() - self.started)}")
+
+    def seconds_left(self) -> float:
+        if self.first is None or self.done == self.first[1]:
+            return self.estimate * (self.total - self.done) / max(self.total, 1)
+        since, done_then = self.first
+        return (self.clock() - since) * (self.total - self.done) / (self.done - done_then)
+
+    def left(self) -> str:
+        return f"about {self.format(self.seconds_left())} left" if self.done < self.total else ""
+
+    def line(self) -> str:
+        return (f"{self.name}: {self.done} of {self.total} steps "
+                f"({100 * self.done // max(self.total, 1)}%), "
+                f"{self.format(self.clock() - self.started)} so far, {self.left()}")
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.first is None:
+            self.first = (self.clock(), self.done)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, left=self.left())
+        elif self.shown and self.done < self.total and \
+                self.clock() - self.last_line >= self.EVERY:
+            self.last_line = self.clock()
+            say(self.line())
+
+
+def prepare(experiment: str, assignments: list[str], yes: bool,
+            rank: distributed.Rank | None = None
+            ) -> tuple[spec.Spec, list[spec.Trial], distributed.Ranks | None]:
+    """The spec's trials, and the ranks they need, checked (runner.preflight checks the
+    models); under torchrun (``rank``), its WORLD_SIZE is the world_size of every arm that
+    sets none."""
+    from gradlab import distributed
+
+    loaded, trials = resolve(experiment, assignments, yes, rank)
+    return loaded, trials, distributed.ranks_needed(trials, rank)
+
+
+def resolve(experiment: str, assignments: list[str], yes: bool = True,
+            rank: distributed.Rank | None = None) -> tuple[spec.Spec, list[spec.Trial]]:
+    """The spec with the overrides applied, and its trials (torch-free without ``rank``)."""
+    loaded = spec.load_spec(experiment)
+    if rank is not None:
+        from gradlab import distributed
+
+        distributed.take_world_size(loaded, rank)
+    loaded = spec.apply_overrides(loaded, assignments)
     if not loaded.source.startswith(str(spec.builtin_dir())):
         # a spec's own folder is importable: setup = "my_lm:make_setup" finds my_lm.py
         sys.path.insert(0, str(Path(loaded.source).resolve().parent))
@@ -262,23 +535,52 @@ def prepare(experiment: str, assignments: list[str],
         axes = " x ".join(f"{k}: {len(v)} values" for k, v in loaded.sweep.items())
         raise GradlabError(f"{len(trials)} trials ({axes}) is more than {MAX_TRIALS}; add "
                            f"--yes to run them all, or sweep fewer values")
-    return loaded, trials, runner.preflight(trials)
+    return loaded, trials
 
 
-def plan(name: str, trials: list[spec.Trial], cost: runner.Plan) -> str:
+def plan(name: str, trials: list[spec.Trial], cost: runner.Plan,
+         world: distributed.World | None = None) -> str:
     """What is about to run, and what it will cost, on one line."""
     arms = list(dict.fromkeys(a.name for t in trials for a in t.arms))
     trainings = sum(len(t.arms) for t in trials)
     steps = sum(a.settings.steps for t in trials for a in t.arms)
+    ranks = f" on each of {world.size} ranks" if world is not None else ""
     return (f"{name}: {_count(len(trials), 'trial')} x {_count(len(arms), 'arm')} "
             f"({', '.join(arms)}) = {_count(trainings, 'training')}, {steps} optimizer steps "
-            f"in all; {cost.estimate()}")
+            f"in all{ranks}; {cost.estimate()}")
 
 
-def mark(run_dir: store.RunDir, status: str, error: str) -> None:
+def mark(run_dir: store.RunDir, status: str, error: str, rank: int | None = None) -> None:
     """Write how the run ended, if the disk still lets us: the error line matters more."""
     with contextlib.suppress(OSError):  # else run.json stays 'running', and compare says why
-        run_dir.finish(status, error)
+        run_dir.finish(status, error, rank)
+
+
+def rank_failed(world: distributed.World, error: BaseException, details: str, code: int,
+                json_out: bool, run_dir: store.RunDir | None) -> typer.Exit:
+    """A rank of a data-parallel run failed: this one, or another whose failure made this
+    one's collective fail (or brought a stop). Each rank records its own failure; rank 0
+    marks the run failed with the first one recorded: which rank, and why."""
+    if Stop.signum is not None:  # stopped: the other end of the failed collective stopped too
+        return stopped(Stop.signum, json_out, run_dir, world)
+    Stop.finishing = True  # the launcher's SIGTERM must not cut the record short
+    world.record_failure(f"{type(error).__name__}: {error}" if code == 1 else str(error),
+                         details, code)
+    return run_failed(world.first_failure() or {"rank": world.rank, "error": str(error),
+                                                "details": details, "code": code},
+                      json_out, run_dir)
+
+
+def run_failed(failure: dict, json_out: bool, run_dir: store.RunDir | None) -> typer.Exit:
+    """The run failed on the rank ``failure`` names (a record of distributed.World)."""
+    Stop.finishing = True
+    where = ""
+    if run_dir is not None:
+        mark(run_dir, "failed", f"rank {failure['rank']}: {failure['details']}",
+             failure["rank"])
+        where = f" (details in {run_dir.path / 'run.json'})"
+    return end_run(f"run failed on rank {failure['rank']}: {failure['error']}{where}",
+                   failure["code"], "failed", json_out, run_dir)
 
 
 def _count(n: int, noun: str) -> str:
@@ -295,15 +597,23 @@ def end_run(message: str, code: int, status: str, json_out: bool,
             run_dir: store.RunDir | None = None) -> typer.Exit:
     """A run that did not complete: its one line, and with --json its one document."""
     Stop.reported = True
-    if json_out:
-        typer.echo(store.dumps({"status": status, "error": " ".join(message.split()),
-                                "run_dir": str(run_dir.path) if run_dir else None}))
+    if Stop.world is not None and Stop.world.rank == 0:
+        Stop.world.record_reported(code)
+    if json_out and not Stop.quiet:  # (quiet: a rank other than 0, which rank 0 speaks for)
+        # plain json: store (and pandas) may be what was being imported when it stopped
+        typer.echo(json.dumps({"status": status, "error": " ".join(message.split()),
+                               "run_dir": str(run_dir.path) if run_dir else None}, indent=2))
     return fail(message, code)
 
 
-def stopped(signum: int, json_out: bool, run_dir: store.RunDir | None) -> typer.Exit:
-    """SIGINT or SIGTERM: mark the run interrupted (finished trials stay) and say so."""
+def stopped(signum: int, json_out: bool, run_dir: store.RunDir | None,
+            world: distributed.World | None = None) -> typer.Exit:
+    """SIGINT or SIGTERM: mark the run interrupted (finished trials stay) and say so; unless
+    another rank failed first, and torchrun or the launcher stops this one for it."""
     Stop.finishing = True  # a second Ctrl-C must not cut the writing of run.json short
+    failure = world.first_failure() if world is not None else None
+    if failure is not None:
+        return run_failed(failure, json_out, run_dir)
     word = STOPPED.get(signum, f"stopped by signal {signum}")
     if run_dir is None:
         message = f"{word} before the run started; nothing was written"
@@ -335,81 +645,261 @@ def json_document(run_dir: store.RunDir, trials: list[spec.Trial], summaries: li
             "check_failures": comparison.failures}
 
 
-def render_divergence(summaries: list[dict]) -> None:
+def render_divergence(summaries: list[dict], out: Console, one_line: bool = False) -> None:
+    diverged = [row for row in summaries if not schema.missing(row["diverged_at_step"])]
+    if one_line and diverged:
+        where = ", ".join(f"trial {row['trial']} {row['arm']} (step "
+                          f"{row['diverged_at_step']:.0f})" for row in diverged)
+        out.print(f"[bold]diverged:[/] {_count(len(diverged), 'training')} reached a non-finite "
+                  f"loss, gradient or weights, and are judged on the probes before that: "
+                  f"{escape(where)}", highlight=False)
+        return
+    for row in diverged:
+        out.print(f"[bold]diverged:[/] trial {row['trial']} arm {escape(row['arm'])}: "
+                  f"non-finite loss, gradient or weights from step "
+                  f"{row['diverged_at_step']:.0f}; its gradient is judged on the probes "
+                  f"before that", highlight=False, soft_wrap=True)
+
+
+def render_data_parallel(summaries: list[dict], out: Console) -> None:
+    """What syncing cost each arm of a run with data-parallel arms: all-reduces and time."""
+    from gradlab.compare import fmt
+
+    if not any(row["world_size"] > 1 for row in summaries):
+        return
+    table = Table(title="data parallel: what syncing cost", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for column in ("trial", "arm", "W", "N", "micro", "all-reduces/step", "ms/step"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
     for row in summaries:
-        if not compare.is_missing(row["diverged_at_step"]):
-            err.print(f"[bold]diverged:[/] trial {row['trial']} arm {row['arm']}: non-finite "
-                      f"loss, gradient or weights from step {row['diverged_at_step']:.0f}; its "
-                      f"gradient is judged on the probes before that", highlight=False)
+        table.add_row(str(row["trial"]), Text(row["arm"]), str(row["world_size"]),
+                      str(row["accum_steps"]), str(row["micro_batch"]),
+                      fmt(row["allreduces_per_step"]), fmt(row["step_seconds"] * 1000))
+    out.print(table)
+    out.print("all-reduces/step: gradient all-reduces per optimizer step, as DDP's "
+              "communication hook counted them (one per bucket); ms/step: median time of a "
+              "step on rank 0 (with time_steps = true).", highlight=False, soft_wrap=True)
 
 
-def render_checks(checks: list[dict]) -> None:
+def render_checks(checks: list[dict], out: Console) -> None:
+    from gradlab.compare import fmt
+
     for c in checks:
         outcome = "[green]passed[/]" if c["passed"] else "[bold red]FAILED[/]"
-        err.print(f"check, trial {c['trial']} arm {c['arm']}: {c['check']}: max rel err "
-                  f"{compare.fmt(c['value'])}, tolerance {compare.fmt(c['tolerance'])}: {outcome}",
-                  highlight=False)
+        out.print(f"check, trial {c['trial']} arm {escape(c['arm'])}: {escape(c['check'])}: "
+                  f"max rel err {fmt(c['value'])}, tolerance {fmt(c['tolerance'])}: {outcome}",
+                  highlight=False, soft_wrap=True)
 
 
-def render_trace(traces: list[dict], weights: list[dict]) -> None:
+def render_trace(traces: list[dict], weights: list[dict], out: Console) -> None:
     table = Table(title="trace: the accumulated .grad after each micro-batch backward, "
                         "and the weights after each step", title_justify="left")
     for column in ("trial", "arm", "step", "after", "param", "value"):
         table.add_column(column)
     for row in traces:
         name = f"{row['param']}[{row['element']}]"
-        table.add_row(str(row["trial"]), row["arm"], str(row["step"]),
-                      f"micro-batch {row['micro_batch']}", f"{name}.grad", f"{row['grad']:.6g}")
+        table.add_row(str(row["trial"]), Text(row["arm"]), str(row["step"]),
+                      f"micro-batch {row['micro_batch']}", Text(f"{name}.grad"),
+                      f"{row['grad']:.6g}")
     for row in weights:
         if row["step"] > 0:
-            table.add_row(str(row["trial"]), row["arm"], str(row["step"]), "optimizer step",
-                          f"{row['param']}[{row['element']}]", f"{row['value']:.6g}")
-    err.print(table)
+            table.add_row(str(row["trial"]), Text(row["arm"]), str(row["step"]),
+                          "optimizer step", Text(f"{row['param']}[{row['element']}]"),
+                          f"{row['value']:.6g}")
+    out.print(table)
 
+
+# ----------------------------------------------------------------------------- specs
 
 @app.command("list")
 def list_(json_out: JsonOpt = False) -> None:
-    """Show the built-in experiments, models, datasets, setups and every setting with its default.
+    """Show the experiments (and where each spec lives), models, datasets, setups and every
+    setting with its default.
 
-    Example: `gradlab list`, then `gradlab run norm --set seed=0,1,2`.
+    Example: `gradlab list`, then `gradlab show norm`, then `gradlab run norm --set seed=0,1,2`.
     """
-    experiments = {name: _describe(path) for name, path in spec.builtin_specs().items()}
+    found = spec.findable_specs()
+    experiments = {name: _describe(path) for name, path in found.items()}
     settings = [{"name": f.name, "default": f.default, "help": f.metadata["help"]}
                 for f in dataclasses.fields(spec.Settings)]
     if json_out:
-        typer.echo(store.dumps({
+        typer.echo(json.dumps({
             "experiments": experiments,
-            "models": {k: v[1] for k, v in zoo.MODELS.items()},
-            "datasets": {k: v[1] for k, v in zoo.DATASETS.items()},
-            "setups": {k: v[1] for k, v in zoo.SETUPS.items()},
-            "settings": settings}))
+            "spec_files": {name: str(path) for name, path in found.items()},
+            "models": catalog.MODELS, "datasets": catalog.DATASETS, "setups": catalog.SETUPS,
+            "settings": settings}, indent=2))
         return
-    for title, rows in (("experiments (gradlab run NAME)", experiments),
-                        ("models (--set model=NAME)", {k: v[1] for k, v in zoo.MODELS.items()}),
-                        ("datasets (--set dataset=NAME)",
-                         {k: v[1] for k, v in zoo.DATASETS.items()}),
+    out = console()
+    table = Table(title="experiments (gradlab show NAME, gradlab run NAME)",
+                  title_justify="left", show_header=False)
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column()
+    table.add_column(style="dim", overflow="fold")
+    for name, path in found.items():
+        table.add_row(name, Text(experiments[name]), Text(_where_spec(name, path)))
+    out.print(table)
+    for title, rows in (("models (--set model=NAME)", catalog.MODELS),
+                        ("datasets (--set dataset=NAME)", catalog.DATASETS),
                         ("setups: model, data and loss in one (--set setup=NAME)",
-                         {k: v[1] for k, v in zoo.SETUPS.items()})):
+                         catalog.SETUPS)):
         table = Table(title=title, title_justify="left", show_header=False)
-        table.add_column(style="bold cyan")
+        table.add_column(style="bold cyan", no_wrap=True)
         table.add_column()
         for name, text in rows.items():
-            table.add_row(name, text)
-        err.print(table)
+            table.add_row(name, Text(text))  # a description is text, never markup: [norm]
+        out.print(table)
     table = Table(title="settings (--set KEY=VALUE; KEY=a,b,c sweeps)", title_justify="left")
-    for column in ("setting", "default", "what it does"):
-        table.add_column(column)
+    table.add_column("setting", style="bold cyan", no_wrap=True)
+    table.add_column("default")
+    table.add_column("what it does")
     for row in settings:
-        table.add_row(f"[bold cyan]{row['name']}[/]", repr(row["default"]), row["help"])
-    err.print(table)
+        table.add_row(row["name"], Text(repr(row["default"])), Text(row["help"]))
+    out.print(table)
 
 
 def _describe(path: Path) -> str:
-    """A built-in spec's one-line description (its 'description' key)."""
+    """A spec's one-line description (its 'description' key)."""
     try:
         return spec.load_spec(str(path)).description
     except GradlabError as e:
         return f"(broken spec: {e})"
+
+
+def _where_spec(name: str, path: Path) -> str:
+    """Where a spec found by name lives: built-in, or its path (saying what it replaces)."""
+    if spec.is_builtin(path):
+        return "built-in"
+    replaces = " (replaces the built-in)" if name in spec.builtin_specs() else ""
+    return f"{path}{replaces}"
+
+
+@app.command()
+def show(
+    experiment: Annotated[str, typer.Argument(
+        help="An experiment name (see `gradlab list`) or a path to a spec .toml.",
+        show_default=False, autocompletion=complete_spec_names)],
+    set_: SetOpt = None,
+    estimate: Annotated[bool, typer.Option(
+        "--estimate/--no-estimate", help="Build each model once and time one step, as `run` "
+                                         "does before it starts, for the time and memory "
+                                         "estimate (slower: imports torch).")] = True,
+) -> None:
+    """Show what a spec will run, without running it: its arms (with their help and settings),
+    sweep axes, trials, and the time and memory it will take.
+
+    Examples:
+
+    * `gradlab show equivalence`
+
+    * `gradlab show norm --set accum_steps=2,4` - what these overrides would run
+
+    * `gradlab show my_spec.toml --no-estimate` - at once, without building the models
+    """
+    try:
+        loaded, trials = resolve(experiment, set_ or [])
+        cost = None
+        if estimate:
+            from gradlab import runner
+
+            cost = runner.preflight(trials)
+    except GradlabError as e:
+        raise fail(str(e)) from None
+    out = console()
+    path = Path(loaded.source)
+    origin = "built-in" if spec.is_builtin(path) else "your own"
+    out.print(Text.assemble((loaded.name, "bold"), f": {loaded.description}"), soft_wrap=True)
+    out.print(f"spec: {path} ({origin})", markup=False, highlight=False, soft_wrap=True)
+    for note in loaded.notes:
+        say(note)
+    if loaded.settings:
+        out.print(Text.assemble(("settings of every arm: ", "bold"),
+                                _assignments(loaded.settings)), soft_wrap=True)
+    out.print(Text("arms", style="bold"))
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("arm", style="bold cyan", no_wrap=True)
+    table.add_column("expect", no_wrap=True)
+    table.add_column("what it does")
+    table.add_column("its own settings", overflow="fold")
+    for name, arm in loaded.arms.items():
+        # a sweep value may set what the arm expects (norm: differs only for BatchNorm)
+        expects = dict.fromkeys(a.expect or "-" for t in trials for a in t.arms
+                                if a.name == name)
+        expect = "baseline" if arm.baseline else " or ".join(expects)
+        table.add_row(name, expect, Text(arm.help or "-"),
+                      Text(_assignments(arm.overrides) or "-"))
+    out.print(table)
+    if loaded.sweep:
+        out.print(Text("sweep (one trial per combination)", style="bold"))
+        table = Table(box=box.SIMPLE_HEAD)
+        table.add_column("axis", style="bold cyan", no_wrap=True)
+        table.add_column("values")
+        for axis, values in loaded.sweep.items():
+            shown = [", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict)
+                     else str(value) for value in values]
+            table.add_row(axis, Text(" | ".join(shown)))
+        out.print(table)
+    arms = {a.name for t in trials for a in t.arms}
+    steps = sum(a.settings.steps for t in trials for a in t.arms)
+    out.print(f"{_count(len(trials), 'trial')} x {_count(len(arms), 'arm')} = "
+              f"{_count(sum(len(t.arms) for t in trials), 'training')}, {steps} optimizer "
+              f"steps in all", highlight=False, soft_wrap=True)
+    out.print(f"cost: {cost.estimate()}" if cost else
+              "cost: not estimated (--no-estimate); without it, show times one step of "
+              "each model", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"run it: gradlab run {experiment}"
+              + "".join(f" --set {a}" for a in set_ or []),
+              markup=False, highlight=False, soft_wrap=True)
+
+
+def _assignments(values: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
+@app.command()
+def init(
+    experiment: Annotated[str, typer.Argument(
+        help="The built-in experiment to start from (see `gradlab list`).",
+        show_default=False, autocompletion=complete_spec_names)],
+    name: Annotated[str | None, typer.Option(
+        "--as", help="Name of your copy (default: the same name; yours is then found first, "
+                     "in place of the built-in).")] = None,
+) -> None:
+    """Copy a built-in spec into ./experiments/ to edit; `gradlab run NAME` then runs yours
+    (./experiments/NAME.toml is found before the built-in one). Prints the path written.
+
+    Examples:
+
+    * `gradlab init equivalence` - writes experiments/equivalence.toml
+
+    * `gradlab init norm --as my-norm` - writes experiments/my-norm.toml, run by
+      `gradlab run my-norm`
+    """
+    Stop.began = True
+    builtins = spec.builtin_specs()
+    if experiment not in builtins:
+        raise fail(f"no built-in experiment '{experiment}'; choose one of "
+                   f"{', '.join(builtins)}")
+    name = name or experiment
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise fail(f"--as {name}: a spec name is letters, digits, '-' and '_' (it becomes "
+                   f"experiments/NAME.toml and the run directory's name)")
+    target = spec.local_dir() / f"{name}.toml"
+    if target.exists():
+        raise fail(f"{target} already exists; edit it, remove it first, or choose another "
+                   f"name with --as")
+    text = builtins[experiment].read_text(encoding="utf-8")
+    if name != experiment:  # its command and its name follow the copy's
+        text = text.replace(f"# gradlab run {experiment}\n", f"# gradlab run {name}\n", 1)
+        text = text.replace(f'name = "{experiment}"\n', f'name = "{name}"\n', 1)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise fail(f"cannot write {target}: {e.strerror}; run gradlab init in a folder you can "
+                   f"write to") from None
+    say(f"copied the built-in '{experiment}' spec: edit it, then `gradlab show {name}` and "
+        f"`gradlab run {name}`")
+    typer.echo(str(target))
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -418,8 +908,9 @@ RunsArg = Annotated[list[Path], typer.Argument(
     help="Run directories (the path `gradlab run` printed), or a folder holding several.",
     show_default=False)]
 FormatOpt = Annotated[str, typer.Option(
-    "--format", "-f", help="table (for people, on stderr), csv, json or md (on stdout; md "
-                           "pastes into a pull request).")]
+    "--format", "-f", help="table (for people), csv, json or md (md pastes into a pull "
+                           "request; it follows --table). All on stdout.")]
+FORMATS = ("table", "csv", "json", "md")
 
 
 @app.command("compare")
@@ -432,14 +923,16 @@ def compare_(
         "--at-step", min=1, help="Read the metrics at step K instead of at the end.")] = None,
     rtol: Annotated[float | None, typer.Option(
         min=0.0, help="Relative tolerance on the distance from the exact gradient, in place "
-                      "of the measured one (4·max(floor, 16·2^-53) + (N−1)·u).")] = None,
+                      "of the measured one (floor + (N−1)·u + 32·u_acc).")] = None,
     atol: Annotated[float | None, typer.Option(
         min=0.0, help="Also call an arm equivalent when its max abs gradient error <= ATOL.")]
     = None,
+    table: TableOpt = "compact",
     all_: Annotated[bool, typer.Option(
-        "--all", help="Show every column, not only the settings that differ between rows.")]
-    = False,
-    sort: Annotated[str | None, typer.Option(help="Sort the rows by this column.")] = None,
+        "--all", help="Show every column, not only the settings that differ between rows "
+                      "(implies --table full).")] = False,
+    sort: Annotated[str | None, typer.Option(
+        help="Sort the rows by this column (implies --table full).")] = None,
     reverse: Annotated[bool, typer.Option("--reverse", "-r", help="Sort descending.")] = False,
     check: Annotated[bool, typer.Option(
         "--check", help="Exit 1 when an arm does not do what its spec expects (for CI).")]
@@ -449,7 +942,9 @@ def compare_(
 ) -> None:
     """Compare arms against their baseline, across trials and runs, with verdicts.
 
-    Rows that differ only by seed are shown as mean ± std.
+    The table goes to stdout: by default one row per arm and setting, one column per N
+    (`--table full`: one row per arm of every trial, every column). Rows that differ only
+    by seed are shown as mean ± std in the full table, as the worst in the compact one.
 
     Examples:
 
@@ -460,57 +955,133 @@ def compare_(
     * `gradlab compare RUN --check` - exit 1 if an arm expected equivalent is not (CI)
     """
     format_ = "json" if json_out else format_
-    if format_ not in compare.FORMATS:
-        raise fail(f"--format {format_}: choose one of {', '.join(compare.FORMATS)}")
+    check_choice("--format", format_, FORMATS)
+    check_choice("--table", table, TABLES)
+    full = table == "full" or all_ or sort is not None
     try:
+        from gradlab import compare, store  # pandas: imported only when a command reads runs
+
         result = compare.compare(
             store.load_runs(runs), reference=baseline, at_step=at_step,
             tol=compare.Tolerance(rtol, atol), show_all=all_, sort=sort, descending=reverse)
     except GradlabError as e:
         raise fail(str(e)) from None
+    out = console()
     if format_ == "json":
         typer.echo(store.dumps({"title": result.title, "columns": result.columns,
                                 "grouped_over_seeds": result.grouped, "rows": result.records(),
                                 "notes": result.notes, "check_failures": result.failures}))
     elif format_ == "csv":
+        import pandas as pd
+
         typer.echo(pd.DataFrame(result.records()).to_csv(index=False), nl=False)
     elif format_ == "md":
-        typer.echo(result.markdown(), nl=False)
+        typer.echo((result if full else compare.pivot(result)).markdown(), nl=False)
+    elif full:
+        render_comparison(result, out)
     else:
-        render_comparison(result)
+        render_pivot(compare.pivot(result), out)
     for line in result.failures:
-        err.print(f"[bold red]expectation failed:[/] {escape(line)}", highlight=False,
-                  soft_wrap=True)
+        console(stderr=True).print(f"[bold red]expectation failed:[/] {escape(line)}",
+                                   highlight=False, soft_wrap=True)
     if check and result.failures:
         raise typer.Exit(1)
 
 
-def render_comparison(result: compare.Comparison) -> None:
-    # no vertical rules: a comparison is wide, and every character goes to the numbers
-    table = Table(title=result.title, title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False, padding=(0, 1, 0, 0))
-    for column in result.columns:
-        header = result.header(column)
-        table.add_column(header, no_wrap=True, min_width=min(len(header), 8),
-                         justify="right" if result.numeric(column) else "left")
-    for cells in result.cells():
-        table.add_row(*(_styled(c, cell) for c, cell in zip(result.columns, cells, strict=True)))
-    # a terminal squeezes the table to fit; a log file or CI output gets it whole
-    natural = err.measure(table, options=err.options.update(max_width=10_000)).maximum
-    out = err if err.is_terminal else Console(stderr=True, width=max(err.width, natural))
+# colour says whether the spec's expectation held, not which verdict it is: an arm expected
+# to differ that differs is green
+OUTCOME_STYLE = {"ok": "green", "FAIL": "bold red", "n/a": "dim", "baseline": "dim"}
+# what a reader must see whole; the other columns fold (wrap inside the cell) first
+KEY_COLUMNS = ("arm", "accum_steps", "verdict", "check")
+
+
+def compact_table() -> Table:
+    """A table whose columns are one space apart: no rules, no edges, no padding; every
+    character goes to the numbers. (Its title is printed above it, on its own: a table
+    narrower than its title would wrap the title.)"""
+    return Table(box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+
+
+def render_comparison(result: compare.Comparison, out: Console) -> None:
+    """The full table: one row per arm of every trial, then how to read it.
+
+    When it is wider than the terminal, the settings fold first (wrap inside their cells);
+    the numbers fold only when even that is not enough; arm, N, verdict and check never do.
+    """
+    table = compact_table()
+    rows = result.cells()
+    widest = [max(len(cells[j]) for cells in rows) if rows else 0
+              for j in range(len(result.columns))]
+    numeric = [result.numeric(c) and c not in KEY_COLUMNS for c in result.columns]
+    # a number's header wraps at its spaces to the number's width: "rel grad" over "err"
+    headers = [_wrapped(result.header(c), w) if n else result.header(c)
+               for c, w, n in zip(result.columns, widest, numeric, strict=True)]
+    whole = sum(max(w, *(len(line) for line in h.splitlines()))
+                for c, w, h, n in zip(result.columns, widest, headers, numeric, strict=True)
+                if n or c in KEY_COLUMNS)
+    folded_settings = 3 * sum(1 for c, n in zip(result.columns, numeric, strict=True)
+                              if not n and c not in KEY_COLUMNS)
+    fits = whole + folded_settings + len(result.columns) - 1 <= out.width
+    for column, header, width, number in zip(result.columns, headers, widest, numeric,
+                                             strict=True):
+        justify = "right" if result.numeric(column) else "left"
+        if column in KEY_COLUMNS or (number and fits):
+            table.add_column(header, no_wrap=True, justify=justify,
+                             min_width=max(width, *(len(line) for line in header.splitlines())))
+        else:
+            table.add_column(header, overflow="fold", justify=justify)
+    for cells in rows:
+        table.add_row(*(Text(cell, style=_style(column, cell))
+                        for column, cell in zip(result.columns, cells, strict=True)))
+    out.print(Text(result.title, style="bold"))
     out.print(table)
-    for note in result.notes:
-        err.print(note, markup=False, highlight=False, soft_wrap=True)
+    for note in result.notes:  # wrapped at the terminal's width, between words
+        out.print(note, markup=False, highlight=False)
 
 
-# colour says whether the spec's expectation held, not which verdict it is
-CHECK_STYLE = {"ok": "green", "FAIL": "bold red", "n/a": "dim"}
-VERDICT_STYLE = {"baseline": "dim"}
+def _wrapped(header: str, width: int) -> str:
+    """A header broken at its spaces into lines no wider than ``width`` (or its longest
+    word)."""
+    lines: list[str] = []
+    for word in header.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "\n".join(lines)
 
 
-def _styled(column: str, cell: str) -> str:
-    style = {"verdict": VERDICT_STYLE, "check": CHECK_STYLE}.get(column, {}).get(cell)
-    return f"[{style}]{cell}[/]" if style else cell
+def _style(column: str, cell: str) -> str:
+    if column == "check":
+        return OUTCOME_STYLE.get(cell, "")
+    return OUTCOME_STYLE["baseline"] if column == "verdict" and cell == "baseline" else ""
+
+
+def render_pivot(pivot: compare.Pivot, out: Console) -> None:
+    """The compact table: one row per arm and setting, one column per N; then the totals
+    and how to read a cell. The N columns never shrink; the setting and arm columns fold."""
+    table = compact_table()
+    header = pivot.header()
+    for name, label in zip(pivot.labels, header, strict=False):
+        if name == "arm":  # a row's name: whole, like the numbers
+            widest = max([len(label), *(len(labels[-1]) for labels, _ in pivot.rows)])
+            table.add_column(label, no_wrap=True, min_width=widest)
+        else:
+            table.add_column(label, overflow="fold")
+    for j, label in enumerate(header[len(pivot.labels):]):
+        widest = max([len(label), *(len(cells[j].text) for _, cells in pivot.rows)])
+        table.add_column(label, justify="right", no_wrap=True, min_width=widest)
+    for labels, cells in pivot.rows:
+        dim = "dim" if all(c.outcome in ("baseline", "") for c in cells) and \
+            any(c.outcome == "baseline" for c in cells) else ""
+        table.add_row(*(Text(label, style=dim) for label in labels),
+                      *(Text(c.text, style=OUTCOME_STYLE.get(c.outcome, "")) for c in cells))
+    out.print(Text(pivot.title, style="bold"))
+    out.print(table)
+    failed = " 0 fail" not in pivot.totals and "fail" in pivot.totals
+    out.print(Text(pivot.totals, style="bold red" if failed else "bold"))
+    for note in pivot.notes:  # wrapped at the terminal's width, between words
+        out.print(note, markup=False, highlight=False)
 
 
 @app.command()
@@ -535,8 +1106,10 @@ def plot(
 
     * `gradlab plot RUN -y grad_norm -x examples --format svg --out figs/`
     """
+    Stop.began = True
     try:
-        from gradlab import plots  # matplotlib is slow to import: only plot needs it
+        # matplotlib and pandas are slow to import: only the commands that need them do
+        from gradlab import plots, store
 
         paths = plots.write(store.load_runs(runs), out, format_,
                             [m.strip() for m in y.split(",") if m.strip()] if y else None, x)
@@ -558,8 +1131,10 @@ def report(
 
     Example: `gradlab report results/equivalence-20250101-120000`
     """
+    Stop.began = True
     try:
         from gradlab import report as reports  # imports matplotlib: slow, so only here
+        from gradlab import store
 
         paths = reports.write(store.load_run(run_dir))
     except GradlabError as e:
@@ -601,6 +1176,8 @@ def audit(
 
     * `gradlab audit mypkg.train:train -n 8 -m 4 --steps 20` - in CI: exit 1 when it differs
     """
+    Stop.began = True
+    err = console(stderr=True)
     try:
         from gradlab import audit as audits  # starts torch processes: only audit needs it
 

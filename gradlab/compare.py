@@ -30,8 +30,13 @@ FORMATS = ("table", "csv", "json", "md")
 HEADERS = schema.HEADERS
 # the numbers a reader looks at first; --all adds every other column
 KEY_METRICS = ("max_rel_grad_err", "max_exact_err", "rel_tolerance", "min_grad_cosine",
-               "final_loss",
-               "loss_diff", "final_test_accuracy")
+               "max_rel_lr_diff", "final_loss",
+               "loss_diff", "final_test_accuracy", *schema.COST_METRICS)
+# shown as well when the arms compute in different precisions, or sum in a float32 buffer
+PRECISION_METRICS = ("exact_floor", "accum_rise", "accum_bound", "skipped_steps",
+                     "cuda_peak_bytes")
+# key metrics shown only where some arm is not 0: most runs have no learning-rate schedule
+SHOWN_WHEN_NONZERO = ("max_rel_lr_diff",)
 OUTCOME = ("expect", "verdict", "check")
 # columns that say which row is which rather than what was measured
 IDENTITY = ("run", "trial", "arm", "micro_batch")
@@ -78,6 +83,7 @@ def arm_rows(runs: list[Run]) -> pd.DataFrame:
         rows["swept_accum_steps"] = rows["trial"].map(swept_n)
         frames.append(rows.merge(run_checks(run), on=["trial", "arm"], how="left"))
     rows = pd.concat(frames, ignore_index=True)
+    rows["precision"] = [schema.precision_of(r) for r in rows.to_dict("records")]
     rows["baseline"] = rows["baseline"].astype(bool)
     rows["expect"] = rows["expect"].astype(object).fillna("").astype(str)
     rows["run_checks"] = rows["run_checks"].fillna(0).astype(int)
@@ -191,8 +197,13 @@ def check(row: pd.Series) -> str:
 def judge(rows: pd.DataFrame, tol: Tolerance) -> pd.DataFrame:
     """Tolerance, verdict and check of every row, by the run's own rule (schema.judge)."""
     rows = rows.copy()
-    judged = [schema.judge(bool(row["baseline"]), row["dtype"], int(row["accum_steps"]),
+    judged = [schema.judge(bool(row["baseline"]), row["precision"], int(row["accum_steps"]),
                            row.to_dict(), tol.rtol, tol.atol) for _, row in rows.iterrows()]
+    if "max_sum_condition" in rows:  # read again at --at-step
+        rows["accum_bound"] = [
+            math.nan if row["baseline"] else schema.accumulation_bound(
+                row["precision"], int(row["accum_steps"]), row["max_sum_condition"])
+            for _, row in rows.iterrows()]
     rows["rel_tolerance"] = [t for t, _ in judged]
     rows["verdict"] = [v for _, v in judged]
     rows["check"] = rows.apply(check, axis=1)
@@ -207,9 +218,11 @@ def failures(rows: pd.DataFrame, settings: list[str]) -> list[str]:
         where = " ".join(f"{k}={fmt(row[k])}" for k in shown)
         reasons = []
         if expectation(row) == "FAIL":
+            lr_diff = row.get("max_rel_lr_diff", math.nan)
+            lr = f", lr diff {fmt(lr_diff)}" if not is_missing(lr_diff) and lr_diff else ""
             reasons.append(f"expected {row['expect']}, got {row['verdict']} (vs exact "
                            f"{fmt(row.get('max_exact_err', math.nan))}, tolerance "
-                           f"{fmt(row['rel_tolerance'])})")
+                           f"{fmt(row['rel_tolerance'])}{lr})")
         if row["failed_checks"]:
             reasons.append(f"the run's check failed: {row['failed_checks']}")
         lines.append(f"{row['run']} trial {row['trial']} ({where}) arm '{row['arm']}': "
@@ -232,7 +245,7 @@ def group_over_seeds(rows: pd.DataFrame, identity: list[str],
     number of distinct seeds and the std is the spread between seeds, not between copies.
     """
     keys = seed_group_keys(identity)
-    groups = rows.fillna({c: "" for c in keys}).groupby(keys, sort=False, dropna=False)
+    groups = blank_missing(rows, keys).groupby(keys, sort=False, dropna=False)
     if groups.ngroups == len(rows):
         return None
     out = []
@@ -257,10 +270,17 @@ def group_over_seeds(rows: pd.DataFrame, identity: list[str],
     return pd.DataFrame(out)
 
 
+def blank_missing(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Missing values of the key columns as "" (a column of numbers, or of empty strings
+    read back from a CSV as NaN, becomes text first: pandas will not put "" in floats)."""
+    holes = {c: object for c in keys if rows[c].isna().any()}
+    return rows.astype(holes).fillna({c: "" for c in keys})
+
+
 def repeated_seeds(rows: pd.DataFrame, identity: list[str]) -> str | None:
     """A note naming the seeds that more than one run holds for the same arm and point."""
     keys = [*seed_group_keys(identity), "seed"]
-    runs = rows.fillna({c: "" for c in keys}).groupby(keys, sort=False, dropna=False)["run"]
+    runs = blank_missing(rows, keys).groupby(keys, sort=False, dropna=False)["run"]
     repeats = [(name[-1], sorted(set(r))) for name, r in runs if r.nunique() > 1]
     if not repeats:
         return None
@@ -283,6 +303,9 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     judged: pd.DataFrame | None = None  # one row per (run, trial, arm), verdict and check
+    settings: list[str] = field(default_factory=list)  # the arms' setting columns
+    experiment: str = ""
+    at_step: int | None = None  # --at-step: the metrics are read at this step
 
     def check_of(self, trial: int, arm: str) -> str:
         """ok | FAIL | n/a | '' for one arm of one trial (of a single run)."""
@@ -350,8 +373,11 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
         shown_identity = [c for c in shown_identity if c not in ("run", "trial", "seed")]
         shown_identity += ["seeds", "n"]
         table = grouped
-    shown_metrics = [m for m in (["rel_tolerance", *measured] if show_all else KEY_METRICS)
-                     if m in rows and rows[m].notna().any()]  # test acc: not for regression
+    key_metrics = [*KEY_METRICS, *(PRECISION_METRICS if mixed_precision(rows) else ())]
+    shown_metrics = [m for m in (["rel_tolerance", *measured] if show_all else key_metrics)
+                     if m in rows and rows[m].notna().any()  # test acc: not for regression
+                     and (m not in SHOWN_WHEN_NONZERO or show_all
+                          or (rows[m].fillna(0) != 0).any())]
     outcome = OUTCOME if show_all else ("verdict", "check")  # check says if it was expected
     if not ((rows["expect"] != "") | (rows["run_checks"] > 0)).any():
         outcome = ("verdict",)
@@ -365,8 +391,17 @@ def compare(runs: list[Run], *, reference: str | None = None, at_step: int | Non
     return Comparison(title, columns, table.reset_index(drop=True), grouped is not None,
                       notes(rows, tol, recorded, reference, at_step, grouped is not None,
                             runs[0].meta.get("gradients_at"))
-                      + [note for note in [repeated_seeds(rows, identity)] if note],
-                      failures(rows, settings), rows)
+                      + [note for note in [repeated_seeds(rows, identity)] if note]
+                      + budget_notes(rows, settings),
+                      failures(rows, settings), rows, settings, runs[0].experiment, at_step)
+
+
+def mixed_precision(rows: pd.DataFrame) -> bool:
+    """Do the arms of a trial compute in different precisions, or some sum in a float32
+    buffer? (A sweep over dtype, every arm in each, is not that.)"""
+    buffered = "grad_accum_dtype" in rows and (rows["grad_accum_dtype"] == "float32").any()
+    keys = [c for c in ("run", "trial") if c in rows]
+    return bool(buffered) or bool((rows.groupby(keys)["precision"].nunique() > 1).any())
 
 
 def telling(rows: pd.DataFrame, settings: list[str]) -> list[str]:
@@ -433,3 +468,201 @@ def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
     if grouped:
         out.append("mean ± std (sample std) over rows that differ only by seed; n seeds each.")
     return out
+
+
+def budget_notes(rows: pd.DataFrame, settings: list[str]) -> list[str]:
+    """With budget_mb (the cost experiment): the largest micro-batch whose step fits in it,
+    for each setup measured (what Composer's automatic micro-batching finds at run time)."""
+    if "memory_mb" not in rows or "budget_mb" not in rows:
+        return []
+    budgeted = rows[(rows["budget_mb"] > 0) & rows["memory_mb"].notna()]
+    if budgeted.empty:
+        return []
+    keys = ["budget_mb", *(c for c in telling(budgeted, settings)
+                           if c not in ("accum_steps", "micro_batch", "budget_mb"))]
+    lines = []
+    for key, group in budgeted.groupby(keys, sort=False):
+        budget, where = key[0], dict(zip(keys[1:], key[1:], strict=True))
+        name = ", ".join(f"{k}={fmt(v)}" for k, v in where.items())
+        fits = group[group["memory_mb"] <= budget]
+        if fits.empty:
+            least = group.loc[group["memory_mb"].idxmin()]
+            lines.append(f"budget {fmt(budget)} MB{': ' + name if name else ''}: no micro-batch "
+                         f"measured fits; the smallest step, micro-batch "
+                         f"{int(least['micro_batch'])}, needs {fmt(least['memory_mb'])} MB.")
+            continue
+        best = fits.loc[fits["micro_batch"].idxmax()]
+        lines.append(f"budget {fmt(budget)} MB{': ' + name if name else ''}: the largest "
+                     f"micro-batch that fits is {int(best['micro_batch'])} (N = "
+                     f"{int(best['accum_steps'])}, step MB {fmt(best['memory_mb'])}, "
+                     f"{fmt(best['example_us'])} µs/example).")
+    lines.append("step MB: what a step holds at its peak: on CUDA torch.cuda."
+                 "max_memory_allocated; on CPU the weights, gradients and optimizer state plus "
+                 "the activations one micro-batch saves for backward.")
+    return lines
+# ----------------------------------------------------------------------------- the pivot
+#
+# The compact answer: one row per arm and setting, one column per N, each cell the judged
+# number with a mark saying whether the spec's expectation held. Built from the judged rows
+# of a Comparison, so run, compare and report show the same verdicts as the full table.
+
+MARKS = {"ok": "✓", "FAIL": "✗", "n/a": "·"}
+
+
+@dataclass
+class PivotCell:
+    text: str     # the number, and its mark when something was checked
+    outcome: str  # ok | FAIL | n/a (as the check column) | baseline | '' (nothing expected)
+
+
+@dataclass
+class Pivot:
+    title: str
+    labels: list[str]   # the columns that name a row: settings that tell rows apart, the arm
+    ns: list[int]       # one column per N
+    rows: list[tuple[list[str], list[PivotCell]]]
+    totals: str         # one line: how many expectations held
+    notes: list[str]    # how to read a cell
+
+    def header(self) -> list[str]:
+        return [HEADERS.get(c, c.replace("_", " ")) for c in self.labels] + \
+            [f"N={n}" for n in self.ns]
+
+    def markdown(self) -> str:
+        def line(cells):
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        lines = [line(self.header()),
+                 line(["---"] * len(self.labels) + ["---:"] * len(self.ns)),
+                 *(line([*labels, *(c.text for c in cells)]) for labels, cells in self.rows)]
+        return "\n".join(lines) + "\n" + "".join(f"\n{text}\n"
+                                                 for text in [self.totals, *self.notes])
+
+
+def short(value: Any) -> str:
+    """A number in as few characters as a table cell can take: 2 significant digits, the
+    exponent without its padding (1.8e-7, not 1.80e-07)."""
+    if is_missing(value):
+        return "-"
+    text = f"{value:.2g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.1e}"
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}e{int(exponent)}" if e else text
+
+
+def cell_n(rows: pd.DataFrame) -> pd.Series:
+    """The N a row belongs under: the sweep's N where the sweep sets it (the baseline's own N
+    is 1 in every trial), else the arm's own."""
+    swept = pd.to_numeric(rows["swept_accum_steps"], errors="coerce")
+    return swept.fillna(rows["accum_steps"]).astype(int)
+
+
+def pivot_labels(comparison: Comparison) -> list[str]:
+    """The settings that tell the pivot's rows apart (N and seed aside), then the arm."""
+    rows = comparison.judged
+    settings = [c for c in telling(rows, comparison.settings)
+                if c not in ("accum_steps", "micro_batch", "seed")]
+    arms = ["arm"] if rows["arm"].nunique() > 1 or not rows["baseline"].all() else []
+    return [*settings, *arms]
+
+
+def pivot_groups(rows: pd.DataFrame, labels: list[str]):
+    """(label values, {N: rows}) per pivot row, in the order the run went: settings as the
+    trials came, then the arms as the spec lists them (the arm is the last label)."""
+    settings = [c for c in labels if c != "arm"]
+    point = [tuple(fmt(row[c]) for c in settings) for _, row in rows.iterrows()]
+    rows = rows.assign(_n=cell_n(rows))
+    arms = list(dict.fromkeys(rows["arm"])) if "arm" in labels else [None]
+    for setting in dict.fromkeys(point):
+        at_setting = rows[[p == setting for p in point]]
+        for arm in arms:
+            group = at_setting if arm is None else at_setting[at_setting["arm"] == arm]
+            if len(group):
+                yield [*setting, *([arm] if arm else [])], \
+                    {int(n): part for n, part in group.groupby("_n")}
+
+
+def judged_cell(part: pd.DataFrame, measure: str) -> PivotCell:
+    """The worst error of the rows under one cell (several when seeds or runs repeat it),
+    marked FAIL when any of them failed."""
+    checks = set(part["check"])
+    outcome = next((c for c in ("FAIL", "ok", "n/a") if c in checks), "")
+    if not outcome and part["baseline"].all():
+        outcome = "baseline"
+    # the baseline's own distance from the exact gradient is the floor
+    column = "exact_floor" if outcome == "baseline" and measure == "max_exact_err" else measure
+    values = pd.to_numeric(part[column], errors="coerce")
+    text = short(values.max())
+    # the mark right after the number: at 80 columns every character counts
+    return PivotCell(f"{text}{MARKS[outcome]}" if outcome in MARKS else text, outcome)
+
+
+def measured_cell(part: pd.DataFrame, measure: str) -> PivotCell:
+    """Mean ± std over the seeds of what a run of one arm measured (a seed repeated across
+    runs counts once)."""
+    per_seed = pd.to_numeric(part[measure], errors="coerce").groupby(part["seed"]).mean()
+    mean, std = per_seed.mean(), per_seed.std() if len(per_seed) > 1 else math.nan
+    mean_text = fmt(float(mean)) if not is_missing(mean) else "-"
+    return PivotCell(mean_text if is_missing(std) else f"{mean_text}±{std:.1g}", "")
+
+
+def totals(rows: pd.DataFrame) -> str:
+    """'50 expectations hold, 10 n/a, 0 fail': one count per arm of each trial."""
+    counts = rows["check"].value_counts()
+    if not counts.reindex(["ok", "n/a", "FAIL"]).fillna(0).any():
+        return "no expectations: the spec promises nothing about these arms"
+    held = counts.get("ok", 0)
+    return (f"{held} {'expectation holds' if held == 1 else 'expectations hold'}, "
+            f"{counts.get('n/a', 0)} n/a, {counts.get('FAIL', 0)} fail")
+
+
+def pivot(comparison: Comparison) -> Pivot:
+    """The compact table of a comparison (see the section comment above)."""
+    rows = comparison.judged
+    at = f", at step {comparison.at_step}" if comparison.at_step is not None else ""
+    if rows["baseline"].all():  # one arm: each trial a training run of its own
+        return measured_pivot(comparison, at)
+    if "max_exact_err" in rows and rows["max_exact_err"].notna().any():
+        measure = "max_exact_err"
+        # the floor is recorded on the rows of the arms probed against the baseline
+        floors = rows.groupby(["run", "trial"])["exact_floor"].transform("max")
+        rows = rows.assign(exact_floor=rows["exact_floor"].fillna(floors))
+        title = (f"{comparison.experiment}: each arm's distance from the exact gradient "
+                 f"({HEADERS[measure]}) by N{at}")
+        what = (f"{HEADERS[measure]}: the arm's largest relative distance from the exact "
+                f"float64 gradient over the probes (the baseline's row: its own, the floor)")
+    else:  # a run made before the exact reference was recorded
+        measure = "max_rel_grad_err"
+        title = f"{comparison.experiment}: {HEADERS[measure]} by N{at}"
+        what = f"{HEADERS[measure]}: the arm's relative distance from the baseline's gradient"
+    labels = pivot_labels(comparison)
+    groups = list(pivot_groups(rows, labels))
+    ns = sorted({n for _, cells in groups for n in cells})
+    table = [(names, [judged_cell(cells[n], measure) if n in cells else PivotCell("", "")
+                      for n in ns]) for names, cells in groups]
+    legend = [f"{MARKS['ok']} as the spec expects", f"{MARKS['FAIL']} not as it expects"]
+    if any(c.outcome == "n/a" for _, cells in table for c in cells):
+        legend.append(f"{MARKS['n/a']} not checked (expected to differ, at N = 1: nothing to "
+                      f"accumulate)")
+    note = f"{what}{at}; {', '.join(legend)}."
+    if max(len(part) for _, cells in groups for part in cells.values()) > 1:
+        note += " A cell holding several seeds or runs shows the worst."
+    return Pivot(title, labels, ns, table, totals(rows),
+                 [note + " --table full: every column and the rule."])
+
+
+def measured_pivot(comparison: Comparison, at: str) -> Pivot:
+    """The pivot of a run of one arm: what each setting measured, mean ± std over seeds."""
+    rows = comparison.judged
+    measure = next(m for m in ("final_test_accuracy", "final_test_loss", "final_loss")
+                   if m in rows and rows[m].notna().any())
+    seeds = rows["seed"].nunique()
+    sizes = sorted(set(rows["batch_size"]))
+    title = (f"{comparison.experiment}: {HEADERS.get(measure, measure)} by N{at}"
+             + (f" (micro-batch B/N, B = {sizes[0]})" if len(sizes) == 1 else "")
+             + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""))
+    labels = pivot_labels(comparison)
+    groups = list(pivot_groups(rows, labels))
+    ns = sorted({n for _, cells in groups for n in cells})
+    table = [(names, [measured_cell(cells[n], measure) if n in cells else PivotCell("", "")
+                      for n in ns]) for names, cells in groups]
+    return Pivot(title, labels, ns, table,
+                 "no expectations: one arm, each trial a training run of its own", [])

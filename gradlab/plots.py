@@ -8,7 +8,14 @@ Which figures a run gets depends on what it recorded, not on its name:
     grad-error  relative gradient error against N, log axis, with the dtype's tolerance
                 c*max(N,2)*u as a labelled line over a shaded "equivalent" region, and the
                 N*u rounding bound (when N varies)
+    precision   in its place when the arms compute in different precisions (or sum in a
+                float32 buffer): the distance from the exact gradient against N, a panel per
+                precision, each arm with its floor + bound (N-1)*u*‖Σ|g_i|‖/‖g‖ as a thin line
     grad-norm   gradient norm (when arms differ in `zero_grad`)
+    cost        time per example and activation memory against micro-batch size (runs with
+                cost = true whose micro-batch size varies: the cost experiment)
+    lr          the learning rate each step applied (when an arm's changes: a schedule;
+                steps.csv's lr, drawn as applied_lr beside the setting lr)
     held-out    held-out accuracy (or loss) during training (when eval.csv has a curve)
     accuracy    final held-out accuracy against micro-batch size, error bars over seeds
                 (when the micro-batch size varies)
@@ -23,6 +30,7 @@ mean, with the std as a band or an error bar.
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,12 +62,15 @@ LABELS = {
     "max_exact_err": "distance from the exact gradient\n‖g − g_exact‖ / ‖g_exact‖",
     "exact_err": "distance from the exact gradient\n‖g − g_exact‖ / ‖g_exact‖",
     "final_test_accuracy": "test accuracy", "test_accuracy": "test accuracy",
-    "test_loss": "test loss", "value": "value",
+    "test_loss": "test loss", "value": "value", "amount": "",
+    "applied_lr": "learning rate the step applied",
 }
 # errors and distances: drawn on a log axis, where 1e-16 and 1 can both be read
 ERROR_METRICS = ("max_rel_grad_err", "rel_l2_err", "max_abs_grad_err", "max_abs_err",
                  "max_exact_err", "exact_err", "exact_floor", "floor_err",
                  "max_rel_loss_diff", "rel_loss_diff", "max_rel_buffer_diff")
+# a schedule is read on a linear axis: its 0 (the schedule's end) must show
+LINEAR_METRICS = ("applied_lr",)
 # what the verdict judges: its tolerance is drawn with them
 RELATIVE_ERRORS = ("max_exact_err", "exact_err")
 NORMS = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm", "in": "InstanceNorm",
@@ -75,6 +86,7 @@ BASELINE_COLOR = (0.0, 0.0, 0.0, 1.0)
 FEW_POINTS = 15  # a line with this many points or fewer gets markers
 TRACE_ELEMENTS = 3  # draw the trace of a model with at most this many weights
 PANEL_SIZE = (4.8, 3.8)
+TITLE_WIDTH = 55  # characters of a panel title per line: longer ones wrap, not overlap
 DIVERGED = 1000  # a curve this many times above the baseline's largest value has diverged
 # DejaVu Sans ships with matplotlib and has every glyph used here (‖ − · ×): the figures look
 # the same on every machine, and no fallback font (a CJK one, say) is searched or warned about
@@ -94,6 +106,9 @@ class Plot:
     tolerance: bool = False  # draw rel_tolerance(dtype, N) and N*u, shade what is equivalent
     annotate: bool = False   # write each point's value next to it (a toy's few numbers)
     held: bool = False       # a value holds until the next point: draw steps, not slopes
+    bound: bool = False      # draw each line's exact_floor + accum_bound as a thin line
+    arm_styles: dict[str, Style] = field(default_factory=dict)  # lines = ["arm"]: set styles
+    log_y: bool = False      # a log y axis whatever the values span (proportions read as slopes)
     notes: list[str] = field(default_factory=list)
 
 
@@ -102,7 +117,7 @@ class Plot:
 def with_settings(frames: list[pd.DataFrame], runs: list[Run], rows: pd.DataFrame
                   ) -> pd.DataFrame:
     """Per-run tables (with a `run` column) as one, each row joined with its arm's settings."""
-    describing = ["run", "trial", "arm", "baseline", "micro_batch", "sweep_point",
+    describing = ["run", "trial", "arm", "baseline", "micro_batch", "sweep_point", "precision",
                   *compare.setting_columns(runs, rows)]
     return pd.concat(frames, ignore_index=True).merge(rows[describing],
                                                       on=["run", "trial", "arm"])
@@ -113,13 +128,16 @@ def per_step(runs: list[Run], rows: pd.DataFrame) -> pd.DataFrame:
     frames = []
     for run in runs:
         keys = ["trial", "arm", "step"]
-        frame = run.table("steps")
+        # steps.csv's lr (what each step applied) is not the setting lr (the arm's base rate)
+        frame = run.table("steps").rename(columns={"lr": "applied_lr"})
         evals = run.table("eval")
         if evals is not None:
             frame = frame.merge(evals.drop(columns="examples"), on=keys, how="left")
         probes = run.table("probe")
         if probes is not None:
-            overall = probes[probes["param"] == "*"].drop(columns="param")
+            # the learning rate is steps.csv's (the probe's copy is for the verdict)
+            overall = probes[probes["param"] == "*"].drop(columns=["param", "lr", "ref_lr"],
+                                                          errors="ignore")
             frame = frame.merge(overall, on=keys, how="left")
         frames.append(frame.assign(run=run.name))
     return with_settings(frames, runs, rows)
@@ -213,6 +231,33 @@ def sweep_plot(runs, rows, y: str, x: str, panels: list[str], name: str | None =
                 data, x, y, panels, lines, tolerance)
 
 
+def precision_plot(runs: list[Run], rows: pd.DataFrame) -> Plot:
+    """Arms in different precisions: a panel per precision (and per swept model...), so each
+    arm is read against the floor of its own precision and the bound of its own u. Arms are
+    styled by how they sum and compute, so a native arm and its float32-buffer twin, side
+    by side in a panel, read as such in every panel."""
+    data = rows[~rows["baseline"]].dropna(subset=["max_exact_err"])
+    panels, _ = layout(runs, data, "accum_steps")
+    arms = data.drop_duplicates("arm").set_index("arm")
+    return Plot("precision", "Distance from the exact gradient against N, by precision", data,
+                "accum_steps", "max_exact_err", [*panels, "precision"], ["arm"], bound=True,
+                arm_styles={arm: precision_style(row) for arm, row in arms.iterrows()})
+# what the cost figure draws, in its panels' words
+COSTS = {"example_us": "time per example (µs)",
+         "activation_mb": "activations saved for backward (MB)"}
+
+
+def cost_plot(runs: list[Run], rows: pd.DataFrame) -> Plot:
+    """Time per example and activation memory against micro-batch size, a line per setup
+    (the cost experiment): one falls as the other rises."""
+    measured = rows.dropna(subset=list(COSTS))
+    data = pd.concat([measured.assign(quantity=label, amount=measured[column])
+                      for column, label in COSTS.items()], ignore_index=True)
+    _, lines = layout(runs, data, "micro_batch", panels=[])
+    return Plot("cost", "What accumulation costs and saves, against micro-batch size", data,
+                "micro_batch", "amount", ["quantity"], lines, log_y=True)
+
+
 def trace_plot(runs: list[Run], trace: pd.DataFrame) -> Plot:
     panels, lines = layout(runs, trace, "examples")
     return Plot("trace", "The accumulated .grad after each backward, and the weights",
@@ -240,19 +285,29 @@ def standard_plots(runs: list[Run]) -> list[Plot]:
         plots.append(trace_plot(runs, trace))
     judged = "max_exact_err" if "max_exact_err" in rows else "max_rel_grad_err"  # old runs
     probed = rows[rows[judged].notna()]
-    if swept_within_an_arm(probed, "accum_steps"):
+    if swept_within_an_arm(probed, "accum_steps") and compare.mixed_precision(rows) \
+            and "accum_bound" in rows:
+        plots.append(precision_plot(runs, rows))
+    elif swept_within_an_arm(probed, "accum_steps"):
         plots.append(sweep_plot(runs, rows, judged, "accum_steps", ["dtype"],
                                 name="grad-error",
                                 title="Gradient error against N, at the baseline's weights"))
     if "zero_grad" in varies:
         plots.append(curve_plot(runs, steps, "grad_norm", x, name="grad-norm",
                                 title="Gradient norm: where zero_grad() runs"))
+    if "applied_lr" in steps and \
+            steps.groupby(["run", "trial", "arm"])["applied_lr"].nunique().max() > 1:
+        plots.append(curve_plot(runs, steps, "applied_lr", x, name="lr",
+                                title="Learning rate each step applied"))
     evals = per_eval(runs, rows)
     # a curve: one evaluation at the end is in the table (and in the accuracy figure)
     if evals is not None and evals.groupby(["run", "trial", "arm"]).size().max() > 1:
         y = "test_accuracy" if evals["test_accuracy"].notna().any() else "test_loss"
         plots.append(curve_plot(runs, evals, y, x, name="held-out",
                                 title=f"Held-out {LABELS[y]} during training"))
+    if "activation_mb" in rows and swept_within_an_arm(
+            rows.dropna(subset=["activation_mb"]), "micro_batch"):
+        plots.append(cost_plot(runs, rows))
     evaluated = rows[rows["final_test_accuracy"].notna()]
     if swept_within_an_arm(evaluated, "micro_batch"):
         plots.append(sweep_plot(runs, rows, "final_test_accuracy", "micro_batch", ["dtype"],
@@ -277,6 +332,12 @@ def requested_plots(runs: list[Run], ys: list[str], x: str | None) -> list[Plot]
                for per, frame in (("step", steps), ("summary", rows))}
     plots = []
     for y in ys or [None]:
+        if y == "lr" and "applied_lr" in metrics["step"]:  # steps.csv's lr, as -y names it
+            axis = x or "step"
+            if axis in ("step", "examples"):
+                plots.append(curve_plot(runs, steps, "applied_lr", X_AXES[axis],
+                                        name=f"lr-vs-{X_AXES[axis]}"))
+                continue
         axis = x or ("step" if y is None or y in metrics["step"] else "N")
         per = "step" if axis in ("step", "examples") else "summary"
         y = y or DEFAULT_Y[axis]
@@ -305,7 +366,7 @@ def word(column: str, value) -> str:
         return text
     named = {"accum_steps": "N = {}", "micro_batch": "micro-batch {}", "batch_size": "B = {}",
              "zero_grad": "zero_grad {}", "set_to_none": "set_to_none={}", "seed": "seed {}",
-             "loss_scale": "loss scale {}"}
+             "loss_scale": "loss scale {}", "precision": "computed in {}"}
     return named.get(column, column.replace("_", " ") + " {}").format(text)
 
 
@@ -316,6 +377,13 @@ def words(key: dict) -> str:
         if column == "bn_mode":  # says something only about BatchNorm
             if key.get("norm", "bn") == "bn":
                 parts.append("frozen statistics" if value == "frozen" else "batch statistics")
+        elif column == "dropout_mode":
+            parts.append(f"dropout in {value} mode")
+        elif column == "dropout_masks":  # says something only while dropout drops
+            if key.get("dropout_mode", "train") == "train":
+                parts.append("nn.Dropout's masks" if value == "stream" else "per-example masks")
+        elif column == "mask_draws":  # a check the run made, not how it trained
+            continue
         elif value != "-":  # "-": a setting this row does not have
             parts.append(word(column, value))
     return ", ".join(parts)
@@ -461,6 +529,26 @@ def styles_by_arm(data: pd.DataFrame, keys: list[tuple], lines: list[str], arms:
     return out, legend
 
 
+# how an arm sums and computes -> its line: the same role looks the same in every panel
+PRECISION_STYLES = {
+    "float32": Style("black", ":", "o"),
+    "native": Style("tab:orange", "-", "o"),
+    "float32 buffer": Style("tab:green", "--", "s"),
+    "autocast": Style("tab:blue", "-.", "^"),
+    "clip before unscale": Style("tab:red", ":", "X"),
+}
+
+
+def precision_style(arm: pd.Series) -> Style:
+    if arm.get("clip_at") == "before-unscale":
+        return PRECISION_STYLES["clip before unscale"]
+    if arm.get("grad_accum_dtype") == "float32" and arm["dtype"] != "float32":
+        return PRECISION_STYLES["float32 buffer"]
+    if arm.get("autocast", "none") != "none":
+        return PRECISION_STYLES["autocast"]
+    return PRECISION_STYLES["native" if arm["precision"] != "float32" else "float32"]
+
+
 def line_kwargs(style: Style, rank: int) -> dict:
     return dict(color=style.color, ls=style.dashes, lw=3.5 if style.baseline else 1.4,
                 alpha=0.45 if style.baseline else 1.0,
@@ -500,19 +588,26 @@ def draw(plot: Plot, experiment: str) -> plt.Figure:
     points = data.groupby([*plot.panels, *plot.lines], dropna=False)[plot.x].nunique().max()
     markers = sweep or points <= FEW_POINTS
     palette, legend = styles(data, plot.lines, markers, sweep)
+    if plot.arm_styles:
+        palette = {(arm,): style for arm, style in plot.arm_styles.items()}
+        legend = {arm: proxy(style) for arm, style in plot.arm_styles.items()
+                  if arm in set(data["arm"])}
     footnotes: set[str] = set()
+    title_lines = 1
     for ax, panel in zip(axes.flat, panel_keys, strict=False):
         part = data
         for column, value in zip(plot.panels, panel, strict=True):
             part = part[part[column] == value]
         footnotes |= draw_panel(ax, plot, part, palette, legend, markers)
         title = [words(dict(zip(plot.panels, panel, strict=True)))]
-        if plot.tolerance and part["dtype"].nunique() == 1:  # the u of the bounds drawn
-            dtype = part["dtype"].iloc[0]
-            if "dtype" not in plot.panels:
+        if (plot.tolerance or plot.bound) and part["precision"].nunique() == 1:  # the bounds' u
+            dtype = part["precision"].iloc[0]
+            if "dtype" not in plot.panels and "precision" not in plot.panels:
                 title.append(dtype)
             title.append(f"u = 2^{round(np.log2(schema.UNIT_ROUNDOFF[dtype]))}")
-        ax.set_title(", ".join(t for t in title if t), fontsize=10)
+        title = textwrap.fill(", ".join(t for t in title if t), TITLE_WIDTH)
+        title_lines = max(title_lines, title.count("\n") + 1)
+        ax.set_title(title, fontsize=10)
     for ax in axes.flat[len(panel_keys):]:
         ax.set_visible(False)
     for ax in axes[-1]:
@@ -525,7 +620,8 @@ def draw(plot: Plot, experiment: str) -> plt.Figure:
     fig.legend(list(legend.values()), list(legend), loc="center left",
                bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.subplots_adjust(top=1 - 0.55 / fig.get_figheight())  # room for the title above
+    # room for the figure's title above the panels' (0.17 inch a wrapped line)
+    fig.subplots_adjust(top=1 - (0.55 + 0.17 * (title_lines - 1)) / fig.get_figheight())
     return fig
 
 
@@ -534,8 +630,9 @@ def draw_panel(ax, plot: Plot, part: pd.DataFrame, palette: dict, legend: dict,
     """Draw one panel; returns the footnotes it needs (what a reader cannot see in it)."""
     sweep = plot.x in ("accum_steps", "micro_batch")
     positive = part[plot.y][part[plot.y] > 0]
-    log_y = plot.tolerance or spans_decades(part[plot.y]) or (
-        plot.y in ERROR_METRICS and not positive.empty and (part[plot.y] >= 0).all())
+    log_y = plot.log_y or (plot.y not in LINEAR_METRICS and (
+        plot.tolerance or spans_decades(part[plot.y]) or (
+            plot.y in ERROR_METRICS and not positive.empty and (part[plot.y] >= 0).all())))
     footnotes = set()
     arm_rank = {arm: i for i, arm in enumerate(dict.fromkeys(plot.data["arm"]))}  # spec order
     lines = [(_tuple(k), line) for k, line in part.groupby(plot.lines, dropna=False)]
@@ -594,6 +691,8 @@ def draw_panel(ax, plot: Plot, part: pd.DataFrame, palette: dict, legend: dict,
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if plot.tolerance:
         draw_tolerance(ax, plot, part, legend)
+    if plot.bound:
+        draw_bounds(ax, part, palette, legend)
     if not sweep and clip_divergence(ax, part, plot.y):
         footnotes.add(f"A line that leaves the top of a panel diverged: it grew past "
                       f"{DIVERGED:g}× the baseline's largest value.")
@@ -640,14 +739,14 @@ def draw_tolerance(ax, plot: Plot, part: pd.DataFrame, legend: dict) -> None:
     """
     if "rel_tolerance" not in part or part["rel_tolerance"].isna().all():
         return
-    pairs = part[["dtype", "accum_steps"]].drop_duplicates()
+    pairs = part[["precision", "accum_steps"]].drop_duplicates()
     if plot.x != "accum_steps" and len(pairs) != 1:
         return
     ax.autoscale_view()
     (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
-    dtypes = list(dict.fromkeys(pairs["dtype"]))
+    dtypes = list(dict.fromkeys(pairs["precision"]))
     for dtype in dtypes:
-        rows = part[part["dtype"] == dtype].groupby("accum_steps")
+        rows = part[part["precision"] == dtype].groupby("accum_steps")
         ns = np.array(sorted(int(n) for n in rows.groups))
         tol = rows["rel_tolerance"].max().loc[ns].to_numpy()
         floor = rows["exact_floor"].max().loc[ns].to_numpy()
@@ -676,6 +775,19 @@ def draw_tolerance(ax, plot: Plot, part: pd.DataFrame, legend: dict) -> None:
                       plt.Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.2, lw=0))
     legend.setdefault("floor: the big batch's own distance from the exact gradient",
                       Line2D([], [], ls=":", color="0.25", lw=1.2))
+
+
+def draw_bounds(ax, part: pd.DataFrame, palette: dict, legend: dict) -> None:
+    """Each arm's floor + (N−1)·u·‖Σ|g_i|‖/‖g‖, thin, in the arm's colour: where summing its N
+    partial gradients in its precision could take it, to first order."""
+    for key, line in part.groupby(["arm"], sort=False):
+        ceiling = (line["exact_floor"] + line["accum_bound"]).groupby(line["accum_steps"]).max()
+        ceiling = ceiling[ceiling > 0]
+        if not ceiling.empty:
+            ax.plot(ceiling.index, ceiling.to_numpy(), color=palette[_tuple(key)].color,
+                    lw=0.8, alpha=0.6, zorder=2)
+    legend.setdefault("thin line: the arm's floor + (N−1)·u·‖Σ|g_i|‖/‖g‖, what summing its N "
+                      "partial gradients may add", Line2D([], [], color="0.4", lw=0.8))
 
 
 # ----------------------------------------------------------------------------- files

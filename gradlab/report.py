@@ -1,8 +1,9 @@
 """A run's report: report.md and a self-contained index.html, written into the run directory.
 
 Both say the same things in the same order, because both are rendered from one list
-of blocks: first the summary table and the figures (what a reader came for), then
-the details (how to read the table, what was run, the spec itself). index.html
+of blocks: first the compact table (as `gradlab run` prints it) and the figures (what a
+reader came for), then the details (the arms, the full table and how to read it, what
+was run, the spec itself). index.html
 embeds the figures as base64 PNG and loads nothing else, so it can be mailed or
 attached on its own; report.md links to them in figures/.
 """
@@ -46,6 +47,8 @@ class Table:
     numeric: list[bool]      # right-aligned columns
     outcome: list[str] = dataclasses.field(default_factory=list)  # per row: ok, FAIL, n/a, ""
     judged: list[bool] = dataclasses.field(default_factory=list)  # columns coloured by outcome
+    # per cell, in place of the rows' outcome (the pivot: each cell judged on its own)
+    cell_outcomes: list[list[str]] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -65,11 +68,19 @@ Block = Heading | Text | Items | Table | Figure | Code
 
 # ----------------------------------------------------------------------------- content
 
-def summary_table(run: Run) -> compare.Comparison:
-    """The table the report opens with: compare's table of each arm against the baseline.
+def summary_table(run: Run) -> compare.Pivot:
+    """The table the report opens with, as `gradlab run` and `compare` print it: one row per
+    arm and setting, one column per N, each cell the judged error marked by whether the
+    spec's expectation held. A run whose only arm is the baseline (each trial a training run
+    of its own, like norm-training) shows what it measured instead."""
+    return compare.pivot(compare.compare([run]))
 
-    A run whose only arm is the baseline (each trial is a training run of its own, like
-    norm-training) has nothing to judge: its table shows what it measured, by setting.
+
+def full_table(run: Run) -> compare.Comparison:
+    """Every arm of every trial, every key column: compare's full table (for the details).
+
+    A run whose only arm is the baseline has nothing to judge: its table shows what it
+    measured, by setting.
     """
     comparison = compare.compare([run])
     if comparison.rows["baseline"].all():
@@ -100,6 +111,14 @@ def table_block(comparison: compare.Comparison) -> Table:
                  [comparison.numeric(c) for c in comparison.columns],
                  outcome if "check" in comparison.columns else [],
                  [c in ("verdict", "check") for c in comparison.columns])
+
+
+def pivot_block(pivot: compare.Pivot) -> Table:
+    return Table(pivot.header(), [[*labels, *(c.text for c in cells)]
+                                  for labels, cells in pivot.rows],
+                 [False] * len(pivot.labels) + [True] * len(pivot.ns),
+                 cell_outcomes=[[""] * len(labels) + [c.outcome for c in cells]
+                                for labels, cells in pivot.rows])
 
 
 def expectations(comparison: compare.Comparison) -> list[Block]:
@@ -141,21 +160,35 @@ def trace_table(run: Run) -> Table | None:
                  [False, False, True, False, False, True])
 
 
+def arms(run: Run) -> list[str]:
+    """Each arm with what it does (its help text in the spec), as run.json recorded it."""
+    seen: dict[str, str] = {}
+    for trial in run.meta["trials"]:
+        for name, arm in trial["arms"].items():
+            role = " (the baseline)" if arm.get("baseline") else ""
+            seen.setdefault(name, f"`{name}`{role}: {arm.get('help') or 'no help text'}")
+    return list(seen.values())
+
+
 def blocks(run: Run, figures: dict[Path, str]) -> list[Block]:
-    """The report, top to bottom: the table and the figures first, then the details."""
+    """The report, top to bottom: the compact table and the figures first, then the
+    details (the full table among them)."""
     meta = run.meta
-    comparison = summary_table(run)
+    pivot = summary_table(run)
+    comparison = full_table(run)
     out: list[Block] = [Heading(1, f"{run.experiment}: gradlab report")]
     if meta.get("description"):
         out.append(Text(meta["description"]))
-    out += [Heading(2, comparison.title), *expectations(comparison), table_block(comparison)]
+    out += [Heading(2, pivot.title), *expectations(comparison), pivot_block(pivot),
+            Text(pivot.totals), *(Text(note, note=True) for note in pivot.notes)]
     out += [Heading(2, "Figures")]
     out += [Figure(path, title) for path, title in figures.items()]
     trace = trace_table(run)
     if trace is not None:
         out += [Heading(2, "Trace: the numbers of trace.csv and weights.csv"),
                 trace]
-    out += [Heading(2, "Details")]
+    out += [Heading(2, "Details"), Heading(3, "The arms"), Items(arms(run)),
+            Heading(3, comparison.title), table_block(comparison)]
     if comparison.notes:
         out += [Heading(3, "How to read the table"),
                 *(Text(note, note=True) for note in comparison.notes)]
@@ -200,7 +233,7 @@ def markdown_table(table: Table) -> str:
 
 # the colour of a verdict and a check says whether the spec's expectation was met, so an
 # expected "differs" is green; the classes are these fixed names, never a cell's text
-OUTCOME_CLASS = {"ok": "met", "FAIL": "failed", "n/a": "unchecked"}
+OUTCOME_CLASS = {"ok": "met", "FAIL": "failed", "n/a": "unchecked", "baseline": "unchecked"}
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em;
        color: #222; line-height: 1.4; }
@@ -265,9 +298,11 @@ def html_table(table: Table) -> str:
         for j, cell in enumerate(cells):
             # a table without a header is a list of facts: its first column names them
             tag = "th" if j == 0 and not any(table.header) else "td"
-            classes = " ".join(c for c in ("num" if table.numeric[j] else "",
-                                           outcome if table.judged and table.judged[j] else "")
-                               if c)
+            if table.cell_outcomes:
+                judged = OUTCOME_CLASS.get(table.cell_outcomes[i][j], "")
+            else:
+                judged = outcome if table.judged and table.judged[j] else ""
+            classes = " ".join(c for c in ("num" if table.numeric[j] else "", judged) if c)
             attribute = f" class='{classes}'" if classes else ""
             tds.append(f"<{tag}{attribute}>{html.escape(cell)}</{tag}>")
         lines.append("<tr>" + "".join(tds) + "</tr>")

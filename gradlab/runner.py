@@ -15,18 +15,23 @@ itself is ``run_trial`` and ``ArmRun.advance``: a few lines.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
+import os
+import platform
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradlab import engine, probe, schema, zoo
-from gradlab.errors import GradlabError
+from gradlab import distributed, engine, memory, parallel, probe, schema, zoo
+from gradlab.errors import GradlabError, unhandled
 from gradlab.setup import (
     Examples,
     Setup,
@@ -35,10 +40,23 @@ from gradlab.setup import (
     cross_entropy_loss,
     mse_loss,
     num_examples,
-    split,
     take,
 )
-from gradlab.spec import Accumulation, Arm, BnMode, Dtype, Settings, Trial, ZeroGrad
+from gradlab.spec import (
+    Accumulation,
+    Arm,
+    Autocast,
+    BnMode,
+    ClipAt,
+    Dtype,
+    EpochEnd,
+    GradAccumDtype,
+    GradScaling,
+    Optimizer,
+    Settings,
+    Trial,
+    ZeroGrad,
+)
 from gradlab.store import RunDir, whole_write
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
@@ -52,6 +70,40 @@ def resolve_device(name: str) -> torch.device:
         raise GradlabError("device=cuda but this machine has no CUDA device (or this torch "
                            "build has no CUDA); use --set device=cpu or device=auto")
     return torch.device(name)
+
+
+def configure(device: torch.device) -> None:
+    """On CUDA, float32 means float32 and a run repeats: no TF32 in matmul or convolution
+    (it rounds at 2^-11), no cuDNN autotuning, deterministic cuDNN kernels. Recorded in
+    run.json (``environment``)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the numbers of a run depend on besides its settings: the device, the versions,
+    the threads and the determinism settings in force."""
+    cuda = device.type == "cuda"
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
 
 
 # ----------------------------------------------------------------------------- building
@@ -127,6 +179,7 @@ def user_setup(s: Settings) -> Setup:
 
 def build_setup(s: Settings, device: torch.device, data_cache: dict) -> Setup:
     """The arm's model and examples, in its dtype and on its device."""
+    engine.check_precision_support(s, device)
     setup = user_setup(s) if s.setup else builtin_setup(s, data_cache)
     name = s.setup or f"dataset '{s.dataset}'"
     check_examples(setup.train, f"{name}: training examples")
@@ -139,16 +192,48 @@ def build_setup(s: Settings, device: torch.device, data_cache: dict) -> Setup:
 
 
 def windows(setup: Setup, s: Settings) -> Iterator[Examples]:
-    """The seeded stream of examples, B at a time; every arm of a trial reads the same one."""
+    """The seeded stream of windows; every arm of a trial reads the same examples in the same
+    order (reshuffled each epoch), grouped into windows as its epoch_end says."""
     n = num_examples(setup.train)
     g = torch.Generator().manual_seed(s.seed)
-    order = torch.empty(0, dtype=torch.long)
-    while True:
-        while len(order) < s.batch_size:  # epochs are concatenated, reshuffled each time
-            epoch = torch.randperm(n, generator=g) if setup.shuffle else torch.arange(n)
-            order = torch.cat([order, epoch])
-        index, order = order[:s.batch_size], order[s.batch_size:]
-        yield take(setup.train, index.to(setup.device))
+
+    def epoch() -> torch.Tensor:
+        return torch.randperm(n, generator=g) if setup.shuffle else torch.arange(n)
+
+    def window(index: torch.Tensor) -> Examples:
+        return take(setup.train, index.to(setup.device))
+
+    match s.epoch_end:
+        case EpochEnd.RUN_ON:
+            order = torch.empty(0, dtype=torch.long)
+            while True:
+                while len(order) < s.batch_size:  # epochs are concatenated
+                    order = torch.cat([order, epoch()])
+                index, order = order[:s.batch_size], order[s.batch_size:]
+                yield window(index)
+        case EpochEnd.SHORT_WINDOW:
+            while True:  # the last window of each epoch holds what is left: n mod B examples
+                yield from map(window, epoch().split(s.batch_size))
+        case EpochEnd.CARRY_OVER:
+            held = torch.empty(0, dtype=torch.long)
+            while True:
+                for index in epoch().split(s.batch_size):
+                    if len(index) < s.batch_size:  # backwarded at the epoch's end, not stepped
+                        held = index
+                    else:  # ... so its gradients are still in .grad at the next step
+                        yield window(torch.cat([held, index]))
+                        held = held[:0]
+        case _:
+            unhandled(s.epoch_end)
+
+
+def smallest_micro_batch(n: int, s: Settings) -> int:
+    """Examples in the smallest micro-batch the arm will run, on a training set of n."""
+    smallest = s.batch_size // s.accum_steps
+    short = n % s.batch_size
+    if short and s.epoch_end != EpochEnd.RUN_ON:  # the short window at each epoch's end
+        smallest = min(smallest, short // engine.micro_batch_count(short, s))
+    return smallest
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -156,7 +241,19 @@ def windows(setup: Setup, s: Settings) -> Iterator[Examples]:
 # settings that change neither the model's shape nor the data, so not what preflight checks
 TRAINING_ONLY = {"seed", "lr", "momentum", "weight_decay", "optimizer", "steps", "probe_every",
                  "eval_every", "trace", "trace_elements", "zero_grad", "set_to_none",
-                 "loss_scale"}
+                 "loss_scale", "clip_norm", "clip_at", "scheduler", "scheduler_step",
+                 "warmup_steps", "epoch_end", "mask_draws", "sync", "backend", "time_steps"}
+
+
+@dataclass(frozen=True)
+class Workers:
+    """How a run spreads its trials: worker processes, and the threads each trial gets."""
+    jobs: int  # what --jobs asked for
+    processes: int  # worker processes; 1: the trials run one by one in this process
+    threads: int  # torch intra-op threads per trial on CPU, unless its `threads` setting says
+
+    def threads_of(self, trial: Trial) -> int:
+        return trial.baseline.settings.threads or self.threads
 
 
 @dataclass
@@ -164,20 +261,24 @@ class Plan:
     """What a run will cost, estimated in preflight from one timed step of each setup."""
     trials: int
     arms: int  # in all trials together
-    seconds: float
+    seconds: float  # one trial after another
     memory_bytes: int  # the largest trial's
     available_bytes: int | None  # what the machine has free (None: unknown)
     notes: list[str] = dataclasses.field(default_factory=list)  # what the user should know
+    workers: Workers | None = None  # how the trials will run (see spread)
 
     def estimate(self) -> str:
-        if self.memory_bytes >= 2**30:
-            memory = f"{self.memory_bytes / 2**30:.1f} GiB"
-        elif self.memory_bytes >= 2**20:
-            memory = f"{self.memory_bytes / 2**20:.0f} MiB"
+        processes = self.workers.processes if self.workers else 1
+        held = self.memory_bytes * processes
+        if held >= 2**30:
+            memory = f"{held / 2**30:.1f} GiB"
+        elif held >= 2**20:
+            memory = f"{held / 2**20:.0f} MiB"
         else:
             memory = "under 1 MiB"
-        return (f"about {format_seconds(self.seconds)} and {memory} (estimated from one timed "
-                f"step of each model)")
+        where = f" in {processes} worker processes" if processes > 1 else ""
+        return (f"about {format_seconds(self.seconds / processes)}{where} and {memory} "
+                f"(estimated from one timed step of each model)")
 
 
 def format_seconds(seconds: float) -> str:
@@ -195,13 +296,15 @@ ROW_BYTES = 1000
 def preflight(trials: list[Trial]) -> Plan:
     """Build each distinct setup once, run and time one window through it, before anything
     is written: bad input fails fast and clean, and the run's cost is estimated."""
+    for device in {resolve_device(a.settings.device) for t in trials for a in t.arms}:
+        configure(device)
     cache: dict = {}
     # setup -> (seconds per window, bytes of its parameters, number of parameter tensors)
     measured: dict[tuple, tuple[float, int, int]] = {}
     seconds, worst_trial = 0.0, 0
     notes: dict[str, str] = {}  # arm -> its note (one per arm, whatever the number of trials)
     for trial in trials:
-        trial_bytes = 0
+        trial_bytes = probe_bytes = 0
         for arm in trial.arms:
             s = arm.settings
             key = tuple((k, v) for k, v in dataclasses.asdict(s).items()
@@ -227,12 +330,18 @@ def preflight(trials: list[Trial]) -> Plan:
             probes = 0 if arm.baseline else len([t for t in range(1, s.steps + 1)
                                                  if probe_due(s, t)])
             exact = 2 * probes if s.dtype != Dtype.FLOAT64 else 0  # the float64 reference
-            seconds += (s.steps + probes + exact) * step_seconds
-            # model, .grad and the step's copy; a probe model with its .grad; the reference
-            trial_bytes += 5 * params + (params * 8 // 4 if exact else 0)
+            # the big batch in the arm's precision (its floor), and Σ|g_i| in float64
+            floor = probes if precision(s) != precision(trial.baseline.settings) else 0
+            seconds += (s.steps + probes + exact + floor + 2 * probes) * step_seconds
+            # weights and .grad, the optimizer's state, the step's copy for update_norm
+            trial_bytes += (2 + optimizer_copies(s) + s.update_norm) * params
+            if probes:  # one arm's gradient at a time; in float64 (2x float32) the exact
+                # gradient and Σ|g_i|'s sums; a model in the arm's precision for its floor
+                probe_bytes = max(probe_bytes, params + (6 * params if exact else 0)
+                                  + (3 * params if floor else 0))
             traced = s.trace * s.steps * (s.accum_steps + 1) * s.trace_elements
             trial_bytes += ROW_BYTES * traced * tensors
-        worst_trial = max(worst_trial, trial_bytes)
+        worst_trial = max(worst_trial, trial_bytes + probe_bytes)
     plan = Plan(len(trials), sum(len(t.arms) for t in trials), seconds, worst_trial,
                 available_memory(), list(notes.values()))
     if plan.available_bytes is not None and plan.memory_bytes > 0.8 * plan.available_bytes:
@@ -249,14 +358,26 @@ def splits_coupled_loss(s: Settings, setup: Setup) -> bool:
         and engine.accumulation(s, setup) == Accumulation.PLAIN
 
 
+def optimizer_copies(s: Settings) -> int:
+    """Copies of the parameters the optimizer keeps: momentum, or Adam's two moments."""
+    match s.optimizer:
+        case Optimizer.SGD:
+            return 1 if s.momentum else 0
+        case Optimizer.ADAM | Optimizer.ADAMW:
+            return 2
+    unhandled(s.optimizer)
+
+
 def time_one_window(setup: Setup, s: Settings) -> float:
     """Seconds for one window's forward and backward (the second of two: the first warms up)."""
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     seconds = []
+    optimizer = engine.make_optimizer(setup.model, s)
     with torch.random.fork_rng(devices=[]):
         for _ in range(2):
             start = time.perf_counter()
-            engine.window_gradient(setup.model, window, s, setup)
+            engine.window_gradient(setup.model, window, s, setup, optimizer=optimizer,
+                                   scaler=engine.make_scaler(s, setup.device))
             seconds.append(time.perf_counter() - start)
     setup.model.zero_grad(set_to_none=True)
     return seconds[-1]
@@ -281,20 +402,29 @@ def check_setup(arm: Arm, setup: Setup) -> None:
         raise GradlabError(f"{name}: batch_size={s.batch_size} but the training set has {n} "
                            f"examples; use a smaller batch_size")
     has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in setup.model.modules())
-    if has_bn1d and s.batch_size // s.accum_steps == 1 and s.bn_mode == BnMode.TRAIN:
+    smallest = smallest_micro_batch(n, s)
+    if has_bn1d and smallest == 1 and s.bn_mode == BnMode.TRAIN:
+        short = n % s.batch_size
+        at_end = smallest < s.batch_size // (s.accum_steps * s.world_size)  # an epoch's end
+        ranks = f", world_size={s.world_size}" if s.world_size > 1 else ""
+        where = f"{n} examples in windows of batch_size={s.batch_size} leave {short} at " \
+                f"each epoch's end, epoch_end={s.epoch_end}" \
+            if at_end else f"batch_size={s.batch_size}, accum_steps={s.accum_steps}{ranks}"
+        fix = "another batch_size, or epoch_end=run-on" if at_end else "a smaller accum_steps"
         raise GradlabError(
-            f"{name}: BatchNorm1d would see micro-batches of 1 example "
-            f"(batch_size={s.batch_size}, accum_steps={s.accum_steps}), so one value per "
-            f"channel and no batch statistics; use norm=gn or norm=ln, or a smaller accum_steps")
+            f"{name}: BatchNorm1d would see micro-batches of 1 example ({where}), so one value "
+            f"per channel and no batch statistics; use norm=gn or norm=ln, or {fix}")
     if s.accumulation == Accumulation.GRADCACHE and not setup.coupled:
         raise GradlabError(f"{name}: accumulation=gradcache is for a loss that couples the "
                            f"batch, and this setup's loss is computed per example; give "
                            f"Setup(embed=..., coupled_loss=...) in place of loss, or use "
                            f"accumulation=plain")
+    engine.check_gradcache(s, setup, name)
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     engine.set_train_mode(setup.model, s)
+    every_rank = engine.rank_micro_batches(window, s.accum_steps, s.world_size)
     with torch.no_grad():
-        for i, micro_batch in enumerate(split(window, s.accum_steps)):
+        for i, micro_batch in enumerate(mb for part in every_rank for mb in part):
             units = int(setup.count_units(micro_batch))
             try:
                 if setup.loss in (mse_loss, cross_entropy_loss):  # predictions must fit targets
@@ -373,7 +503,7 @@ class ArmRng:
     depends on which arms stepped before it: swapped in around the arm's work."""
 
     def __init__(self, seed: int, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.cuda, self.device = device.type == "cuda", device
         with torch.random.fork_rng(devices=[device] if self.cuda else []):
             torch.manual_seed(seed)
             self.state = self._get()
@@ -394,6 +524,14 @@ class ArmRng:
         self.state = self._get()
         self._set(self.outside)
 
+    @contextmanager
+    def replay(self, state) -> Iterator[None]:
+        """Run from ``state`` (one this stream held), then put back whatever was there: a
+        probe draws the dropout masks the step it mirrors drew, and moves no stream."""
+        with torch.random.fork_rng(devices=[self.device] if self.cuda else []):
+            self._set(state)
+            yield
+
 
 class ArmRun:
     """One arm of a trial while it trains: model, optimizer, stream of windows, observers.
@@ -406,8 +544,12 @@ class ArmRun:
         self.trial, self.arm, self.setup, self.s = trial, arm, setup, arm.settings
         self.data_cache = data_cache
         self.model = setup.model
+        self.replica = self.replicate(self.model)  # what the engine trains
         self.optimizer = engine.make_optimizer(self.model, self.s)
+        self.scaler = engine.make_scaler(self.s, setup.device)  # None with grad_scaler=off
+        self.scheduler = engine.make_scheduler(self.optimizer, self.s)
         self.windows = windows(setup, self.s)
+        self.upcoming = next(self.windows)  # the window the next step takes
         self.rng = ArmRng(self.s.seed, setup.device)
         self.step = 0  # the step being taken, or the last one taken
         self.examples = 0  # examples seen after the last step
@@ -419,6 +561,11 @@ class ArmRun:
         """Another model like this arm's (for probes and checks to compute in)."""
         return build_setup(self.s, self.setup.device, self.data_cache).model
 
+    def replicate(self, model: nn.Module) -> nn.Module:
+        """The model as this arm trains it: a DDP replica on each rank when the arm is
+        data-parallel (world_size > 1), else the model itself."""
+        return distributed.Replica(model) if self.s.world_size > 1 else model
+
     @property
     def ids(self) -> dict[str, Any]:
         return {"trial": self.trial.index, "arm": self.arm.name}
@@ -427,16 +574,26 @@ class ArmRun:
     def done(self) -> bool:
         return self.step >= self.s.steps
 
+    @property
+    def next_examples(self) -> int:
+        """Examples seen after the next step."""
+        return self.examples + num_examples(self.upcoming)
+
     def advance(self) -> None:
         """Take one optimizer step, with every observer watching."""
-        window = next(self.windows)
+        window, self.upcoming = self.upcoming, next(self.windows)
         self.step += 1
         for o in self.observers:
             o.before_step(self, window)
-        with self.rng:
-            stats = engine.train_step(self.model, self.optimizer, window, self.s, self.setup,
-                                      self, measure_memory=probe_due(self.s, self.step))
-        self.examples += self.s.batch_size
+        with self.rng, contextlib.ExitStack() as around:
+            for o in self.observers:
+                around.enter_context(o.around_step(self))
+            stats = engine.train_step(self.replica, self.optimizer, window, self.s, self.setup,
+                                      self, self.scheduler, self.scaler,
+                                      # a loss that couples the batch: what GradCache saves
+                                      measure_memory=self.setup.coupled
+                                      and probe_due(self.s, self.step))
+        self.examples += stats.examples
         self.loss = stats.loss
         for o in self.observers:
             o.stepped(self, stats)
@@ -456,6 +613,11 @@ class Observer:
     """Watches an arm's steps and writes rows into it. Override what you need."""
 
     def before_step(self, run: ArmRun, window: Examples) -> None: ...
+
+    def around_step(self, run: ArmRun) -> contextlib.AbstractContextManager:
+        """A context the step runs inside (after before_step, before stepped)."""
+        return contextlib.nullcontext()
+
     def micro_batch(self, run: ArmRun, index: int) -> None: ...
     def gradient(self, run: ArmRun) -> None: ...
     def stepped(self, run: ArmRun, stats: engine.StepStats) -> None: ...
@@ -479,10 +641,14 @@ class Trajectory(Observer):
         weight_dist = probe.param_distance(run.model, self.base.model) \
             if level and self.comparable else math.nan
         ref_loss = self.base.loss if level else math.nan
+        epoch = -(-run.examples // num_examples(run.setup.train))  # its last example's epoch
         run.rows["steps"].append({
-            **run.ids, "step": run.step, "examples": run.examples, "units": stats.units,
+            **run.ids, "step": run.step, "examples": run.examples, "epoch": epoch,
+            "window_size": stats.examples, "units": stats.units, "lr": stats.lr,
             "loss": stats.loss, "grad_norm": stats.grad_norm, "update_norm": stats.update_norm,
             "saved_bytes": stats.saved_bytes, "negatives": stats.negatives,
+            "allreduces": stats.allreduces, "step_seconds": stats.seconds,
+            "skipped": stats.skipped, "grad_scale": stats.grad_scale,
             "weight_dist": weight_dist,
             "rel_loss_diff": abs(stats.loss - ref_loss) / abs(ref_loss) if ref_loss
             else math.nan})
@@ -492,31 +658,77 @@ def probe_due(s: Settings, step: int) -> bool:
     return step == 1 or (s.probe_every > 0 and (step - 1) % s.probe_every == 0)
 
 
+def precision(s: Settings) -> tuple[Dtype, Autocast, GradScaling]:
+    """What decides how one big batch rounds: the parameters' dtype, autocast, the scaler.
+    (A float32 buffer changes nothing for one micro-batch.)"""
+    return s.dtype, s.autocast, s.grad_scaler
+
+
+def floor_key(run: ArmRun) -> tuple:
+    """Arms alike in this compute the same floor: their precision, and a GradScaler's scale."""
+    return *precision(run.s), run.scaler.get_scale() if run.scaler is not None else None
+
+
 class Probe(Observer):
     """probe.csv and buffers.csv, watching the baseline: when its .grad holds the gradient
     its step will apply, each due arm computes its own at the same weights (and running
-    statistics) on the same window, through the same engine function, in a model of its
-    own; the two are compared parameter by parameter.
+    statistics) on the same window, through the same engine function; the two are
+    compared parameter by parameter.
 
     Each probe also takes the exact gradient: the baseline's, in float64, at the same
     weights on the same window. Every arm's distance from it (exact_err), and the
-    baseline's own (floor_err: what one big batch rounds in its dtype), are what the
-    verdict weighs (schema.py).
+    distance of one big batch in the arm's own precision (floor_err: the baseline's
+    own when the precisions agree), are what the verdict weighs (schema.py). And it
+    takes Σ_i |g_i| of the window's N partial gradients in float64, the condition of
+    their sum (sum_condition = ‖Σ|g_i|‖ / ‖Σ g_i‖), which scales the rounding that
+    summing them can add. Each also records the learning rate the arm's step applies
+    (lr) beside the baseline's (ref_lr): a step is the gradient times it.
+
+    An arm with a GradScaler is probed with a copy of its scaler, holding the scale
+    the arm's own step will use: the probe's unscale_ leaves the arm's scaler as it was.
+
+    "The same window" is the same examples, drawn from the same random state: both the
+    exact gradient and every arm's start from the state the baseline's step started
+    from, so the big batch's dropout masks are the baseline's own, and an arm's differ
+    from them only by how its own split of the window draws them. An arm is due when
+    its next step ends where the baseline's does (the same examples seen); its window is
+    its own next one: the baseline's, or under epoch_end = carry-over the baseline's with
+    the last epoch's unflushed examples in front.
+
+    Memory: the probe computes in the baseline's own model. The baseline's gradient is
+    set aside (not copied); the exact one, and Σ|g_i|, are taken with the model cast to
+    float64 in place and back (exact: a float64 holds every value of a narrower float);
+    each arm's gradient then lands in the model's .grad, one arm at a time; at the end
+    the baseline's gradient and running statistics are put back. So a probe holds the
+    exact gradient (float64) and one arm's gradient beyond what training holds. Only an
+    arm whose model may differ from the baseline's (another dtype, or a setting the
+    engine does not read: see ENGINE_SETTINGS) gets a model of its own, and only an arm
+    in another precision than the baseline's a model for its floor.
     """
 
     def __init__(self, base: ArmRun, arms: list[ArmRun]):
         self.arms = arms
-        self.probe_models: dict[str, nn.Module] = {}
+        self.own_models: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}  # by arm
         self.window: Examples | None = None
+        self.end = 0  # examples the baseline will have seen after this step
+        self.start_state = None  # the baseline's random state as its step starts
         self.buffers_before: dict[str, torch.Tensor] = {}
-        self.exact_settings = dataclasses.replace(base.s, dtype=Dtype.FLOAT64)
-        self.exact: Setup | None = None  # built on the first probe, in float64
+        self.after: dict[str, torch.Tensor] = {}  # every buffer after the baseline's forward
+        # the big batch, computed exactly: no autocast, scaler or buffer in float64
+        self.exact_settings = dataclasses.replace(
+            base.s, dtype=Dtype.FLOAT64, autocast=Autocast.NONE, grad_scaler=GradScaling.OFF,
+            grad_accum_dtype=GradAccumDtype.PARAM, clip_at=ClipAt.AFTER_ACCUMULATION)
+        # a model (and an optimizer for a GradScaler's unscale_) per precision, for floors
+        self.floor_models: dict[tuple, tuple[Setup, torch.optim.Optimizer]] = {}
 
     def due(self, base: ArmRun) -> list[ArmRun]:
-        return [a for a in self.arms if probe_due(a.s, base.step) and base.step <= a.s.steps]
+        return [a for a in self.arms if probe_due(a.s, base.step) and base.step <= a.s.steps
+                and a.next_examples == self.end]
 
     def before_step(self, base: ArmRun, window: Examples) -> None:
         self.window = window
+        self.end = base.examples + num_examples(window)
+        self.start_state = base.rng.state
         if self.due(base):  # running statistics as the baseline's forward will find them
             self.buffers_before = {k: b.clone() for k, b in running_stats(base.model).items()}
 
@@ -524,60 +736,224 @@ class Probe(Observer):
         due = self.due(base)
         if not due:
             return
-        exact = self.exact_gradient(base)
-        floor = probe.compare_models(base.model, exact)
-        for arm in due:
-            model = self.probe_model(arm)
-            self.start_at_baseline(model, base)
-            window = cast(self.window, DTYPES[arm.s.dtype], arm.setup.device)
-            with torch.random.fork_rng(devices=[]):  # the probe draws from no arm's stream
-                engine.window_gradient(model, window, arm.s, arm.setup)
-            ids = {**arm.ids, "step": base.step}
-            arm.rows["probe"] += [
-                {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"]}
-                for r, e, f in zip(probe.compare_models(model, base.model),
-                                   probe.compare_models(model, exact), floor, strict=True)]
-            arm.rows["buffers"] += [{**ids, **r} for r in
-                                    compare_buffers(model, base.model, arm.setup)]
+        model = base.model
+        held = {name: p.grad for name, p in model.named_parameters()}  # set aside, not copied
+        baseline = {name: probe.grad_or_zeros(p) for name, p in model.named_parameters()}
+        self.after = {name: b.clone() for name, b in model.named_buffers()}  # the forward's
+        model.zero_grad(set_to_none=True)
+        try:
+            exact = self.exact_gradient(base)
+            if exact is None:  # a float64 baseline computes the exact gradient itself
+                exact = baseline
+            floors = {floor_key(base): compare_grads(baseline, exact)}
+            conditions: dict[int, dict[str, float]] = {}
+            for arm in due:
+                key, n = floor_key(arm), arm.s.accum_steps
+                if key not in floors:
+                    floors[key] = self.floor(arm, base, exact)
+                if n not in conditions:
+                    conditions[n] = self.sum_condition(base, n)
+                self.probe_arm(arm, base, baseline, exact, floors[key], conditions[n])
+        finally:
+            for name, p in model.named_parameters():
+                p.grad = held[name]
+            load_buffers(model, self.after)
+
+    def probe_arm(self, arm: ArmRun, base: ArmRun, baseline: dict[str, torch.Tensor],
+                  exact: dict[str, torch.Tensor], floor: list[dict],
+                  condition: dict[str, float]) -> None:
+        """The arm's gradient against the baseline's and the exact one: its probe rows."""
+        replica, optimizer = self.model_for(arm, base)  # data-parallel: all-reduced on ranks
+        model = engine.module_of(replica)
+        self.start_at_baseline(model, base)
+        window = cast(arm.upcoming, DTYPES[arm.s.dtype], arm.setup.device)
+        with base.rng.replay(self.start_state):  # and moves no arm's stream
+            engine.window_gradient(replica, window, arm.s, arm.setup, optimizer=optimizer,
+                                   scaler=engine.make_scaler(arm.s, arm.setup.device,
+                                                             like=arm.scaler))
+        grads = {name: probe.grad_or_zeros(p) for name, p in model.named_parameters()}
+        ids = {**arm.ids, "step": base.step}
+        rates = {"lr": engine.learning_rate(arm.optimizer),
+                 "ref_lr": engine.learning_rate(base.optimizer)}
+        arm.rows["probe"] += [
+            {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"],
+             "sum_condition": condition[r["param"]], **rates}
+            for r, e, f in zip(compare_grads(grads, baseline), compare_grads(grads, exact),
+                               floor, strict=True)]
+        arm.rows["buffers"] += [{**ids, **r} for r in compare_buffers(
+            model, running_stats_of(self.after), arm.setup)]
+        model.zero_grad(set_to_none=True)  # one arm's gradient at a time
 
     def start_at_baseline(self, model: nn.Module, base: ArmRun) -> None:
-        """The baseline's weights, and its running statistics before this step's forward."""
-        model.load_state_dict({**base.model.state_dict(), **self.buffers_before})
+        """The baseline's weights, and its running statistics before this step's forward
+        (its other buffers, like BatchNorm's counter, as its forward left them)."""
+        if model is not base.model:
+            model.load_state_dict(base.model.state_dict())
+        load_buffers(model, {**self.after, **self.buffers_before})
         model.zero_grad(set_to_none=True)
 
-    def exact_gradient(self, base: ArmRun) -> nn.Module:
-        """A model whose .grad is the baseline's gradient computed in float64."""
-        if base.s.dtype == Dtype.FLOAT64:  # the baseline's own computation is the exact one
-            return base.model
-        if self.exact is None:
-            self.exact = build_setup(self.exact_settings, base.setup.device, base.data_cache)
-        self.start_at_baseline(self.exact.model, base)  # load_state_dict casts to float64
-        window = cast(self.window, torch.float64, base.setup.device)
-        with torch.random.fork_rng(devices=[]):
-            engine.window_gradient(self.exact.model, window, self.exact_settings, self.exact)
-        return self.exact.model
+    def exact_gradient(self, base: ArmRun) -> dict[str, torch.Tensor] | None:
+        """The baseline's gradient computed in float64 (None: the baseline is float64)."""
+        if base.s.dtype == Dtype.FLOAT64:
+            return None
+        model = base.model
+        with cast_in_place(model, torch.float64):
+            self.start_at_baseline(model, base)
+            window = cast(self.window, torch.float64, base.setup.device)
+            with base.rng.replay(self.start_state):  # the baseline's dropout masks
+                engine.window_gradient(model, window, self.exact_settings, base.setup)
+            exact = {name: probe.grad_or_zeros(p) for name, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)  # the float64 gradient stays in `exact` alone
+        return exact
 
-    def probe_model(self, arm: ArmRun) -> nn.Module:
-        if arm.arm.name not in self.probe_models:
-            self.probe_models[arm.arm.name] = arm.fresh_model()
-        return self.probe_models[arm.arm.name]
+    def floor(self, arm: ArmRun, base: ArmRun, exact: dict[str, torch.Tensor]
+              ) -> list[dict[str, Any]]:
+        """The baseline's big batch computed in the arm's precision, against the exact
+        gradient: what one big batch rounds there (with a GradScaler: at the arm's scale)."""
+        s = dataclasses.replace(base.s, dtype=arm.s.dtype, autocast=arm.s.autocast,
+                                grad_scaler=arm.s.grad_scaler)
+        if precision(s) not in self.floor_models:
+            setup = build_setup(s, base.setup.device, base.data_cache)
+            self.floor_models[precision(s)] = setup, engine.make_optimizer(setup.model, s)
+        setup, optimizer = self.floor_models[precision(s)]
+        self.start_at_baseline(setup.model, base)
+        with base.rng.replay(self.start_state):
+            engine.window_gradient(setup.model, cast(self.window, DTYPES[s.dtype], setup.device),
+                                   s, setup, optimizer=optimizer,
+                                   scaler=engine.make_scaler(s, setup.device, like=arm.scaler))
+        floor = compare_grads(probe.grads_of(setup.model), exact)
+        setup.model.zero_grad(set_to_none=True)
+        return floor
+
+    def sum_condition(self, base: ArmRun, accum_steps: int) -> dict[str, float]:
+        """‖Σ_i |g_i|‖ / ‖Σ_i g_i‖ over the window's partial gradients in float64, per
+        parameter and for all together ('*'): 1 when N = 1 or when the partial gradients
+        all point alike, large when they cancel. Taken in the baseline's model, cast."""
+        model = base.model
+        with cast_in_place(model, torch.float64):
+            self.start_at_baseline(model, base)
+            magnitudes = PartialMagnitudes(model)
+            with base.rng.replay(self.start_state):
+                engine.window_gradient(model, cast(self.window, torch.float64, base.setup.device),
+                                       dataclasses.replace(self.exact_settings,
+                                                           accum_steps=accum_steps),
+                                       base.setup, magnitudes)
+            model.zero_grad(set_to_none=True)
+        return magnitudes.condition()
+
+    def model_for(self, arm: ArmRun, base: ArmRun) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Where the arm's probe computes: the baseline's model when the arm's can only be
+        the same (their settings differ only in what the engine reads), else its own; and
+        an optimizer over it that only a GradScaler's unscale_ uses (the probe never steps).
+        A data-parallel arm's is a replica of its own, all-reduced across the ranks."""
+        if same_model(arm.s, base.s):
+            return base.model, base.optimizer
+        if arm.arm.name not in self.own_models:
+            model = arm.fresh_model()
+            self.own_models[arm.arm.name] = (arm.replicate(model),
+                                             engine.make_optimizer(model, arm.s))
+        return self.own_models[arm.arm.name]
+
+
+# Settings the engine and the run read, never a model factory: arms differing from the
+# baseline only in these compute their probes in the baseline's model. A setting missing
+# here only costs a model of the arm's own (a factory receives every setting).
+ENGINE_SETTINGS = frozenset({
+    "batch_size", "accum_steps", "loss_scale", "zero_grad", "set_to_none", "bn_mode",
+    "optimizer", "clip_norm", "clip_at", "dropout_mode", "dropout_masks", "mask_draws",
+    "epoch_end", "lr", "scheduler", "scheduler_step", "warmup_steps", "momentum",
+    "weight_decay", "steps", "probe_every", "eval_every", "trace", "trace_elements",
+    "update_norm", "cost", "budget_mb", "threads", "autocast", "grad_accum_dtype",
+    "grad_scaler", "sync", "backend", "time_steps"})
+
+
+def same_model(a: Settings, b: Settings) -> bool:
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(Settings)
+               if f.name not in ENGINE_SETTINGS)
+
+
+def compare_grads(arm: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
+                  ) -> list[dict[str, float | str]]:
+    return probe.compare_tensors((name, g, ref[name]) for name, g in arm.items())
+
+
+@contextlib.contextmanager
+def cast_in_place(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The model's floating parameters and buffers in ``dtype`` for the block, then back
+    to their own dtypes (the same objects: an optimizer's references stay valid)."""
+    tensors = [t for t in itertools.chain(model.parameters(), model.buffers())
+               if t.is_floating_point()]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.to(dtype)
+    try:
+        yield
+    finally:
+        for t, own in zip(tensors, dtypes, strict=True):
+            t.data = t.data.to(own)
+
+
+class PartialMagnitudes:
+    """Watches a float64 window_gradient and sums |g_i|, the magnitude of each micro-batch's
+    partial gradient (the difference in .grad across its backward), per parameter."""
+
+    def __init__(self, model: nn.Module):
+        self.params = dict(model.named_parameters())
+        self.before = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.total = {n: torch.zeros_like(p) for n, p in self.params.items()}
+
+    def micro_batch(self, index: int) -> None:
+        for name, p in self.params.items():
+            now = probe.grad_or_zeros(p).detach()
+            self.total[name] += (now - self.before[name]).abs()
+            self.before[name] = now.clone()
+
+    def gradient(self) -> None: ...
+
+    def condition(self) -> dict[str, float]:
+        rows, sums, norms = {}, 0.0, 0.0
+        for name in self.params:
+            total, norm = float(self.total[name].norm()), float(self.before[name].norm())
+            rows[name] = ratio(total, norm)
+            sums, norms = sums + total**2, norms + norm**2
+        rows["*"] = ratio(math.sqrt(sums), math.sqrt(norms))
+        return rows
+
+
+def ratio(magnitudes: float, norm: float) -> float:
+    """Σ|g_i| over ‖Σ g_i‖; a zero gradient made of zero parts is perfectly conditioned."""
+    if norm > 0:
+        return magnitudes / norm
+    return 1.0 if magnitudes == 0 else math.inf
 
 
 def running_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     """BatchNorm running means and variances (num_batches_tracked is a counter, not a statistic)."""
-    return {name: b.detach() for name, b in model.named_buffers()
+    return running_stats_of(dict(model.named_buffers()))
+
+
+def running_stats_of(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: b.detach() for name, b in buffers.items()
             if name.endswith(("running_mean", "running_var"))}
 
 
-def compare_buffers(probed: nn.Module, base: nn.Module, setup: Setup) -> list[dict[str, Any]]:
+def load_buffers(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Copy ``values`` into the model's buffers of those names (cast to their dtype)."""
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in values.items():
+            buffers[name].copy_(value)
+
+
+def compare_buffers(probed: nn.Module, ref: dict[str, torch.Tensor], setup: Setup
+                    ) -> list[dict[str, Any]]:
     """Running statistics the arm's probe pass left, vs the baseline's, and what they do to eval.
 
     Both passes started from the baseline's weights and statistics; the baseline's
-    forward updated them once, the arm's N times. The '*' row also evaluates the
-    baseline's weights with the arm's statistics and with the baseline's, so the
+    forward updated them once (``ref``), the arm's N times. The '*' row also evaluates
+    the baseline's weights with the arm's statistics and with the baseline's, so the
     accuracy change is due to the statistics alone.
     """
-    ref = running_stats(base)
     if not ref:
         return []
     arm = running_stats(probed)
@@ -585,9 +961,9 @@ def compare_buffers(probed: nn.Module, base: nn.Module, setup: Setup) -> list[di
             for r in probe.compare_tensors((k, arm[k], ref[k]) for k in ref)]
     with_arm = evaluate(probed, setup)
     saved = {k: v.clone() for k, v in arm.items()}
-    probed.load_state_dict(ref, strict=False)
+    load_buffers(probed, ref)
     with_ref = evaluate(probed, setup)
-    probed.load_state_dict(saved, strict=False)
+    load_buffers(probed, saved)
     if with_arm:
         rows[-1].update(test_accuracy=with_arm["test_accuracy"],
                         ref_test_accuracy=with_ref["test_accuracy"])
@@ -653,6 +1029,32 @@ def elements(model: nn.Module, tensor_of, count: int) -> Iterator[tuple[str, int
         yield from ((name, i, v) for i, v in enumerate(values))
 
 
+class CudaMemory(Observer):
+    """summary.csv cuda_peak_bytes, on CUDA: the arm's parameters, plus the most memory its
+    forward and backward passes allocated on top of what was allocated when its step began
+    (activations, gradients, a float32 buffer). Every arm of a trial lives on the device
+    at once, so a peak of the whole device would mostly count the other arms. It is read
+    before the probe runs (the probe's work is not the arm's)."""
+
+    def __init__(self, run: ArmRun):
+        self.device = run.setup.device
+        self.params = sum(p.numel() * p.element_size() for p in run.model.parameters())
+        self.start = 0
+        self.peak = 0
+
+    def before_step(self, run: ArmRun, window: Examples) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = torch.cuda.memory_allocated(self.device)
+
+    def gradient(self, run: ArmRun) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) - self.start)
+
+    def bytes(self) -> int:
+        return self.params + self.peak
+
+
 class HeldGradientCheck(Observer):
     """checks.csv, under zero_grad='never': the .grad held after step t must be the sum of
     the fresh gradients of steps 1..t, each taken at the weights of its own step.
@@ -672,7 +1074,7 @@ class HeldGradientCheck(Observer):
     def before_step(self, run: ArmRun, window: Examples) -> None:
         self.scratch.load_state_dict(run.model.state_dict())
         self.scratch.zero_grad(set_to_none=True)
-        with torch.random.fork_rng(devices=[]):
+        with run.rng.replay(run.rng.state):  # the random state the step itself starts from
             engine.window_gradient(self.scratch, window, self.settings, run.setup)
         fresh = probe.grads_of(self.scratch)
         self.total = fresh if self.total is None else {
@@ -691,6 +1093,98 @@ class HeldGradientCheck(Observer):
                                    "tolerance": tolerance, "passed": self.worst <= tolerance})
 
 
+class Cost(Observer):
+    """cost.csv (cost = true): the wall time of every optimizer step, and what the first
+    step held in memory: the most bytes autograd held saved for backward at once, which is
+    its largest micro-batch's, each freed by its backward (activation_bytes: the
+    activations, the parameters left out); memory_bytes, what the
+    step needs at its peak (CUDA: torch.cuda.max_memory_allocated during it; CPU: the
+    weights, gradients and optimizer state plus those activations, counted); rss_bytes,
+    the process's peak resident set size during it (CPU).
+
+    Memory is measured on the first step only: counting saved tensors slows a step, so
+    the time that summary.csv reports (step_ms) is the median of the later steps. The
+    baseline's steps include probing the other arms, if any.
+    """
+
+    def __init__(self) -> None:
+        self.saved: memory.SavedTensors | None = None  # counting, during the first step
+
+    @contextlib.contextmanager
+    def around_step(self, run: ArmRun) -> Iterator[None]:
+        device = run.setup.device
+        cuda = device.type == "cuda"
+        first = run.step == 1
+        if first:
+            self.saved = memory.SavedTensors(run.model.parameters())
+            memory.reset_peak(device)
+        with self.saved if first else contextlib.nullcontext():
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            yield
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+        row = {**run.ids, "step": run.step, "seconds": seconds, "activation_bytes": math.nan,
+               "memory_bytes": math.nan, "rss_bytes": math.nan}
+        if first:
+            peak, activations = memory.peak_bytes(device), self.saved.peak
+            held = peak if cuda else memory.state_bytes(run.model, run.optimizer) + activations
+            row.update(activation_bytes=activations, memory_bytes=held,
+                       rss_bytes=math.nan if cuda else peak)
+            self.saved = None
+        run.rows["cost"].append(row)
+
+
+class MaskAverageCheck(Observer):
+    """checks.csv, with dropout and mask_draws = K: at step 1, the arm's gradient minus the
+    big batch's (the same settings with N = 1), at the same weights on the same window, for
+    K draws of the dropout masks, each pair from one random state. Each draw differs,
+    because the masks differ; unbiased accumulation makes the mean difference zero within
+    its standard error, sqrt(sum of |d_k - mean|^2 / (K - 1) / K). The check passes when
+    |mean| <= 4 standard errors; value and tolerance are both relative to |mean big-batch
+    gradient|.
+    """
+
+    def __init__(self, run: ArmRun):
+        self.name = f"mean over {run.s.mask_draws} mask draws of accumulated - big batch = 0"
+        self.row: dict[str, Any] | None = None
+
+    def before_step(self, run: ArmRun, window: Examples) -> None:
+        if run.step != 1:
+            return
+        s = run.s
+        big = dataclasses.replace(s, accum_steps=1)
+        scratch = run.fresh_model()
+        seeds = torch.randint(2**62, (s.mask_draws,),
+                              generator=torch.Generator().manual_seed(s.seed))
+        differences, bigs = [], []
+        for seed in seeds.tolist():
+            pair = []
+            for settings in (s, big):
+                scratch.load_state_dict(run.model.state_dict())
+                scratch.zero_grad(set_to_none=True)
+                with run.rng.replay(run.rng.state):  # a fork: seeding it moves no stream
+                    torch.manual_seed(seed)
+                    engine.window_gradient(scratch, window, settings, run.setup)
+                pair.append(torch.cat([g.flatten() for g in probe.grads_of(scratch).values()]))
+            differences.append(pair[0] - pair[1])
+            bigs.append(pair[1])
+        d = torch.stack(differences)
+        mean = d.mean(0)
+        standard_error = float(((d - mean) ** 2).sum() / (len(d) - 1) / len(d)) ** 0.5
+        scale = float(torch.stack(bigs).mean(0).norm())
+        value = float(mean.norm()) / scale
+        tolerance = 4 * standard_error / scale
+        self.row = {**run.ids, "check": self.name, "value": value, "tolerance": tolerance,
+                    "passed": value <= tolerance}
+
+    def finished(self, run: ArmRun) -> None:
+        if self.row is not None:
+            run.rows["checks"].append(self.row)
+
+
 # ----------------------------------------------------------------------------- trials
 
 def start(trial: Trial, data_cache: dict) -> list[ArmRun]:
@@ -705,12 +1199,18 @@ def start(trial: Trial, data_cache: dict) -> list[ArmRun]:
               and r.s.batch_size == base.s.batch_size]
     base.observers.append(Probe(base, probed))
     for run in runs:
+        if run.setup.device.type == "cuda":  # first: it reads the peak before the probe runs
+            run.observers.insert(0, CudaMemory(run))
         run.observers += [Trajectory(base, same_architecture(run.model, base.model)),
                           Evaluation()]
         if run.s.trace:
             run.observers.append(Trace(run))
         if run.s.zero_grad == ZeroGrad.NEVER:
             run.observers.append(HeldGradientCheck(run))
+        if run.s.cost:
+            run.observers.append(Cost())
+        if run.s.mask_draws and not run.arm.baseline:
+            run.observers.append(MaskAverageCheck(run))
     return runs
 
 
@@ -720,7 +1220,7 @@ def run_trial(trial: Trial, data_cache: dict,
     runs = start(trial, data_cache)
     while pending := [r for r in runs if not r.done]:
         # the fewest examples after its next step goes next; the baseline first on a tie
-        run = min(pending, key=lambda r: (r.examples + r.s.batch_size, not r.arm.baseline))
+        run = min(pending, key=lambda r: (r.next_examples, not r.arm.baseline))
         run.advance()
         advance(1)
     rows: dict[str, list[dict]] = {t: [] for t in schema.TABLES}
@@ -737,23 +1237,105 @@ def summary_row(run: ArmRun) -> dict[str, Any]:
     s, arm = run.s, run.arm
     metrics = schema.summarise(run.rows["steps"], run.rows["probe"], run.rows["eval"],
                                run.rows["buffers"])
-    tolerance, verdict = schema.judge(arm.baseline, s.dtype, s.accum_steps, metrics)
+    computed_in = schema.compute_dtype(s.dtype, s.autocast)
+    tolerance, verdict = schema.judge(arm.baseline, computed_in, s.accum_steps,
+                                      {**metrics, "world_size": s.world_size})
+    memory = [o.bytes() for o in run.observers if isinstance(o, CudaMemory)]
+    if s.cost:
+        metrics.update(schema.summarise_cost(run.rows["cost"], s.batch_size))
     return {**run.ids, "baseline": arm.baseline,
             **{key: getattr(s, key) for key in run.trial.swept},  # the arm's own value of each
             "batch_size": s.batch_size, "accum_steps": s.accum_steps,
-            "micro_batch": s.micro_batch, "dtype": s.dtype, **metrics,
+            "micro_batch": s.micro_batch, "world_size": s.world_size, "dtype": s.dtype,
+            "precision": computed_in, **metrics,
+            "accum_bound": math.nan if arm.baseline else schema.accumulation_bound(
+                computed_in, s.accum_steps, metrics["max_sum_condition"]),
+            "cuda_peak_bytes": memory[0] if memory else math.nan,
             "rel_tolerance": tolerance, "expect": arm.expect or "", "verdict": verdict}
 
 
-def run_trials(trials: list[Trial], run_dir: RunDir,
-               advance: Callable[[int], None] = lambda n: None) -> list[dict[str, list[dict]]]:
-    """Run every trial, appending its rows to the run directory as soon as it is done."""
-    cache: dict = {}
-    results = []
-    for trial in trials:
-        rows = run_trial(trial, cache, advance)
+# ----------------------------------------------------------------------------- workers
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_jobs(trials: list[Trial]) -> int:
+    """One job per usable core; on CUDA, one per GPU visible."""
+    if any(resolve_device(a.settings.device).type == "cuda" for t in trials for a in t.arms):
+        return max(1, torch.cuda.device_count())
+    return usable_cores()
+
+
+# what a worker process holds before its first trial (Python, torch, gradlab imported)
+PROCESS_BYTES = 400 * 2**20
+
+
+def spread(trials: list[Trial], jobs: int, plan: Plan) -> Plan:
+    """The plan, with how K jobs run its trials: at most K worker processes, no more than
+    there are trials or than fit in memory; each trial gets one intra-op thread, or the
+    cores left over when there are fewer trials than jobs (one trial alone gets them all)."""
+    processes = max(1, min(jobs, len(trials)))
+    if plan.available_bytes is not None and processes > 1:
+        fit = int(0.8 * plan.available_bytes // (plan.memory_bytes + PROCESS_BYTES))
+        processes = max(1, min(processes, fit))
+    return dataclasses.replace(plan, workers=Workers(jobs, processes, max(1, jobs // processes)))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_trials(trials: list[Trial], run_dir: RunDir | None,
+               advance: Callable[[int], None] = lambda n: None,
+               workers: Workers | None = None) -> list[dict[str, list[dict]]]:
+    """Run every trial, in this process or in worker processes, and append each trial's
+    rows to the run directory in trial order, as soon as every earlier trial is there: the
+    files are the same bytes for any number of workers. Returns every trial's rows.
+
+    When the run stops early (a stop signal, an error), the trials that finished are
+    written too, even those after one that did not. Ranks other than 0 of a data-parallel
+    run train alike and write nothing (run_dir None)."""
+    workers = workers or Workers(1, 1, torch.get_num_threads())
+    results: list[dict[str, list[dict]] | None] = [None] * len(trials)
+    written = 0
+
+    def write(rows: dict[str, list[dict]]) -> None:
+        if run_dir is None:
+            return
         with whole_write():  # a stop signal waits until the trial is on disk whole
             for table in schema.TABLES:
                 run_dir.append(table, rows[table])
-        results.append(rows)
+
+    def finished(position: int, rows: dict[str, list[dict]]) -> None:
+        nonlocal written
+        results[position] = rows
+        while written < len(trials) and results[written] is not None:
+            written += 1
+            write(results[written - 1])
+
+    try:
+        if workers.processes == 1:
+            cache: dict = {}
+            for position, trial in enumerate(trials):
+                with torch_threads(workers.threads_of(trial)):
+                    rows = run_trial(trial, cache, advance)
+                finished(position, rows)
+        else:
+            parallel.run(trials, workers.processes, workers.threads_of, finished, advance)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the disk may be why it stopped
+            for rows in results[written:]:
+                if rows is not None:
+                    write(rows)
+        raise
     return results

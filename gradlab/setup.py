@@ -212,3 +212,12 @@ def cross_entropy_loss(model: nn.Module, batch: Examples) -> tuple[torch.Tensor,
 def class_accuracy(model: nn.Module, batch: Examples) -> tuple[torch.Tensor, int]:
     x, y = batch
     return (model(x).argmax(1) == y).sum(), len(y)
+
+
+def split_at(batch: Examples, index: int) -> tuple[Examples, Examples]:
+    """The first ``index`` examples, and the rest."""
+    if isinstance(batch, dict):
+        parts = {k: torch.tensor_split(v, [index]) for k, v in batch.items()}
+        return tuple({k: parts[k][i] for k in batch} for i in range(2))
+    first, rest = zip(*(torch.tensor_split(t, [index]) for t in batch), strict=True)
+    return first, rest

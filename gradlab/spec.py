@@ -74,6 +74,46 @@ class BnMode(Policy):
     FROZEN = "frozen"  # eval mode while training: a fixed per-channel affine map
 
 
+class ClipAt(Policy):
+    """Where clip_grad_norm_ runs (when clip_norm > 0)."""
+    AFTER_ACCUMULATION = "after-accumulation"  # once, on the unscaled accumulated gradient
+    PER_MICRO_BATCH = "per-micro-batch"        # after every backward: clips the partial sums
+    BEFORE_UNSCALE = "before-unscale"  # the scaler mistake: the threshold meets scale × gradient
+
+
+class Scheduler(Policy):
+    NONE = "none"                    # the learning rate stays lr
+    WARMUP_COSINE = "warmup-cosine"  # linear warm-up over warmup_steps, then cosine to 0
+
+
+class SchedulerStep(Policy):
+    """How often scheduler.step() runs."""
+    PER_STEP = "per-step"                # once per optimizer step: the schedule as written
+    PER_MICRO_BATCH = "per-micro-batch"  # once per micro-batch: the schedule runs N times fast
+
+
+class EpochEnd(Policy):
+    """What the window stream does where an epoch ends (n training examples, B per window)."""
+    RUN_ON = "run-on"            # no boundary: a window may hold the end of one epoch and the
+                                 # start of the next; every window holds B examples
+    SHORT_WINDOW = "short-window"  # each epoch ends with a window of its last n mod B examples
+    CARRY_OVER = "carry-over"    # that short window is not flushed: no step, no zero_grad; its
+                                 # gradients are added to the next epoch's first step
+
+
+class DropoutMode(Policy):
+    TRAIN = "train"  # dropout layers drop while training
+    EVAL = "eval"    # dropout layers in eval mode while training: they drop nothing
+
+
+class DropoutMasks(Policy):
+    """Where a dropout mask's random numbers come from."""
+    STREAM = "stream"            # torch's nn.Dropout: drawn from the arm's random stream, in the
+                                 # order the forward passes run, so micro-batching changes them
+    PER_EXAMPLE = "per-example"  # each example its own generator state, seeded by one draw per
+                                 # window and its place in the window: the same however split
+
+
 class Optimizer(Policy):
     SGD = "sgd"
     ADAM = "adam"
@@ -91,6 +131,38 @@ class Device(Policy):
     CPU = "cpu"
     CUDA = "cuda"
     AUTO = "auto"  # cuda when available
+
+
+class Sync(Policy):
+    """When a data-parallel arm (world_size > 1) all-reduces its gradient across the ranks."""
+    NO_SYNC = "no-sync"  # no_sync() on the first N-1 micro-batches: all-reduce once a window
+    EVERY_MICRO_BATCH = "every-micro-batch"  # after every backward: right, N× the all-reduces
+    NEVER = "never"  # no_sync() on all: each rank steps on its own slice's gradient
+
+
+class Backend(Policy):
+    """The torch.distributed backend of a data-parallel arm."""
+    AUTO = "auto"  # nccl on CUDA, gloo on CPU
+    GLOO = "gloo"
+    NCCL = "nccl"
+class Autocast(Policy):
+    """The dtype torch.autocast runs each micro-batch's forward in (parameters stay float32)."""
+    NONE = "none"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class GradAccumDtype(Policy):
+    """Where a window's partial gradients are summed."""
+    PARAM = "param"      # in .grad, in the parameters' dtype: every addition rounds there
+    FLOAT32 = "float32"  # in a float32 buffer, rounded to the parameters' dtype once per window
+
+
+class GradScaling(Policy):
+    """torch.amp.GradScaler for float16: the loss scaled up before backward, so small
+    gradients do not underflow; the window's gradient unscaled before anything reads it."""
+    OFF = "off"
+    ON = "on"
 
 
 def _setting(default, help: str):
@@ -143,13 +215,57 @@ class Settings:
     bn_mode: BnMode = _setting(
         BnMode.TRAIN, "BatchNorm while training: train (batch statistics) or frozen (eval mode)")
     optimizer: Optimizer = _setting(Optimizer.SGD, "sgd | adam | adamw")
+    clip_norm: float = _setting(
+        0.0, "clip_grad_norm_: the largest global L2 norm of the gradient (0: no clipping)")
+    clip_at: ClipAt = _setting(
+        ClipAt.AFTER_ACCUMULATION,
+        "where clipping runs: after-accumulation (once, on the gradient the step applies, "
+        "after a GradScaler's unscale_), per-micro-batch (after every backward, on the "
+        "partial sum .grad holds) or before-unscale (the GradScaler mistake: clipping the "
+        "scaled gradient)")
+    dropout: float = _setting(
+        0.0, "mlp/cnn: dropout rate of a dropout layer after each hidden activation (0: none)")
+    dropout_mode: DropoutMode = _setting(
+        DropoutMode.TRAIN, "dropout while training: train (drops) or eval (drops nothing)")
+    dropout_masks: DropoutMasks = _setting(
+        DropoutMasks.STREAM,
+        "dropout masks: stream (torch's nn.Dropout, from the arm's random stream: micro-"
+        "batching changes them) or per-example (each example's own generator state: the "
+        "same masks however the window is split)")
+    mask_draws: int = _setting(
+        0, "dropout: at step 1, average the accumulated minus big-batch gradient over this "
+           "many mask draws, and check that the mean is zero within 4 standard errors "
+           "(checks.csv); 0: no check")
+    epoch_end: EpochEnd = _setting(
+        EpochEnd.RUN_ON,
+        "where an epoch ends: run-on (no boundary, every window holds B examples), "
+        "short-window (the epoch's last n mod B examples are a window of their own), "
+        "carry-over (that short window is not flushed: its gradients join the next step)")
     lr: float = _setting(0.05, "learning rate")
+    scheduler: Scheduler = _setting(
+        Scheduler.NONE, "learning-rate schedule: none or warmup-cosine (linear warm-up over "
+                        "warmup_steps, then cosine decay to 0 at the last step)")
+    scheduler_step: SchedulerStep = _setting(
+        SchedulerStep.PER_STEP, "when scheduler.step() runs: per-step (after each optimizer "
+                                "step) or per-micro-batch (N times per optimizer step)")
+    warmup_steps: int = _setting(0, "warmup-cosine: optimizer steps of linear warm-up")
     momentum: float = _setting(0.0, "sgd momentum")
     weight_decay: float = _setting(0.0, "weight decay (L2 for sgd/adam, decoupled for adamw)")
     steps: int = _setting(20, "optimizer steps each arm trains for")
     seed: int = _setting(0, "seed for initial weights and the order of examples")
     dtype: Dtype = _setting(Dtype.FLOAT32, "float32 | float64 | bfloat16 | float16")
     device: Device = _setting(Device.CPU, "cpu | cuda | auto (cuda when available)")
+    autocast: Autocast = _setting(
+        Autocast.NONE, "none | bfloat16 | float16: run each micro-batch's forward under "
+                       "torch.autocast in this dtype; the parameters stay float32 (dtype)")
+    grad_accum_dtype: GradAccumDtype = _setting(
+        GradAccumDtype.PARAM, "where partial gradients are summed: param (in .grad, in the "
+                              "parameters' dtype) or float32 (a float32 buffer, handed to the "
+                              "optimizer once per window)")
+    grad_scaler: GradScaling = _setting(
+        GradScaling.OFF, "on | off: torch.amp.GradScaler (with autocast=float16): the loss "
+                        "scaled before each backward, the window's gradient unscaled once, the "
+                        "step skipped when it holds inf/NaN")
     probe_every: int = _setting(
         1, "compare gradients at the baseline's weights every K steps (0: only before step 1)")
     eval_every: int = _setting(0, "held-out evaluation every K steps (0: only after the last)")
@@ -157,6 +273,34 @@ class Settings:
                                   "and the weights after every step (trace.csv, weights.csv)")
     trace_elements: int = _setting(
         8, "trace: how many elements of each parameter to record (the first ones)")
+    world_size: int = _setting(
+        1, "W, processes (ranks) that share each window with DistributedDataParallel: each "
+           "takes B/W examples in N micro-batches. 1: one process. gradlab starts the ranks "
+           "itself, or takes torchrun's")
+    sync: Sync = _setting(
+        Sync.NO_SYNC,
+        "with world_size > 1, when the gradient is all-reduced across ranks: no-sync (once per "
+        "window: no_sync() on the first N-1 micro-batches), every-micro-batch (after every "
+        "backward), never (each rank steps on its own gradient)")
+    time_steps: bool = _setting(
+        False, "record each step's wall time (steps.csv step_seconds, its median in summary.csv):"
+               " a measurement of this machine, so a run that records it is not byte-identical "
+               "to its repeat")
+    backend: Backend = _setting(
+        Backend.AUTO, "with world_size > 1: torch.distributed backend, auto (nccl on CUDA, gloo "
+                      "on CPU) | gloo | nccl")
+    update_norm: bool = _setting(
+        False, "steps.csv: measure update_norm, the L2 norm of each step's change in the "
+               "weights (costs a copy of the parameters per step; NaN when false)")
+    cost: bool = _setting(
+        False, "measure what each step costs (cost.csv): time per optimizer step, the bytes "
+               "autograd saves for backward, peak memory (see the cost experiment)")
+    budget_mb: float = _setting(
+        0.0, "cost: a memory budget in MB; the run names the largest micro-batch whose step "
+             "fits in it (0: no budget)")
+    threads: int = _setting(
+        0, "intra-op threads a trial runs with on CPU (0: one per worker process, or the "
+           "cores --jobs gives when there are fewer trials than jobs)")
 
     def __post_init__(self):
         # a policy given as its string (dataclasses.replace in code, old run.json) becomes
@@ -182,8 +326,8 @@ class Settings:
 
     @property
     def micro_batch(self) -> int:
-        """Examples in the largest micro-batch (all are this size when N divides B)."""
-        return -(-self.batch_size // self.accum_steps)
+        """Examples in the largest micro-batch (all are this size when W·N divides B)."""
+        return -(-self.batch_size // (self.accum_steps * self.world_size))
 
 
 @dataclass(frozen=True)
@@ -255,6 +399,22 @@ def builtin_specs() -> dict[str, Path]:
 def local_dir() -> Path:
     """Your own specs: ./experiments, looked in before the built-in ones."""
     return Path("experiments")
+
+
+def local_specs() -> dict[str, Path]:
+    """Your own specs in ./experiments, by name."""
+    folder = local_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
+
+
+def findable_specs() -> dict[str, Path]:
+    """Every spec `gradlab run NAME` finds by name: ./experiments first, then the built-ins
+    (a local spec named like a built-in one replaces it)."""
+    return {**builtin_specs(), **local_specs()}
+
+
+def is_builtin(path: Path) -> bool:
+    return path.resolve().parent == builtin_dir().resolve()
 
 
 def find_spec(name_or_path: str) -> Path:
@@ -384,15 +544,25 @@ RANGES = {
     "channels": (1, None, "it must be at least 1"),
     "groups": (1, None, "it must be at least 1"),
     "trace_elements": (1, None, "record at least 1 element of each parameter"),
+    "world_size": (1, None, "use 1 (one process) or more ranks"),
     "min_len": (2, None, "a sequence needs at least 2 tokens (one to read, one to predict)"),
     "max_len": (2, None, "a sequence needs at least 2 tokens (one to read, one to predict)"),
     "probe_every": (0, None, "use 0 or a positive number of steps"),
     "eval_every": (0, None, "use 0 or a positive number of steps"),
     "lr": (0, None, "the learning rate cannot be negative"),
+    "clip_norm": (0, None, "give the largest gradient norm, > 0 (or 0 for no clipping)"),
+    # [0, 1): the largest float below 1 is the top, so a rate of 1 (drop everything) is refused
+    "dropout": (0, math.nextafter(1.0, 0.0), "a dropout rate must be in [0, 1) (0: no dropout)"),
+    "mask_draws": (0, None, "use 0 (no check) or a number of mask draws, at least 2"),
+    "warmup_steps": (0, None, "use 0 or a positive number of steps"),
     "momentum": (0, None, "momentum cannot be negative"),
     "weight_decay": (0, None, "weight decay cannot be negative"),
     "seed": (0, 2**63 - 1, "use a seed from 0 to 2^63 - 1"),
+    "budget_mb": (0, None, "give a budget in MB, or 0 for none"),
+    "threads": (0, None, "use 0 (automatic) or a number of threads"),
 }
+# the built-in models that put a dropout layer after each hidden activation when dropout > 0
+DROPOUT_MODELS = ("mlp", "cnn")
 # a user's own factory: 'pkg.module:callable'
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
@@ -546,6 +716,11 @@ def expand(spec: Spec) -> list[Trial]:
                      functools.partial(_origin, spec, arm_name, arm, axis_of))
             expect = arm.expect or (None if arm.baseline else trial_expect)
             arms.append(Arm(arm_name, settings, arm.baseline, expect, arm.help))
+        threads = sorted({a.settings.threads for a in arms})
+        if len(threads) > 1:  # a trial's arms run in one process, in lockstep
+            raise GradlabError(f"{spec.source}: the arms of a trial run in one process, so "
+                               f"with one thread count, but they set threads = {threads}; "
+                               f"set threads for all arms ([settings] or --set threads=N)")
         trials.append(Trial(len(trials), swept, tuple(arms)))
     # every trial names the same keys, so CSV columns line up when zipped axes differ
     keys = list(dict.fromkeys(k for t in trials for k in t.swept))
@@ -585,6 +760,81 @@ def validate(s: Settings, where: str, origin=lambda key: "") -> None:
         raise GradlabError(f"{where}: {shown('accumulation')} computes one loss over the whole "
                            f"window, so {shown('loss_scale')} has no micro-batch losses to "
                            f"combine; use loss_scale=by-size with gradcache")
+    if s.accum_steps * s.world_size > s.batch_size:
+        raise GradlabError(f"{where}: {shown('world_size')} ranks x {shown('accum_steps')} "
+                           f"micro-batches is more than {shown('batch_size')} examples, so a "
+                           f"rank's micro-batch would be empty; use world_size x accum_steps "
+                           f"<= batch_size")
+    if s.world_size > 1 and s.backend == Backend.NCCL and s.device == Device.CPU:
+        raise GradlabError(f"{where}: {shown('backend')} all-reduces CUDA tensors only, and "
+                           f"{shown('device')}; use backend=gloo (or auto), or device=cuda")
+    if s.budget_mb > 0 and not s.cost:
+        raise GradlabError(f"{where}: {shown('budget_mb')} needs cost=true, which measures "
+                           f"the memory it is compared with; run the cost experiment "
+                           f"(gradlab run cost --set budget_mb=...) or add --set cost=true")
     if s.min_len > s.max_len:
         raise GradlabError(f"{where}: {shown('min_len')} is larger than {shown('max_len')}; "
                            f"use min_len <= max_len")
+    if s.clip_norm == 0 and origin("clip_at") not in ("", "the default"):
+        raise GradlabError(f"{where}: {shown('clip_at')} asks for clipping but "
+                           f"{shown('clip_norm')} turns it off; give clip_norm > 0, the "
+                           f"largest gradient norm")
+    if s.dropout > 0 and (s.setup or s.model not in DROPOUT_MODELS):
+        raise GradlabError(f"{where}: {shown('dropout')} but only the built-in "
+                           f"{' and '.join(DROPOUT_MODELS)} have a dropout layer; use one of "
+                           f"them, or put dropout in your own model and leave dropout=0")
+    if s.mask_draws == 1:
+        raise GradlabError(f"{where}: {shown('mask_draws')}; a mean and its standard error "
+                           f"need at least 2 draws (0: no check)")
+    if s.mask_draws and (s.dropout == 0 or s.dropout_mode != DropoutMode.TRAIN):
+        off = shown("dropout") if s.dropout == 0 else shown("dropout_mode")
+        raise GradlabError(f"{where}: {shown('mask_draws')} averages over dropout masks, but "
+                           f"with {off} there are none; set dropout > 0 and "
+                           f"dropout_mode=train, or mask_draws=0")
+    if s.scheduler == Scheduler.NONE and (s.warmup_steps or origin("scheduler_step")
+                                          not in ("", "the default")):
+        asked = shown("warmup_steps") if s.warmup_steps else shown("scheduler_step")
+        raise GradlabError(f"{where}: {asked} needs a schedule, but {shown('scheduler')}; "
+                           f"set scheduler=warmup-cosine")
+    if s.scheduler == Scheduler.WARMUP_COSINE and s.warmup_steps >= s.steps:
+        raise GradlabError(f"{where}: {shown('warmup_steps')} leaves none of the "
+                           f"{shown('steps')} for the cosine; use warmup_steps < steps")
+    validate_precision(s, where, shown)
+
+
+def validate_precision(s: Settings, where: str, shown) -> None:
+    """autocast, grad_scaler, grad_accum_dtype and clip_at: the combinations that mean
+    something (what torch itself supports on the device is checked when the model is built)."""
+    if s.autocast != Autocast.NONE and s.dtype != Dtype.FLOAT32:
+        raise GradlabError(f"{where}: {shown('autocast')} with {shown('dtype')}: autocast "
+                           f"computes in {s.autocast} from float32 parameters; set dtype=float32, "
+                           f"or autocast=none to compute in {s.dtype} itself")
+    if s.grad_scaler == GradScaling.ON and s.autocast != Autocast.FLOAT16:
+        raise GradlabError(f"{where}: {shown('grad_scaler')} with {shown('autocast')} and "
+                           f"{shown('dtype')}: a GradScaler keeps float16 gradients from "
+                           f"underflowing and unscales float32 ones, so it needs dtype=float32 "
+                           f"with autocast=float16 (bfloat16 and float32 have float32's range: "
+                           f"use grad_scaler=off)")
+    if s.grad_scaler == GradScaling.ON and s.zero_grad == ZeroGrad.NEVER:
+        raise GradlabError(f"{where}: {shown('grad_scaler')} with {shown('zero_grad')}: the "
+                           f"scaler unscales all of .grad once per window, so .grad must start "
+                           f"each window empty; use zero_grad=every-n")
+    if s.grad_accum_dtype == GradAccumDtype.FLOAT32 and s.dtype == Dtype.FLOAT64:
+        raise GradlabError(f"{where}: {shown('grad_accum_dtype')} with {shown('dtype')} would "
+                           f"round float64 gradients to float32; use grad_accum_dtype=param")
+    if s.world_size > 1 and s.grad_accum_dtype == GradAccumDtype.FLOAT32:
+        raise GradlabError(f"{where}: {shown('world_size')} with {shown('grad_accum_dtype')}: "
+                           f"DDP all-reduces what .grad holds at the last backward, not a "
+                           f"buffer beside it; use grad_accum_dtype=param")
+    if s.clip_at == ClipAt.PER_MICRO_BATCH and (s.grad_scaler == GradScaling.ON or
+                                                s.grad_accum_dtype == GradAccumDtype.FLOAT32):
+        other = shown("grad_scaler") if s.grad_scaler == GradScaling.ON \
+            else shown("grad_accum_dtype")
+        raise GradlabError(f"{where}: {shown('clip_at')} with {other}: clipping each partial "
+                           f"sum is measured with the gradient summed in .grad, unscaled; use "
+                           f"grad_scaler=off and grad_accum_dtype=param, or "
+                           f"clip_at=after-accumulation")
+    if s.clip_at == ClipAt.BEFORE_UNSCALE and s.grad_scaler == GradScaling.OFF:
+        raise GradlabError(f"{where}: {shown('clip_at')} with {shown('grad_scaler')}: there "
+                           f"is no unscale_ to clip before; use grad_scaler=on, or "
+                           f"clip_at=after-accumulation")

@@ -150,10 +150,13 @@ class RunDir:
             if table == "summary":
                 self.finished_trials.update(row["trial"] for row in rows)
 
-    def finish(self, status: str, error: str | None = None) -> None:
+    def finish(self, status: str, error: str | None = None, rank: int | None = None) -> None:
+        """The run's end; ``rank``: the rank of a data-parallel run whose failure ended it."""
         self.meta.update(status=status, ended=now())
         if error:
             self.meta["error"] = error
+        if rank is not None:
+            self.meta["failed_rank"] = rank
         self._write_meta()
 
 

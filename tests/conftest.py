@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 from gradlab.cli import app
 
 
-def gradlab(*args: str):
-    """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
-    return CliRunner().invoke(app, [str(a) for a in args], prog_name="gradlab")
+def gradlab(*args: str, env: dict[str, str] | None = None):
+    """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr).
+    ``env`` sets environment variables for the call (COLUMNS=80: an 80-column terminal)."""
+    return CliRunner().invoke(app, [str(a) for a in args], prog_name="gradlab", env=env)
 
 
 def run_json(*args: str) -> dict:

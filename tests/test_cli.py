@@ -149,7 +149,9 @@ def test_ctrl_c_leaves_a_readable_run_marked_interrupted(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runner, "run_trial", interrupt_second)
-    result = gradlab("run", "toy", "--set", "lr=0.01,0.02,0.03", "--out", tmp_path)
+    # in this process (--jobs 1): the patched run_trial is not in a worker's
+    result = gradlab("run", "toy", "--set", "lr=0.01,0.02,0.03", "--jobs", "1", "--out",
+                     tmp_path)
     assert result.exit_code == 130
     (run_dir,) = tmp_path.iterdir()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
@@ -182,7 +184,9 @@ def test_list_shows_experiments_models_datasets_settings():
     assert {"batch_size", "accum_steps", "model", "dataset", "norm", "optimizer", "lr", "steps",
             "seed", "dtype", "device"} <= names
     human = gradlab("list")
-    assert "accum_steps" in human.stderr and "equivalence" in human.stderr
+    assert "accum_steps" in human.stdout and "equivalence" in human.stdout
+    assert human.stderr == ""  # the tables are the command's result
+    assert "Linear-[norm]-ReLU" in human.stdout  # text, not rich markup that eats [norm]
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["list"]])

@@ -55,15 +55,15 @@ def row(doc: dict, arm: str, n: int) -> dict:
 
 # ----------------------------------------------------------------------------- verdicts
 
-def test_table_goes_to_stderr_and_names_the_tolerance(mini):
-    result = gradlab("compare", mini)
+def test_the_full_table_goes_to_stdout_and_names_the_tolerance(mini):
+    result = gradlab("compare", mini, "--table", "full")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == ""
+    assert result.stderr == ""  # the table is the command's result
     floors = pd.read_csv(mini / "summary.csv").exact_floor.dropna()
     for text in ("no-loss-scaling", "equivalent", "differs",
                  "tolerance = floor + (N−1)·u + 32·u_acc",
                  f"float32 (u = 2^-24, floor {floors.min():.2g}"):
-        assert text in result.stderr
+        assert text in result.stdout
 
 
 def test_verdicts_and_errors_match_the_run(mini):
@@ -202,7 +202,7 @@ def markdown_table(text: str) -> list[list[str]]:
 
 
 def test_markdown_is_a_valid_table(mini):
-    result = gradlab("compare", mini, "--format", "md")
+    result = gradlab("compare", mini, "--format", "md", "--table", "full")
     assert result.exit_code == 0, result.stderr
     cells = markdown_table(result.stdout)
     assert cells[0][:2] == ["trial", "arm"] and "rel grad err" in cells[0]
@@ -223,7 +223,7 @@ def test_runs_that_differ_only_by_seed_show_mean_and_std(seeds):
     assert got["final_loss_mean"] == pytest.approx(losses["final_loss"].mean())
     assert got["final_loss_std"] == pytest.approx(losses["final_loss"].std())
     assert got["final_loss_std"] > 0
-    md = gradlab("compare", seeds, "--format", "md").stdout
+    md = gradlab("compare", seeds, "--format", "md", "--table", "full").stdout
     cells = markdown_table(md)
     assert "seeds" in cells[0] and any("±" in c for c in cells[2])
 

@@ -108,10 +108,11 @@ def test_token_batches_of_equal_length_make_mean_of_means_exact():
 def test_window_returns_summed_loss_and_units():
     setup = token_setup()
     s = dataclasses.replace(BIG, accum_steps=3)
-    loss, units = engine.window_gradient(setup.model, setup.train, s, setup)
+    loss, units, skip = engine.window_gradient(setup.model, setup.train, s, setup)
     whole_loss, whole_units = lm_loss(setup.model, setup.train)
     assert int(units) == int(whole_units) == int(count_tokens(setup.train))
     assert_close(loss, whole_loss.detach(), rtol=1e-12, atol=0)
+    assert skip is False  # no GradScaler: nothing is ever skipped
 
 
 # ----------------------------------------------------------------------------- policies
@@ -142,7 +143,8 @@ def test_train_step_reports_the_step_it_took():
     setup = regression_setup()
     optimizer = torch.optim.SGD(setup.model.parameters(), lr=0.1)
     before = torch.cat([p.detach().flatten() for p in setup.model.parameters()])
-    stats = engine.train_step(setup.model, optimizer, setup.train, BIG, setup)
+    s = dataclasses.replace(BIG, update_norm=True)
+    stats = engine.train_step(setup.model, optimizer, setup.train, s, setup)
     after = torch.cat([p.detach().flatten() for p in setup.model.parameters()])
     assert stats.update_norm == pytest.approx(0.1 * stats.grad_norm, rel=1e-12)
     assert (after - before).norm().item() == pytest.approx(stats.update_norm, rel=1e-12)
@@ -171,3 +173,25 @@ def test_settings_hold_policy_members_even_when_given_strings():
     assert s.loss_scale is LossScale.BY_COUNT and s.zero_grad is ZeroGrad.NEVER
     with pytest.raises(ValueError):
         Settings(loss_scale="by-magic")
+
+
+def test_the_update_norm_is_measured_only_when_asked():
+    """It needs a copy of every parameter, so by default the step takes none: NaN."""
+    setup = regression_setup()
+    optimizer = torch.optim.SGD(setup.model.parameters(), lr=0.1)
+    stats = engine.train_step(setup.model, optimizer, setup.train, BIG, setup)
+    assert stats.update_norm != stats.update_norm  # NaN
+    assert stats.grad_norm > 0 and stats.units == B
+
+
+def test_the_gradient_norm_is_that_of_the_gradient_applied_in_low_precision_too():
+    for dtype, rtol in ((torch.float64, 1e-14), (torch.float32, 1e-6), (torch.bfloat16, 1e-6)):
+        setup = regression_setup()
+        model = setup.model.to(dtype)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        # zero_grad never: .grad still holds, after the step, the gradient it applied
+        s = dataclasses.replace(BIG, zero_grad="never", dtype=str(dtype).split(".")[1])
+        window = tuple(t.to(dtype) for t in setup.train)
+        stats = engine.train_step(model, optimizer, window, s, Setup(model, window, mse_loss))
+        grads = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+        assert stats.grad_norm == pytest.approx(float(grads.norm()), rel=rtol), dtype

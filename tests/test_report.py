@@ -85,17 +85,23 @@ def test_report_opens_with_the_table_and_the_figures_then_details(mini_report):
     run, md, page = mini_report
     assert headings(md) == [
         "# equivalence: gradlab report",
-        "## equivalence: each arm against the baseline 'big-batch'",
+        "## equivalence: each arm's distance from the exact gradient (vs exact) by N",
         "## Figures", "### Training loss of each arm",
         "### Gradient error against N, at the baseline's weights",
-        "## Details", "### How to read the table", "### What was run",
+        "## Details", "### The arms",
+        "### equivalence: each arm against the baseline 'big-batch'",
+        "### How to read the table", "### What was run",
         "### The spec (equivalence.toml)"]
-    table = md.index("| trial | arm | N |")
-    assert table < md.index("![Training loss of each arm](figures/equivalence-loss.png)") \
-        < md.index("| run | ") < md.index("```toml\n# gradlab run equivalence")
+    pivot = md.index("| arm | N=1 | N=2 | N=4 |")  # the compact table, as the run printed it
+    assert pivot < md.index("![Training loss of each arm](figures/equivalence-loss.png)") \
+        < md.index("- `accumulated`: N micro-batches of B/N, each loss scaled by its share") \
+        < md.index("| trial | arm | N |") < md.index("| run | ") \
+        < md.index("```toml\n# gradlab run equivalence")
+    assert "5 expectations hold, 1 n/a, 0 fail" in md[pivot:]
     # the same order in the page
-    assert page.index("<th>rel grad err</th>") < page.index("data:image/png;base64,") \
-        < page.index("<h2>Details</h2>") < page.index("<pre><code># gradlab run equivalence")
+    assert page.index("<th>N=1</th>") < page.index("data:image/png;base64,") \
+        < page.index("<h2>Details</h2>") < page.index("<th>rel grad err</th>") \
+        < page.index("<pre><code># gradlab run equivalence")
 
 
 def test_the_page_holds_its_figures_and_the_spec_text(mini_report):
@@ -117,11 +123,16 @@ def test_markdown_is_rendered_in_the_page(mini_report):
 
 def test_colour_follows_the_check_not_the_verdict(mini_report):
     _, _, page = mini_report
-    classes = set(re.findall(r"class='([^']*)'", page))
+    classes = {c for found in re.findall(r"class='([^']*)'", page) for c in found.split()}
     assert classes <= {"num", "met", "failed", "unchecked", "note"}  # never a cell's text
     rows = re.findall(r"<tr>(.*?)</tr>", page)
+    # the compact table: each cell coloured by its own expectation; expected to differ, and
+    # it did: green, like every expectation met; at N = 1 not checked: grey
+    (pivot_row,) = [r for r in rows if r.startswith("<td>no-loss-scaling</td>")]
+    assert "<td class='num met'>3✓</td>" in pivot_row
+    assert re.search(r"<td class='num unchecked'>[^<]*·</td>", pivot_row)
+    # the full table: the verdict and the check of each row
     differs = [r for r in rows if ">no-loss-scaling<" in r and ">4<" in r]
-    # expected to differ, and it did: green, like every expectation met
     assert differs and "<td class='met'>differs</td><td class='met'>ok</td>" in differs[0]
     at_n_1 = [r for r in rows if ">no-loss-scaling<" in r and "<td class='num'>1</td>" in r]
     assert "<td class='unchecked'>n/a</td>" in at_n_1[0]

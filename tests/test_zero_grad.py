@@ -28,7 +28,7 @@ MICRO_BATCH_PAIRS = [(12, 1), (6, 2), (4, 3), (3, 4), (1, 12)]
 
 def settings(**overrides) -> Settings:
     base = dict(model="mlp", dataset="regression", dtype="float64", batch_size=B, lr=0.1,
-                loss_scale="by-count")
+                loss_scale="by-count", update_norm=True)
     return Settings(**{**base, **overrides})
 
 

@@ -73,3 +73,71 @@ def miscounted(settings):  # units() counts examples, the loss counts elements
         return F.mse_loss(model(x), y, reduction="sum"), y.numel() * 2
 
     return Setup(torch.nn.Linear(3, 1), regression(), loss)
+
+
+def loud_regression(settings):
+    """Targets 50 times larger than the inputs: under float16 autocast a GradScaler's first
+    scales overflow the backward, so its first steps are skipped while the scale backs off."""
+    x, y = regression()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+    return Setup(model, (x, 50 * y), summed_mse)
+
+
+class BreaksForSeed1(torch.nn.Linear):
+    """A Linear whose forward fails in the trial with seed 1: preflight, which builds each
+    setup once whatever its seed, never meets it; a worker does, mid-run."""
+
+    def __init__(self, seed: int):
+        super().__init__(3, 1)
+        self.seed = seed
+
+    def forward(self, x):
+        if self.seed == 1:
+            raise FloatingPointError("overflow in the user's model")
+        return super().forward(x)
+
+
+def breaks_for_seed_1(settings):
+    return Setup(BreaksForSeed1(settings.seed), regression(), summed_mse)
+
+
+def refuses_seed_1(settings):  # bad input that only the trial with seed 1 meets
+    if settings.seed == 1:
+        raise ValueError("no data for seed 1")
+    return good(settings)
+# ----------------------------------------------------------------------------- ranks
+# Setups for data-parallel runs (test_ddp.py): good until a data-parallel arm trains (the
+# loss is given a DDP replica, not the model itself as in preflight and the baseline).
+
+def fails_on_rank_1(settings):
+    """Rank 1's loss raises; rank 0's sleeps meanwhile, outside any collective, as a long
+    computation would, so that only the launcher's stop can end it."""
+    import time
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    def loss(model, batch):
+        if isinstance(model, DistributedDataParallel):
+            if dist.get_rank() == 1:
+                raise RuntimeError("boom on rank 1")
+            time.sleep(600)
+        return summed_mse(model, batch)
+
+    return Setup(torch.nn.Linear(3, 1), regression(), loss)
+
+
+def sleeps_once_parallel(settings):
+    """Every rank's loss sleeps: a data-parallel run that only a stop ends."""
+    import time
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    def loss(model, batch):
+        if isinstance(model, DistributedDataParallel):
+            time.sleep(600)
+        return summed_mse(model, batch)
+
+    return Setup(torch.nn.Linear(3, 1), regression(), loss)

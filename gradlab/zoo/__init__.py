@@ -13,7 +13,7 @@ import importlib
 import traceback
 from collections.abc import Callable
 
-from gradlab import setup
+from gradlab import catalog, setup
 from gradlab.errors import GradlabError
 from gradlab.zoo import contrastive, text
 from gradlab.zoo.data import DATASETS, Data
@@ -22,12 +22,9 @@ from gradlab.zoo.models import MODELS
 __all__ = ["Data", "DATASETS", "LOSSES", "MODELS", "SETUPS", "resolve"]
 
 # whole training setups (model, examples, loss) built in: --set setup=NAME
-SETUPS = {
-    "digit-views": (contrastive.digit_views,
-                    "two augmented views of each digit, a shared mlp encoder (hidden, depth), "
-                    "InfoNCE with in-batch negatives (temperature): a loss that couples the "
-                    "batch"),
-}
+SETUPS = {name: (factory, catalog.SETUPS[name]) for name, factory in {
+    "digit-views": contrastive.digit_views,
+}.items()}
 
 # Data.loss -> (loss, units, accuracy) of the Setup built from a model and a dataset
 LOSSES = {

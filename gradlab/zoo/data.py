@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gradlab import catalog
+
 
 @dataclass(frozen=True)
 class Data:
@@ -82,10 +84,9 @@ def docstrings(settings) -> Data:
     return Data(train, x_test=test, loss="next-token")
 
 
-DATASETS = {
-    "toy-pairs": (toy_pairs, "two one-example batches x=4 then x=2, target 2x (the classic toy)"),
-    "regression": (regression, "synthetic linear regression, 10 features, 1024 train / 256 test"),
-    "digits": (digits, "scikit-learn's 8x8 digit images, 10 classes, 1438 train / 359 test"),
-    "docstrings": (docstrings, "next-token prediction on stdlib docstrings, byte tokens, "
-                               "padded lengths min_len..max_len, 1024 train / 256 test"),
-}
+DATASETS = {name: (factory, catalog.DATASETS[name]) for name, factory in {
+    "toy-pairs": toy_pairs,
+    "regression": regression,
+    "digits": digits,
+    "docstrings": docstrings,
+}.items()}

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from gradlab import catalog
+from gradlab.dropout import ExampleDropout
 from gradlab.errors import GradlabError, unhandled
 from gradlab.spec import Norm
 
@@ -61,28 +63,37 @@ def _check_groups(groups: int, channels: int) -> None:
                            f"set groups to one of {divisors} (or change the width)")
 
 
+def _dropout(settings) -> list[nn.Module]:
+    """A dropout layer when the settings ask for one (none at all at rate 0, so the layer
+    numbering, and a saved state_dict, stay as they were)."""
+    return [ExampleDropout(settings.dropout)] if settings.dropout > 0 else []
+
+
 def mlp(settings, data) -> nn.Module:
-    """Linear-[norm]-ReLU blocks, then a Linear head (default: Linear(10,5)-ReLU-Linear(5,1))."""
+    """Linear-[norm]-ReLU-[dropout] blocks, then a Linear head (default: Linear(10,5)-ReLU-
+    Linear(5,1))."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(data.example_shape)
     for _ in range(settings.depth):
         layers += [nn.Linear(width, settings.hidden),
-                   _feature_norm(settings.norm, settings.hidden, settings.groups), nn.ReLU()]
+                   _feature_norm(settings.norm, settings.hidden, settings.groups), nn.ReLU(),
+                   *_dropout(settings)]
         width = settings.hidden
     layers.append(nn.Linear(width, data.n_outputs))
     return nn.Sequential(*layers)
 
 
 def cnn(settings, data) -> nn.Module:
-    """Two conv-norm-ReLU-pool blocks and a linear head, for 8x8 one-channel images."""
+    """Two conv-norm-ReLU-pool-[dropout] blocks and a linear head, for 8x8 one-channel
+    images."""
     c, norm, groups = settings.channels, settings.norm, settings.groups
     bias = norm == Norm.NONE  # a bias before a norm layer is cancelled by it
     side = data.example_shape[-1] // 4
     return nn.Sequential(
         nn.Conv2d(data.example_shape[0], c, 3, padding=1, bias=bias),
-        _image_norm(norm, c, groups), nn.ReLU(), nn.MaxPool2d(2),
+        _image_norm(norm, c, groups), nn.ReLU(), nn.MaxPool2d(2), *_dropout(settings),
         nn.Conv2d(c, 2 * c, 3, padding=1, bias=bias),
-        _image_norm(norm, 2 * c, groups), nn.ReLU(), nn.MaxPool2d(2),
+        _image_norm(norm, 2 * c, groups), nn.ReLU(), nn.MaxPool2d(2), *_dropout(settings),
         nn.Flatten(), nn.Linear(2 * c * side * side, data.n_outputs),
     )
 
@@ -101,11 +112,10 @@ def transformer_lm(settings, data) -> nn.Module:
     return TransformerLanguageModel(max_len=settings.max_len)
 
 
-MODELS = {
-    "toy-linear": (toy_linear, "one weight w = 1, prediction w*x (use with toy-pairs)"),
-    "mlp": (mlp, "Linear-[norm]-ReLU x depth + Linear head; settings hidden, depth, norm"),
-    "cnn": (cnn, "2 conv blocks (conv-norm-ReLU-pool) + Linear, 8x8 images; channels, norm"),
-    "gru-lm": (gru_lm, "causal LM: byte embedding, one GRU layer, linear head (docstrings)"),
-    "transformer-lm": (transformer_lm, "causal LM: 2-layer, 2-head transformer, width 32 "
-                                       "(docstrings)"),
-}
+MODELS = {name: (factory, catalog.MODELS[name]) for name, factory in {
+    "toy-linear": toy_linear,
+    "mlp": mlp,
+    "cnn": cnn,
+    "gru-lm": gru_lm,
+    "transformer-lm": transformer_lm,
+}.items()}

@@ -1,0 +1,224 @@
+"""Trials in worker processes: each trial runs whole in one worker, K workers at a time.
+
+The parent hands out trials one at a time and gets back, per worker: progress (steps
+taken), a finished trial's rows, or the error that ended it. The parent alone writes
+the run directory (runner.run_trials does, in trial order), so the CSVs are the same
+bytes whatever the number of workers.
+
+Workers never outlive the parent. A stop signal (SIGINT, SIGTERM) is the parent's to
+handle: workers ignore Ctrl-C, which a terminal sends to the whole process group, and
+the parent terminates them when it stops, fails or finishes. Should the parent die
+without a word (SIGKILL, a crash), each worker sees the pipe only the parent writes
+to close, and exits at once.
+
+Workers are started by a fork server (spawn where there is none: Windows), never by
+forking the parent: a fork would copy the parent's threads' locks and OpenMP's pool
+mid-flight, and CUDA cannot be forked at all. The fork server imports torch and
+gradlab once; each worker is then forked from it in milliseconds.
+
+On CUDA, worker i computes on GPU i mod the number of GPUs visible: one GPU each
+when there are enough, sharing them (each worker with its own CUDA context, a few
+hundred MB) when there are more workers than GPUs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from multiprocessing import connection
+
+from gradlab.spec import Trial
+
+# seconds a terminated worker gets to exit before it is killed
+GRACE_SECONDS = 5
+
+
+def context() -> multiprocessing.context.BaseContext:
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # torch and gradlab imported once in the server, not once per worker
+        ctx.set_forkserver_preload(["__main__", "gradlab.cli"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def warm_up() -> None:
+    """Start the fork server now, so that its imports overlap with other work."""
+    ctx = context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+class RemoteTraceback(Exception):
+    """A worker's traceback, as the cause of the error it raised (as concurrent.futures does)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended without saying why (killed, out of memory, a crash in C)."""
+
+
+def run(trials: list[Trial], processes: int, threads_of: Callable[[Trial], int],
+        finished: Callable[[int, dict], None], advance: Callable[[int], None]) -> None:
+    """Run every trial in ``processes`` workers; ``finished(position, rows)`` as each ends
+    (in any order), ``advance(n)`` as the workers take steps. An error in a worker stops
+    every worker and is raised here, with the worker's traceback as its cause."""
+    ctx = context()
+    parent_alive, alive_writer = ctx.Pipe(duplex=False)  # only the parent writes: EOF = gone
+    workers: list[multiprocessing.process.BaseProcess] = []
+    links: dict[connection.Connection, int] = {}  # the parent's end -> worker index
+    try:
+        for index in range(processes):
+            link, child_end = ctx.Pipe()
+            worker = ctx.Process(target=serve, args=(child_end, parent_alive, index),
+                                 name=f"gradlab-worker-{index}", daemon=True)
+            worker.start()
+            child_end.close()
+            workers.append(worker)
+            links[link] = index
+        parent_alive.close()
+        queue = list(enumerate(trials))[::-1]  # popped from the end: trial order
+        running: dict[connection.Connection, int] = {}  # link -> position of its trial
+        for link in links:
+            hand_out(link, queue, running, threads_of)
+        while running:
+            sentinels = {workers[links[link]].sentinel: link for link in running}
+            for ready in connection.wait([*running, *sentinels]):
+                link = sentinels.get(ready, ready)
+                if link not in running:
+                    continue  # handled already in this round
+                worker = workers[links[link]]
+                if not link.poll():  # a sentinel, and nothing left to read: it died
+                    raise died(worker, running[link])
+                while link in running and link.poll():
+                    try:
+                        message = link.recv()
+                    except EOFError:  # it died after its last message
+                        raise died(worker, running[link]) from None
+                    receive(message, link, running, queue, threads_of, finished, advance)
+    finally:
+        alive_writer.close()
+        stop(workers)
+
+
+def hand_out(link: connection.Connection, queue: list, running: dict,
+             threads_of: Callable[[Trial], int]) -> None:
+    """The next trial to an idle worker, or None: no more work, exit."""
+    if queue:
+        position, trial = queue.pop()
+        running[link] = position
+        link.send((position, trial, threads_of(trial)))
+    else:
+        running.pop(link, None)
+        link.send(None)
+
+
+def receive(message: tuple, link: connection.Connection, running: dict, queue: list,
+            threads_of: Callable[[Trial], int], finished: Callable[[int, dict], None],
+            advance: Callable[[int], None]) -> None:
+    match message:
+        case ("advance", steps):
+            advance(steps)
+        case ("done", position, rows):
+            finished(position, rows)
+            hand_out(link, queue, running, threads_of)
+        case ("failed", position, error, remote):
+            raise rebuilt(error, remote) from RemoteTraceback(remote)
+        case _:
+            raise RuntimeError(f"a worker sent an unknown message: {message!r:.200}")
+
+
+def rebuilt(error: bytes | None, remote: str) -> BaseException:
+    """The worker's exception, as the parent can raise it."""
+    try:
+        exc = pickle.loads(error) if error else None
+    except Exception:  # an exception class that cannot be rebuilt from its arguments
+        exc = None
+    if isinstance(exc, Exception):  # GradlabError too: bad input found mid-run stays that
+        return exc
+    last = remote.strip().splitlines()[-1] if remote.strip() else "unknown error"
+    return RuntimeError(f"a worker failed: {last}")
+
+
+def died(worker: multiprocessing.process.BaseProcess, position: int) -> WorkerDied:
+    worker.join(GRACE_SECONDS)
+    return WorkerDied(f"worker process {worker.pid} running trial {position} ended with "
+                      f"{exit_reason(worker)}")
+
+
+def exit_reason(worker: multiprocessing.process.BaseProcess) -> str:
+    code = worker.exitcode
+    if code is None:
+        return "no exit status"
+    if code < 0:
+        name = signal.Signals(-code).name
+        killed = " (killed: out of memory?)" if -code == signal.SIGKILL else ""
+        return f"signal {name}{killed}"
+    return f"exit status {code}"
+
+
+def stop(workers: list) -> None:
+    """Every worker gone: asked first (SIGTERM), then killed."""
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    for worker in workers:
+        worker.join(GRACE_SECONDS)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+# ----------------------------------------------------------------------------- the worker
+
+def serve(link: connection.Connection, parent_alive: connection.Connection, index: int) -> None:
+    """A worker: run the trials the parent sends until it sends None."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's terminate() ends us at once
+    threading.Thread(target=exit_with_parent, args=(parent_alive,), daemon=True).start()
+
+    import torch
+
+    from gradlab import runner
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(index % torch.cuda.device_count())
+    cache: dict = {}
+    while (task := link.recv()) is not None:
+        position, trial, threads = task
+        torch.set_num_threads(threads)
+        try:
+            rows = runner.run_trial(trial, cache, lambda n: link.send(("advance", n)))
+        except BaseException as err:  # noqa: BLE001 (every error goes to the parent)
+            link.send(("failed", position, pickled(err), traceback.format_exc()))
+            return
+        link.send(("done", position, rows))
+
+
+def exit_with_parent(parent_alive: connection.Connection) -> None:
+    """Block until the parent is gone (its end of the pipe closes), then exit at once."""
+    try:
+        parent_alive.recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
+
+
+def pickled(err: BaseException) -> bytes | None:
+    try:
+        return pickle.dumps(err)
+    except Exception:  # an exception holding something unpicklable
+        return None

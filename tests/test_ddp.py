@@ -1,0 +1,372 @@
+"""Data-parallel arms (world_size > 1): W ranks of DistributedDataParallel, gloo on loopback.
+
+Four runs start real processes: `gradlab run ddp --set world_size=2` (gradlab's own
+launcher) three times (a good run, a rank that raises, a run to stop with SIGTERM) and
+`torchrun --nproc-per-node 2 -m gradlab run ddp`, each rank with one thread. They are
+small (an mlp, 2 steps), so most of their time is Pythons importing torch: all four
+start together with the module, and each test waits for its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import gradlab
+from gradlab import distributed, engine, spec
+from gradlab.errors import GradlabError
+from gradlab.setup import Setup, mse_loss
+from gradlab.spec import Settings, Sync
+from test_cli import assert_clean_failure
+
+TESTS = Path(__file__).parent
+# far more than any of these runs takes: reached only if a rank hangs
+HANG = 240
+
+
+def rank_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    # loopback only, under torchrun too (gradlab's launcher binds it itself)
+    loopback = {"GLOO_SOCKET_IFNAME": distributed.loopback_interface() or "lo"}
+    return {**env, **loopback, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+
+
+def start(*args: str, launcher: tuple[str, ...] = (sys.executable, "-m", "gradlab")
+          ) -> subprocess.Popen:
+    return subprocess.Popen([*launcher, "run", *args], env=rank_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=HANG)
+    return process.returncode, stdout, stderr
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def the_run(out: Path) -> Path:
+    (run,) = out.iterdir()
+    return run
+
+
+def assert_one_error(stderr: str, start: str) -> None:
+    """The run's end in one line, said once (by rank 0), after its notes and plan."""
+    lines = stderr.splitlines()
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], stderr
+    assert lines[-1].startswith(start), stderr
+    assert "Traceback" not in stderr
+
+
+def assert_ranks_gone(meta: dict, size: int = 2) -> None:
+    ranks = meta["ranks"]
+    assert [r["rank"] for r in ranks] == list(range(size))
+    assert len({r["pid"] for r in ranks}) == size
+    assert not any(alive(r["pid"]) for r in ranks)
+
+
+# ----------------------------------------------------------------------------- in-process
+
+@pytest.mark.parametrize(("size", "n"), [(1, 4), (2, 4), (3, 2), (4, 1)])
+@pytest.mark.parametrize("batch", [12, 13])
+def test_the_ranks_together_see_every_example_of_the_window_once(size, n, batch):
+    window = (torch.arange(batch), torch.arange(batch) * 10)
+    every_rank = engine.rank_micro_batches(window, n, size)
+    assert len(every_rank) == size and all(len(part) == n for part in every_rank)
+    seen = torch.cat([mb[0] for part in every_rank for mb in part])
+    torch.testing.assert_close(seen, window[0], rtol=0, atol=0)  # in order, each once
+    sizes = [len(mb[0]) for part in every_rank for mb in part]
+    assert max(sizes) - min(sizes) <= 1
+    if batch % (size * n) == 0:
+        assert set(sizes) == {batch // (size * n)}
+    # one rank: exactly the single-process micro-batches
+    assert [len(mb[0]) for mb in engine.rank_micro_batches(window, n, 1)[0]] == \
+        [len(x) for x in torch.tensor_split(window[0], n)]
+
+
+@pytest.fixture
+def one_rank():
+    """A process group of this process alone: DDP all-reduces over one rank."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("sync", "allreduces"), [(Sync.NO_SYNC, 1),
+                                                  (Sync.EVERY_MICRO_BATCH, 4), (Sync.NEVER, 0)])
+def test_the_hook_counts_the_all_reduces_each_sync_policy_makes(one_rank, sync, allreduces):
+    """With one rank every policy computes the big batch's gradient; what differs is how
+    often DDP all-reduces, as its communication hook counts (one bucket: a small model)."""
+    s = Settings(batch_size=16, accum_steps=4, world_size=1, sync=sync, dtype="float64")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    window = (x, x.sum(1, keepdim=True))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    reference = torch.nn.Linear(3, 1).double()
+    reference.load_state_dict(model.state_dict())
+    replica = distributed.Replica(model)
+    setup = Setup(model, window, mse_loss)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    stats = engine.train_step(replica, optimizer, window, s, setup)
+    engine.window_gradient(reference, window, Settings(batch_size=16, dtype="float64"),
+                           Setup(reference, window, mse_loss))
+
+    assert stats.allreduces == allreduces
+    assert replica.allreduces.calls == allreduces
+    expected = reference.weight.detach() - 0.1 * reference.weight.grad
+    torch.testing.assert_close(model.weight.detach(), expected, rtol=1e-12, atol=0)
+
+
+def test_a_model_of_one_process_is_never_synced_nor_counted():
+    model = torch.nn.Linear(3, 1)
+    assert engine.data_parallel_rank(model) == (0, 1)
+    assert engine.allreduce_calls(model) == 0
+    assert engine.module_of(model) is model
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--set", "world_size=0"], "world_size=0; use 1 (one process) or more ranks"),
+    (["--set", "backend=nccl", "--set", "device=auto"], "backend=nccl needs CUDA GPUs"),
+    (["--set", "device=cuda"], "device=cuda but this machine has no CUDA device"),
+    (["--set", "backend=nccl"], "all-reduces CUDA tensors only, and device=cpu"),
+    (["--set", "accum_steps=32", "--set", "world_size=4"], "rank's micro-batch would be empty"),
+    (["--set", "no-sync.world_size=3"], "different numbers of ranks"),
+], ids=["zero", "nccl-no-cuda", "cuda-no-cuda", "nccl-on-cpu", "empty-micro-batch",
+        "two-sizes"])
+def test_bad_data_parallel_input_is_one_line_and_exit_2(tmp_path, args, expected):
+    if ("needs CUDA" in expected or "no CUDA" in expected) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "results"
+    assert_clean_failure(gradlab("run", "ddp", *args, "--out", out), expected, out)
+
+
+def test_more_ranks_than_cores_names_the_limit(tmp_path):
+    cores = distributed.cpu_cores()
+    out = tmp_path / "results"
+    result = gradlab("run", "ddp", "--set", f"world_size={cores + 1}", "--set", "accum_steps=1",
+                     "--set", f"batch_size={max(64, cores + 1)}", "--out", out)
+    assert_clean_failure(result, "CPU cores (one per rank)", out)
+    assert f"world_size={cores + 1} asks for {cores + 1} ranks on this machine but it has " \
+           f"{cores} CPU cores" in result.stderr
+    assert "--nnodes" in result.stderr
+
+
+def test_under_torchrun_its_world_size_is_the_arms_and_a_different_one_is_refused():
+    rank = distributed.Rank(rank=0, world_size=4, local_rank=0, local_world_size=1,
+                            master_addr=distributed.LOOPBACK, master_port=1, restart=0)
+    loaded = spec.load_spec("ddp")
+    distributed.take_world_size(loaded, rank)
+    trials = spec.expand(loaded)
+    sizes = {a.name: a.settings.world_size for a in trials[0].arms}
+    assert sizes == {"big-batch": 1, "no-sync": 4, "sync-every-micro-batch": 4,
+                     "never-synced": 4}
+    assert distributed.ranks_needed(trials, rank) == distributed.Ranks(4, "gloo", "cpu")
+    overridden = spec.expand(spec.apply_overrides(loaded, ["world_size=2"]))
+    with pytest.raises(GradlabError, match="torchrun started 4 ranks but arm 'no-sync' has "
+                                           "world_size=2; use --set world_size=4"):
+        distributed.ranks_needed(overridden, rank)
+    single = spec.expand(spec.apply_overrides(spec.load_spec("toy"), []))
+    assert distributed.ranks_needed(single, None) is None  # one process: nothing to start
+    with pytest.raises(GradlabError, match="every arm sets world_size=1"):
+        distributed.ranks_needed(single, rank)
+
+
+def test_the_launcher_speaks_only_when_rank_0_could_not():
+    records = dist.HashStore()
+    assert distributed.outcome([0, 0], records) == distributed.Ended(0)
+    assert distributed.outcome([1, 1], records) == distributed.Ended(1)  # rank 0 said why
+    assert distributed.outcome([2, -15], records) == distributed.Ended(2)
+    no_record = distributed.outcome([-9, 3], records)
+    assert no_record.code == 1
+    assert no_record.message == "run failed: rank 1 exited with code 3 (rank 0 was killed by " \
+                                "SIGKILL before it could write that into run.json)"
+    distributed.record_failure(records, 1, "RuntimeError: boom", "Traceback ...", 1)
+    distributed.record_failure(records, 0, "DistBackendError: peer gone", "...", 1)
+    killed = distributed.outcome([-9, 1], records)
+    assert killed == distributed.Ended(1, "run failed on rank 1: RuntimeError: boom (rank 0 "
+                                          "was killed by SIGKILL before it could write that "
+                                          "into run.json)")
+    assert distributed.outcome([0, 1], records).message == \
+        "the run completed, but rank 1 failed: RuntimeError: boom"
+    records.set(distributed.REPORTED, "1")  # rank 0 printed its line, then a stop ended it
+    assert distributed.outcome([-15, 1], records) == distributed.Ended(1)
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+# the ddp experiment, 2 steps: every arm's gradient probed before each step
+SHORT = ["ddp", "--set", "steps=2"]
+LAUNCHED = [*SHORT, "--set", "world_size=2"]
+TORCHRUN = (str(Path(sys.executable).with_name("torchrun")), "--nnodes", "1",
+            "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"{distributed.LOOPBACK}:0", "--local-addr", distributed.LOOPBACK,
+            "-m", "gradlab")
+RUNS = {
+    "good": (LAUNCHED, ["--json"]),
+    # rank 1 raises in its first data-parallel step; rank 0 sleeps meanwhile
+    "raises": (LAUNCHED, ["--set", "setup=user_setups:fails_on_rank_1", "--set",
+                          "dtype=float64"]),
+    # every rank sleeps in its first data-parallel step, until the launcher gets SIGTERM
+    "stopped": (LAUNCHED, ["--set", "setup=user_setups:sleeps_once_parallel", "--set",
+                           "dtype=float64"]),
+    "torchrun": (SHORT, ["--set", "dtype=float64", "--json"]),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)  # from the module's start: the others overlap
+def runs(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """Every run of this module, started at once; name -> (process, its --out folder)."""
+    started = {}
+    try:
+        for name, (args, extra) in RUNS.items():
+            out = tmp_path_factory.mktemp(name) / "results"
+            launcher = TORCHRUN if name == "torchrun" else (sys.executable, "-m", "gradlab")
+            started[name] = (start(*args, *extra, "--out", str(out), launcher=launcher), out)
+        yield started
+    finally:
+        for process, _ in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(runs) -> tuple[Path, dict, str]:
+    code, stdout, stderr = finish(runs["good"][0])
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    return Path(doc["run_dir"]), doc, stderr
+
+
+def test_two_ranks_compute_the_single_process_big_batch_gradient(two_ranks):
+    run, _, _ = two_ranks
+    summary = pd.read_csv(run / "summary.csv").set_index(["dtype", "arm"])
+    assert set(summary.index) == {(d, a) for d in ("float32", "float64") for a in
+                                  ("big-batch", "no-sync", "sync-every-micro-batch",
+                                   "never-synced")}
+    for dtype, bound in (("float64", 1e-12), ("float32", 1e-5)):
+        for arm in ("no-sync", "sync-every-micro-batch"):
+            row = summary.loc[(dtype, arm)]
+            assert row["max_rel_grad_err"] <= bound, (dtype, arm)
+            assert row["max_exact_err"] <= bound, (dtype, arm)
+            assert row["min_grad_cosine"] > 1 - bound
+            assert row["verdict"] == "equivalent"
+        never = summary.loc[(dtype, "never-synced")]
+        assert never["max_rel_grad_err"] > 0.1  # rank 0 stepped on half the window
+        assert never["verdict"] == "differs"
+    # B = W·m·N: 64 = 2 ranks x 8 examples x 4 micro-batches
+    arms = summary.loc["float64"]
+    assert arms.loc["no-sync", ["world_size", "accum_steps", "micro_batch", "batch_size"]
+                    ].tolist() == [2, 4, 8, 64]
+    assert arms.loc["big-batch", ["world_size", "accum_steps", "micro_batch"]].tolist() == \
+        [1, 1, 64]
+
+
+def test_no_sync_all_reduces_once_a_window_and_every_micro_batch_n_times(two_ranks):
+    run, _, _ = two_ranks
+    summary = pd.read_csv(run / "summary.csv")
+    per_step = summary.groupby("arm")["allreduces_per_step"].agg(["min", "max"])
+    assert per_step.loc["no-sync"].tolist() == [1, 1]
+    assert per_step.loc["sync-every-micro-batch"].tolist() == [4, 4]  # N = 4
+    assert per_step.loc["never-synced"].tolist() == [0, 0]
+    assert per_step.loc["big-batch"].tolist() == [0, 0]
+    steps = pd.read_csv(run / "steps.csv")
+    counted = steps.groupby("arm")["allreduces"].unique()
+    assert counted["no-sync"].tolist() == [1]
+    assert counted["sync-every-micro-batch"].tolist() == [4]
+    assert (steps["step_seconds"] > 0).all()  # time_steps = true in ddp.toml
+
+
+def test_only_rank_0_writes_and_speaks(two_ranks):
+    run, doc, stderr = two_ranks
+    steps = pd.read_csv(run / "steps.csv")
+    assert not steps.duplicated(["trial", "arm", "step"]).any()
+    assert len(steps) == 2 * 4 * 2  # trials x arms x steps, once
+    probe = pd.read_csv(run / "probe.csv")
+    assert not probe.duplicated(["trial", "arm", "step", "param"]).any()
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == "complete"
+    assert meta["pid"] == meta["ranks"][0]["pid"]  # rank 0 wrote run.json
+    assert_ranks_gone(meta)
+    assert doc["status"] == "complete"
+    # --json: the document on stdout; on stderr, what --set left alone, said once (rank 0)
+    assert stderr.splitlines() == [
+        "note: --set world_size=2 applies to arms no-sync, sync-every-micro-batch, "
+        "never-synced; arm big-batch keeps its own world_size = 1 (--set ARM.world_size=VALUE "
+        "sets it for one arm)"]
+    assert [p.name for p in run.parent.iterdir()] == [run.name]  # ranks agree on one name
+
+
+def test_a_rank_that_raises_fails_the_run_and_the_launcher_stops_the_others(runs):
+    """Rank 1 raises in its first data-parallel step while rank 0 computes (sleeps) outside
+    any collective: the launcher stops rank 0, which marks the run failed with rank 1's
+    error."""
+    process, out = runs["raises"]
+    code, stdout, stderr = finish(process)
+    assert code == 1, stderr
+    assert stdout == ""
+    assert_one_error(stderr, "error: run failed on rank 1: RuntimeError: boom on rank 1 "
+                             "(details in ")
+    meta = json.loads((the_run(out) / "run.json").read_text())
+    assert meta["status"] == "failed"
+    assert meta["failed_rank"] == 1
+    assert meta["error"].startswith("rank 1: Traceback")
+    assert "RuntimeError: boom on rank 1" in meta["error"]
+    assert not (the_run(out) / "summary.csv").exists()
+    assert_ranks_gone(meta)
+
+
+def test_sigterm_to_the_launcher_stops_every_rank(runs):
+    launcher, out = runs["stopped"]
+    deadline = time.monotonic() + HANG
+    while not (out.is_dir() and any(out.glob("*/run.json"))):  # the ranks have joined
+        assert launcher.poll() is None, launcher.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1)  # both ranks are asleep in their first data-parallel step by now, or soon
+    launcher.send_signal(signal.SIGTERM)
+    code, stdout, stderr = finish(launcher)
+    assert code == 128 + signal.SIGTERM, stderr
+    assert_one_error(stderr, "error: stopped by SIGTERM; 0 of 1 trials finished")
+    meta = json.loads((the_run(out) / "run.json").read_text())
+    assert meta["status"] == "interrupted"
+    assert "failed_rank" not in meta
+    assert_ranks_gone(meta)
+
+
+def test_torchrun_starts_the_ranks_itself(runs):
+    """The same experiment under torchrun: its WORLD_SIZE is the arms' world_size."""
+    code, stdout, stderr = finish(runs["torchrun"][0])
+    assert code == 0, stderr
+    run = Path(json.loads(stdout)["run_dir"])
+    summary = pd.read_csv(run / "summary.csv").set_index("arm")
+    assert summary.loc["no-sync", "world_size"] == 2
+    assert summary.loc["no-sync", "max_rel_grad_err"] <= 1e-12
+    assert summary.loc["never-synced", "verdict"] == "differs"
+    assert summary.loc["no-sync", "allreduces_per_step"] == 1
+    assert summary.loc["sync-every-micro-batch", "allreduces_per_step"] == 4
+    meta = json.loads((run / "run.json").read_text())
+    assert_ranks_gone(meta)
+    assert "note:" not in stderr  # torchrun's WORLD_SIZE is no --set

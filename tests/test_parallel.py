@@ -1,0 +1,218 @@
+"""--jobs: trials in worker processes. The same bytes for any number of workers, one
+progress count, a worker's error as the run's, and no worker outliving gradlab."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import gradlab
+from gradlab import runner, spec, store
+
+TESTS = Path(__file__).parent
+# the equivalence experiment cut down: mlp, cnn and cnn+GroupNorm at N = 1, 2, 4; 9 trials
+SMALL = ["equivalence", "--set", "dtype=float32", "--set", "accum_steps=1,2,4",
+         "--set", "steps=3"]
+
+
+def run_with_jobs(out: Path, jobs: int, *args: str) -> Path:
+    result = gradlab("run", *args, "--jobs", str(jobs), "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    return Path(json.loads(result.stdout)["run_dir"])
+
+
+def test_the_csvs_are_the_same_bytes_for_any_number_of_jobs(tmp_path):
+    one = run_with_jobs(tmp_path / "one", 1, *SMALL)
+    three = run_with_jobs(tmp_path / "three", 3, *SMALL)
+    names = sorted(p.name for p in one.glob("*.csv"))
+    assert names == sorted(p.name for p in three.glob("*.csv"))
+    assert {"summary.csv", "steps.csv", "probe.csv"} <= set(names)
+    for name in names:
+        assert filecmp.cmp(one / name, three / name, shallow=False), name
+    summary = pd.read_csv(three / "summary.csv")
+    assert list(summary["trial"]) == sorted(summary["trial"])  # written in trial order
+    assert set(summary["trial"]) == set(range(9))
+    meta1, meta3 = (json.loads((d / "run.json").read_text()) for d in (one, three))
+    assert (meta1["jobs"], meta1["workers"], meta1["threads"]) == (1, 1, 1)
+    assert (meta3["jobs"], meta3["workers"], meta3["threads"]) == (3, 3, 1)
+
+
+def test_fewer_trials_than_jobs_give_each_trial_the_cores_left_over():
+    trials = spec.expand(spec.apply_overrides(spec.load_spec("toy"), ["seed=0,1"]))
+    plan = runner.Plan(2, 4, 1.0, 2**20, None)
+    workers = runner.spread(trials, 7, plan).workers
+    assert (workers.processes, workers.threads) == (2, 3)
+    alone = runner.spread(trials[:1], 4, plan).workers
+    assert (alone.processes, alone.threads) == (1, 4)  # one trial gets every core
+    assert runner.spread(trials, 1, plan).workers.threads == 1
+    # what does not fit in memory twice runs once at a time
+    tight = runner.Plan(2, 4, 1.0, 2**30, available_bytes=int(1.5 * (2**30 + 400 * 2**20)))
+    assert runner.spread(trials, 2, tight).workers.processes == 1
+
+
+def test_a_threads_setting_is_the_trials_own():
+    trials = spec.expand(spec.apply_overrides(spec.load_spec("toy"), ["threads=3"]))
+    workers = runner.Workers(jobs=2, processes=2, threads=1)
+    assert workers.threads_of(trials[0]) == 3
+    with pytest.raises(spec.GradlabError, match="one thread count"):
+        spec.expand(spec.apply_overrides(spec.load_spec("toy"), ["accumulated.threads=2"]))
+
+
+def test_progress_from_every_worker_reaches_the_parent(tmp_path):
+    trials = spec.expand(spec.apply_overrides(spec.load_spec("toy"), ["seed=0,1,2"]))
+    run_dir = store.RunDir(tmp_path, "toy", {"trials": [{"trial": t.index, "swept": t.swept}
+                                                        for t in trials]})
+    steps: list[int] = []
+    results = runner.run_trials(trials, run_dir, steps.append,
+                                runner.Workers(jobs=2, processes=2, threads=1))
+    assert sum(steps) == sum(a.settings.steps for t in trials for a in t.arms) == 6
+    assert [r["summary"][0]["trial"] for r in results] == [0, 1, 2]
+    assert list(pd.read_csv(run_dir.path / "summary.csv")["trial"]) == [0, 0, 1, 1, 2, 2]
+
+
+def test_an_error_in_a_worker_fails_the_run_with_the_workers_traceback(tmp_path):
+    result = gradlab("run", "toy", "--set", "setup=user_setups:breaks_for_seed_1",
+                     "--set", "seed=0,1,2", "--jobs", "2", "--out", tmp_path)
+    assert result.exit_code == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: run failed: FloatingPointError: overflow in the user's model")
+    (run_dir,) = tmp_path.iterdir()
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "failed"
+    assert "user_setups.py" in meta["error"] and "in forward" in meta["error"]  # the worker's
+    kept = set(pd.read_csv(run_dir / "summary.csv")["trial"])
+    assert 1 not in kept and kept <= {0, 2}
+
+
+def test_bad_input_a_worker_meets_is_one_line_and_exit_2(tmp_path):
+    result = gradlab("run", "toy", "--set", "setup=user_setups:refuses_seed_1",
+                     "--set", "seed=0,1", "--jobs", "2", "--out", tmp_path)
+    assert result.exit_code == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: setup 'user_setups:refuses_seed_1' failed: ValueError: no data for seed 1; a "
+        "setup factory is called as factory(settings)")
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+
+
+# ----------------------------------------------------------------------------- stops
+
+# 40 trials of 100 steps: long enough to stop with workers mid-trial
+TRIALS = 40
+MANY = ["equivalence", "--set", "model=mlp", "--set", "dataset=regression",
+        "--set", "dtype=float64", "--set", "accum_steps=2", "--set", "steps=100",
+        "--set", "seed=" + ",".join(map(str, range(TRIALS))), "--jobs", "2"]
+
+
+@dataclass
+class Stop:
+    signum: int
+    whole_group: bool  # Ctrl-C in a terminal reaches every process of the foreground group
+    folder: Path | None = None
+    proc: subprocess.Popen | None = None
+    before: set[int] | None = None  # the run's processes when the signal went
+    after: set[int] | None = None  # those still there once gradlab had exited
+    stderr: str = ""
+
+
+STOPS = {"SIGTERM": Stop(signal.SIGTERM, False), "SIGKILL": Stop(signal.SIGKILL, False),
+         "Ctrl-C": Stop(signal.SIGINT, True)}
+
+
+def session(sid: int) -> set[int]:
+    """The processes of a session: gradlab, its fork server, its workers."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[3] == str(sid) and fields[0] != "Z":  # a zombie is gone, only not reaped
+            pids.add(int(entry))
+    return pids
+
+
+def wait_until(condition, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def stops(tmp_path_factory) -> dict[str, Stop]:
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc (Linux) to see the worker processes")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    for case in STOPS.values():  # all at once: the module takes about as long as one
+        case.folder = tmp_path_factory.mktemp("stop")
+        case.proc = subprocess.Popen([sys.executable, "-m", "gradlab.cli", "run", *MANY,
+                                      "--out", str(case.folder)], env=env,
+                                     start_new_session=True, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+    for case in STOPS.values():
+        # a trial on disk: the workers are running
+        wait_until(lambda c=case: any(c.folder.glob("*/summary.csv")) or
+                   c.proc.poll() is not None, 240)
+        case.before = session(case.proc.pid)
+        if case.whole_group:
+            os.killpg(case.proc.pid, case.signum)
+        else:
+            case.proc.send_signal(case.signum)
+    for case in STOPS.values():
+        try:
+            case.stderr = case.proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            case.proc.kill()
+            case.stderr = case.proc.communicate()[1]
+        wait_until(lambda c=case: not session(c.proc.pid), 30)
+        case.after = session(case.proc.pid)
+    return STOPS
+
+
+@pytest.mark.parametrize("name", list(STOPS))
+def test_no_worker_outlives_gradlab(stops, name):
+    case = stops[name]
+    # gradlab, the fork server (and resource tracker) and two workers were running
+    assert len(case.before) >= 4, (case.before, case.stderr)
+    assert case.after == set()
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "Ctrl-C"])
+def test_a_stop_ends_in_one_line_and_keeps_the_finished_trials(stops, name):
+    case = stops[name]
+    assert case.proc.returncode == 128 + case.signum, case.stderr
+    assert "Traceback" not in case.stderr
+    last = case.stderr.strip().splitlines()[-1]
+    (run_dir,) = case.folder.iterdir()
+    summary = pd.read_csv(run_dir / "summary.csv")
+    kept = summary["trial"].nunique()
+    assert 0 < kept < TRIALS
+    assert (summary.groupby("trial").size() == 3).all()  # every kept trial is whole
+    assert f"{kept} of {TRIALS} trials finished" in last
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "interrupted" and meta["workers"] == 2
+
+
+def test_a_killed_gradlab_leaves_its_run_marked_running(stops):
+    case = stops["SIGKILL"]
+    assert case.proc.returncode == -signal.SIGKILL
+    (run_dir,) = case.folder.iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+    result = gradlab("compare", run_dir)  # and compare says its process is gone
+    assert result.exit_code == 2 and "is gone" in result.stderr

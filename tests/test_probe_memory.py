@@ -1,0 +1,60 @@
+"""Comparing gradients costs no model of its own: the probes compute in the baseline's
+model (the exact float64 reference too, cast in place and back), and leave it exactly
+as they found it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gradlab import runner, spec
+
+# one trial of the equivalence experiment: a BatchNorm cnn (running statistics to put
+# back), float32 (so the exact reference casts to float64 and back), three arms
+BN_TRIAL = ["model=cnn", "dataset=digits", "norm=bn", "dtype=float32", "accum_steps=4",
+            "steps=3", "eval_every=1"]
+
+
+def one_trial(*overrides: str) -> spec.Trial:
+    (trial,) = spec.expand(spec.apply_overrides(spec.load_spec("equivalence"),
+                                                [*BN_TRIAL, *overrides]))
+    return trial
+
+
+def test_probing_builds_no_model_of_its_own(monkeypatch):
+    built = []
+    original = runner.build_setup
+    monkeypatch.setattr(runner, "build_setup",
+                        lambda s, *a: built.append(s.dtype) or original(s, *a))
+    rows = runner.run_trial(one_trial(), {})
+    assert built == ["float32"] * 3  # one model per arm, none for the probes
+    probed = {r["arm"] for r in rows["probe"]}
+    assert probed == {"accumulated", "no-loss-scaling"}
+    assert {r["step"] for r in rows["probe"]} == {1, 2, 3}
+    assert all(r["floor_err"] > 0 for r in rows["probe"] if r["param"] == "*")  # float32
+
+
+def test_probing_leaves_the_baseline_as_it_was():
+    """Its weights, its gradient and its BatchNorm statistics come back exactly: it trains
+    and evaluates as it does alone."""
+    trial = one_trial()
+    probed = runner.run_trial(trial, {})
+    alone = runner.run_trial(dataclasses.replace(trial, arms=(trial.baseline,)), {})
+
+    def baseline(rows, table):  # (NaN, not measured here, is not equal to itself)
+        return [{k: None if v != v else v for k, v in r.items() if k != "arm"}
+                for r in rows[table] if r["arm"] == "big-batch"]
+
+    assert baseline(probed, "steps")[0]["grad_norm"] > 0
+    for table in ("steps", "eval"):
+        assert baseline(probed, table) == baseline(alone, table), table
+    assert baseline(alone, "probe") == []
+
+
+def test_an_arm_in_another_dtype_is_probed_in_a_model_of_that_dtype():
+    # GroupNorm: per example, so accumulating is exact (BatchNorm's batch statistics are not)
+    trial = one_trial("norm=gn", "accumulated.dtype=float64", "no-loss-scaling.dtype=float64")
+    rows = runner.run_trial(trial, {})
+    overall = {r["arm"]: r for r in rows["probe"] if r["param"] == "*" and r["step"] == 1}
+    # float64 arms against the exact float64 gradient: far closer than float32 rounds
+    assert overall["accumulated"]["exact_err"] < 1e-12
+    assert 2.5 < overall["no-loss-scaling"]["exact_err"] < 3.5  # N = 4: N - 1 too large
