@@ -255,7 +255,8 @@ def run(
     json_out: JsonOpt = False,
     yes: YesOpt = False,
     jobs: Annotated[int | None, typer.Option(
-        "--jobs", "-j", min=1, show_default="the usable cores (on CUDA: the GPUs)",
+        "--jobs", "-j", min=1,
+        show_default="the usable cores (on CUDA: the GPUs); 1 for a run estimated under 10 s",
         help="Run up to K trials at once, each in a worker process with one intra-op "
              "thread (a run of fewer trials gives each the cores left over). The CSVs are "
              "the same bytes for any K.")] = None,
@@ -324,10 +325,11 @@ def spread(trials: list[spec.Trial], jobs: int | None) -> runner.Plan:
     runner.default_jobs)."""
     from gradlab import runner
 
-    jobs = jobs or runner.default_jobs(trials)
+    plan = runner.preflight(trials)
+    jobs = jobs or runner.default_jobs(trials, plan)
     if min(jobs, len(trials)) > 1:
-        runner.parallel.warm_up()  # the workers' imports, meanwhile
-    return runner.spread(trials, jobs, runner.preflight(trials))
+        runner.parallel.warm_up()  # the workers' imports, while the parent prints the plan
+    return runner.spread(trials, jobs, plan)
 
 
 def execute(loaded: spec.Spec, trials: list[spec.Trial], cost: runner.Plan | None,

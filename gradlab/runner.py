@@ -1263,8 +1263,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_jobs(trials: list[Trial]) -> int:
-    """One job per usable core; on CUDA, one per GPU visible."""
+# a run estimated shorter than this runs in the gradlab process: starting worker processes
+# (a fork server importing torch, about 2 s of CPU) would cost more than they save
+WORTH_WORKERS_SECONDS = 10.0
+
+
+def default_jobs(trials: list[Trial], plan: Plan) -> int:
+    """One job per usable core; on CUDA, one per GPU visible; one for a short run."""
+    if plan.seconds < WORTH_WORKERS_SECONDS:
+        return 1
     if any(resolve_device(a.settings.device).type == "cuda" for t in trials for a in t.arms):
         return max(1, torch.cuda.device_count())
     return usable_cores()

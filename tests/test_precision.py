@@ -120,7 +120,7 @@ def test_a_window_has_one_scale_and_one_update():
     # growth every step: N updates per window would multiply the scale by 2^N
     scaler = torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=1)
     watch = Scales(scaler)
-    stats = engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, watch, scaler)
+    stats = engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, watch, scaler=scaler)
     assert watch.seen == [64.0] * SCALED.accum_steps
     assert stats.grad_scale == 64.0 and not stats.skipped
     assert scaler.get_scale() == 128.0  # one update for the window
@@ -131,13 +131,13 @@ def test_the_scaler_skips_a_window_whose_gradient_overflows_and_backs_off():
     optimizer = engine.make_optimizer(setup.model, SCALED)
     before = [p.detach().clone() for p in setup.model.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # float16 overflows at 65504
-    stats = engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, None, scaler)
+    stats = engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, None, scaler=scaler)
     assert stats.skipped and not math.isfinite(stats.grad_norm) and stats.update_norm == 0
     for p, b in zip(setup.model.parameters(), before, strict=True):
         assert torch.equal(p, b)
     assert scaler.get_scale() == 2.0**39
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
-    stats = engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, None, scaler)
+    stats = engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, None, scaler=scaler)
     assert not stats.skipped and math.isfinite(stats.grad_norm) and stats.update_norm > 0
 
 
@@ -145,7 +145,7 @@ def test_the_probes_copy_of_a_scaler_leaves_the_arms_scaler_as_it_was():
     setup = float32_setup()
     optimizer = engine.make_optimizer(setup.model, SCALED)
     scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
-    engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, None, scaler)
+    engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, None, scaler=scaler)
     state = scaler.state_dict()
     copy = engine.make_scaler(SCALED, torch.device("cpu"), like=scaler)
     assert copy.get_scale() == scaler.get_scale() == 512.0
@@ -154,7 +154,7 @@ def test_the_probes_copy_of_a_scaler_leaves_the_arms_scaler_as_it_was():
                            scaler=copy)
     assert scaler.state_dict() == state
     # the arm can still unscale its own optimizer this window: nothing was recorded for it
-    engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, None, scaler)
+    engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, None, scaler=scaler)
 
 
 def test_clipping_before_unscale_clips_the_scaled_gradient():
@@ -183,6 +183,7 @@ setup = "user_setups:loud_regression"
 batch_size = 64
 steps = 12
 lr = 0.001
+update_norm = true
 [arms.float32]
 baseline = true
 [arms.scaled]
@@ -222,9 +223,13 @@ BAD = [
     (["grad_scaler=on", "dtype=float16"], "needs dtype=float32 with autocast=float16"),
     (["grad_scaler=on", "autocast=float16", "zero_grad=never"], "use zero_grad=every-n"),
     (["grad_accum_dtype=float32", "dtype=float64"], "use grad_accum_dtype=param"),
-    (["clip_at=before-unscale"], "there is no unscale_ to clip before"),
-    (["clip_norm=-1"], "use 0 (no clipping) or a positive norm"),
+    (["clip_at=before-unscale", "clip_norm=1"], "there is no unscale_ to clip before"),
+    (["clip_norm=-1"], "give the largest gradient norm, > 0 (or 0 for no clipping)"),
     (["autocast=float8"], "choose one of: none, bfloat16, float16"),
+    (["clip_at=per-micro-batch", "clip_norm=1", "grad_accum_dtype=float32", "dtype=bfloat16"],
+     "clipping each partial sum is measured with the gradient summed in .grad"),
+    (["world_size=2", "grad_accum_dtype=float32", "dtype=bfloat16"],
+     "DDP all-reduces what .grad holds at the last backward"),
 ]
 
 
@@ -336,10 +341,10 @@ def test_the_bound_is_n_minus_1_u_times_the_sums_condition(summary):
 
 
 def test_compare_checks_the_precision_run(precision_run):
-    result = gradlab("compare", precision_run["run_dir"], "--check")
+    result = gradlab("compare", precision_run["run_dir"], "--check", "--table", "full")
     assert result.exit_code == 0, result.stderr
     for header in ("rise over N=1", "bound", "floor", "skipped"):
-        assert header in result.stderr  # the table, for people
+        assert header in result.stdout  # the table, for people
 
 
 def test_the_precision_figure_has_a_panel_per_precision(precision_run):
