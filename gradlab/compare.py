@@ -664,5 +664,7 @@ def measured_pivot(comparison: Comparison, at: str) -> Pivot:
     ns = sorted({n for _, cells in groups for n in cells})
     table = [(names, [measured_cell(cells[n], measure) if n in cells else PivotCell("", "")
                       for n in ns]) for names, cells in groups]
+    # a memory budget's answer is the point of such a run: the compact table says it too
     return Pivot(title, labels, ns, table,
-                 "no expectations: one arm, each trial a training run of its own", [])
+                 "no expectations: one arm, each trial a training run of its own",
+                 budget_notes(rows, comparison.settings))
