@@ -120,7 +120,8 @@ def test_a_window_has_one_scale_and_one_update():
     # growth every step: N updates per window would multiply the scale by 2^N
     scaler = torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=1)
     watch = Scales(scaler)
-    stats = engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, watch, scaler=scaler)
+    stats = engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, watch,
+                              scaler=scaler)
     assert watch.seen == [64.0] * SCALED.accum_steps
     assert stats.grad_scale == 64.0 and not stats.skipped
     assert scaler.get_scale() == 128.0  # one update for the window
