@@ -186,6 +186,7 @@ def stops(tmp_path_factory) -> dict[str, Stop]:
     return STOPS
 
 
+@pytest.mark.slow  # three runs stopped, with their workers
 @pytest.mark.parametrize("name", list(STOPS))
 def test_no_worker_outlives_gradlab(stops, name):
     case = stops[name]
@@ -194,6 +195,7 @@ def test_no_worker_outlives_gradlab(stops, name):
     assert case.after == set()
 
 
+@pytest.mark.slow  # three runs stopped, with their workers
 @pytest.mark.parametrize("name", ["SIGTERM", "Ctrl-C"])
 def test_a_stop_ends_in_one_line_and_keeps_the_finished_trials(stops, name):
     case = stops[name]
@@ -210,6 +212,7 @@ def test_a_stop_ends_in_one_line_and_keeps_the_finished_trials(stops, name):
     assert meta["status"] == "interrupted" and meta["workers"] == 2
 
 
+@pytest.mark.slow  # three runs stopped, with their workers
 def test_a_killed_gradlab_leaves_its_run_marked_running(stops):
     case = stops["SIGKILL"]
     assert case.proc.returncode == -signal.SIGKILL

@@ -24,6 +24,9 @@ import pytest
 
 from conftest import gradlab
 
+# many Python processes, each importing torch: outside the default run, in CI's second
+pytestmark = pytest.mark.slow
+
 TESTS = Path(__file__).parent
 # the equivalence experiment on the mlp, many short trials: long enough to stop half-way
 TRIALS = 60
