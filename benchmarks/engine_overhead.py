@@ -31,10 +31,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from results import machine, publish
 
 from gradlab import engine, runner
 from gradlab.spec import Settings
+from results import machine, publish
 
 # mlp 64-256-256-10 and the built-in cnn (8 and 16 channels) on digits
 MODELS = {

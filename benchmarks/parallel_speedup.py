@@ -9,7 +9,7 @@ Not a test: run it on an idle machine and paste its output into benchmarks/RESUL
 
 Each row is one `gradlab run ... --jobs K` in a fresh process. CPU time is user + system
 time of every process of the run (the gradlab process, its fork server and its worker
-processes), read from /proc every 50 ms (Linux only): at most 50 ms per process is
+processes), read from /proc every 0.5 s (Linux only): at most 0.5 s per process is
 missed. `--busy N` starts N processes that spin on their own core for the whole
 measurement, as other work on a shared machine would.
 """
@@ -55,7 +55,7 @@ def timed_run(command: list[str]) -> tuple[float, float, int]:
     seen: dict[int, float] = {}
     while process.poll() is None:
         seen.update(session_cpu_seconds(process.pid))
-        time.sleep(0.05)
+        time.sleep(0.5)
     wall = time.perf_counter() - start
     seen.update(session_cpu_seconds(process.pid))  # the fork server may still be exiting
     return wall, sum(seen.values()), process.returncode

@@ -695,9 +695,17 @@ def block_cost_prose(runs: dict, printed: dict) -> str:
 
 
 def block_cost_budget(runs: dict, printed: dict) -> str:
-    lines = [" ".join(line.split()) for line in printed["cost-budget"].splitlines()
+    """The budget lines of the run, computed from its files as compare computes them (the
+    printed ones wrap at the terminal's width)."""
+    from gradlab import compare, store
+
+    loaded = store.load_runs([runs["cost-budget"]])
+    rows = compare.arm_rows(loaded)
+    lines = [line for line in compare.budget_notes(rows, compare.setting_columns(loaded, rows))
              if line.startswith("budget ")]
     return "```text\n$ gradlab run cost --set budget_mb=10\n…\n" + "\n".join(lines) + "\n```"
+
+
 def overall_probes(run_dir: Path) -> pd.DataFrame:
     """The all-parameter rows of probe.csv, with the arm's swept settings."""
     probes = read(run_dir, "probe")

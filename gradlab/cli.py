@@ -256,7 +256,8 @@ def run(
     yes: YesOpt = False,
     jobs: Annotated[int | None, typer.Option(
         "--jobs", "-j", min=1,
-        show_default="the usable cores (on CUDA: the GPUs); 1 for a run estimated under 10 s",
+        show_default="the usable cores that the load leaves idle (on CUDA: the GPUs); 1 "
+                     "for a run estimated under 10 s",
         help="Run up to K trials at once, each in a worker process with one intra-op "
              "thread (a run of fewer trials gives each the cores left over). The CSVs are "
              "the same bytes for any K.")] = None,

@@ -16,7 +16,7 @@ window, so an example gets the same mask whichever micro-batch it is in.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -43,9 +43,14 @@ class ExampleDropout(nn.Dropout):
         return torch.rand(shape, generator=generator, device=device) >= self.p
 
 
+def example_keys(model: nn.Module, keys: torch.Tensor | None) -> AbstractContextManager:
+    """Per-example masks from ``keys`` for the forward passes inside (None: nn.Dropout's,
+    and nothing to set: no walk over the model's modules for every micro-batch)."""
+    return nullcontext() if keys is None else keyed(model, keys)
+
+
 @contextmanager
-def example_keys(model: nn.Module, keys: torch.Tensor | None) -> Iterator[None]:
-    """Per-example masks from ``keys`` for the forward passes inside (None: nn.Dropout's)."""
+def keyed(model: nn.Module, keys: torch.Tensor) -> Iterator[None]:
     layers = [m for m in model.modules() if isinstance(m, ExampleDropout)]
     for layer in layers:
         layer.keys = keys

@@ -238,11 +238,12 @@ def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setu
         loss = gradcache(model, micro_batches, window_units, s, setup, watch)
         return WindowGradient(loss, window_units, unscale_and_clip(model, s, optimizer, scaler))
     rank, ranks = data_parallel_rank(model)
+    device = setup.device  # (a walk over the parameters: once per window)
     keys = mask_keys(window, s)
     per_micro_batch_clip = clips_each_micro_batch(s)
     sums = PartialSums(model, s)
     parts = step_windows(window, s)
-    window_loss, total_units, index, start = 0.0, 0, 0, 0
+    losses, total_units, index, start = [], 0, 0, 0
     for p, part in enumerate(parts):
         every_rank = rank_micro_batches(part, micro_batch_count(num_examples(part), s), ranks)
         # the units of the whole window, every rank's slice, before any backward
@@ -258,7 +259,7 @@ def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setu
             # DDP decides at forward time whether the backward all-reduces: both go inside
             with synced(model, s, last):
                 with example_keys(model, None if keys is None else keys[offset:offset + size]), \
-                        forward_precision(s, setup.device):
+                        forward_precision(s, device):
                     # a coupled loss: each example scored against its micro-batch's only
                     loss, units = setup.batch_loss(model, micro_batch)
                 sums.before_backward()
@@ -266,9 +267,7 @@ def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setu
             sums.after_backward()
             if per_micro_batch_clip:
                 clip(model, s)
-            # a float16 loss under autocast is summed in float32; a float64 one stays float64
-            window_loss = window_loss + loss.detach().to(
-                torch.promote_types(loss.dtype, torch.float32))
+            losses.append(loss.detach())
             if watch is not None:
                 watch.micro_batch(index)
             if s.zero_grad == ZeroGrad.AFTER_BACKWARD:  # the misplacement: wipes what backward did
@@ -277,6 +276,9 @@ def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setu
         total_units = total_units + window_units
         start += num_examples(part)
     skip = unscale_and_clip(model, s, optimizer, scaler)
+    # summed once, on the device; a float16 loss under autocast in float32, float64 as it is
+    window_loss = torch.stack(losses).sum(dtype=torch.promote_types(losses[0].dtype,
+                                                                    torch.float32))
     return WindowGradient(window_loss, total_units, skip)
 
 

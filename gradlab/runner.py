@@ -1278,12 +1278,23 @@ WORTH_WORKERS_SECONDS = 10.0
 
 
 def default_jobs(trials: list[Trial], plan: Plan) -> int:
-    """One job per usable core; on CUDA, one per GPU visible; one for a short run."""
+    """One job per usable core that other work leaves idle; on CUDA, one per GPU visible;
+    one for a short run. (Measured on 2 cores with 2 busy loops beside it: the default
+    run took 98 s with 2 workers against 56 s with 1; idle, 26 s against 31 s.)"""
     if plan.seconds < WORTH_WORKERS_SECONDS:
         return 1
     if any(resolve_device(a.settings.device).type == "cuda" for t in trials for a in t.arms):
         return max(1, torch.cuda.device_count())
-    return usable_cores()
+    return idle_cores()
+
+
+def idle_cores() -> int:
+    """Usable cores minus the load of the last minute (runnable processes on average)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available here: assume the cores are ours
+        load = 0.0
+    return max(1, usable_cores() - round(load))
 
 
 # what a worker process holds before its first trial (Python, torch, gradlab imported)

@@ -213,6 +213,7 @@ def test_bad_arguments_fail_before_any_process_starts(entrypoint, args, fragment
     assert not any(tmp_path.iterdir())  # no run directory for a run that never was
 
 
+@pytest.mark.slow  # each runs the user's loop in several processes
 @pytest.mark.parametrize("entrypoint, fragments", [
     ("audit_loops:wrong_signature", ("is wrong_signature(batch_size, steps)",
                                      "train(micro_batch_size: int, accum_steps: int")),

@@ -29,9 +29,6 @@ from gradlab.setup import Setup, mse_loss
 from gradlab.spec import Settings, Sync
 from test_cli import assert_clean_failure
 
-# many Python processes, each importing torch: outside the default run, in CI's second
-pytestmark = pytest.mark.slow
-
 TESTS = Path(__file__).parent
 # far more than any of these runs takes: reached only if a rank hangs
 HANG = 240

@@ -220,3 +220,15 @@ def test_a_killed_gradlab_leaves_its_run_marked_running(stops):
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
     result = gradlab("compare", run_dir)  # and compare says its process is gone
     assert result.exit_code == 2 and "is gone" in result.stderr
+
+
+def test_the_default_jobs_are_the_cores_the_load_leaves_idle(monkeypatch):
+    from gradlab import runner
+
+    monkeypatch.setattr(runner, "usable_cores", lambda: 4)
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (2.4, 0.0, 0.0))
+    long_run = runner.Plan(1, 1, 60.0, 0, None)
+    assert runner.default_jobs([], long_run) == 2
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert runner.default_jobs([], long_run) == 1  # busier than the cores: one job
+    assert runner.default_jobs([], runner.Plan(1, 1, 3.0, 0, None)) == 1  # a short run
