@@ -1279,8 +1279,9 @@ WORTH_WORKERS_SECONDS = 10.0
 
 def default_jobs(trials: list[Trial], plan: Plan) -> int:
     """One job per usable core that other work leaves idle; on CUDA, one per GPU visible;
-    one for a short run. (Measured on 2 cores with 2 busy loops beside it: the default
-    run took 98 s with 2 workers against 56 s with 1; idle, 26 s against 31 s.)"""
+    one for a short run. (On 2 cores with 2 busy loops beside it the default run took
+    98 s and 55 s with 2 workers against 56 s and 48 s with 1, in two measurements;
+    idle, 24 s against 31 s: benchmarks/RESULTS.md.)"""
     if plan.seconds < WORTH_WORKERS_SECONDS:
         return 1
     if any(resolve_device(a.settings.device).type == "cuda" for t in trials for a in t.arms):
@@ -1289,12 +1290,22 @@ def default_jobs(trials: list[Trial], plan: Plan) -> int:
 
 
 def idle_cores() -> int:
-    """Usable cores minus the load of the last minute (runnable processes on average)."""
+    """Usable cores minus the processes running now besides this one (Linux: the runnable
+    count of /proc/loadavg, a reading of this moment; a load average would still count a
+    run that ended a minute ago). Elsewhere, the 1-minute load average."""
+    return max(1, usable_cores() - busy_elsewhere())
+
+
+def busy_elsewhere() -> int:
     try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available here: assume the cores are ours
-        load = 0.0
-    return max(1, usable_cores() - round(load))
+        with open("/proc/loadavg", encoding="ascii") as loadavg:
+            return int(loadavg.read().split()[3].split("/")[0]) - 1  # this process is one
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return round(os.getloadavg()[0])
+    except OSError:  # not known here: assume the cores are ours
+        return 0
 
 
 # what a worker process holds before its first trial (Python, torch, gradlab imported)

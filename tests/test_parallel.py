@@ -226,9 +226,21 @@ def test_the_default_jobs_are_the_cores_the_load_leaves_idle(monkeypatch):
     from gradlab import runner
 
     monkeypatch.setattr(runner, "usable_cores", lambda: 4)
-    monkeypatch.setattr(runner.os, "getloadavg", lambda: (2.4, 0.0, 0.0))
+    monkeypatch.setattr(runner, "busy_elsewhere", lambda: 2)
     long_run = runner.Plan(1, 1, 60.0, 0, None)
     assert runner.default_jobs([], long_run) == 2
-    monkeypatch.setattr(runner.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    monkeypatch.setattr(runner, "busy_elsewhere", lambda: 7)
     assert runner.default_jobs([], long_run) == 1  # busier than the cores: one job
     assert runner.default_jobs([], runner.Plan(1, 1, 3.0, 0, None)) == 1  # a short run
+
+
+def test_processes_running_elsewhere_are_read_off_this_moment():
+    from gradlab import runner
+
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        assert runner.busy_elsewhere() >= 2
+    finally:
+        for spinner in spinners:
+            spinner.kill()
