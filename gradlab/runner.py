@@ -1290,22 +1290,40 @@ def default_jobs(trials: list[Trial], plan: Plan) -> int:
 
 
 def idle_cores() -> int:
-    """Usable cores minus the processes running now besides this one (Linux: the runnable
-    count of /proc/loadavg, a reading of this moment; a load average would still count a
-    run that ended a minute ago). Elsewhere, the 1-minute load average."""
+    """Usable cores minus the processes running now besides this one."""
     return max(1, usable_cores() - busy_elsewhere())
 
 
-def busy_elsewhere() -> int:
-    try:
-        with open("/proc/loadavg", encoding="ascii") as loadavg:
-            return int(loadavg.read().split()[3].split("/")[0]) - 1  # this process is one
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return round(os.getloadavg()[0])
-    except OSError:  # not known here: assume the cores are ours
-        return 0
+def busy_elsewhere(samples: int = 3, apart: float = 0.02) -> int:
+    """Other processes running (Linux: state R in /proc/PID/stat), the most seen in a few
+    readings 20 ms apart. A reading of this moment: a load average would still count a run
+    that ended a minute ago, and /proc/loadavg's runnable count counts this process's own
+    intra-op threads, which spin a while after each parallel region. Elsewhere: the
+    1-minute load average."""
+    if not os.path.isdir("/proc"):
+        try:
+            return round(os.getloadavg()[0])
+        except OSError:  # not known here: assume the cores are ours
+            return 0
+    most = 0
+    for reading in range(samples):
+        if reading:
+            time.sleep(apart)
+        most = max(most, running_processes(exclude=os.getpid()))
+    return most
+
+
+def running_processes(exclude: int) -> int:
+    running = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == exclude:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                running += stat.read().rsplit(b")", 1)[1].split()[0] == b"R"
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+    return running
 
 
 # what a worker process holds before its first trial (Python, torch, gradlab imported)
