@@ -428,7 +428,7 @@ def execute(loaded: spec.Spec, trials: list[spec.Trial], cost: runner.Plan | Non
         err.print(f"[bold red]expectation failed:[/] {escape(line)}", highlight=False,
                   soft_wrap=True)
     if not json_out:
-        say(f"run directory ({len(trials)} trials, status complete):")
+        say(f"run directory ({_count(len(trials), 'trial')}, status complete):")
         typer.echo(str(run_dir.path))
     if comparison.failures:
         raise typer.Exit(1)
