@@ -48,7 +48,8 @@ FIGURES = {"equivalence-grad-error.png": "equivalence", "norm-grad-error.png": "
            "contrastive-grad-error.png": "contrastive",
            "contrastive-training-held-out.png": "contrastive-training",
            "clipping-grad-error.png": "clipping", "scheduler-lr.png": "scheduler",
-           "scheduler-loss.png": "scheduler", "cost-cost.png": "cost"}
+           "scheduler-loss.png": "scheduler", "cost-cost.png": "cost",
+           "precision-precision.png": "precision"}
 # figures of a named metric: docs/figures/FILE <- (run, `gradlab plot` options, file it makes)
 PLOTTED = {"last-window-grad-error.png": ("last-window", ["-y", "exact_err"],
                                           "last-window-exact_err-vs-step.png"),
