@@ -622,8 +622,10 @@ def pivot(comparison: Comparison) -> Pivot:
         return measured_pivot(comparison, at)
     if "max_exact_err" in rows and rows["max_exact_err"].notna().any():
         measure = "max_exact_err"
-        # the floor is recorded on the rows of the arms probed against the baseline
-        floors = rows.groupby(["run", "trial"])["exact_floor"].transform("max")
+        # the floor is recorded on the rows of the arms probed against the baseline: the
+        # baseline's own is that of the arms computing in its precision (a trial may mix)
+        same = ["precision"] if "precision" in rows and rows["precision"].notna().all() else []
+        floors = rows.groupby(["run", "trial", *same])["exact_floor"].transform("max")
         rows = rows.assign(exact_floor=rows["exact_floor"].fillna(floors))
         title = (f"{comparison.experiment}: each arm's distance from the exact gradient "
                  f"({HEADERS[measure]}) by N{at}")

@@ -14,7 +14,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import gradlab, run_json
-from gradlab import engine, plots, schema, store
+from gradlab import compare, engine, plots, schema, store
 from gradlab.setup import Setup, mse_loss, split
 from gradlab.spec import Settings
 from test_cli import assert_clean_failure
@@ -403,3 +403,14 @@ def test_on_cuda_the_float32_buffer_still_sums_to_float32_rounding():
     engine.window_gradient(setup.model, setup.train, s, setup)
     assert all(p.grad.dtype == torch.bfloat16 and p.grad.is_cuda
                for p in setup.model.parameters())
+
+
+def test_the_pivots_baseline_row_shows_the_floor_of_its_own_precision(precision_run, summary):
+    """A trial mixes precisions: the float32 baseline's row is float32's floor, not the
+    largest floor of the trial (bfloat16's)."""
+    (run,) = store.load_runs([Path(precision_run["run_dir"])])
+    pivot = compare.pivot(compare.compare([run]))
+    (base,) = [cells for labels, cells in pivot.rows if labels[-1] == "big-batch"]
+    float32 = summary.loc["float32", "exact_floor"].max()
+    assert float32 < 1e-5
+    assert [c.text for c in base] == [compare.short(float32)] * len(base)
