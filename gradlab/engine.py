@@ -490,14 +490,18 @@ def rng_state(device: torch.device) -> tuple:
     return torch.get_rng_state(), cuda
 
 
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    """Put back a state rng_state took."""
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
 @contextlib.contextmanager
 def replayed(state: tuple, device: torch.device) -> Iterator[None]:
     """Draw random numbers as from ``state``; afterwards the streams are where they were."""
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.set_rng_state(state[0])
-        if cuda:
-            torch.cuda.set_rng_state(state[1], device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        set_rng_state(state, device)
         yield
 
 

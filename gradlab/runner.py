@@ -23,7 +23,6 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -504,34 +503,23 @@ class ArmRng:
     depends on which arms stepped before it: swapped in around the arm's work."""
 
     def __init__(self, seed: int, device: torch.device):
-        self.cuda, self.device = device.type == "cuda", device
-        with torch.random.fork_rng(devices=[device] if self.cuda else []):
+        self.device = device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            self.state = self._get()
-
-    def _get(self):
-        return (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None)
-
-    def _set(self, state) -> None:
-        torch.set_rng_state(state[0])
-        if self.cuda:
-            torch.cuda.set_rng_state(state[1])
+            self.state = engine.rng_state(device)
 
     def __enter__(self):
-        self.outside = self._get()
-        self._set(self.state)
+        self.outside = engine.rng_state(self.device)
+        engine.set_rng_state(self.state, self.device)
 
     def __exit__(self, *exc):
-        self.state = self._get()
-        self._set(self.outside)
+        self.state = engine.rng_state(self.device)
+        engine.set_rng_state(self.outside, self.device)
 
-    @contextmanager
-    def replay(self, state) -> Iterator[None]:
+    def replay(self, state) -> contextlib.AbstractContextManager:
         """Run from ``state`` (one this stream held), then put back whatever was there: a
         probe draws the dropout masks the step it mirrors drew, and moves no stream."""
-        with torch.random.fork_rng(devices=[self.device] if self.cuda else []):
-            self._set(state)
-            yield
+        return engine.replayed(state, self.device)
 
 
 class ArmRun:
