@@ -1,5 +1,5 @@
 """python -m gradlab: what torchrun runs (torchrun --nproc-per-node W -m gradlab run ddp)."""
 
-from gradlab.cli import main
+from gradlab.cli import script
 
-main()
+script()

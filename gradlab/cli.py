@@ -243,6 +243,36 @@ def main() -> None:
         restore_signal_handlers(previous)
 
 
+def script() -> None:
+    """The `gradlab` console script and `python -m gradlab`: main(), then a quick exit.
+
+    After a run, Python's teardown of the interpreter (torch's modules and every object
+    freed one by one) took 0.8 s, 1.4 s after one with worker processes, before the shell
+    got its prompt back. By then every file is closed and every worker gone, so once main()
+    is done and its output flushed, the process ends without that teardown (os._exit),
+    unless some thread is still running: that exit is left to Python."""
+    import threading
+
+    try:
+        main()
+        code = 0
+    except SystemExit as ended:  # as Python itself turns one into an exit status
+        code = ended.code
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # e.g. a closed pipe: Python's own exit says so
+        sys.exit(code)
+    if threading.active_count() > 1:
+        sys.exit(code)
+    os._exit(code)
+
+
 @app.command()
 def run(
     experiment: Annotated[str, typer.Argument(
@@ -281,14 +311,27 @@ def run(
     check_choice("--table", table, TABLES)
     rank = world = cost = None
     try:
-        from gradlab import distributed  # torch: seconds to import
+        from gradlab import parallel
 
-        rank = distributed.Rank.from_env()
+        if "RANK" in os.environ:  # torchrun (or a run's own launch) may have started us
+            from gradlab import distributed
+
+            rank = distributed.Rank.from_env()
         Stop.rank = rank is not None
         Stop.quiet = rank is not None and rank.rank != 0  # rank 0 speaks for the run
-        loaded, trials, ranks = prepare(experiment, set_ or [], yes, rank)
+        loaded, trials = resolve(experiment, set_ or [], yes, rank)
+        idle = parallel.idle_cores()  # read before the fork server starts: it counts as busy
+        one_process = all(a.settings.world_size == 1 for t in trials for a in t.arms)
+        if rank is None and one_process and min(jobs or idle, len(trials)) > 1:
+            # workers are likely: the fork server imports torch and what they need on
+            # another core while this process imports torch and runs preflight (a run that
+            # preflight finds short stays in this process; on CUDA, one GPU: the same)
+            parallel.warm_up()
+        from gradlab import distributed  # torch: seconds to import
+
+        ranks = distributed.ranks_needed(trials, rank)
         if rank is None and ranks is None:  # (a rank runs preflight once joined)
-            cost = spread(trials, jobs)
+            cost = spread(trials, jobs, idle)
         elif rank is not None and ranks is not None:
             world = Stop.world = distributed.join(rank, ranks)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through _on_stop_signal
@@ -321,15 +364,18 @@ def run(
     execute(loaded, trials, cost, world, set_ or [], out, json_out, table)
 
 
-def spread(trials: list[spec.Trial], jobs: int | None) -> runner.Plan:
+def spread(trials: list[spec.Trial], jobs: int | None, idle: int) -> runner.Plan:
     """Preflight's plan, with the trials spread over ``jobs`` worker processes (default:
-    runner.default_jobs)."""
+    runner.default_jobs, from the cores the load leaves ``idle``)."""
     from gradlab import runner
 
-    plan = runner.preflight(trials)
-    jobs = jobs or runner.default_jobs(trials, plan)
-    if min(jobs, len(trials)) > 1:
-        runner.parallel.warm_up()  # the workers' imports, while the parent prints the plan
+    likely = runner.workers_for(trials, jobs or runner.default_jobs(trials, None, idle))
+    # timed with the intra-op threads each trial will get: with torch's default (every
+    # core) against the fork server's imports, preflight took 2.7 s instead of 1.6 s and
+    # estimated the default run at 54 s instead of 19 s
+    with runner.torch_threads(likely.threads):
+        plan = runner.preflight(trials)
+    jobs = jobs or runner.default_jobs(trials, plan, idle)
     return runner.spread(trials, jobs, plan)
 
 
@@ -507,18 +553,6 @@ class RunProgress:
                 self.clock() - self.last_line >= self.EVERY:
             self.last_line = self.clock()
             say(self.line())
-
-
-def prepare(experiment: str, assignments: list[str], yes: bool,
-            rank: distributed.Rank | None = None
-            ) -> tuple[spec.Spec, list[spec.Trial], distributed.Ranks | None]:
-    """The spec's trials, and the ranks they need, checked (runner.preflight checks the
-    models); under torchrun (``rank``), its WORLD_SIZE is the world_size of every arm that
-    sets none."""
-    from gradlab import distributed
-
-    loaded, trials = resolve(experiment, assignments, yes, rank)
-    return loaded, trials, distributed.ranks_needed(trials, rank)
 
 
 def resolve(experiment: str, assignments: list[str], yes: bool = True,

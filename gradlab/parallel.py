@@ -28,6 +28,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing import connection
@@ -41,20 +42,70 @@ GRACE_SECONDS = 5
 def context() -> multiprocessing.context.BaseContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        # torch and gradlab imported once in the server, not once per worker
-        ctx.set_forkserver_preload(["__main__", "gradlab.cli"])
+        # imported once in the server, not once per worker: gradlab.runner (torch, pandas)
+        # and torch._dynamo, which torch.optim imports on the first optimizer it builds
+        # (about 1 s; gradlab.cli itself imports neither: its help must start fast)
+        ctx.set_forkserver_preload(["__main__", "gradlab.runner", "torch._dynamo"])
         return ctx
     return multiprocessing.get_context("spawn")
 
 
 def warm_up() -> None:
-    """Start the fork server now, so that its imports overlap with other work."""
+    """Start the fork server now, so that its imports (2 to 3 s) overlap with other work."""
     ctx = context()
     if ctx.get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
 
+
+# ----------------------------------------------------------------------------- the cores
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def idle_cores() -> int:
+    """Usable cores minus the processes running now besides this one."""
+    return max(1, usable_cores() - busy_elsewhere())
+
+
+def busy_elsewhere(samples: int = 3, apart: float = 0.02) -> int:
+    """Other processes running (Linux: state R in /proc/PID/stat), the most seen in a few
+    readings 20 ms apart. A reading of this moment: a load average would still count a run
+    that ended a minute ago, and /proc/loadavg's runnable count counts this process's own
+    intra-op threads, which spin a while after each parallel region. Elsewhere: the
+    1-minute load average."""
+    if not os.path.isdir("/proc"):
+        try:
+            return round(os.getloadavg()[0])
+        except OSError:  # not known here: assume the cores are ours
+            return 0
+    most = 0
+    for reading in range(samples):
+        if reading:
+            time.sleep(apart)
+        most = max(most, running_processes(exclude=os.getpid()))
+    return most
+
+
+def running_processes(exclude: int) -> int:
+    running = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == exclude:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                running += stat.read().rsplit(b")", 1)[1].split()[0] == b"R"
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+    return running
+
+
+# ----------------------------------------------------------------------------- the workers
 
 class RemoteTraceback(Exception):
     """A worker's traceback, as the cause of the error it raised (as concurrent.futures does)."""

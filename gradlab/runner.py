@@ -1253,65 +1253,21 @@ def summary_row(run: ArmRun) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- workers
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 # a run estimated shorter than this runs in the gradlab process: starting worker processes
 # (a fork server importing torch, about 2 s of CPU) would cost more than they save
 WORTH_WORKERS_SECONDS = 10.0
 
 
-def default_jobs(trials: list[Trial], plan: Plan) -> int:
-    """One job per usable core that other work leaves idle; on CUDA, one per GPU visible;
-    one for a short run. (On 2 cores with 2 busy loops beside it the default run took
-    98 s and 55 s with 2 workers against 56 s and 48 s with 1, in two measurements;
-    idle, 24 s against 31 s: benchmarks/RESULTS.md.)"""
-    if plan.seconds < WORTH_WORKERS_SECONDS:
+def default_jobs(trials: list[Trial], plan: Plan | None, idle: int) -> int:
+    """One job per usable core that other work leaves ``idle`` (parallel.idle_cores()); on CUDA, one
+    per GPU visible; one for a run that preflight's ``plan`` found short (None: before
+    preflight, what the jobs will be unless the run is short). On 2 cores with 2 busy loops
+    beside it, 2 workers made the default run slower than 1: benchmarks/RESULTS.md."""
+    if plan is not None and plan.seconds < WORTH_WORKERS_SECONDS:
         return 1
     if any(resolve_device(a.settings.device).type == "cuda" for t in trials for a in t.arms):
         return max(1, torch.cuda.device_count())
-    return idle_cores()
-
-
-def idle_cores() -> int:
-    """Usable cores minus the processes running now besides this one."""
-    return max(1, usable_cores() - busy_elsewhere())
-
-
-def busy_elsewhere(samples: int = 3, apart: float = 0.02) -> int:
-    """Other processes running (Linux: state R in /proc/PID/stat), the most seen in a few
-    readings 20 ms apart. A reading of this moment: a load average would still count a run
-    that ended a minute ago, and /proc/loadavg's runnable count counts this process's own
-    intra-op threads, which spin a while after each parallel region. Elsewhere: the
-    1-minute load average."""
-    if not os.path.isdir("/proc"):
-        try:
-            return round(os.getloadavg()[0])
-        except OSError:  # not known here: assume the cores are ours
-            return 0
-    most = 0
-    for reading in range(samples):
-        if reading:
-            time.sleep(apart)
-        most = max(most, running_processes(exclude=os.getpid()))
-    return most
-
-
-def running_processes(exclude: int) -> int:
-    running = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == exclude:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                running += stat.read().rsplit(b")", 1)[1].split()[0] == b"R"
-        except (OSError, IndexError):  # gone meanwhile
-            continue
-    return running
+    return idle
 
 
 # what a worker process holds before its first trial (Python, torch, gradlab imported)
@@ -1319,14 +1275,20 @@ PROCESS_BYTES = 400 * 2**20
 
 
 def spread(trials: list[Trial], jobs: int, plan: Plan) -> Plan:
-    """The plan, with how K jobs run its trials: at most K worker processes, no more than
-    there are trials or than fit in memory; each trial gets one intra-op thread, or the
-    cores left over when there are fewer trials than jobs (one trial alone gets them all)."""
+    """The plan, with how K jobs run its trials (workers_for)."""
+    return dataclasses.replace(plan, workers=workers_for(trials, jobs, plan))
+
+
+def workers_for(trials: list[Trial], jobs: int, plan: Plan | None = None) -> Workers:
+    """How K jobs run the trials: at most K worker processes, no more than there are trials
+    or than fit in memory (known once preflight's ``plan`` is); each trial gets one intra-op
+    thread, or the cores left over when there are fewer trials than jobs (one trial alone
+    gets them all)."""
     processes = max(1, min(jobs, len(trials)))
-    if plan.available_bytes is not None and processes > 1:
+    if plan is not None and plan.available_bytes is not None and processes > 1:
         fit = int(0.8 * plan.available_bytes // (plan.memory_bytes + PROCESS_BYTES))
         processes = max(1, min(processes, fit))
-    return dataclasses.replace(plan, workers=Workers(jobs, processes, max(1, jobs // processes)))
+    return Workers(jobs, processes, max(1, jobs // processes))
 
 
 @contextlib.contextmanager

@@ -223,24 +223,75 @@ def test_a_killed_gradlab_leaves_its_run_marked_running(stops):
 
 
 def test_the_default_jobs_are_the_cores_the_load_leaves_idle(monkeypatch):
-    from gradlab import runner
+    from gradlab import parallel, runner
 
-    monkeypatch.setattr(runner, "usable_cores", lambda: 4)
-    monkeypatch.setattr(runner, "busy_elsewhere", lambda: 2)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 4)
+    monkeypatch.setattr(parallel, "busy_elsewhere", lambda: 2)
     long_run = runner.Plan(1, 1, 60.0, 0, None)
-    assert runner.default_jobs([], long_run) == 2
-    monkeypatch.setattr(runner, "busy_elsewhere", lambda: 7)
-    assert runner.default_jobs([], long_run) == 1  # busier than the cores: one job
-    assert runner.default_jobs([], runner.Plan(1, 1, 3.0, 0, None)) == 1  # a short run
+    assert runner.default_jobs([], long_run, parallel.idle_cores()) == 2
+    monkeypatch.setattr(parallel, "busy_elsewhere", lambda: 7)
+    assert runner.default_jobs([], long_run, parallel.idle_cores()) == 1  # busier than the cores
+    assert runner.default_jobs([], runner.Plan(1, 1, 3.0, 0, None), 4) == 1  # a short run
+    assert runner.default_jobs([], None, 4) == 4  # before preflight: not known to be short
+
+
+@pytest.mark.parametrize("seeds, idle, jobs, warmed, threads", [
+    ("0,1,2", 2, None, True, 1), ("0,1,2", 1, None, False, 1), ("0,1,2", 1, 2, True, 1),
+    ("0,1,2", 2, 1, False, 1), ("0", 2, None, False, 2)])
+def test_the_fork_server_starts_before_torch_is_imported_when_workers_are_likely(
+        seeds, idle, jobs, warmed, threads, tmp_path):
+    # the fork server's imports (torch, torch._dynamo: 2 to 3 s) overlap this process's
+    # imports and preflight, which times the setups with the threads each trial will get
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"""
+import sys
+from gradlab import cli, parallel
+parallel.idle_cores = lambda: {idle}
+parallel.warm_up = lambda: print("warm_up", "torch" in sys.modules)
+def spread(trials, jobs, idle):
+    import torch
+    from gradlab import runner
+    runner.preflight = lambda trials: print("preflight", torch.get_num_threads()) or \
+        runner.Plan(len(trials), len(trials), 60.0, 0, None)
+    plan = spread_as_is(trials, jobs, idle)
+    print("workers", plan.workers.processes, plan.workers.threads)
+    raise SystemExit(0)
+spread_as_is, cli.spread = cli.spread, spread
+jobs = {[f"--jobs={jobs}"] if jobs else []!r}
+sys.argv = ["gradlab", "run", "toy", "--set", "seed={seeds}", *jobs]
+cli.main()
+""")
+    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True,
+                          cwd=tmp_path, check=True)
+    processes = min(jobs or idle, len(seeds.split(",")))
+    assert done.stdout.splitlines() == ["warm_up False"] * warmed + [
+        f"preflight {threads}", f"workers {processes} {threads}"], done.stderr
 
 
 def test_processes_running_elsewhere_are_read_off_this_moment():
-    from gradlab import runner
+    from gradlab import parallel
 
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
         time.sleep(0.5)
-        assert runner.busy_elsewhere() >= 2
+        assert parallel.busy_elsewhere() >= 2
     finally:
         for spinner in spinners:
             spinner.kill()
+
+
+def test_digits_are_read_without_importing_scikit_learn():
+    # importing scikit-learn costs about 1 s, in the gradlab process and in every worker
+    from sklearn.datasets import load_digits
+
+    from gradlab.zoo import data
+
+    done = subprocess.run([sys.executable, "-c", "import sys; from gradlab.zoo import data; "
+                                                 "data.digits_table(); print('sklearn' in "
+                                                 "sys.modules)"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    pixels, labels = data.digits_table()
+    bunch = load_digits()
+    assert pixels.shape == (1797, 64) and pixels.dtype == bunch.data.dtype
+    assert (pixels == bunch.data).all() and (labels == bunch.target).all()

@@ -62,15 +62,36 @@ def regression(settings) -> Data:
 
 def digits(settings) -> Data:
     """scikit-learn's 1797 8x8 digit images, scaled to [0, 1]; a fixed 20 % held out."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.tensor(bunch.data, dtype=torch.float64).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.long)
+    pixels, labels = digits_table()
+    x = torch.tensor(pixels, dtype=torch.float64).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(labels, dtype=torch.long)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     x, y = x[order], y[order]
     n_test = len(x) // 5
     return Data(x[n_test:], y[n_test:], x[:n_test], y[:n_test], loss="cross_entropy")
+
+
+def digits_table():
+    """The digits' pixels (1797 x 64, values 0..16) and labels, as sklearn.datasets.load_digits
+    returns them, read from the file scikit-learn ships. Importing scikit-learn takes about
+    1 s, paid again by every worker process, so the file is found without importing it (and
+    load_digits is the fallback should its place in the package ever change)."""
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    found = importlib.util.find_spec("sklearn")  # locates the package, runs none of it
+    table = Path(found.origin).parent / "datasets" / "data" / "digits.csv.gz" if found else None
+    if table is None or not table.is_file():
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.data, bunch.target
+    with gzip.open(table, mode="rt", encoding="utf-8") as text:
+        rows = np.loadtxt(text, delimiter=",")
+    return rows[:, :-1], rows[:, -1].astype(int)
 
 
 def docstrings(settings) -> Data:
