@@ -7,7 +7,8 @@ Not a test: run it on an idle machine and paste its output into benchmarks/RESUL
     python benchmarks/parallel_speedup.py --busy 2             # with 2 busy loops beside it
     python benchmarks/parallel_speedup.py --jobs 1,2,4 -- toy --set seed=0,1,2,3
 
-Each row is one `gradlab run ... --jobs K` in a fresh process. CPU time is user + system
+Each run is one `gradlab run ... --jobs K` in a fresh process; --repeats rounds run every
+K once each, interleaved, and a row is the median of its K's runs. CPU time is user + system
 time of every process of the run (the gradlab process, its fork server and its worker
 processes), read from /proc every 0.5 s (Linux only): at most 0.5 s per process is
 missed. `--busy N` starts N processes that spin on their own core for the whole
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", default="1,2")
     parser.add_argument("--busy", type=int, default=0, help="busy loops to run beside it")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds, each running every --jobs value once; a row is the "
+                             "median of its runs")
     parser.add_argument("--write", action="store_true",
                         help="also replace this section of benchmarks/RESULTS.md")
     parser.add_argument("gradlab_args", nargs="*", help="after --: what to run (default: "
@@ -80,35 +85,51 @@ def main() -> None:
     started_on = machine()
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
             for _ in range(args.busy)]
-    rows = []
+    jobs_values = list(map(int, args.jobs.split(",")))
+    runs: dict[int, list[tuple[float, float, int, str]]] = {j: [] for j in jobs_values}
     try:
         with tempfile.TemporaryDirectory() as folder:
-            first = None
-            for jobs in map(int, args.jobs.split(",")):
-                out = Path(folder, f"jobs-{jobs}")
-                command = [gradlab, "run", *args.gradlab_args, "--jobs", str(jobs),
-                           "--out", str(out)]
-                wall, cpu, code = timed_run(command)
-                (run_dir,) = out.iterdir() if out.exists() else (None,)
-                first = first or (run_dir, wall)
-                same = "-" if run_dir is None else \
-                    ("yes" if same_files(first[0], run_dir) else "NO")
-                rows.append(f"| {jobs} | {wall:.1f} | {cpu:.1f} | {wall / first[1]:.2f} | "
-                            f"{same} | {code} |")
+            first_dir = None
+            for round_ in range(args.repeats):  # interleaved: a change in load hits every K
+                for jobs in jobs_values:
+                    out = Path(folder, f"jobs-{jobs}-{round_}")
+                    command = [gradlab, "run", *args.gradlab_args, "--jobs", str(jobs),
+                               "--out", str(out)]
+                    wall, cpu, code = timed_run(command)
+                    (run_dir,) = out.iterdir() if out.exists() else (None,)
+                    first_dir = first_dir or run_dir
+                    same = "-" if run_dir is None else \
+                        ("yes" if same_files(first_dir, run_dir) else "NO")
+                    runs[jobs].append((wall, cpu, code, same))
     finally:
         for process in busy:
             process.kill()
+    rows = []
+    first_wall = statistics.median(wall for wall, *_ in runs[jobs_values[0]])
+    for jobs, done in runs.items():
+        wall = statistics.median(w for w, *_ in done)
+        cpu = statistics.median(c for _, c, *_ in done)
+        same = "yes" if all(s == "yes" for *_, s in done) else \
+            ", ".join(s for *_, s in done)
+        codes = ", ".join(sorted({str(code) for _, _, code, _ in done}))
+        each = ", ".join(f"{w:.1f}" for w, *_ in done)
+        rows.append(f"| {jobs} | {wall:.1f} | {each} | {cpu:.1f} | {wall / first_wall:.2f} | "
+                    f"{same} | {codes} |")
     what = " ".join(["gradlab run", *args.gradlab_args]) if args.gradlab_args else \
         "gradlab run (the default experiment)"
     command = " ".join(["python benchmarks/parallel_speedup.py", f"--jobs {args.jobs}",
-                        *([f"--busy {args.busy}"] if args.busy else []), "--write",
+                        *([f"--busy {args.busy}"] if args.busy else []),
+                        *([f"--repeats {args.repeats}"] if args.repeats != 3 else []),
+                        "--write",
                         *(["--", *args.gradlab_args] if args.gradlab_args else [])])
     busy = f", {args.busy} busy loops beside it" if args.busy else ", idle"
     publish("\n".join([
         f"## Trials in parallel: `{what}` against --jobs{busy}", "",
-        f"Machine: {started_on}.", "", f"Command: `{command}`", "",
-        "| --jobs | wall s | CPU s (all processes) | wall / first row's | CSVs identical "
-        "to the first row's | exit code |", "| ---: | ---: | ---: | ---: | --- | ---: |",
+        f"Machine: {started_on}.", "", f"Command: `{command}`: {args.repeats} rounds, "
+        f"each running every --jobs value once; medians.", "",
+        "| --jobs | wall s | each run's wall s | CPU s (all processes) | wall / first row's "
+        "| CSVs identical to the first run's | exit code |",
+        "| ---: | ---: | --- | ---: | ---: | --- | ---: |",
         *rows]) + "\n", args.write)
 
 

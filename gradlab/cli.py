@@ -1234,4 +1234,4 @@ def audit(
 
 
 if __name__ == "__main__":  # python -m gradlab.cli: what the `gradlab` script runs
-    main()
+    script()

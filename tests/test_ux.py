@@ -412,3 +412,43 @@ def test_the_version_is_the_package_version():
     assert pyproject["project"]["version"] == __version__
     assert pyproject["project"]["license"] == "MIT"
     assert (Path(__file__).parents[1] / "LICENSE").read_text().startswith("MIT License")
+
+
+@pytest.mark.parametrize("ending, status, said", [(None, 0, ""), (0, 0, ""), (2, 2, ""),
+                                                  ("error: no such run", 1,
+                                                   "error: no such run\n")])
+def test_the_script_exits_with_mains_status_without_the_interpreters_teardown(
+        monkeypatch, capsys, ending, status, said):
+    def main():
+        print("printed")
+        raise SystemExit(ending)
+
+    class Exited(Exception):
+        pass
+
+    def quick_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(cli, "main", main)
+    monkeypatch.setattr(cli.os, "_exit", quick_exit)
+    with pytest.raises(Exited) as exited:
+        cli.script()
+    assert exited.value.args == (status,)
+    assert capsys.readouterr() == ("printed\n", said)
+
+
+def test_the_script_leaves_the_exit_to_python_while_a_thread_runs(monkeypatch):
+    import threading
+
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    monkeypatch.setattr(cli, "main", lambda: None)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: pytest.fail("os._exit with a thread"))
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.script()
+    finally:
+        release.set()
+        thread.join()
+    assert exited.value.code == 0
