@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -51,12 +52,24 @@ def context() -> multiprocessing.context.BaseContext:
 
 
 def warm_up() -> None:
-    """Start the fork server now, so that its imports (2 to 3 s) overlap with other work."""
-    ctx = context()
-    if ctx.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+    """Start the fork server now, so that its imports (2 to 3 s) overlap with other work.
 
+    Its stdout (and so its workers') is gradlab's stderr: the server outlives gradlab by
+    its own exit (a second: Python tearing torch down), and a pipe reading gradlab's
+    stdout (`gradlab run | xargs gradlab report`) would wait for that too."""
+    ctx = context()
+    if ctx.get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    sys.stdout.flush()
+    own_stdout = os.dup(1)
+    os.dup2(2, 1)  # what the server inherits
+    try:
         forkserver.ensure_running()
+    finally:
+        os.dup2(own_stdout, 1)
+        os.close(own_stdout)
 
 
 # ----------------------------------------------------------------------------- the cores
@@ -128,6 +141,7 @@ def run(trials: list[Trial], processes: int, threads_of: Callable[[Trial], int],
     (in any order), ``advance(n)`` as the workers take steps. An error in a worker stops
     every worker and is raised here, with the worker's traceback as its cause."""
     ctx = context()
+    warm_up()  # (started already, unless a caller did not foresee workers)
     parent_alive, alive_writer = ctx.Pipe(duplex=False)  # only the parent writes: EOF = gone
     workers: list[multiprocessing.process.BaseProcess] = []
     links: dict[connection.Connection, int] = {}  # the parent's end -> worker index

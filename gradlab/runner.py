@@ -372,7 +372,10 @@ def time_one_window(setup: Setup, s: Settings) -> float:
     """Seconds for one window's forward and backward (the second of two: the first warms up)."""
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     seconds = []
-    optimizer = engine.make_optimizer(setup.model, s)
+    # an optimizer only for a GradScaler's unscale_: building one imports torch._dynamo
+    # (about 1 s), which a run whose trials go to worker processes never needs here
+    optimizer = engine.make_optimizer(setup.model, s) if s.grad_scaler == GradScaling.ON \
+        else None
     with torch.random.fork_rng(devices=[]):
         for _ in range(2):
             start = time.perf_counter()

@@ -295,3 +295,27 @@ def test_digits_are_read_without_importing_scikit_learn():
     bunch = load_digits()
     assert pixels.shape == (1797, 64) and pixels.dtype == bunch.data.dtype
     assert (pixels == bunch.data).all() and (labels == bunch.target).all()
+
+
+def test_a_pipe_reading_the_run_directory_ends_when_gradlab_does(tmp_path):
+    # the fork server outlives gradlab by its own exit (about a second): were it holding
+    # gradlab's stdout, `gradlab run | xargs gradlab report` would wait for it too
+    done = subprocess.Popen([sys.executable, "-m", "gradlab.cli", "run", "toy", "--set",
+                             "seed=0,1", "--jobs", "2", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert done.wait(timeout=120) == 0
+    os.set_blocking(done.stdout.fileno(), False)
+    printed = done.stdout.read()  # everything, and the end: no writer is left
+    assert printed is not None and printed.decode().strip() == str(next(tmp_path.iterdir()))
+    assert os.read(done.stdout.fileno(), 1) == b""
+
+
+def test_preflight_leaves_torch_dynamo_to_the_workers():
+    # building an optimizer imports torch._dynamo (about 1 s); preflight needs one only for
+    # a GradScaler, so a run whose trials go to workers does not pay for it in gradlab
+    probe = ("import sys\nfrom gradlab import cli, runner\n"
+             "_, trials = cli.resolve('equivalence', ['accum_steps=1,2'])\n"
+             "runner.preflight(trials)\nprint('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "False", done.stderr
