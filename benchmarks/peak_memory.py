@@ -16,7 +16,9 @@ the run's, in copies of the model.
 
 Where a trial's memory goes (2 arms): each arm's weights and gradients (4 copies); at a
 probe, the exact gradient in float64 (2 copies) and the baseline's weights cast to
-float64 in place (1 more), then one arm's gradient at a time (1); and the activations.
+float64 in place (1 more), then, with the weights back in float32, one arm's gradient at
+a time (1), compared with the exact one a chunk of 2^20 elements at a time; and the
+activations. So 7 copies, and what Python and torch hold.
 """
 
 from __future__ import annotations

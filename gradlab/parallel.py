@@ -136,10 +136,12 @@ class WorkerDied(RuntimeError):
 
 
 def run(trials: list[Trial], processes: int, threads_of: Callable[[Trial], int],
-        finished: Callable[[int, dict], None], advance: Callable[[int], None]) -> None:
-    """Run every trial in ``processes`` workers; ``finished(position, rows)`` as each ends
-    (in any order), ``advance(n)`` as the workers take steps. An error in a worker stops
-    every worker and is raised here, with the worker's traceback as its cause."""
+        finished: Callable[[int, dict], None], advance: Callable[[int], None],
+        order: list[int] | None = None) -> None:
+    """Run every trial in ``processes`` workers, handed out in ``order`` (positions in
+    ``trials``; None: as listed); ``finished(position, rows)`` as each ends (in any order),
+    ``advance(n)`` as the workers take steps. An error in a worker stops every worker and
+    is raised here, with the worker's traceback as its cause."""
     ctx = context()
     warm_up()  # (started already, unless a caller did not foresee workers)
     parent_alive, alive_writer = ctx.Pipe(duplex=False)  # only the parent writes: EOF = gone
@@ -155,7 +157,8 @@ def run(trials: list[Trial], processes: int, threads_of: Callable[[Trial], int],
             workers.append(worker)
             links[link] = index
         parent_alive.close()
-        queue = list(enumerate(trials))[::-1]  # popped from the end: trial order
+        # popped from the end: the first in ``order`` first
+        queue = [(i, trials[i]) for i in order or range(len(trials))][::-1]
         running: dict[connection.Connection, int] = {}  # link -> position of its trial
         for link in links:
             hand_out(link, queue, running, threads_of)

@@ -1,9 +1,9 @@
 """Gradient comparison: how far one gradient is from a reference.
 
 All metrics are computed in float64 whatever dtype the arms trained in, so the
-measurement adds no rounding of its own. Tensors are compared one parameter at a
-time, so comparing two models costs one parameter's float64 copy, not a copy of
-the model. (The rule that turns these numbers into a verdict is in schema.py.)
+measurement adds no rounding of its own. Tensors are compared one chunk of a
+parameter at a time, so comparing two models costs a float64 copy of 2^20 elements,
+not of the model. (The rule that turns these numbers into a verdict is in schema.py.)
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+# elements of a tensor compared at once (8 MiB in float64)
+CHUNK = 2**20
+
 
 class Distance:
     """Accumulates ||a - r||, ||r||, ||a||, a·r and max |a - r| over tensor pairs."""
@@ -22,13 +25,18 @@ class Distance:
         self.diff2 = self.ref2 = self.arm2 = self.dot = self.max_abs = 0.0
 
     def add(self, arm: torch.Tensor, ref: torch.Tensor) -> Distance:
-        a, r = arm.detach().double().flatten(), ref.detach().double().flatten()
-        d = a - r
-        self.diff2 += float(d @ d)
-        self.ref2 += float(r @ r)
-        self.arm2 += float(a @ a)
-        self.dot += float(a @ r)
-        self.max_abs = max(self.max_abs, float(d.abs().max()) if d.numel() else 0.0)
+        arm, ref = arm.detach().flatten(), ref.detach().flatten()
+        # a chunk at a time: float64 copies of a whole large layer and their difference
+        # would hold 4 times its float32 size at once (a third of the model, for an mlp of
+        # three wide layers); a tensor of at most CHUNK elements is one chunk, as before
+        for start in range(0, max(arm.numel(), 1), CHUNK):
+            a, r = arm[start:start + CHUNK].double(), ref[start:start + CHUNK].double()
+            d = a - r
+            self.diff2 += float(d @ d)
+            self.ref2 += float(r @ r)
+            self.arm2 += float(a @ a)
+            self.dot += float(a @ r)
+            self.max_abs = max(self.max_abs, float(d.abs().max()) if d.numel() else 0.0)
         return self
 
     def merge(self, other: Distance) -> Distance:

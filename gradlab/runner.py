@@ -250,6 +250,9 @@ class Workers:
     jobs: int  # what --jobs asked for
     processes: int  # worker processes; 1: the trials run one by one in this process
     threads: int  # torch intra-op threads per trial on CPU, unless its `threads` setting says
+    # the trials' positions in the order workers take them: the longest first (preflight's
+    # estimate), so that no worker starts a long one while the other has nothing left
+    order: list[int] | None = None  # None: as listed
 
     def threads_of(self, trial: Trial) -> int:
         return trial.baseline.settings.threads or self.threads
@@ -264,6 +267,7 @@ class Plan:
     memory_bytes: int  # the largest trial's
     available_bytes: int | None  # what the machine has free (None: unknown)
     notes: list[str] = dataclasses.field(default_factory=list)  # what the user should know
+    trial_seconds: list[float] = dataclasses.field(default_factory=list)  # each trial's
     workers: Workers | None = None  # how the trials will run (see spread)
 
     def estimate(self) -> str:
@@ -300,10 +304,11 @@ def preflight(trials: list[Trial]) -> Plan:
     cache: dict = {}
     # setup -> (seconds per window, bytes of its parameters, number of parameter tensors)
     measured: dict[tuple, tuple[float, int, int]] = {}
-    seconds, worst_trial = 0.0, 0
+    trial_seconds, worst_trial = [], 0
     notes: dict[str, str] = {}  # arm -> its note (one per arm, whatever the number of trials)
     for trial in trials:
         trial_bytes = probe_bytes = 0
+        seconds = 0.0
         for arm in trial.arms:
             s = arm.settings
             key = tuple((k, v) for k, v in dataclasses.asdict(s).items()
@@ -342,8 +347,9 @@ def preflight(trials: list[Trial]) -> Plan:
             traced = s.trace * s.steps * (s.accum_steps + 1) * s.trace_elements
             trial_bytes += ROW_BYTES * traced * tensors
         worst_trial = max(worst_trial, trial_bytes + probe_bytes)
-    plan = Plan(len(trials), sum(len(t.arms) for t in trials), seconds, worst_trial,
-                available_memory(), list(notes.values()))
+        trial_seconds.append(seconds)
+    plan = Plan(len(trials), sum(len(t.arms) for t in trials), sum(trial_seconds), worst_trial,
+                available_memory(), list(notes.values()), trial_seconds)
     if plan.available_bytes is not None and plan.memory_bytes > 0.8 * plan.available_bytes:
         raise GradlabError(
             f"this run needs about {plan.memory_bytes / 2**30:.1f} GiB per trial but the "
@@ -1291,7 +1297,9 @@ def workers_for(trials: list[Trial], jobs: int, plan: Plan | None = None) -> Wor
     if plan is not None and plan.available_bytes is not None and processes > 1:
         fit = int(0.8 * plan.available_bytes // (plan.memory_bytes + PROCESS_BYTES))
         processes = max(1, min(processes, fit))
-    return Workers(jobs, processes, max(1, jobs // processes))
+    order = sorted(range(len(trials)), key=lambda i: -plan.trial_seconds[i]) \
+        if plan is not None and len(plan.trial_seconds) == len(trials) else None
+    return Workers(jobs, processes, max(1, jobs // processes), order)
 
 
 @contextlib.contextmanager
@@ -1340,7 +1348,8 @@ def run_trials(trials: list[Trial], run_dir: RunDir | None,
                     rows = run_trial(trial, cache, advance)
                 finished(position, rows)
         else:
-            parallel.run(trials, workers.processes, workers.threads_of, finished, advance)
+            parallel.run(trials, workers.processes, workers.threads_of, finished, advance,
+                         workers.order)
     except BaseException:
         with contextlib.suppress(OSError):  # the disk may be why it stopped
             for rows in results[written:]:

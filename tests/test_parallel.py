@@ -319,3 +319,13 @@ def test_preflight_leaves_torch_dynamo_to_the_workers():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_workers_take_the_longest_trials_first_and_the_files_keep_trial_order(tmp_path):
+    trials = spec.expand(spec.apply_overrides(spec.load_spec("toy"), ["seed=0,1,2"]))
+    plan = runner.Plan(3, 6, 6.0, 2**20, None, trial_seconds=[1.0, 3.0, 2.0])
+    assert runner.spread(trials, 2, plan).workers.order == [1, 2, 0]
+    run_dir = store.RunDir(tmp_path, "toy", {"trials": [{"trial": t.index, "swept": t.swept}
+                                                        for t in trials]})
+    runner.run_trials(trials, run_dir, workers=runner.Workers(2, 2, 1, order=[2, 1, 0]))
+    assert list(pd.read_csv(run_dir.path / "summary.csv")["trial"]) == [0, 0, 1, 1, 2, 2]
