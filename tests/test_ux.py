@@ -286,7 +286,8 @@ def test_short_help_and_completion():
     assert gradlab("run", "-h").stdout == gradlab("run", "--help").stdout
     assert cli.complete_spec_names("zero") == ["zero-grad-toy", "zero-grad"]
     script = gradlab("--show-completion", "bash")
-    assert script.exit_code == 0 and "_GRADLAB_COMPLETE" in script.stdout
+    assert script.exit_code == 0 and "_GRADLAB_COMPLETE" in script.stdout, (
+        script.stdout, script.stderr, repr(script.exception), script.exc_info)
 
 
 # ----------------------------------------------------------------------------- show, init, list
