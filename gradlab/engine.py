@@ -399,9 +399,7 @@ def rank_micro_batches(window: Examples, n: int, ranks: int) -> list[list[Exampl
     """The window's micro-batches, rank by rank: each of the W ranks takes its own slice of
     the window, in order, and splits it into N, so the ranks together see every example of
     the window once (W = 1: the window's N micro-batches)."""
-    if ranks == 1:
-        return [split(window, n)]
-    return [split(part, n) for part in split(window, ranks)]
+    return [split(part, n) for part in split(window, ranks)]  # (split(window, 1): [window])
 
 
 def data_parallel_rank(model: nn.Module) -> tuple[int, int]:
