@@ -51,7 +51,7 @@ def timed(commands: list[list[str]], parallel: bool) -> tuple[float, float]:
 def hooks_only(steps: list[int], repeats: int) -> None:
     sys.path.insert(0, str(REPO))
     from experiments.tutorial_loop import train
-    from gradlab import audit
+    from gradlab.auditing import parent as audit
 
     train(8, 4, 2)  # torch's lazy imports happen once, in neither column
     print("| K steps | train() x 2 bare, CPU s | under the hooks, CPU s | ratio |  "

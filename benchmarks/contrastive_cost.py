@@ -8,12 +8,12 @@ with the machine named.
 
 Each row is one optimizer step of the `contrastive` experiment's setup (its
 [settings]: the digit-views encoder, B = 64, float32) through gradlab's own engine
-(gradlab.engine.train_step), timed over --repeats steps after a warm-up, the arms
+(gradlab.train.engine.train_step), timed over --repeats steps after a warm-up, the arms
 taking turns step by step: the median wall-clock time and the median CPU time
 (user + sys of this process, which a loaded machine inflates less), without
 gradlab's saved-tensor meter. Activation bytes are the most bytes autograd held
 saved for backward at once during a step, metered on the warm-up steps
-(gradlab.memory.SavedTensors, the `saved_bytes` column of steps.csv):
+(gradlab.train.memory.SavedTensors, the `saved_bytes` column of steps.csv):
 deterministic, the same on every machine.
 """
 
@@ -26,8 +26,9 @@ import time
 
 import torch
 
-from gradlab import engine, runner
-from gradlab.spec import Settings, load_spec
+from gradlab.config.spec import Settings, load_spec
+from gradlab.lab import runner
+from gradlab.train import engine
 
 ARMS = {"naive-accumulation": "plain", "gradcache": "gradcache"}  # and the big batch, N = 1
 

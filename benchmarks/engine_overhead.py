@@ -14,7 +14,7 @@ on its own copy of the same model (same initial weights, same windows):
     measured    the same loop, also recording what gradlab's step records in steps.csv:
                 the window's loss and the gradient norm (torch.nn.utils.get_total_norm:
                 the norm clip_grad_norm_ takes, without the clipping), one host sync
-    gradlab     gradlab.engine.train_step with the default settings
+    gradlab     gradlab.train.engine.train_step with the default settings
     accelerate  Hugging Face Accelerate's `with accelerator.accumulate(model)` loop
                 (the `bench` extra: pip install -e ".[bench]"); left out when not installed
 
@@ -33,10 +33,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-from gradlab import engine, runner
-from gradlab.spec import Settings
 from results import machine, publish
+
+from gradlab.config.spec import Settings
+from gradlab.lab import runner
+from gradlab.train import engine
 
 # mlp 64-256-256-10 and the built-in cnn (8 and 16 channels) on digits
 MODELS = {

@@ -7,7 +7,7 @@ machine named.
     python benchmarks/step_cost.py --device cuda --dtype bfloat16 --batch-size 1024
 
 Each row is one optimizer step of B examples split into N micro-batches, through
-gradlab's own engine (gradlab.engine.train_step), timed over --repeats steps after
+gradlab's own engine (gradlab.train.engine.train_step), timed over --repeats steps after
 a warm-up. Peak memory is torch.cuda.max_memory_allocated on CUDA; on CPU it is
 not measured (the process's RSS high-water mark says nothing about one step).
 """
@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from gradlab import engine, runner
-from gradlab.spec import Settings
+from gradlab.config.spec import Settings
+from gradlab.lab import runner
+from gradlab.train import engine
 
 
 def measure(settings: Settings, repeats: int) -> dict[str, float]:

@@ -562,7 +562,7 @@ def block_contrastive_chance(runs: dict, printed: dict) -> str:
     import torch
     import torch.nn.functional as F
 
-    from gradlab.spec import Settings
+    from gradlab.config.spec import Settings
     from gradlab.zoo.contrastive import digit_views
 
     a, b = (F.normalize(v, dim=1) for v in digit_views(Settings()).test)
@@ -590,7 +590,7 @@ def block_contrastive_memory(runs: dict, printed: dict) -> str:
 def block_contrastive_memory_prose(runs: dict, printed: dict) -> str:
     import torch
 
-    from gradlab.memory import saved_tensor_bytes
+    from gradlab.train.memory import saved_tensor_bytes
     from gradlab.zoo.contrastive import EMBEDDING, info_nce
 
     f32, f64 = (contrastive_arms(runs["contrastive"], d) for d in ("float32", "float64"))
@@ -698,7 +698,8 @@ def block_cost_prose(runs: dict, printed: dict) -> str:
 def block_cost_budget(runs: dict, printed: dict) -> str:
     """The budget lines of the run, computed from its files as compare computes them (the
     printed ones wrap at the terminal's width)."""
-    from gradlab import compare, store
+    from gradlab.readers import compare
+    from gradlab.record import store
 
     loaded = store.load_runs([runs["cost-budget"]])
     rows = compare.arm_rows(loaded)

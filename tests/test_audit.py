@@ -17,8 +17,10 @@ import torch
 
 import audit_loops
 from conftest import gradlab
-from gradlab import audit, probe, schema
+from gradlab.auditing import parent as audit
 from gradlab.errors import GradlabError
+from gradlab.record import schema
+from gradlab.train import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -362,7 +364,7 @@ def test_a_loop_that_raises_is_reported_where_it_raised(tmp_path):
 
 
 def test_batched_metrics_are_probes_metrics():
-    """All steps at once give what probe.compare_tensors gives step by step, edge cases too."""
+    """All steps at once give what metrics.compare_tensors gives step by step, edge cases too."""
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 2), (4,), (2,)]
     ref = torch.randn(3, 12, generator=g, dtype=torch.float64)
@@ -377,7 +379,7 @@ def test_batched_metrics_are_probes_metrics():
 
     for step in range(3):
         a, r = named(arm[step]), named(ref[step])
-        expected = probe.compare_tensors((n, a[n], r[n]) for n in r)
+        expected = metrics.compare_tensors((n, a[n], r[n]) for n in r)
         assert [r["param"] for r in rows[step]] == [r["param"] for r in expected]
         for got, want in zip(rows[step], expected, strict=True):
             for key in ("max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm"):

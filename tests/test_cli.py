@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import gradlab, run_json
-from gradlab import runner
+from gradlab.lab import runner
 
 BAD_SETS = [
     (["--set", "accum_steps=0"], "accum_steps=0"),
@@ -199,6 +199,6 @@ def test_help_teaches_by_example(command):
 
 
 def test_every_builtin_spec_names_its_command():
-    from gradlab.spec import builtin_specs
+    from gradlab.config.spec import builtin_specs
     for name, path in builtin_specs().items():
         assert path.read_text().splitlines()[0] == f"# gradlab run {name}"

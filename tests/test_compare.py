@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from conftest import gradlab
-from gradlab import schema, spec
+from gradlab.config import spec
+from gradlab.record import schema
 from minirun import MINI, run_dir
 
 

@@ -20,12 +20,12 @@ import torch
 from torch.testing import assert_close
 
 from conftest import gradlab
-from gradlab import engine
+from gradlab.config.spec import Accumulation, Settings, ZeroGrad, load_spec
 from gradlab.errors import GradlabError
-from gradlab.memory import SavedTensors, saved_tensor_bytes
-from gradlab.runner import build_setup
+from gradlab.lab.runner import build_setup
 from gradlab.setup import Setup, split
-from gradlab.spec import Accumulation, Settings, ZeroGrad, load_spec
+from gradlab.train import engine
+from gradlab.train.memory import SavedTensors, saved_tensor_bytes
 from minirun import run_dir
 from test_cli import assert_clean_failure
 

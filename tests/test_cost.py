@@ -14,8 +14,11 @@ import pytest
 import torch
 
 from conftest import gradlab
-from gradlab import compare, memory, runner, store
-from gradlab.spec import Settings
+from gradlab.config.spec import Settings
+from gradlab.lab import runner
+from gradlab.readers import compare
+from gradlab.record import store
+from gradlab.train import memory
 from test_cli import assert_clean_failure
 
 B = 256

@@ -23,10 +23,12 @@ import torch
 import torch.distributed as dist
 
 from conftest import gradlab
-from gradlab import distributed, engine, spec
+from gradlab.config import spec
+from gradlab.config.spec import Settings, Sync
 from gradlab.errors import GradlabError
+from gradlab.lab import distributed
 from gradlab.setup import Setup, mse_loss
-from gradlab.spec import Settings, Sync
+from gradlab.train import engine, replica
 from test_cli import assert_clean_failure
 
 TESTS = Path(__file__).parent
@@ -123,16 +125,16 @@ def test_the_hook_counts_the_all_reduces_each_sync_policy_makes(one_rank, sync, 
     model = torch.nn.Linear(3, 1).double()
     reference = torch.nn.Linear(3, 1).double()
     reference.load_state_dict(model.state_dict())
-    replica = distributed.Replica(model)
+    ddp = replica.Replica(model)
     setup = Setup(model, window, mse_loss)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    stats = engine.train_step(replica, optimizer, window, s, setup)
+    stats = engine.train_step(ddp, optimizer, window, s, setup)
     engine.window_gradient(reference, window, Settings(batch_size=16, dtype="float64"),
                            Setup(reference, window, mse_loss))
 
     assert stats.allreduces == allreduces
-    assert replica.allreduces.calls == allreduces
+    assert ddp.allreduces.calls == allreduces
     expected = reference.weight.detach() - 0.1 * reference.weight.grad
     torch.testing.assert_close(model.weight.detach(), expected, rtol=1e-12, atol=0)
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from gradlab import engine
+from gradlab.config.spec import LossScale, Settings, ZeroGrad
 from gradlab.setup import Setup, mse_loss, split
-from gradlab.spec import LossScale, Settings, ZeroGrad
+from gradlab.train import engine
 from gradlab.zoo.text import TransformerLanguageModel, count_tokens, lm_loss, token_examples
 
 B = 24

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import arm_rows, gradlab, run_json
-from gradlab import runner, spec
+from gradlab.config import spec
+from gradlab.lab import runner
 
 LIMIT = {"float64": 1e-12, "float32": 1e-5}
 NS = [1, 2, 4, 8, 16, 32]

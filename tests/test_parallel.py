@@ -17,7 +17,9 @@ import pandas as pd
 import pytest
 
 from conftest import gradlab
-from gradlab import runner, spec, store
+from gradlab.config import spec
+from gradlab.lab import runner
+from gradlab.record import store
 
 TESTS = Path(__file__).parent
 # the equivalence experiment cut down: mlp, cnn and cnn+GroupNorm at N = 1, 2, 4; 9 trials
@@ -223,7 +225,7 @@ def test_a_killed_gradlab_leaves_its_run_marked_running(stops):
 
 
 def test_the_default_jobs_are_the_cores_the_load_leaves_idle(monkeypatch):
-    from gradlab import parallel, runner
+    from gradlab.lab import parallel, runner
 
     monkeypatch.setattr(parallel, "usable_cores", lambda: 4)
     monkeypatch.setattr(parallel, "busy_elsewhere", lambda: 2)
@@ -245,12 +247,13 @@ def test_the_fork_server_starts_before_torch_is_imported_when_workers_are_likely
     probe = tmp_path / "probe.py"
     probe.write_text(f"""
 import sys
-from gradlab import cli, parallel
+from gradlab import cli
+from gradlab.lab import parallel
 parallel.idle_cores = lambda: {idle}
 parallel.warm_up = lambda: print("warm_up", "torch" in sys.modules)
 def spread(trials, jobs, idle):
     import torch
-    from gradlab import runner
+    from gradlab.lab import runner
     runner.preflight = lambda trials: print("preflight", torch.get_num_threads()) or \
         runner.Plan(len(trials), len(trials), 60.0, 0, None)
     plan = spread_as_is(trials, jobs, idle)
@@ -269,7 +272,7 @@ cli.main()
 
 
 def test_processes_running_elsewhere_are_read_off_this_moment():
-    from gradlab import parallel
+    from gradlab.lab import parallel
 
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
@@ -313,7 +316,7 @@ def test_a_pipe_reading_the_run_directory_ends_when_gradlab_does(tmp_path):
 def test_preflight_leaves_torch_dynamo_to_the_workers():
     # building an optimizer imports torch._dynamo (about 1 s); preflight needs one only for
     # a GradScaler, so a run whose trials go to workers does not pay for it in gradlab
-    probe = ("import sys\nfrom gradlab import cli, runner\n"
+    probe = ("import sys\nfrom gradlab import cli\nfrom gradlab.lab import runner\n"
              "_, trials = cli.resolve('equivalence', ['accum_steps=1,2'])\n"
              "runner.preflight(trials)\nprint('torch._dynamo' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

@@ -17,9 +17,10 @@ import torch
 from torch.testing import assert_close
 
 from conftest import gradlab
-from gradlab import engine, runner
+from gradlab.config.spec import Settings
+from gradlab.lab import runner
 from gradlab.setup import Setup, num_examples, take
-from gradlab.spec import Settings
+from gradlab.train import engine
 from minirun import run_dir
 from test_cli import assert_clean_failure
 
@@ -278,7 +279,8 @@ def test_scheduler_experiment(scheduler_run):
 
 
 def test_scheduler_run_gets_a_learning_rate_figure(scheduler_run, tmp_path):
-    from gradlab import plots, store
+    from gradlab.readers import plots
+    from gradlab.record import store
 
     drawn = {p.name: p for p in plots.standard_plots([store.load_run(scheduler_run)])}
     assert "lr" in drawn and drawn["lr"].y == "applied_lr"

@@ -15,7 +15,8 @@ from matplotlib.colors import to_rgba
 from torch.testing import assert_close
 
 from conftest import gradlab
-from gradlab import compare, plots, store
+from gradlab.readers import compare, plots
+from gradlab.record import store
 from minirun import MINI, run_dir
 
 PNG = b"\x89PNG\r\n\x1a\n"

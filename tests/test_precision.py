@@ -14,9 +14,11 @@ import torch
 from torch.testing import assert_close
 
 from conftest import gradlab, run_json
-from gradlab import compare, engine, plots, schema, store
+from gradlab.config.spec import Settings
+from gradlab.readers import compare, plots
+from gradlab.record import schema, store
 from gradlab.setup import Setup, mse_loss, split
-from gradlab.spec import Settings
+from gradlab.train import engine
 from test_cli import assert_clean_failure
 
 U_BF16, U_F32 = 2.0**-8, 2.0**-24

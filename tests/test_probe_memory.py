@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from gradlab import runner, spec
+from gradlab.config import spec
+from gradlab.lab import runner
 
 # one trial of the equivalence experiment: a BatchNorm cnn (running statistics to put
 # back), float32 (so the exact reference casts to float64 and back), three arms
@@ -63,22 +64,22 @@ def test_an_arm_in_another_dtype_is_probed_in_a_model_of_that_dtype():
 def test_a_large_tensor_is_compared_a_chunk_at_a_time_with_the_same_result(monkeypatch):
     import torch
 
-    from gradlab import probe
+    from gradlab.train import metrics
 
     g = torch.Generator().manual_seed(0)
-    ref = torch.randn(3 * probe.CHUNK + 123, generator=g, dtype=torch.float64)
+    ref = torch.randn(3 * metrics.CHUNK + 123, generator=g, dtype=torch.float64)
     arm = (ref + 1e-7 * torch.randn(ref.shape, generator=g, dtype=torch.float64)).float()
     arm[17] = 5.0  # the largest difference, in the first chunk
-    chunked = probe.compare(arm, ref)
-    monkeypatch.setattr(probe, "CHUNK", ref.numel())  # one chunk: the whole tensor at once
-    whole = probe.compare(arm, ref)
+    chunked = metrics.compare(arm, ref)
+    monkeypatch.setattr(metrics, "CHUNK", ref.numel())  # one chunk: the whole tensor at once
+    whole = metrics.compare(arm, ref)
     assert chunked["max_abs_err"] == whole["max_abs_err"] == abs(5.0 - float(ref[17]))
     for metric in ("rel_l2_err", "cosine", "ref_norm", "arm_norm"):
         torch.testing.assert_close(chunked[metric], whole[metric], rtol=1e-12, atol=0)
     # and the float64 copies it makes hold one chunk, not the tensor
     made = []
     original = torch.Tensor.double
-    monkeypatch.setattr(probe, "CHUNK", 2**10)
+    monkeypatch.setattr(metrics, "CHUNK", 2**10)
     monkeypatch.setattr(torch.Tensor, "double", lambda t: made.append(t.numel()) or original(t))
-    probe.compare(arm, ref)
+    metrics.compare(arm, ref)
     assert max(made) == 2**10

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import gradlab
-from gradlab import store
+from gradlab.record import store
 
 # values that make a quick, valid run (the mlp on regression, a few examples, a step or two)
 GOOD = {"norm": ["none", "ln", "gn", "bn"], "batch_size": [4, 6, 8],

@@ -14,8 +14,10 @@ import pandas as pd
 import pytest
 
 from conftest import gradlab, run_json
-from gradlab import runner, spec, store
+from gradlab.config import spec
 from gradlab.errors import GradlabError
+from gradlab.lab import runner
+from gradlab.record import store
 
 
 def assert_bad_input(result, out: Path | None, *fragments: str, absent: tuple = ()) -> str:

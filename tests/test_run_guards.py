@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from conftest import gradlab, run_json
-from gradlab import runner, spec
+from gradlab.config import spec
+from gradlab.lab import runner
 from test_cli import assert_clean_failure
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gradlab import spec
+from gradlab.config import spec
 from gradlab.errors import GradlabError
 
 TEXT = """

@@ -17,7 +17,10 @@ import pytest
 from rich.console import Console
 
 from conftest import gradlab
-from gradlab import __version__, catalog, cli, compare, spec, store, zoo
+from gradlab import __version__, cli, zoo
+from gradlab.config import catalog, spec
+from gradlab.readers import compare
+from gradlab.record import store
 from minirun import MINI, run_dir
 
 GRADLAB = [sys.executable, "-m", "gradlab.cli"]

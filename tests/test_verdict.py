@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from conftest import arm_rows, gradlab, run_json
-from gradlab import engine, runner, schema, spec
+from gradlab.config import spec
+from gradlab.lab import runner
+from gradlab.record import schema
+from gradlab.train import engine
 
 LOW = ("bfloat16", "float16")
 

@@ -15,9 +15,11 @@ import torch
 from torch.testing import assert_close
 
 from conftest import arm_rows, gradlab, run_json
-from gradlab import engine, probe, runner, spec
+from gradlab.config import spec
+from gradlab.config.spec import Settings
+from gradlab.lab import runner
 from gradlab.setup import Examples, Setup, split
-from gradlab.spec import Settings
+from gradlab.train import engine, metrics
 
 B = 12
 # (micro_batch, N) with the same effective batch B
@@ -69,17 +71,17 @@ def test_every_step_with_n_keeps_only_the_last_micro_batch(micro_batch, n):
     setup = prepared(s)
     window = first_windows(setup, s, 1)[0]
     engine.window_gradient(setup.model, window, s, setup)
-    held = probe.grads_of(setup.model)
+    held = metrics.grads_of(setup.model)
 
     last = split(window, n)[-1]
     alone = prepared(s).model  # the same initial weights
     loss, units = setup.loss(alone, last)
     (loss / units / n).backward()  # by-count: the last micro-batch's mean / N
-    for name, grad in probe.grads_of(alone).items():
+    for name, grad in metrics.grads_of(alone).items():
         assert_close(held[name], grad, rtol=1e-15, atol=0)
     full = prepared(s).model
     engine.window_gradient(full, window, dataclasses.replace(s, zero_grad="every-n"), setup)
-    rel = probe.compare_models(setup.model, full)[-1]["rel_l2_err"]
+    rel = metrics.compare_models(setup.model, full)[-1]["rel_l2_err"]
     assert rel > 0.1  # and it is not the full one
 
 

@@ -13,7 +13,8 @@ import importlib
 import traceback
 from collections.abc import Callable
 
-from gradlab import catalog, setup
+from gradlab import setup
+from gradlab.config import catalog
 from gradlab.errors import GradlabError
 from gradlab.zoo import contrastive, text
 from gradlab.zoo.data import DATASETS, Data

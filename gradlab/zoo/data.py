@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradlab import catalog
+from gradlab.config import catalog
 
 
 @dataclass(frozen=True)

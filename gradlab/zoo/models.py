@@ -7,10 +7,10 @@ import math
 import torch
 from torch import nn
 
-from gradlab import catalog
-from gradlab.dropout import ExampleDropout
+from gradlab.config import catalog
+from gradlab.config.spec import Norm
 from gradlab.errors import GradlabError, unhandled
-from gradlab.spec import Norm
+from gradlab.train.dropout import ExampleDropout
 
 
 def toy_linear(settings, data) -> nn.Module:

@@ -38,12 +38,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel
 
+from gradlab.config.spec import Backend, Device, Settings, Spec, Trial
 from gradlab.errors import GradlabError
-from gradlab.spec import Backend, Device, Settings, Spec, Trial
 
 LOOPBACK = "127.0.0.1"
 # how long a collective (and joining the group) waits for the other ranks: they do the same
@@ -254,32 +251,6 @@ def join(rank: Rank, ranks: Ranks) -> World:
 
 def records_prefix(restart: int) -> str:
     return f"gradlab/{restart}"
-
-
-# ----------------------------------------------------------------------------- replicas
-
-class Replica(DistributedDataParallel):
-    """DistributedDataParallel whose gradient all-reduces go through a communication hook
-    that counts them: one call per bucket, DDP's own all-reduce (the mean over the ranks)."""
-
-    def __init__(self, module: nn.Module):
-        device = next(module.parameters()).device
-        super().__init__(module, device_ids=[device.index if device.index is not None
-                                             else torch.cuda.current_device()]
-                         if device.type == "cuda" else None)
-        self.allreduces = AllReduceCount()
-        self.register_comm_hook(self.allreduces, counted_allreduce)
-
-
-@dataclass
-class AllReduceCount:
-    calls: int = 0
-
-
-# (no annotations: DDP compares them with its own types, and this module's are strings)
-def counted_allreduce(count, bucket):
-    count.calls += 1
-    return default_hooks.allreduce_hook(None, bucket)
 
 
 # ----------------------------------------------------------------------------- the launcher

@@ -21,9 +21,9 @@ from typing import Any
 
 import pandas as pd
 
-from gradlab import schema
 from gradlab.errors import GradlabError
-from gradlab.store import Run
+from gradlab.record import schema
+from gradlab.record.store import Run
 
 FORMATS = ("table", "csv", "json", "md")
 

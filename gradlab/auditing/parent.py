@@ -17,7 +17,7 @@ calls and the backward() results they discarded, and scheduler steps. The parent
 compares the two records step by step with the verdict rule every gradlab verdict
 uses, and names the mistake when the pattern is a known one.
 
-The module has two halves. The worker (``python -m gradlab.audit``) imports only the
+The module has two halves. The worker (``python -m gradlab.auditing.parent``) imports only the
 standard library and torch, so a process starts as fast as the user's own script;
 the parent (``audit``) validates, runs the workers, compares, diagnoses and writes the
 run directory.
@@ -46,8 +46,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from gradlab import schema
 from gradlab.errors import GradlabError
+from gradlab.record import schema
 
 # A run copies every gradient (to host memory, in its own dtype) while parameters x
 # max_steps stays within this many elements: 200 MB in float32. Above it, each
@@ -502,7 +502,7 @@ def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
     started = []
     for arm, label, role in runs:
         out, log = tmp / f"{label}.pt", tmp / f"{label}.log"
-        command = [sys.executable, "-m", "gradlab.audit", entrypoint,
+        command = [sys.executable, "-m", "gradlab.auditing.parent", entrypoint,
                    str(arm.micro_batch_size), str(arm.accum_steps), str(max_steps),
                    str(copy_limit), str(out), role, str(shared)]
         with log.open("wb") as sink:  # the loop's own prints: shown only if it dies
@@ -854,7 +854,7 @@ WEIGHTS_NOTE = {
 
 def write_run(result: Audit, out: Path) -> Path:
     """A run directory that compare, plot and report read like any other run's."""
-    from gradlab import store  # pandas: only the parent needs it
+    from gradlab.record import store  # pandas: only the parent needs it
 
     module = result.entrypoint.partition(":")[0].rsplit(".", 1)[-1]
     arms = (result.base, result.arm)
@@ -950,7 +950,7 @@ def render(result: Audit, console) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from gradlab.compare import fmt
+    from gradlab.readers.compare import fmt
 
     estimate = " (estimated)" if result.estimate else ""
     title = (f"audit {result.entrypoint}: {result.arm.call(result.max_steps)} against "

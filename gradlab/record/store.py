@@ -36,8 +36,8 @@ from typing import Any
 
 import pandas as pd
 
-from gradlab import schema
 from gradlab.errors import GradlabError
+from gradlab.record import schema
 
 STATUSES = ("running", "complete", "failed", "interrupted")
 

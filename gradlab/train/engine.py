@@ -16,7 +16,7 @@ The probe calls ``window_gradient`` as well, so a verdict sees everything the
 step does to the gradient before the optimizer applies it.
 
 A data-parallel arm (world_size W > 1) trains a DistributedDataParallel replica
-(gradlab.distributed) on each of W ranks: ``window_gradient`` gives each rank its
+(gradlab.lab.distributed) on each of W ranks: ``window_gradient`` gives each rank its
 own slice of the window, and the arm's sync policy decides which backward passes
 all-reduce, in the same one path.
 """
@@ -37,12 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradlab.distributed import Replica
-from gradlab.dropout import example_keys
-from gradlab.errors import GradlabError, unhandled
-from gradlab.memory import SavedTensors
-from gradlab.setup import Embeddings, Examples, Setup, num_examples, split, split_at
-from gradlab.spec import (
+from gradlab.config.spec import (
     Accumulation,
     Autocast,
     BnMode,
@@ -60,6 +55,11 @@ from gradlab.spec import (
     Sync,
     ZeroGrad,
 )
+from gradlab.errors import GradlabError, unhandled
+from gradlab.setup import Embeddings, Examples, Setup, num_examples, split, split_at
+from gradlab.train.dropout import example_keys
+from gradlab.train.memory import SavedTensors
+from gradlab.train.replica import Replica
 
 
 class Watch(Protocol):
@@ -542,7 +542,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
     gradient norm taken in one pass over .grad, then both come to the host once per
     step. Only the update norm needs a copy of every parameter, so it is taken only
     where the arm asks for it (s.update_norm). ``measure_memory`` meters the
-    activations autograd saves (gradlab.memory): a Python call per saved tensor, which
+    activations autograd saves (gradlab.train.memory): a Python call per saved tensor, which
     slows a small model's step by about a fifth, so the runner asks for it only on the
     steps it probes.
     """

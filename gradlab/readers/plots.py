@@ -44,9 +44,10 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator  # noqa: E402
 
-from gradlab import compare, schema  # noqa: E402
 from gradlab.errors import GradlabError  # noqa: E402
-from gradlab.store import Run  # noqa: E402
+from gradlab.readers import compare
+from gradlab.record import schema  # noqa: E402
+from gradlab.record.store import Run  # noqa: E402
 
 X_AXES = {"step": "step", "examples": "examples", "N": "accum_steps",
           "micro_batch": "micro_batch"}

@@ -37,7 +37,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
                 # gradlab audit's, of the user's own loop
                 "first_difference", "estimate", "diagnosis"),
     # saved_bytes: the most bytes of activations autograd held for backward at once during
-    # the step (gradlab.memory), for a loss that couples the batch, on the steps the probe
+    # the step (gradlab.train.memory), for a loss that couples the batch, on the steps the probe
     # runs (empty on the others); negatives: for such a loss, the other examples each
     # example was scored against (B/N - 1 inside micro-batches, B - 1 over the window),
     # empty for a loss computed per example

@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradlab import compare, plots
-from gradlab.store import Run
+from gradlab.readers import compare, plots
+from gradlab.record.store import Run
 
 # ----------------------------------------------------------------------------- blocks
 

@@ -98,11 +98,15 @@ try:
     from rich.table import Table
     from rich.text import Text
 
-    from gradlab import __version__, catalog, schema, spec
+    from gradlab import __version__
+    from gradlab.config import catalog, spec
     from gradlab.errors import GradlabError
+    from gradlab.record import schema
 
     if TYPE_CHECKING:  # the modules that import torch or pandas: only inside the commands
-        from gradlab import compare, distributed, runner, store
+        from gradlab.lab import distributed, runner
+        from gradlab.readers import compare
+        from gradlab.record import store
 except Interrupted as stop:
     raise early_stop(stop.signum, starting()) from None
 finally:
@@ -215,7 +219,7 @@ def _on_stop_signal(signum, frame):
     handling = Stop.rank and sys.exc_info()[1] is not None
     if not Stop.finishing and not handling:
         # a CSV line is never cut in half; before store is imported nothing can be writing
-        store_module = sys.modules.get("gradlab.store")
+        store_module = sys.modules.get("gradlab.record.store")
         if store_module is None:
             raise Interrupted(signum)
         store_module.raise_after_write(Interrupted(signum))
@@ -311,10 +315,10 @@ def run(
     check_choice("--table", table, TABLES)
     rank = world = cost = None
     try:
-        from gradlab import parallel
+        from gradlab.lab import parallel
 
         if "RANK" in os.environ:  # torchrun (or a run's own launch) may have started us
-            from gradlab import distributed
+            from gradlab.lab import distributed
 
             rank = distributed.Rank.from_env()
         Stop.rank = rank is not None
@@ -327,7 +331,7 @@ def run(
             # another core while this process imports torch and runs preflight (a run that
             # preflight finds short stays in this process; on CUDA, one GPU: the same)
             parallel.warm_up()
-        from gradlab import distributed  # torch: seconds to import
+        from gradlab.lab import distributed  # torch: seconds to import
 
         ranks = distributed.ranks_needed(trials, rank)
         if rank is None and ranks is None:  # (a rank runs preflight once joined)
@@ -367,7 +371,7 @@ def run(
 def spread(trials: list[spec.Trial], jobs: int | None, idle: int) -> runner.Plan:
     """Preflight's plan, with the trials spread over ``jobs`` worker processes (default:
     runner.default_jobs, from the cores the load leaves ``idle``)."""
-    from gradlab import runner
+    from gradlab.lab import runner
 
     likely = runner.workers_for(trials, jobs or runner.default_jobs(trials, None, idle))
     # timed with the intra-op threads each trial will get: with torch's default (every
@@ -385,7 +389,9 @@ def execute(loaded: spec.Spec, trials: list[spec.Trial], cost: runner.Plan | Non
     """Run the prepared trials, write the run directory, judge and show it. On each rank of
     a data-parallel run (``world``) alike, the trials one after another in the rank's own
     process; only rank 0 writes and prints."""
-    from gradlab import compare, runner, store
+    from gradlab.lab import runner
+    from gradlab.readers import compare
+    from gradlab.record import store
 
     writes = world is None or world.rank == 0
     run_dir = None
@@ -497,7 +503,7 @@ class RunProgress:
         self.done = 0
         self.first: tuple[float, int] | None = None  # (time, steps done) at the first step
         self.bar = None
-        from gradlab.runner import format_seconds  # run has imported runner already
+        from gradlab.lab.runner import format_seconds  # run has imported runner already
 
         self.format = format_seconds
 
@@ -560,7 +566,7 @@ def resolve(experiment: str, assignments: list[str], yes: bool = True,
     """The spec with the overrides applied, and its trials (torch-free without ``rank``)."""
     loaded = spec.load_spec(experiment)
     if rank is not None:
-        from gradlab import distributed
+        from gradlab.lab import distributed
 
         distributed.take_world_size(loaded, rank)
     loaded = spec.apply_overrides(loaded, assignments)
@@ -700,7 +706,7 @@ def render_divergence(summaries: list[dict], out: Console, one_line: bool = Fals
 
 def render_data_parallel(summaries: list[dict], out: Console) -> None:
     """What syncing cost each arm of a run with data-parallel arms: all-reduces and time."""
-    from gradlab.compare import fmt
+    from gradlab.readers.compare import fmt
 
     if not any(row["world_size"] > 1 for row in summaries):
         return
@@ -719,7 +725,7 @@ def render_data_parallel(summaries: list[dict], out: Console) -> None:
 
 
 def render_checks(checks: list[dict], out: Console) -> None:
-    from gradlab.compare import fmt
+    from gradlab.readers.compare import fmt
 
     for c in checks:
         outcome = "[green]passed[/]" if c["passed"] else "[bold red]FAILED[/]"
@@ -836,7 +842,7 @@ def show(
         loaded, trials = resolve(experiment, set_ or [])
         cost = None
         if estimate:
-            from gradlab import runner
+            from gradlab.lab import runner
 
             cost = runner.preflight(trials)
     except GradlabError as e:
@@ -996,7 +1002,8 @@ def compare_(
     check_choice("--table", table, TABLES)
     full = table == "full" or all_ or sort is not None
     try:
-        from gradlab import compare, store  # pandas: imported only when a command reads runs
+        from gradlab.readers import compare
+        from gradlab.record import store  # pandas: imported only when a command reads runs
 
         result = compare.compare(
             store.load_runs(runs), reference=baseline, at_step=at_step,
@@ -1146,7 +1153,8 @@ def plot(
     Stop.began = True
     try:
         # matplotlib and pandas are slow to import: only the commands that need them do
-        from gradlab import plots, store
+        from gradlab.readers import plots
+        from gradlab.record import store
 
         paths = plots.write(store.load_runs(runs), out, format_,
                             [m.strip() for m in y.split(",") if m.strip()] if y else None, x)
@@ -1170,8 +1178,8 @@ def report(
     """
     Stop.began = True
     try:
-        from gradlab import report as reports  # imports matplotlib: slow, so only here
-        from gradlab import store
+        from gradlab.readers import report as reports  # imports matplotlib: slow, so only here
+        from gradlab.record import store
 
         paths = reports.write(store.load_run(run_dir))
     except GradlabError as e:
@@ -1216,7 +1224,7 @@ def audit(
     Stop.began = True
     err = console(stderr=True)
     try:
-        from gradlab import audit as audits  # starts torch processes: only audit needs it
+        from gradlab.auditing import parent as audits  # starts torch processes: only audit needs it
 
         # a spinner on a terminal only: in a log or CI, stderr holds the result and nothing else
         with err.status("auditing") if err.is_terminal else contextlib.nullcontext() as status:
@@ -1232,6 +1240,3 @@ def audit(
     if result.failed:
         raise typer.Exit(1)
 
-
-if __name__ == "__main__":  # python -m gradlab.cli: what the `gradlab` script runs
-    script()

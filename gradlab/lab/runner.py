@@ -29,19 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradlab import distributed, engine, memory, parallel, probe, schema, zoo
-from gradlab.errors import GradlabError, unhandled
-from gradlab.setup import (
-    Examples,
-    Setup,
-    cast,
-    check_examples,
-    cross_entropy_loss,
-    mse_loss,
-    num_examples,
-    take,
-)
-from gradlab.spec import (
+from gradlab import zoo
+from gradlab.config.spec import (
     Accumulation,
     Arm,
     Autocast,
@@ -56,7 +45,22 @@ from gradlab.spec import (
     Trial,
     ZeroGrad,
 )
-from gradlab.store import RunDir, whole_write
+from gradlab.errors import GradlabError, unhandled
+from gradlab.lab import parallel
+from gradlab.record import schema
+from gradlab.record.store import RunDir, whole_write
+from gradlab.setup import (
+    Examples,
+    Setup,
+    cast,
+    check_examples,
+    cross_entropy_loss,
+    mse_loss,
+    num_examples,
+    take,
+)
+from gradlab.train import engine, memory, metrics
+from gradlab.train.replica import Replica
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -562,7 +566,7 @@ class ArmRun:
     def replicate(self, model: nn.Module) -> nn.Module:
         """The model as this arm trains it: a DDP replica on each rank when the arm is
         data-parallel (world_size > 1), else the model itself."""
-        return distributed.Replica(model) if self.s.world_size > 1 else model
+        return Replica(model) if self.s.world_size > 1 else model
 
     @property
     def ids(self) -> dict[str, Any]:
@@ -636,7 +640,7 @@ class Trajectory(Observer):
 
     def stepped(self, run: ArmRun, stats: engine.StepStats) -> None:
         level = self.base.examples == run.examples
-        weight_dist = probe.param_distance(run.model, self.base.model) \
+        weight_dist = metrics.param_distance(run.model, self.base.model) \
             if level and self.comparable else math.nan
         ref_loss = self.base.loss if level else math.nan
         epoch = -(-run.examples // num_examples(run.setup.train))  # its last example's epoch
@@ -744,7 +748,7 @@ class Probe(Observer):
             return
         model = base.model
         held = {name: p.grad for name, p in model.named_parameters()}  # set aside, not copied
-        baseline = {name: probe.grad_or_zeros(p) for name, p in model.named_parameters()}
+        baseline = {name: metrics.grad_or_zeros(p) for name, p in model.named_parameters()}
         self.after = {name: b.clone() for name, b in model.named_buffers()}  # the forward's
         model.zero_grad(set_to_none=True)
         try:
@@ -777,7 +781,7 @@ class Probe(Observer):
             engine.window_gradient(replica, window, arm.s, arm.setup, optimizer=optimizer,
                                    scaler=engine.make_scaler(arm.s, arm.setup.device,
                                                              like=arm.scaler))
-        grads = {name: probe.grad_or_zeros(p) for name, p in model.named_parameters()}
+        grads = {name: metrics.grad_or_zeros(p) for name, p in model.named_parameters()}
         ids = {**arm.ids, "step": base.step}
         rates = {"lr": engine.learning_rate(arm.optimizer),
                  "ref_lr": engine.learning_rate(base.optimizer)}
@@ -808,7 +812,7 @@ class Probe(Observer):
             window = cast(self.window, torch.float64, base.setup.device)
             with base.rng.replay(self.start_state):  # the baseline's dropout masks
                 engine.window_gradient(model, window, self.exact_settings, base.setup)
-            exact = {name: probe.grad_or_zeros(p) for name, p in model.named_parameters()}
+            exact = {name: metrics.grad_or_zeros(p) for name, p in model.named_parameters()}
             model.zero_grad(set_to_none=True)  # the float64 gradient stays in `exact` alone
         return exact
 
@@ -827,7 +831,7 @@ class Probe(Observer):
             engine.window_gradient(setup.model, cast(self.window, DTYPES[s.dtype], setup.device),
                                    s, setup, optimizer=optimizer,
                                    scaler=engine.make_scaler(s, setup.device, like=arm.scaler))
-        floor = compare_grads(probe.grads_of(setup.model), exact)
+        floor = compare_grads(metrics.grads_of(setup.model), exact)
         setup.model.zero_grad(set_to_none=True)
         return floor
 
@@ -880,7 +884,7 @@ def same_model(a: Settings, b: Settings) -> bool:
 
 def compare_grads(arm: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
                   ) -> list[dict[str, float | str]]:
-    return probe.compare_tensors((name, g, ref[name]) for name, g in arm.items())
+    return metrics.compare_tensors((name, g, ref[name]) for name, g in arm.items())
 
 
 @contextlib.contextmanager
@@ -910,7 +914,7 @@ class PartialMagnitudes:
 
     def micro_batch(self, index: int) -> None:
         for name, p in self.params.items():
-            now = probe.grad_or_zeros(p).detach()
+            now = metrics.grad_or_zeros(p).detach()
             self.total[name] += (now - self.before[name]).abs()
             self.before[name] = now.clone()
 
@@ -964,7 +968,7 @@ def compare_buffers(probed: nn.Module, ref: dict[str, torch.Tensor], setup: Setu
         return []
     arm = running_stats(probed)
     rows = [{"buffer": r.pop("param"), **r}
-            for r in probe.compare_tensors((k, arm[k], ref[k]) for k in ref)]
+            for r in metrics.compare_tensors((k, arm[k], ref[k]) for k in ref)]
     with_arm = evaluate(probed, setup)
     saved = {k: v.clone() for k, v in arm.items()}
     load_buffers(probed, ref)
@@ -1014,7 +1018,7 @@ class Trace(Observer):
     def micro_batch(self, run: ArmRun, index: int) -> None:
         run.rows["trace"] += [{**run.ids, "step": run.step, "micro_batch": index + 1,
                                "param": name, "element": i, "grad": value}
-                              for name, i, value in elements(run.model, probe.grad_or_zeros,
+                              for name, i, value in elements(run.model, metrics.grad_or_zeros,
                                                              run.s.trace_elements)]
 
     def stepped(self, run: ArmRun, stats: engine.StepStats) -> None:
@@ -1082,13 +1086,13 @@ class HeldGradientCheck(Observer):
         self.scratch.zero_grad(set_to_none=True)
         with run.rng.replay(run.rng.state):  # the random state the step itself starts from
             engine.window_gradient(self.scratch, window, self.settings, run.setup)
-        fresh = probe.grads_of(self.scratch)
+        fresh = metrics.grads_of(self.scratch)
         self.total = fresh if self.total is None else {
             name: self.total[name] + fresh[name] for name in fresh}
 
     def gradient(self, run: ArmRun) -> None:
-        held = probe.grads_of(run.model)
-        overall = probe.compare_tensors((n, held[n], self.total[n]) for n in self.total)[-1]
+        held = metrics.grads_of(run.model)
+        overall = metrics.compare_tensors((n, held[n], self.total[n]) for n in self.total)[-1]
         self.worst = max(self.worst, overall["rel_l2_err"])
 
     def finished(self, run: ArmRun) -> None:
@@ -1174,7 +1178,7 @@ class MaskAverageCheck(Observer):
                 with run.rng.replay(run.rng.state):  # a fork: seeding it moves no stream
                     torch.manual_seed(seed)
                     engine.window_gradient(scratch, window, settings, run.setup)
-                pair.append(torch.cat([g.flatten() for g in probe.grads_of(scratch).values()]))
+                pair.append(torch.cat([g.flatten() for g in metrics.grads_of(scratch).values()]))
             differences.append(pair[0] - pair[1])
             bigs.append(pair[1])
         d = torch.stack(differences)

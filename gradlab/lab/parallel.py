@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Callable
 from multiprocessing import connection
 
-from gradlab.spec import Trial
+from gradlab.config.spec import Trial
 
 # seconds a terminated worker gets to exit before it is killed
 GRACE_SECONDS = 5
@@ -43,10 +43,10 @@ GRACE_SECONDS = 5
 def context() -> multiprocessing.context.BaseContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        # imported once in the server, not once per worker: gradlab.runner (torch, pandas)
+        # imported once in the server, not once per worker: gradlab.lab.runner (torch, pandas)
         # and torch._dynamo, which torch.optim imports on the first optimizer it builds
         # (about 1 s; gradlab.cli itself imports neither: its help must start fast)
-        ctx.set_forkserver_preload(["__main__", "gradlab.runner", "torch._dynamo"])
+        ctx.set_forkserver_preload(["__main__", "gradlab.lab.runner", "torch._dynamo"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -260,7 +260,7 @@ def serve(link: connection.Connection, parent_alive: connection.Connection, inde
 
     import torch
 
-    from gradlab import runner
+    from gradlab.lab import runner
 
     if torch.cuda.is_available():
         torch.cuda.set_device(index % torch.cuda.device_count())
