@@ -27,7 +27,7 @@ import time
 import torch
 
 from gradlab.config.spec import Settings, load_spec
-from gradlab.lab import runner
+from gradlab.lab import device, setups
 from gradlab.train import engine
 
 ARMS = {"naive-accumulation": "plain", "gradcache": "gradcache"}  # and the big batch, N = 1
@@ -38,9 +38,9 @@ class Arm:
 
     def __init__(self, settings: Settings):
         self.s = settings
-        self.setup = runner.build_setup(settings, runner.resolve_device(settings.device), {})
+        self.setup = setups.build_setup(settings, device.resolve_device(settings.device), {})
         self.optimizer = engine.make_optimizer(self.setup.model, settings)
-        self.stream = runner.windows(self.setup, settings)
+        self.stream = setups.windows(self.setup, settings)
         self.walls, self.cpus, self.saved = [], [], 0
 
     def step(self, metered: bool = False) -> None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from results import machine, publish
 
 from gradlab.config.spec import Settings
-from gradlab.lab import runner
+from gradlab.lab import setups
 from gradlab.train import engine
 
 # mlp 64-256-256-10 and the built-in cnn (8 and 16 channels) on digits
@@ -87,7 +87,7 @@ def accelerate_step(accelerator, model, optimizer, window, n: int) -> None:
 
 def contenders(s: Settings) -> dict[str, Callable[[tuple], None]]:
     """name -> one optimizer step on a window, each on its own copy of the model."""
-    setup = runner.build_setup(s, torch.device(s.device), {})
+    setup = setups.build_setup(s, torch.device(s.device), {})
     steps: dict[str, Callable[[tuple], None]] = {}
     bare_model = copy.deepcopy(setup.model)
     bare_opt = engine.make_optimizer(bare_model, s)
@@ -112,8 +112,8 @@ def contenders(s: Settings) -> dict[str, Callable[[tuple], None]]:
 def measure(s: Settings, repeats: int, warmup: int, clock=time.perf_counter
             ) -> dict[str, float]:
     """Median seconds per optimizer step of each contender, interleaved step by step."""
-    setup = runner.build_setup(s, torch.device(s.device), {})
-    stream = runner.windows(setup, s)
+    setup = setups.build_setup(s, torch.device(s.device), {})
+    stream = setups.windows(setup, s)
     windows = [next(stream) for _ in range(8)]
     steps = contenders(s)
     cuda = s.device == "cuda"

@@ -22,14 +22,14 @@ import time
 import torch
 
 from gradlab.config.spec import Settings
-from gradlab.lab import runner
+from gradlab.lab import device, setups
 from gradlab.train import engine
 
 
 def measure(settings: Settings, repeats: int) -> dict[str, float]:
-    setup = runner.build_setup(settings, runner.resolve_device(settings.device), {})
+    setup = setups.build_setup(settings, device.resolve_device(settings.device), {})
     optimizer = engine.make_optimizer(setup.model, settings)
-    stream = runner.windows(setup, settings)
+    stream = setups.windows(setup, settings)
     cuda = setup.device.type == "cuda"
 
     def one_step() -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import gradlab, run_json
-from gradlab.lab import runner
+from gradlab.lab import trial as lab_trial
 
 BAD_SETS = [
     (["--set", "accum_steps=0"], "accum_steps=0"),
@@ -139,7 +139,7 @@ def test_sweep_from_the_command_line(tmp_path):
 
 
 def test_ctrl_c_leaves_a_readable_run_marked_interrupted(tmp_path, monkeypatch):
-    real = runner.run_trial
+    real = lab_trial.run_trial
     calls = []
 
     def interrupt_second(*args, **kwargs):
@@ -148,7 +148,7 @@ def test_ctrl_c_leaves_a_readable_run_marked_interrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "run_trial", interrupt_second)
+    monkeypatch.setattr(lab_trial, "run_trial", interrupt_second)
     # in this process (--jobs 1): the patched run_trial is not in a worker's
     result = gradlab("run", "toy", "--set", "lr=0.01,0.02,0.03", "--jobs", "1", "--out",
                      tmp_path)
@@ -163,7 +163,7 @@ def test_a_crash_mid_run_is_marked_failed(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise FloatingPointError("overflow in step 3")
 
-    monkeypatch.setattr(runner, "run_trial", explode)
+    monkeypatch.setattr(lab_trial, "run_trial", explode)
     result = gradlab("run", "toy", "--out", tmp_path)
     assert result.exit_code == 1
     assert "overflow in step 3" in result.stderr

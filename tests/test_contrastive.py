@@ -22,7 +22,7 @@ from torch.testing import assert_close
 from conftest import gradlab
 from gradlab.config.spec import Accumulation, Settings, ZeroGrad, load_spec
 from gradlab.errors import GradlabError
-from gradlab.lab.runner import build_setup
+from gradlab.lab.setups import build_setup
 from gradlab.setup import Setup, split
 from gradlab.train import engine
 from gradlab.train.memory import SavedTensors, saved_tensor_bytes

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from conftest import gradlab
+from gradlab.config import spec
 from gradlab.config.spec import Settings
-from gradlab.lab import runner
+from gradlab.lab import trial as lab_trial
 from gradlab.readers import compare
 from gradlab.record import store
 from gradlab.train import memory
@@ -151,8 +152,8 @@ def test_a_budget_without_cost_is_refused(tmp_path):
 def test_the_cost_observer_measures_a_users_setup():
     s = Settings(setup="user_setups:good", batch_size=64, accum_steps=4, steps=2, cost=True,
                  dtype="float64")
-    trial = runner.Trial(0, {}, (runner.Arm("step", s, baseline=True),))
-    rows = runner.run_trial(trial, {})
+    one = spec.Trial(0, {}, (spec.Arm("step", s, baseline=True),))
+    rows = lab_trial.run_trial(one, {})
     (summary,) = rows["summary"]
     # a Linear(3, 1) on micro-batches of 16 float64 examples: the linear layer saves its
     # input (16 x 3), the summed squared error the prediction and the target (16 x 1 each)

@@ -10,7 +10,7 @@ import torch
 
 from conftest import arm_rows, gradlab, run_json
 from gradlab.config import spec
-from gradlab.lab import runner
+from gradlab.lab import probing, setups
 
 LIMIT = {"float64": 1e-12, "float32": 1e-5}
 NS = [1, 2, 4, 8, 16, 32]
@@ -89,13 +89,13 @@ def buffers_with_settings(doc: dict) -> pd.DataFrame:
 
 def recomputed_running_stats(s: spec.Settings) -> dict[str, torch.Tensor]:
     """Running statistics after N micro-batch forwards, in plain torch, outside the engine."""
-    setup = runner.build_setup(s, torch.device("cpu"), {})
+    setup = setups.build_setup(s, torch.device("cpu"), {})
     model = setup.model.train()
-    x, _ = next(runner.windows(setup, s))
+    x, _ = next(setups.windows(setup, s))
     with torch.no_grad():
         for micro in torch.tensor_split(x, s.accum_steps):
             model(micro)
-    return runner.running_stats(model)
+    return probing.running_stats(model)
 
 
 @pytest.mark.parametrize("n", [2, 8, 32])

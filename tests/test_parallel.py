@@ -18,8 +18,9 @@ import pytest
 
 from conftest import gradlab
 from gradlab.config import spec
-from gradlab.lab import runner
+from gradlab.lab import plan, trial
 from gradlab.record import store
+from gradlab.record.meta import RunMeta
 
 TESTS = Path(__file__).parent
 # the equivalence experiment cut down: mlp, cnn and cnn+GroupNorm at N = 1, 2, 4; 9 trials
@@ -51,20 +52,20 @@ def test_the_csvs_are_the_same_bytes_for_any_number_of_jobs(tmp_path):
 
 def test_fewer_trials_than_jobs_give_each_trial_the_cores_left_over():
     trials = spec.expand(spec.apply_overrides(spec.load_spec("toy"), ["seed=0,1"]))
-    plan = runner.Plan(2, 4, 1.0, 2**20, None)
-    workers = runner.spread(trials, 7, plan).workers
+    estimate = plan.Plan(2, 4, 1.0, 2**20, None)
+    workers = plan.spread(trials, 7, estimate).workers
     assert (workers.processes, workers.threads) == (2, 3)
-    alone = runner.spread(trials[:1], 4, plan).workers
+    alone = plan.spread(trials[:1], 4, plan).workers
     assert (alone.processes, alone.threads) == (1, 4)  # one trial gets every core
-    assert runner.spread(trials, 1, plan).workers.threads == 1
+    assert plan.spread(trials, 1, plan).workers.threads == 1
     # what does not fit in memory twice runs once at a time
-    tight = runner.Plan(2, 4, 1.0, 2**30, available_bytes=int(1.5 * (2**30 + 400 * 2**20)))
-    assert runner.spread(trials, 2, tight).workers.processes == 1
+    tight = plan.Plan(2, 4, 1.0, 2**30, available_bytes=int(1.5 * (2**30 + 400 * 2**20)))
+    assert plan.spread(trials, 2, tight).workers.processes == 1
 
 
 def test_a_threads_setting_is_the_trials_own():
     trials = spec.expand(spec.apply_overrides(spec.load_spec("toy"), ["threads=3"]))
-    workers = runner.Workers(jobs=2, processes=2, threads=1)
+    workers = plan.Workers(jobs=2, processes=2, threads=1)
     assert workers.threads_of(trials[0]) == 3
     with pytest.raises(spec.GradlabError, match="one thread count"):
         spec.expand(spec.apply_overrides(spec.load_spec("toy"), ["accumulated.threads=2"]))
@@ -72,11 +73,11 @@ def test_a_threads_setting_is_the_trials_own():
 
 def test_progress_from_every_worker_reaches_the_parent(tmp_path):
     trials = spec.expand(spec.apply_overrides(spec.load_spec("toy"), ["seed=0,1,2"]))
-    run_dir = store.RunDir(tmp_path, "toy", {"trials": [{"trial": t.index, "swept": t.swept}
-                                                        for t in trials]})
+    run_dir = store.RunDir(tmp_path, RunMeta("toy", "", [{"trial": t.index, "swept": t.swept}
+                                                         for t in trials], "cpu"))
     steps: list[int] = []
-    results = runner.run_trials(trials, run_dir, steps.append,
-                                runner.Workers(jobs=2, processes=2, threads=1))
+    results = trial.run_trials(trials, run_dir, steps.append,
+                                plan.Workers(jobs=2, processes=2, threads=1))
     assert sum(steps) == sum(a.settings.steps for t in trials for a in t.arms) == 6
     assert [r["summary"][0]["trial"] for r in results] == [0, 1, 2]
     assert list(pd.read_csv(run_dir.path / "summary.csv")["trial"]) == [0, 0, 1, 1, 2, 2]
@@ -225,16 +226,16 @@ def test_a_killed_gradlab_leaves_its_run_marked_running(stops):
 
 
 def test_the_default_jobs_are_the_cores_the_load_leaves_idle(monkeypatch):
-    from gradlab.lab import parallel, runner
+    from gradlab.lab import parallel, plan
 
     monkeypatch.setattr(parallel, "usable_cores", lambda: 4)
     monkeypatch.setattr(parallel, "busy_elsewhere", lambda: 2)
-    long_run = runner.Plan(1, 1, 60.0, 0, None)
-    assert runner.default_jobs([], long_run, parallel.idle_cores()) == 2
+    long_run = plan.Plan(1, 1, 60.0, 0, None)
+    assert plan.default_jobs([], long_run, parallel.idle_cores()) == 2
     monkeypatch.setattr(parallel, "busy_elsewhere", lambda: 7)
-    assert runner.default_jobs([], long_run, parallel.idle_cores()) == 1  # busier than the cores
-    assert runner.default_jobs([], runner.Plan(1, 1, 3.0, 0, None), 4) == 1  # a short run
-    assert runner.default_jobs([], None, 4) == 4  # before preflight: not known to be short
+    assert plan.default_jobs([], long_run, parallel.idle_cores()) == 1  # busier than the cores
+    assert plan.default_jobs([], plan.Plan(1, 1, 3.0, 0, None), 4) == 1  # a short run
+    assert plan.default_jobs([], None, 4) == 4  # before preflight: not known to be short
 
 
 @pytest.mark.parametrize("seeds, idle, jobs, warmed, threads", [
@@ -253,13 +254,14 @@ parallel.idle_cores = lambda: {idle}
 parallel.warm_up = lambda: print("warm_up", "torch" in sys.modules)
 def spread(trials, jobs, idle):
     import torch
-    from gradlab.lab import runner
-    runner.preflight = lambda trials: print("preflight", torch.get_num_threads()) or \
-        runner.Plan(len(trials), len(trials), 60.0, 0, None)
-    plan = spread_as_is(trials, jobs, idle)
-    print("workers", plan.workers.processes, plan.workers.threads)
+    from gradlab.lab import plan, preflight
+    preflight.preflight = lambda trials: print("preflight", torch.get_num_threads()) or \
+        plan.Plan(len(trials), len(trials), 60.0, 0, None)
+    estimate = spread_as_is(trials, jobs, idle)
+    print("workers", estimate.workers.processes, estimate.workers.threads)
     raise SystemExit(0)
-spread_as_is, cli.spread = cli.spread, spread
+from gradlab.lab import experiment
+spread_as_is, experiment.spread = experiment.spread, spread
 jobs = {[f"--jobs={jobs}"] if jobs else []!r}
 sys.argv = ["gradlab", "run", "toy", "--set", "seed={seeds}", *jobs]
 cli.main()
@@ -316,9 +318,10 @@ def test_a_pipe_reading_the_run_directory_ends_when_gradlab_does(tmp_path):
 def test_preflight_leaves_torch_dynamo_to_the_workers():
     # building an optimizer imports torch._dynamo (about 1 s); preflight needs one only for
     # a GradScaler, so a run whose trials go to workers does not pay for it in gradlab
-    probe = ("import sys\nfrom gradlab import cli\nfrom gradlab.lab import runner\n"
-             "_, trials = cli.resolve('equivalence', ['accum_steps=1,2'])\n"
-             "runner.preflight(trials)\nprint('torch._dynamo' in sys.modules)")
+    probe = ("import sys\nfrom gradlab import cli\nfrom gradlab.lab import preflight\n"
+             "from gradlab.lab import experiment\n"
+             "_, trials = experiment.resolve('equivalence', ['accum_steps=1,2'])\n"
+             "preflight.preflight(trials)\nprint('torch._dynamo' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "False", done.stderr
@@ -326,9 +329,9 @@ def test_preflight_leaves_torch_dynamo_to_the_workers():
 
 def test_workers_take_the_longest_trials_first_and_the_files_keep_trial_order(tmp_path):
     trials = spec.expand(spec.apply_overrides(spec.load_spec("toy"), ["seed=0,1,2"]))
-    plan = runner.Plan(3, 6, 6.0, 2**20, None, trial_seconds=[1.0, 3.0, 2.0])
-    assert runner.spread(trials, 2, plan).workers.order == [1, 2, 0]
-    run_dir = store.RunDir(tmp_path, "toy", {"trials": [{"trial": t.index, "swept": t.swept}
-                                                        for t in trials]})
-    runner.run_trials(trials, run_dir, workers=runner.Workers(2, 2, 1, order=[2, 1, 0]))
+    estimate = plan.Plan(3, 6, 6.0, 2**20, None, trial_seconds=[1.0, 3.0, 2.0])
+    assert plan.spread(trials, 2, estimate).workers.order == [1, 2, 0]
+    run_dir = store.RunDir(tmp_path, RunMeta("toy", "", [{"trial": t.index, "swept": t.swept}
+                                                         for t in trials], "cpu"))
+    trial.run_trials(trials, run_dir, workers=plan.Workers(2, 2, 1, order=[2, 1, 0]))
     assert list(pd.read_csv(run_dir.path / "summary.csv")["trial"]) == [0, 0, 1, 1, 2, 2]

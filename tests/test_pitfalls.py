@@ -18,7 +18,7 @@ from torch.testing import assert_close
 
 from conftest import gradlab
 from gradlab.config.spec import Settings
-from gradlab.lab import runner
+from gradlab.lab import setups
 from gradlab.setup import Setup, num_examples, take
 from gradlab.train import engine
 from minirun import run_dir
@@ -31,7 +31,7 @@ BASE = dict(model="mlp", hidden=8, dataset="regression", dtype="float64", batch_
 def prepared(**overrides) -> tuple[Settings, Setup]:
     """Settings and a freshly built setup: the same initial weights whatever the policies."""
     s = Settings(**{**BASE, **overrides})
-    return s, runner.build_setup(s, CPU, {})
+    return s, setups.build_setup(s, CPU, {})
 
 
 def gradient(window_size: int | None = None, seed_state: int | None = 0,
@@ -103,7 +103,7 @@ def trained(steps: int, **overrides) -> tuple[list[float], Setup]:
                         **overrides)
     optimizer = engine.make_optimizer(setup.model, s)
     scheduler = engine.make_scheduler(optimizer, s)
-    stream = runner.windows(setup, s)
+    stream = setups.windows(setup, s)
     rates = [engine.train_step(setup.model, optimizer, next(stream), s, setup,
                                scheduler=scheduler).lr for _ in range(steps)]
     return rates, setup
@@ -130,7 +130,7 @@ def test_scheduler_per_step_matches_the_big_batch_exactly_per_micro_batch_runs_n
 
 def window_sizes(epoch_end: str, count: int, batch_size: int = 96) -> list[int]:
     s, setup = prepared(batch_size=batch_size, epoch_end=epoch_end)
-    stream = runner.windows(setup, s)
+    stream = setups.windows(setup, s)
     return [num_examples(next(stream)) for _ in range(count)]
 
 
@@ -147,7 +147,7 @@ def test_short_window_and_carry_over_read_every_example_once_per_epoch():
     for epoch_end, count in (("short-window", 11), ("carry-over", 11)):
         s, setup = prepared(batch_size=96, epoch_end=epoch_end)
         setup.train = (torch.arange(n, dtype=torch.float64)[:, None], setup.train[1])
-        stream = runner.windows(setup, s)
+        stream = setups.windows(setup, s)
         seen = torch.cat([next(stream)[0].flatten() for _ in range(count)])
         first_epoch = seen[:n] if epoch_end == "short-window" else seen[:960]
         assert len(set(first_epoch.tolist())) == len(first_epoch)  # no example twice

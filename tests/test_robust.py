@@ -16,8 +16,10 @@ import pytest
 from conftest import gradlab, run_json
 from gradlab.config import spec
 from gradlab.errors import GradlabError
-from gradlab.lab import runner
+from gradlab.lab import preflight
+from gradlab.lab import trial as lab_trial
 from gradlab.record import store
+from gradlab.record.meta import RunMeta
 
 
 def assert_bad_input(result, out: Path | None, *fragments: str, absent: tuple = ()) -> str:
@@ -229,7 +231,7 @@ def test_more_than_a_thousand_trials_need_yes(tmp_path, monkeypatch):
     seeds = ",".join(str(i) for i in range(1001))
     out = tmp_path / "results"
     preflights = []
-    monkeypatch.setattr(runner, "preflight", lambda trials: preflights.append(len(trials)))
+    monkeypatch.setattr(preflight, "preflight", lambda trials: preflights.append(len(trials)))
     message = assert_bad_input(gradlab("run", "toy", "--set", f"seed={seeds}", "--out", out),
                                out, "1001 trials", "--yes")
     assert preflights == [], message  # refused before any model was built
@@ -238,7 +240,7 @@ def test_more_than_a_thousand_trials_need_yes(tmp_path, monkeypatch):
         preflights.append(len(trials))
         raise GradlabError("stopped after the count")
 
-    monkeypatch.setattr(runner, "preflight", stop)
+    monkeypatch.setattr(preflight, "preflight", stop)
     assert_bad_input(gradlab("run", "toy", "--set", f"seed={seeds}", "--yes", "--out", out),
                      out, "stopped after the count")
     assert preflights == [1001]
@@ -366,7 +368,7 @@ def test_json_reports_a_failed_run(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise FloatingPointError("overflow in step 3")
 
-    monkeypatch.setattr(runner, "run_trial", explode)
+    monkeypatch.setattr(lab_trial, "run_trial", explode)
     doc = failure_document(gradlab("run", "toy", "--json", "--out", tmp_path), "failed", 1)
     assert "overflow in step 3" in doc["error"]
     assert json.loads((Path(doc["run_dir"]) / "run.json").read_text())["status"] == "failed"
@@ -376,14 +378,14 @@ def test_json_reports_an_interrupted_run(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "run_trial", interrupt)
+    monkeypatch.setattr(lab_trial, "run_trial", interrupt)
     doc = failure_document(gradlab("run", "toy", "--json", "--out", tmp_path), "interrupted", 130)
     meta = json.loads((Path(doc["run_dir"]) / "run.json").read_text())
     assert meta["status"] == "interrupted" and meta["ended"]
 
 
 def test_a_stop_during_a_write_waits_for_the_write_to_end(tmp_path, monkeypatch):
-    run = store.RunDir(tmp_path, "writes", {"trials": []})
+    run = store.RunDir(tmp_path, RunMeta("writes", "", [], "cpu"))
     real_to_csv = pd.DataFrame.to_csv
 
     def signal_arrives_mid_write(self, *args, **kwargs):

@@ -10,7 +10,7 @@ import pandas as pd
 
 from conftest import gradlab, run_json
 from gradlab.config import spec
-from gradlab.lab import runner
+from gradlab.lab import preflight, setups
 from test_cli import assert_clean_failure
 
 
@@ -52,7 +52,7 @@ def test_a_trace_records_the_first_elements_of_each_parameter(tmp_path):
 
 
 def test_a_run_that_would_not_fit_in_memory_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "available_memory", lambda: 2**20)  # a 1 MiB machine
+    monkeypatch.setattr(preflight, "available_memory", lambda: 2**20)  # a 1 MiB machine
     out = tmp_path / "results"
     result = gradlab("run", "toy", "--set", "model=user_factories:wide_net",
                      "--set", "trace_elements=1000000", "--out", out)
@@ -62,11 +62,11 @@ def test_a_run_that_would_not_fit_in_memory_is_refused(tmp_path, monkeypatch):
 
 def test_preflight_builds_each_distinct_setup_once(monkeypatch):
     built = []
-    original = runner.build_setup
-    monkeypatch.setattr(runner, "build_setup",
+    original = setups.build_setup
+    monkeypatch.setattr(setups, "build_setup",
                         lambda s, *a: built.append(s.seed) or original(s, *a))
     loaded = spec.apply_overrides(spec.load_spec("toy"), ["seed=0,1,2,3,4,5,6,7"])
-    plan = runner.preflight(spec.expand(loaded))
+    plan = preflight.preflight(spec.expand(loaded))
     assert plan.trials == 8 and plan.arms == 16
     assert len(built) == 2  # big-batch and accumulated differ in N; seeds change nothing
 

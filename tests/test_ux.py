@@ -18,6 +18,7 @@ from rich.console import Console
 
 from conftest import gradlab
 from gradlab import __version__, cli, zoo
+from gradlab.cli import render, shared
 from gradlab.config import catalog, spec
 from gradlab.readers import compare
 from gradlab.record import store
@@ -100,7 +101,7 @@ def rendered(pivot: compare.Pivot, width: int, colour: bool = False) -> str:
     buffer = io.StringIO()
     out = Console(file=buffer, width=width, force_terminal=colour,
                   color_system="standard" if colour else None)
-    cli.render_pivot(pivot, out)
+    render.render_pivot(pivot, out)
     return buffer.getvalue()
 
 
@@ -287,7 +288,7 @@ def test_short_help_and_completion():
     assert short.exit_code == 0 and short.stdout == long.stdout
     assert "--install-completion" in long.stdout and "show" in long.stdout
     assert gradlab("run", "-h").stdout == gradlab("run", "--help").stdout
-    assert cli.complete_spec_names("zero") == ["zero-grad-toy", "zero-grad"]
+    assert shared.complete_spec_names("zero") == ["zero-grad-toy", "zero-grad"]
     script = gradlab("--show-completion", "bash")
     assert script.exit_code == 0 and "_GRADLAB_COMPLETE" in script.stdout, (
         script.stdout, script.stderr, repr(script.exception), script.exc_info)
@@ -381,7 +382,7 @@ class Clock:
 
 def test_off_a_terminal_progress_is_a_line_every_10_s_with_the_time_left(capsys):
     clock = Clock()
-    with cli.RunProgress("equivalence", 30, 100, estimate=50.0, clock=clock) as progress:
+    with render.RunProgress("equivalence", 30, 100, estimate=50.0, clock=clock) as progress:
         assert progress.left() == "about 50 s left"  # before any step: preflight's estimate
         clock.now = 5.0  # building the first models: no step yet
         assert progress.left() == "about 50 s left"
@@ -403,7 +404,7 @@ def test_off_a_terminal_progress_is_a_line_every_10_s_with_the_time_left(capsys)
 
 def test_progress_is_silent_with_json(capsys):
     clock = Clock()
-    with cli.RunProgress("toy", 1, 4, estimate=1.0, shown=False, clock=clock) as progress:
+    with render.RunProgress("toy", 1, 4, estimate=1.0, shown=False, clock=clock) as progress:
         clock.now = 30.0
         progress.advance(2)
     assert capsys.readouterr().err == ""

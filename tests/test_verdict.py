@@ -11,7 +11,7 @@ import torch
 
 from conftest import arm_rows, gradlab, run_json
 from gradlab.config import spec
-from gradlab.lab import runner
+from gradlab.lab import observers, setups
 from gradlab.record import schema
 from gradlab.train import engine
 
@@ -103,9 +103,9 @@ def test_every_step_with_n_has_a_cosine_below_one(tmp_path):
 def test_test_accuracy_is_a_hand_count():
     """Pins eval: accuracy counted against shifted labels would fail here."""
     s = spec.Settings(model="cnn", dataset="digits", dtype="float64", lr=0.5, seed=3)
-    setup = runner.build_setup(s, torch.device("cpu"), {})
+    setup = setups.build_setup(s, torch.device("cpu"), {})
     optimizer = engine.make_optimizer(setup.model, s)
-    windows = runner.windows(setup, s)
+    windows = setups.windows(setup, s)
     for _ in range(5):  # a little training, so that the predictions are not one class
         engine.train_step(setup.model, optimizer, next(windows), s, setup)
     x, y = setup.test
@@ -114,4 +114,4 @@ def test_test_accuracy_is_a_hand_count():
         shifted = sum(int(setup.model(x[i:i + 1]).argmax()) == int(y[i - 1])
                       for i in range(len(y)))
     assert correct != shifted  # so the check below tells the two apart
-    assert runner.evaluate(setup.model, setup)["test_accuracy"] == correct / len(y)
+    assert observers.evaluate(setup.model, setup)["test_accuracy"] == correct / len(y)

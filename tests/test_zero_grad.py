@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from conftest import arm_rows, gradlab, run_json
 from gradlab.config import spec
 from gradlab.config.spec import Settings
-from gradlab.lab import runner
+from gradlab.lab import observers, setups
 from gradlab.setup import Examples, Setup, split
 from gradlab.train import engine, metrics
 
@@ -38,11 +38,11 @@ CPU = torch.device("cpu")
 
 
 def prepared(s: Settings) -> Setup:
-    return runner.build_setup(s, CPU, {})
+    return setups.build_setup(s, CPU, {})
 
 
 def first_windows(setup: Setup, s: Settings, count: int) -> list[Examples]:
-    stream = runner.windows(setup, s)
+    stream = setups.windows(setup, s)
     return [next(stream) for _ in range(count)]
 
 
@@ -105,7 +105,7 @@ def test_set_to_none_true_and_false_give_identical_sgd_weights(micro_batch, n):
         assert torch.equal(a, b)
 
 
-class ClearAfterStep(runner.Observer):
+class ClearAfterStep(observers.Observer):
     """What the never policy must not do: clear .grad after the step."""
 
     def stepped(self, run, stats):
@@ -116,8 +116,8 @@ def never_check(n: int, steps: int, clear_after_step: bool = False) -> dict:
     """Train a zero_grad='never' arm under the held-gradient check; returns its checks row."""
     s = settings(zero_grad="never", accum_steps=n, steps=steps)
     arm = spec.Arm("never", s, baseline=True)
-    run = runner.ArmRun(spec.Trial(0, {}, (arm,)), arm, prepared(s), {})
-    check = runner.HeldGradientCheck(run)
+    run = arm.ArmRun(spec.Trial(0, {}, (arm,)), arm, prepared(s), {})
+    check = observers.HeldGradientCheck(run)
     run.observers += [check, ClearAfterStep()] if clear_after_step else [check]
     while not run.done:
         run.advance()
@@ -172,7 +172,7 @@ def test_never_gradient_norm_grows_and_training_ends_worse(zero_grad_run):
 
 def test_never_summed_gradient_identity_is_checked(zero_grad_run):
     (check,) = only(zero_grad_run, "never")["checks"]
-    assert check["check"] == runner.HeldGradientCheck.name
+    assert check["check"] == observers.HeldGradientCheck.name
     assert check["value"] <= 1e-12 and check["passed"] is True
     csv = table(zero_grad_run, "checks")
     assert csv[["arm", "passed"]].values.tolist() == [["never", True]]

@@ -6,7 +6,7 @@ micro-batches (engine.window_gradient), and DDP all-reduces the gradient as the
 arm's ``sync`` policy says. The run's other arms (world_size = 1, the big-batch
 baseline) run whole on every rank, identically, so each rank holds the baseline's
 weights and window when the probe asks a data-parallel arm for its gradient there.
-Every rank runs the same lockstep (runner.run_trial), so their collectives meet;
+Every rank runs the same lockstep (trial.run_trial), so their collectives meet;
 only rank 0 writes the run directory and prints.
 
 Ranks come from torchrun (``torchrun --nproc-per-node W -m gradlab run ddp``) or
@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
@@ -262,9 +262,10 @@ class Ended:
     message: str | None = None
 
 
-def launch(size: int, args: list[str]) -> Ended:
+def launch(size: int, args: list[str], stdout: IO[str] | None = None) -> Ended:
     """Start ``size`` ranks of ``python -m gradlab ARGS`` as torchrun would, on this machine
-    and the loopback address only, and wait for them.
+    and the loopback address only, and wait for them. ``stdout``: where rank 0's standard
+    output goes (default: this process's; the others say nothing there).
 
     The launcher hosts the store the ranks meet through (the OS picks its port, and
     it stays bound: no other process can take it between choosing and using). When
@@ -281,6 +282,7 @@ def launch(size: int, args: list[str]) -> Ended:
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "gradlab", *args],
                 env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=stdout if rank == 0 else None,
                 start_new_session=True))  # a terminal's Ctrl-C reaches them through us, once
         stopped_by = supervise(processes)
     finally:

@@ -2,7 +2,7 @@
 
 The parent hands out trials one at a time and gets back, per worker: progress (steps
 taken), a finished trial's rows, or the error that ended it. The parent alone writes
-the run directory (runner.run_trials does, in trial order), so the CSVs are the same
+the run directory (trial.run_trials does, in trial order), so the CSVs are the same
 bytes whatever the number of workers.
 
 Workers never outlive the parent. A stop signal (SIGINT, SIGTERM) is the parent's to
@@ -36,6 +36,9 @@ from multiprocessing import connection
 
 from gradlab.config.spec import Trial
 
+# what a worker runs for each trial: lab.trial.run_trial(trial, cache, advance) -> its rows
+RunTrial = Callable[[Trial, dict, Callable[[int], None]], dict[str, list[dict]]]
+
 # seconds a terminated worker gets to exit before it is killed
 GRACE_SECONDS = 5
 
@@ -43,10 +46,10 @@ GRACE_SECONDS = 5
 def context() -> multiprocessing.context.BaseContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        # imported once in the server, not once per worker: gradlab.lab.runner (torch, pandas)
+        # imported once in the server, not once per worker: gradlab.lab.trial (torch, pandas)
         # and torch._dynamo, which torch.optim imports on the first optimizer it builds
         # (about 1 s; gradlab.cli itself imports neither: its help must start fast)
-        ctx.set_forkserver_preload(["__main__", "gradlab.lab.runner", "torch._dynamo"])
+        ctx.set_forkserver_preload(["__main__", "gradlab.lab.trial", "torch._dynamo"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -135,13 +138,15 @@ class WorkerDied(RuntimeError):
     """A worker process ended without saying why (killed, out of memory, a crash in C)."""
 
 
-def run(trials: list[Trial], processes: int, threads_of: Callable[[Trial], int],
-        finished: Callable[[int, dict], None], advance: Callable[[int], None],
-        order: list[int] | None = None) -> None:
-    """Run every trial in ``processes`` workers, handed out in ``order`` (positions in
-    ``trials``; None: as listed); ``finished(position, rows)`` as each ends (in any order),
-    ``advance(n)`` as the workers take steps. An error in a worker stops every worker and
-    is raised here, with the worker's traceback as its cause."""
+def run(trials: list[Trial], run_trial: RunTrial, processes: int,
+        threads_of: Callable[[Trial], int], finished: Callable[[int, dict], None],
+        advance: Callable[[int], None], order: list[int] | None = None) -> None:
+    """Run every trial as ``run_trial(trial, cache, advance)`` in ``processes`` workers,
+    handed out in ``order`` (positions in ``trials``; None: as listed); ``finished(position,
+    rows)`` as each ends (in any order), ``advance(n)`` as the workers take steps. An error
+    in a worker stops every worker and is raised here, with the worker's traceback as its
+    cause. ``run_trial`` must be a module-level function: it reaches the workers pickled,
+    by name."""
     ctx = context()
     warm_up()  # (started already, unless a caller did not foresee workers)
     parent_alive, alive_writer = ctx.Pipe(duplex=False)  # only the parent writes: EOF = gone
@@ -150,7 +155,7 @@ def run(trials: list[Trial], processes: int, threads_of: Callable[[Trial], int],
     try:
         for index in range(processes):
             link, child_end = ctx.Pipe()
-            worker = ctx.Process(target=serve, args=(child_end, parent_alive, index),
+            worker = ctx.Process(target=serve, args=(child_end, parent_alive, index, run_trial),
                                  name=f"gradlab-worker-{index}", daemon=True)
             worker.start()
             child_end.close()
@@ -252,15 +257,14 @@ def stop(workers: list) -> None:
 
 # ----------------------------------------------------------------------------- the worker
 
-def serve(link: connection.Connection, parent_alive: connection.Connection, index: int) -> None:
+def serve(link: connection.Connection, parent_alive: connection.Connection, index: int,
+          run_trial: RunTrial) -> None:
     """A worker: run the trials the parent sends until it sends None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's terminate() ends us at once
     threading.Thread(target=exit_with_parent, args=(parent_alive,), daemon=True).start()
 
     import torch
-
-    from gradlab.lab import runner
 
     if torch.cuda.is_available():
         torch.cuda.set_device(index % torch.cuda.device_count())
@@ -269,7 +273,7 @@ def serve(link: connection.Connection, parent_alive: connection.Connection, inde
         position, trial, threads = task
         torch.set_num_threads(threads)
         try:
-            rows = runner.run_trial(trial, cache, lambda n: link.send(("advance", n)))
+            rows = run_trial(trial, cache, lambda n: link.send(("advance", n)))
         except BaseException as err:  # noqa: BLE001 (every error goes to the parent)
             link.send(("failed", position, pickled(err), traceback.format_exc()))
             return

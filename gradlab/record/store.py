@@ -38,8 +38,7 @@ import pandas as pd
 
 from gradlab.errors import GradlabError
 from gradlab.record import schema
-
-STATUSES = ("running", "complete", "failed", "interrupted")
+from gradlab.record.meta import RUN_STATUSES, RunMeta, Status
 
 
 def now() -> str:
@@ -97,8 +96,11 @@ def raise_after_write(exc: BaseException) -> None:
 class RunDir:
     """A run directory being written. Create it only after the input has been validated."""
 
-    def __init__(self, parent: Path, name: str, meta: dict[str, Any]):
+    def __init__(self, parent: Path, meta: RunMeta, name: str | None = None):
+        """The directory PARENT/NAME-STAMP (NAME: the experiment's), with run.json saying
+        it is running."""
         parent = Path(parent)
+        name = name or meta.experiment
         created = _missing_folders(parent)  # to remove again if the run cannot start
         path = None
         try:
@@ -111,9 +113,10 @@ class RunDir:
                 path = parent / f"{name}-{stamp}-{suffix}"
             path.mkdir()
             self.path = path
-            self.swept_settings = {k for t in meta.get("trials", []) for k in t.get("swept", {})}
-            self.meta = {"experiment": name, "status": "running", "started": now(),
-                         "ended": None, **meta, "versions": versions(),
+            self.swept_settings = {k for t in meta.trials for k in t.get("swept", {})}
+            described = meta.as_dict()
+            self.meta = {"experiment": described.pop("experiment"), "status": Status.RUNNING,
+                         "started": now(), "ended": None, **described, "versions": versions(),
                          "git_commit": git_commit(), "command": sys.argv,
                          "pid": os.getpid(), "host": socket.gethostname()}
             self.finished_trials: set[int] = set()  # trials whose summary rows are written
@@ -150,7 +153,7 @@ class RunDir:
             if table == "summary":
                 self.finished_trials.update(row["trial"] for row in rows)
 
-    def finish(self, status: str, error: str | None = None, rank: int | None = None) -> None:
+    def finish(self, status: Status, error: str | None = None, rank: int | None = None) -> None:
         """The run's end; ``rank``: the rank of a data-parallel run whose failure ended it."""
         self.meta.update(status=status, ended=now())
         if error:
@@ -234,12 +237,12 @@ def load_run(path: Path) -> Run:
     meta = _read_meta(path)
     status = meta["status"]
     rerun = f"rerun the experiment ({' '.join(meta.get('command') or ['gradlab run'])})"
-    if status == "running":
+    if status == Status.RUNNING:
         raise GradlabError(_running(path, meta, rerun))
-    if status in ("failed", "interrupted"):
+    if status in (Status.FAILED, Status.INTERRUPTED):
         reason = str(meta.get("error") or "").strip().splitlines()
         why = f": {reason[-1]}" if reason else ""
-        happened = "was interrupted" if status == "interrupted" else "failed"
+        happened = "was interrupted" if status == Status.INTERRUPTED else "failed"
         raise GradlabError(f"run '{path}' {happened}{why}; its results are incomplete, so "
                            f"{rerun}")
     run = Run(path, meta)
@@ -294,7 +297,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
                            f"experiment") from None
     missing = [k for k in ("experiment", "status", "trials") if not isinstance(meta, dict)
                or k not in meta]
-    if missing or meta["status"] not in STATUSES:
+    if missing or meta["status"] not in RUN_STATUSES:
         raise GradlabError(f"'{meta_path}' is not a gradlab run.json (missing or bad: "
                            f"{', '.join(missing) or 'status'}); rerun the experiment")
     return meta

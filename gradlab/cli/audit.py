@@ -1,0 +1,67 @@
+"""`gradlab audit`: the user's own training loop against its big-batch twin."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gradlab.cli.shared import OutOpt, app, console, fail
+from gradlab.cli.signals import Stop
+from gradlab.errors import GradlabError
+
+
+@app.command()
+def audit(
+    entrypoint: Annotated[str, typer.Argument(
+        help="Your training function as pkg.module:train, with the signature "
+             "train(micro_batch_size, accum_steps, max_steps).", show_default=False)],
+    accum_steps: Annotated[int, typer.Option(
+        "--accum-steps", "-n", help="N, the micro-batches per optimizer step to check.",
+        show_default=False)],
+    micro_batch_size: Annotated[int, typer.Option(
+        "--micro-batch-size", "-m", help="m: the big-batch twin runs with m*N x 1.")] = 8,
+    steps: Annotated[int, typer.Option(
+        "--steps", "-k", help="Optimizer steps each run makes (max_steps).")] = 5,
+    out: OutOpt = Path("results"),
+    copy_limit: Annotated[int | None, typer.Option(
+        help="Copy every gradient while parameters x steps <= this many elements (default "
+             "5e7); above, estimate the errors from norms and random projections.",
+        show_default=False)] = None,
+    sequential: Annotated[bool, typer.Option(
+        "--sequential", help="Run the two loops one after the other, not side by side (when "
+                             "both do not fit in memory at once).")] = False,
+) -> None:
+    """Check your own, unchanged training loop against its big-batch twin; exit 1 if they differ.
+
+    Calls train(m, N, K) and train(m*N, 1, K), each in its own process, records the
+    gradient and learning rate every optimizer.step() receives, and compares them
+    step by step. Prints the run directory (readable by compare, plot and report).
+
+    Examples:
+
+    * `gradlab audit experiments.tutorial_loop:train --accum-steps 4`
+
+    * `gradlab audit mypkg.train:train -n 8 -m 4 --steps 20` - in CI: exit 1 when it differs
+    """
+    Stop.began = True
+    err = console(stderr=True)
+    try:
+        from gradlab.auditing import parent as audits  # starts torch processes: only audit needs it
+
+        # a spinner on a terminal only: in a log or CI, stderr holds the result and nothing else
+        with err.status("auditing") if err.is_terminal else contextlib.nullcontext() as status:
+            result = audits.audit(
+                entrypoint, micro_batch_size, accum_steps, steps, out,
+                copy_limit=audits.COPY_LIMIT if copy_limit is None else copy_limit,
+                parallel=not sequential, say=status.update if status else lambda line: None)
+    except GradlabError as e:
+        raise fail(str(e)) from None
+    audits.render(result, err)
+    err.print("run directory:", highlight=False)
+    typer.echo(str(result.run_dir))
+    if result.failed:
+        raise typer.Exit(1)
+
