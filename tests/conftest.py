@@ -17,11 +17,30 @@ def gradlab(*args: str, env: dict[str, str] | None = None):
     return CliRunner().invoke(app, [str(a) for a in args], prog_name="gradlab", env=env)
 
 
+def library_run(*args: str):
+    """A run through the library, as `gradlab run NAME --set K=V ... --out DIR` would start
+    it: the tests that only need a run's results call gradlab.run(), not the CLI."""
+    import gradlab
+
+    experiment, rest = args[0], list(args[1:])
+    overrides, out = [], "results"
+    while rest:
+        flag, value = rest.pop(0), rest.pop(0)
+        if flag in ("--set", "-s"):
+            overrides.append(value)
+        elif flag in ("--out", "-o"):
+            out = value
+        else:
+            raise AssertionError(f"library_run: no such option {flag}")
+    return gradlab.run(experiment, overrides, out=out)
+
+
 def run_json(*args: str) -> dict:
-    """`gradlab run ... --json`, asserting success; returns the parsed document."""
-    result = gradlab("run", *args, "--json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
+    """A run (library_run) as `gradlab run ... --json` documents it; returns the document."""
+    from gradlab.cli.render import json_document
+    from gradlab.record import store
+
+    return json.loads(store.dumps(json_document(library_run(*args))))
 
 
 def arm_rows(doc: dict, arm: str) -> list[dict]:

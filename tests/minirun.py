@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from conftest import gradlab
+from conftest import library_run
 
 # the equivalence experiment cut down to the mlp, float32, N = 1, 2, 4 and 3 steps
 MINI = ["--set", "model=mlp", "--set", "dataset=regression", "--set", "norm=none",
@@ -13,8 +12,8 @@ MINI = ["--set", "model=mlp", "--set", "dataset=regression", "--set", "norm=none
 
 
 def run_dir(*args, exit_code: int = 0) -> Path:
-    """`gradlab run ARGS --json`, asserting it exits with ``exit_code`` (1: a run whose arms
-    broke a promise of the spec); returns the run directory."""
-    result = gradlab("run", *args, "--json")
-    assert result.exit_code == exit_code, result.stderr
-    return Path(json.loads(result.stdout)["run_dir"])
+    """A finished run (through the library, as `gradlab run ARGS` starts it), asserting that
+    its arms kept (exit_code 0) or broke (1) a promise of the spec; returns its directory."""
+    result = library_run(*(str(a) for a in args))
+    assert (1 if result.failures else 0) == exit_code, result.failures
+    return result.run_dir

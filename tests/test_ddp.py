@@ -26,7 +26,7 @@ from conftest import gradlab
 from gradlab.config import spec
 from gradlab.config.spec import Settings, Sync
 from gradlab.errors import GradlabError
-from gradlab.lab import distributed
+from gradlab.lab import distributed, parallel
 from gradlab.setup import Setup, mse_loss
 from gradlab.train import engine, replica
 from test_cli import assert_clean_failure
@@ -165,7 +165,7 @@ def test_bad_data_parallel_input_is_one_line_and_exit_2(tmp_path, args, expected
 
 
 def test_more_ranks_than_cores_names_the_limit(tmp_path):
-    cores = distributed.cpu_cores()
+    cores = parallel.usable_cores()
     out = tmp_path / "results"
     result = gradlab("run", "ddp", "--set", f"world_size={cores + 1}", "--set", "accum_steps=1",
                      "--set", f"batch_size={max(64, cores + 1)}", "--out", out)

@@ -15,6 +15,7 @@ from rich.text import Text
 from gradlab.cli.shared import console, say
 from gradlab.lab.experiment import count
 from gradlab.record import schema
+from gradlab.record.verdict import Verdict
 
 if TYPE_CHECKING:
     from gradlab.api import RunResult
@@ -181,7 +182,7 @@ def render_trace(traces: list[dict], weights: list[dict], out: Console) -> None:
 
 # ----------------------------------------------------------------------------- specs
 
-OUTCOME_STYLE = {"ok": "green", "FAIL": "bold red", "n/a": "dim", "baseline": "dim"}
+OUTCOME_STYLE = {"ok": "green", "FAIL": "bold red", "n/a": "dim", Verdict.BASELINE: "dim"}
 # what a reader must see whole; the other columns fold (wrap inside the cell) first
 KEY_COLUMNS = ("arm", "accum_steps", "verdict", "check")
 
@@ -245,7 +246,8 @@ def _wrapped(header: str, width: int) -> str:
 def _style(column: str, cell: str) -> str:
     if column == "check":
         return OUTCOME_STYLE.get(cell, "")
-    return OUTCOME_STYLE["baseline"] if column == "verdict" and cell == "baseline" else ""
+    return OUTCOME_STYLE[Verdict.BASELINE] if column == "verdict" and cell == Verdict.BASELINE \
+        else ""
 
 
 def render_pivot(pivot: compare.Pivot, out: Console) -> None:
@@ -263,8 +265,8 @@ def render_pivot(pivot: compare.Pivot, out: Console) -> None:
         widest = max([len(label), *(len(cells[j].text) for _, cells in pivot.rows)])
         table.add_column(label, justify="right", no_wrap=True, min_width=widest)
     for labels, cells in pivot.rows:
-        dim = "dim" if all(c.outcome in ("baseline", "") for c in cells) and \
-            any(c.outcome == "baseline" for c in cells) else ""
+        dim = "dim" if all(c.outcome in (Verdict.BASELINE, "") for c in cells) and \
+            any(c.outcome == Verdict.BASELINE for c in cells) else ""
         table.add_row(*(Text(label, style=dim) for label in labels),
                       *(Text(c.text, style=OUTCOME_STYLE.get(c.outcome, "")) for c in cells))
     out.print(Text(pivot.title, style="bold"))

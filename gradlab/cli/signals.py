@@ -13,6 +13,9 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+# loaded already (gradlab/__init__.py imports it): nothing is imported here during a stop
+from gradlab.record.meta import STOPPED, Status
+
 if TYPE_CHECKING:
     from gradlab.lab.distributed import World
 
@@ -57,13 +60,11 @@ def early_stop(signum: int, what: str = "") -> SystemExit:
     """A stop that no command reported: its one line (and the --json document)."""
     import json
 
-    from gradlab.lab.experiment import STOPPED
-
     message = STOPPED[signum] + what
     if os.environ.get("RANK", "0") != "0":  # a rank of torchrun's other than 0: rank 0 says it
         return SystemExit(128 + signum)
     if "--json" in sys.argv[1:]:
-        print(json.dumps({"status": "interrupted", "error": message, "run_dir": None}),
+        print(json.dumps({"status": Status.INTERRUPTED, "error": message, "run_dir": None}),
               flush=True)
     sys.stderr.write(f"error: {message}\n")
     return SystemExit(128 + signum)

@@ -19,6 +19,7 @@ from gradlab.cli.signals import Stop
 from gradlab.config import catalog, spec
 from gradlab.errors import GradlabError
 from gradlab.lab.experiment import count, resolve
+from gradlab.record.verdict import Verdict
 
 
 @app.command("list")
@@ -134,7 +135,7 @@ def show(
         # a sweep value may set what the arm expects (norm: differs only for BatchNorm)
         expects = dict.fromkeys(a.expect or "-" for t in trials for a in t.arms
                                 if a.name == name)
-        expect = "baseline" if arm.baseline else " or ".join(expects)
+        expect = Verdict.BASELINE if arm.baseline else " or ".join(expects)
         table.add_row(name, expect, Text(arm.help or "-"),
                       Text(_assignments(arm.overrides) or "-"))
     out.print(table)

@@ -155,7 +155,7 @@ def ranks_needed(trials: list[Trial], rank: Rank | None) -> Ranks | None:
     if device == "cuda":
         allowed, what = torch.cuda.device_count(), "CUDA devices (one per rank)"
     else:
-        allowed, what = cpu_cores(), "CPU cores (one per rank)"
+        allowed, what = parallel.usable_cores(), "CPU cores (one per rank)"
     if local > allowed:
         more = " per machine; for more, start torchrun on several machines (--nnodes)"
         raise GradlabError(f"world_size={size} asks for {local} ranks on this machine but it "
@@ -163,13 +163,6 @@ def ranks_needed(trials: list[Trial], rank: Rank | None) -> Ranks | None:
                            f"fewer{more}")
     return Ranks(size, backend, device)
 
-
-def cpu_cores() -> int:
-    """The CPU cores this process may run on (a container or taskset may allow fewer)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------- the group

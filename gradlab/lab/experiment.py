@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradlab.config import spec
 from gradlab.errors import GradlabError, where
-from gradlab.record.meta import RunMeta, Status
+from gradlab.record.meta import STOPPED, RunMeta, Status
 
 if TYPE_CHECKING:
     from gradlab.lab.distributed import Ended, Rank, World
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 # above this many trials a run needs yes=True (--yes): a typo in a sweep should not start
 # hours of work
 MAX_TRIALS = 1000
-
-STOPPED = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "stopped by SIGTERM"}
 
 
 class RunEnded(Exception):

@@ -78,6 +78,7 @@ def warm_up() -> None:
 # ----------------------------------------------------------------------------- the cores
 
 def usable_cores() -> int:
+    """The CPU cores this process may run on (a container or taskset may allow fewer)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -19,6 +20,9 @@ class Status(StrEnum):
 
 # what run.json's status can say (bad-input never gets a run directory)
 RUN_STATUSES = frozenset(Status) - {Status.BAD_INPUT}
+
+# how a stop signal is named in the line that reports it (SIGINT, SIGTERM)
+STOPPED = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "stopped by SIGTERM"}
 
 
 @dataclass
