@@ -8,5 +8,7 @@ gradlab/api.py.
 __version__ = "0.1.0"
 
 from gradlab.api import RunResult, audit, load_run, run  # noqa: E402  (after the version)
+from gradlab.errors import GradlabError  # noqa: E402
+from gradlab.lab.experiment import RunEnded  # noqa: E402
 
-__all__ = ["RunResult", "__version__", "audit", "load_run", "run"]
+__all__ = ["GradlabError", "RunEnded", "RunResult", "__version__", "audit", "load_run", "run"]

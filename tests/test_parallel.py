@@ -55,9 +55,9 @@ def test_fewer_trials_than_jobs_give_each_trial_the_cores_left_over():
     estimate = plan.Plan(2, 4, 1.0, 2**20, None)
     workers = plan.spread(trials, 7, estimate).workers
     assert (workers.processes, workers.threads) == (2, 3)
-    alone = plan.spread(trials[:1], 4, plan).workers
+    alone = plan.spread(trials[:1], 4, estimate).workers
     assert (alone.processes, alone.threads) == (1, 4)  # one trial gets every core
-    assert plan.spread(trials, 1, plan).workers.threads == 1
+    assert plan.spread(trials, 1, estimate).workers.threads == 1
     # what does not fit in memory twice runs once at a time
     tight = plan.Plan(2, 4, 1.0, 2**30, available_bytes=int(1.5 * (2**30 + 400 * 2**20)))
     assert plan.spread(trials, 2, tight).workers.processes == 1

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 
 from gradlab.config import spec
-from gradlab.lab import setups, trial
+from gradlab.lab import setups
+from gradlab.lab import trial as lab_trial
 
 # one trial of the equivalence experiment: a BatchNorm cnn (running statistics to put
 # back), float32 (so the exact reference casts to float64 and back), three arms
@@ -26,7 +27,7 @@ def test_probing_builds_no_model_of_its_own(monkeypatch):
     original = setups.build_setup
     monkeypatch.setattr(setups, "build_setup",
                         lambda s, *a: built.append(s.dtype) or original(s, *a))
-    rows = trial.run_trial(one_trial(), {})
+    rows = lab_trial.run_trial(one_trial(), {})
     assert built == ["float32"] * 3  # one model per arm, none for the probes
     probed = {r["arm"] for r in rows["probe"]}
     assert probed == {"accumulated", "no-loss-scaling"}
@@ -38,8 +39,8 @@ def test_probing_leaves_the_baseline_as_it_was():
     """Its weights, its gradient and its BatchNorm statistics come back exactly: it trains
     and evaluates as it does alone."""
     trial = one_trial()
-    probed = trial.run_trial(trial, {})
-    alone = trial.run_trial(dataclasses.replace(trial, arms=(trial.baseline,)), {})
+    probed = lab_trial.run_trial(trial, {})
+    alone = lab_trial.run_trial(dataclasses.replace(trial, arms=(trial.baseline,)), {})
 
     def baseline(rows, table):  # (NaN, not measured here, is not equal to itself)
         return [{k: None if v != v else v for k, v in r.items() if k != "arm"}
@@ -54,7 +55,7 @@ def test_probing_leaves_the_baseline_as_it_was():
 def test_an_arm_in_another_dtype_is_probed_in_a_model_of_that_dtype():
     # GroupNorm: per example, so accumulating is exact (BatchNorm's batch statistics are not)
     trial = one_trial("norm=gn", "accumulated.dtype=float64", "no-loss-scaling.dtype=float64")
-    rows = trial.run_trial(trial, {})
+    rows = lab_trial.run_trial(trial, {})
     overall = {r["arm"]: r for r in rows["probe"] if r["param"] == "*" and r["step"] == 1}
     # float64 arms against the exact float64 gradient: far closer than float32 rounds
     assert overall["accumulated"]["exact_err"] < 1e-12

@@ -17,6 +17,7 @@ from torch.testing import assert_close
 from conftest import arm_rows, gradlab, run_json
 from gradlab.config import spec
 from gradlab.config.spec import Settings
+from gradlab.lab import arm as lab_arm
 from gradlab.lab import observers, setups
 from gradlab.setup import Examples, Setup, split
 from gradlab.train import engine, metrics
@@ -116,7 +117,7 @@ def never_check(n: int, steps: int, clear_after_step: bool = False) -> dict:
     """Train a zero_grad='never' arm under the held-gradient check; returns its checks row."""
     s = settings(zero_grad="never", accum_steps=n, steps=steps)
     arm = spec.Arm("never", s, baseline=True)
-    run = arm.ArmRun(spec.Trial(0, {}, (arm,)), arm, prepared(s), {})
+    run = lab_arm.ArmRun(spec.Trial(0, {}, (arm,)), arm, prepared(s), {})
     check = observers.HeldGradientCheck(run)
     run.observers += [check, ClearAfterStep()] if clear_after_step else [check]
     while not run.done:

@@ -70,8 +70,8 @@ def script() -> None:
     """The `gradlab` console script and `python -m gradlab`: main(), then a quick exit.
 
     After a run, Python's teardown of the interpreter (torch's modules and every object
-    freed one by one) took 0.8 s, 1.4 s after one with worker processes, before the shell
-    got its prompt back. By then every file is closed and every worker gone, so once main()
+    freed one by one) holds the shell's prompt back for about a second (benchmarks/RESULTS.md,
+    "Start-up costs"). By then every file is closed and every worker gone, so once main()
     is done and its output flushed, the process ends without that teardown (os._exit),
     unless some thread is still running: that exit is left to Python."""
     import threading

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from gradlab.config.spec import Backend, Device, Settings, Spec, Trial
 from gradlab.errors import GradlabError
+from gradlab.lab.parallel import usable_cores
 
 LOOPBACK = "127.0.0.1"
 # how long a collective (and joining the group) waits for the other ranks: they do the same
@@ -155,7 +156,7 @@ def ranks_needed(trials: list[Trial], rank: Rank | None) -> Ranks | None:
     if device == "cuda":
         allowed, what = torch.cuda.device_count(), "CUDA devices (one per rank)"
     else:
-        allowed, what = parallel.usable_cores(), "CPU cores (one per rank)"
+        allowed, what = usable_cores(), "CPU cores (one per rank)"
     if local > allowed:
         more = " per machine; for more, start torchrun on several machines (--nnodes)"
         raise GradlabError(f"world_size={size} asks for {local} ranks on this machine but it "

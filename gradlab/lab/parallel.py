@@ -48,14 +48,15 @@ def context() -> multiprocessing.context.BaseContext:
         ctx = multiprocessing.get_context("forkserver")
         # imported once in the server, not once per worker: gradlab.lab.trial (torch, pandas)
         # and torch._dynamo, which torch.optim imports on the first optimizer it builds
-        # (about 1 s; gradlab.cli itself imports neither: its help must start fast)
+        # (gradlab.cli itself imports neither: its help must start fast; figures in
+        # benchmarks/RESULTS.md, "Start-up costs")
         ctx.set_forkserver_preload(["__main__", "gradlab.lab.trial", "torch._dynamo"])
         return ctx
     return multiprocessing.get_context("spawn")
 
 
 def warm_up() -> None:
-    """Start the fork server now, so that its imports (2 to 3 s) overlap with other work.
+    """Start the fork server now, so that its imports (torch: seconds) overlap with other work.
 
     Its stdout (and so its workers') is gradlab's stderr: the server outlives gradlab by
     its own exit (a second: Python tearing torch down), and a pipe reading gradlab's

@@ -66,7 +66,8 @@ def format_seconds(seconds: float) -> str:
 
 
 # a run estimated shorter than this runs in the gradlab process: starting worker processes
-# (a fork server importing torch, about 2 s of CPU) would cost more than they save
+# (a fork server importing torch: benchmarks/RESULTS.md, "Start-up costs") would cost more
+# than they save
 WORTH_WORKERS_SECONDS = 10.0
 
 

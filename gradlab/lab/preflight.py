@@ -129,7 +129,7 @@ def time_one_window(setup: Setup, s: Settings) -> float:
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     seconds = []
     # an optimizer only for a GradScaler's unscale_: building one imports torch._dynamo
-    # (about 1 s), which a run whose trials go to worker processes never needs here
+    # (a second's imports), which a run whose trials go to worker processes never needs here
     optimizer = engine.make_optimizer(setup.model, s) if s.grad_scaler == GradScaling.ON \
         else None
     with torch.random.fork_rng(devices=[]):
