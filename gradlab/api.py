@@ -19,6 +19,8 @@ Torch, pandas and matplotlib are imported by the calls that need them, not here.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,16 +68,22 @@ def assignments(overrides: Mapping[str, Any] | Iterable[str]) -> list[str]:
 
 def run(experiment: str = "equivalence",
         overrides: Mapping[str, Any] | Iterable[str] = (), *,
-        out: str | Path = "results", jobs: int | None = None, yes: bool = True,
+        out: str | Path = "results", jobs: int | None = None,
+        progress: Callable[[int, int], None] | None = None, yes: bool = True,
         hooks: Hooks | None = None, rank_args: list[str] | None = None) -> RunResult:
     """Run an experiment (a built-in name, ./experiments/NAME.toml, or a path to a spec) and
     judge it. ``overrides`` sets or sweeps settings as `--set` does (a list of values
     sweeps). ``jobs``: trials at once in worker processes (default: the idle cores).
-    ``hooks``: messages, progress and stop signals (gradlab.lab.experiment.Hooks);
-    ``rank_args``: the command line the ranks of a data-parallel run start with."""
-    from gradlab.lab.experiment import RunEnded, run_experiment
+    ``progress(done, total)``: called as optimizer steps finish (e.g. to drive a notebook's
+    bar). ``hooks``: messages, progress and stop signals in full (gradlab.lab.experiment.Hooks;
+    what `gradlab run` uses); ``rank_args``: the command line a data-parallel run's ranks
+    start with."""
+    from gradlab.lab.experiment import Hooks, RunEnded, run_experiment
     from gradlab.readers import compare
     from gradlab.record import store
+
+    if progress is not None:
+        hooks = dataclasses.replace(hooks or Hooks(), progress=_counting(progress))
 
     executed = run_experiment(experiment, assignments(overrides), out=Path(out), jobs=jobs,
                               yes=yes, hooks=hooks, rank_args=rank_args)
@@ -97,6 +105,24 @@ def run(experiment: str = "equivalence",
     return RunResult(executed.run_dir, Status(written.meta["status"]), written.experiment,
                      executed.trials, summary, checks, comparison.failures, comparison,
                      executed.results)
+
+
+def _counting(progress: Callable[[int, int], None]):
+    """Hooks.progress for a plain ``progress(done, total)`` callback."""
+
+    @contextlib.contextmanager
+    def steps(name: str, trials: int, total: int, seconds: float):
+        done = 0
+        progress(done, total)
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            progress(done, total)
+
+        yield advance
+
+    return steps
 
 
 def records(run: Run, table: str) -> list[dict[str, Any]]:

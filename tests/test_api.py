@@ -95,3 +95,12 @@ def test_importing_gradlab_imports_neither_torch_nor_pandas():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_progress_is_called_with_the_steps_done_and_their_total(tmp_path):
+    seen: list[tuple[int, int]] = []
+    result = gradlab.run("toy", {"seed": [0, 1]}, out=tmp_path, jobs=1,
+                         progress=lambda done, total: seen.append((done, total)))
+    total = sum(a.settings.steps for t in result.trials for a in t.arms)
+    assert seen[0] == (0, total) and seen[-1] == (total, total)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
