@@ -51,7 +51,8 @@ def timed(commands: list[list[str]], parallel: bool) -> tuple[float, float]:
 def hooks_only(steps: list[int], repeats: int) -> None:
     sys.path.insert(0, str(REPO))
     from experiments.tutorial_loop import train
-    from gradlab.auditing import parent as audit
+    from gradlab.auditing.result import COPY_LIMIT
+    from gradlab.auditing.worker import Recorder
 
     train(8, 4, 2)  # torch's lazy imports happen once, in neither column
     print("| K steps | train() x 2 bare, CPU s | under the hooks, CPU s | ratio |  "
@@ -67,7 +68,7 @@ def hooks_only(steps: list[int], repeats: int) -> None:
             with tempfile.TemporaryDirectory(dir="/dev/shm") as shared:  # as audit does
                 start = time.process_time()
                 for (m, n), role in (((32, 1), "lead"), ((8, 4), "follow")):
-                    recorder = audit.Recorder(k, audit.COPY_LIMIT, **{role: Path(shared)})
+                    recorder = Recorder(k, COPY_LIMIT, **{role: Path(shared)})
                     recorder.install()
                     try:
                         train(m, n, k)

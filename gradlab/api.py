@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from gradlab.record.meta import Status
 
 if TYPE_CHECKING:
-    from gradlab.auditing.parent import AuditResult
+    from gradlab.auditing.result import AuditResult
     from gradlab.config.spec import Trial
     from gradlab.lab.distributed import Ended
     from gradlab.lab.experiment import Hooks

@@ -17,9 +17,15 @@ import torch
 
 import audit_loops
 from conftest import gradlab
+from gradlab import auditing
 from gradlab.auditing import parent as audit
+from gradlab.auditing.diagnosis import diagnose
+from gradlab.auditing.result import COPY_LIMIT, AuditResult, twins
+from gradlab.auditing.rundir import write_run
+from gradlab.auditing.worker import resolve_entrypoint, worker
 from gradlab.errors import GradlabError
 from gradlab.record import schema
+from gradlab.record.verdict import Verdict
 from gradlab.train import metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,36 +238,73 @@ def test_loops_that_cannot_be_audited_say_why(entrypoint, fragments, tmp_path):
 
 def test_entrypoint_contract(monkeypatch):
     monkeypatch.chdir(REPO)
-    assert audit.resolve_entrypoint("audit_loops:right").__name__ == "right"
+    assert resolve_entrypoint("audit_loops:right").__name__ == "right"
     with pytest.raises(GradlabError, match="audit_loops.nothing does not exist; functions in "
                                            "audit_loops: .*never_steps"):
-        audit.resolve_entrypoint("audit_loops:nothing")
+        resolve_entrypoint("audit_loops:nothing")
     with pytest.raises(GradlabError, match="_sequences.* must accept train"):
-        audit.resolve_entrypoint("audit_loops:_sequences")
+        resolve_entrypoint("audit_loops:_sequences")
     with pytest.raises(GradlabError, match="random is not a function"):
-        audit.resolve_entrypoint("audit_loops:random")
+        resolve_entrypoint("audit_loops:random")
+
+
+# ----------------------------------------------------------------------------- the library
+
+@pytest.mark.parametrize("given", ["text", "function"])
+def test_the_library_audits_a_loop_named_or_given_as_the_function(given, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from experiments.tutorial_loop import train
+
+    entrypoint = "experiments.tutorial_loop:train" if given == "text" else train
+    result = auditing.audit(entrypoint, accum_steps=4, steps=2, out=tmp_path)
+    assert isinstance(result, auditing.AuditResult)
+    assert result.entrypoint == "experiments.tutorial_loop:train"
+    assert result.verdict == Verdict.EQUIVALENT and not result.failed
+    assert result.run_dir.is_dir() and result.run_dir.parent == tmp_path
+    assert (result.run_dir / "audit.csv").is_file()
+
+
+def test_the_library_refuses_a_function_no_process_can_import(tmp_path):
+    def nested(micro_batch_size, accum_steps, max_steps):
+        pass
+
+    for fn in (nested, lambda micro_batch_size, accum_steps, max_steps: None):
+        with pytest.raises(GradlabError, match="cannot be imported by its name; pass a "
+                                               "module-level function"):
+            auditing.audit(fn, accum_steps=2, out=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_json_of_an_audit_has_the_keys_it_always_had(tutorial):
+    _, run_dir = tutorial
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert set(meta) == {"experiment", "status", "started", "ended", "description",
+                         "entrypoint", "gradients_at", "device", "trials", "audit",
+                         "versions", "git_commit", "command", "pid", "host"}
+    assert meta["experiment"] == "audit" and meta["status"] == "complete"
+    assert meta["audit"]["verdict"] == "equivalent"
 
 
 # ----------------------------------------------------------------------------- in one process
 
 def examined(entrypoint: str, tmp: Path, m: int = 4, n: int = 4, k: int = 3,
-             copy_limit: int = audit.COPY_LIMIT) -> audit.Audit:
+             copy_limit: int = COPY_LIMIT) -> AuditResult:
     """The worker's hooks in this process, then the parent's comparison and diagnosis."""
-    base, arm = audit.twins(m, n)
+    base, arm = twins(m, n)
     shared = tmp / "weights"
     shared.mkdir(exist_ok=True)
     (shared / "done").unlink(missing_ok=True)
     captured = {}
     for a, role in ((base, "lead"), (arm, "follow")):
         path = tmp / f"{a.name}.pt"
-        audit.worker(entrypoint, a.micro_batch_size, a.accum_steps, k, copy_limit, path,
+        worker(entrypoint, a.micro_batch_size, a.accum_steps, k, copy_limit, path,
                      **{role: shared})
         (shared / "done").touch()  # the leader has finished: the follower waits for no more
         captured[a.name] = torch.load(path, weights_only=False)
         assert captured[a.name]["error"] is None, captured[a.name]["error"]
     result = audit.examine(entrypoint, base, arm, k, captured)
     if result.failed:
-        result.diagnosis = audit.diagnose(result).text
+        result.diagnosis = diagnose(result).text
     return result
 
 
@@ -323,7 +366,7 @@ def test_diagnoses(entrypoint, tmp_path):
     # only the count of zero_grad() calls is a fact; the others are likenesses, given only
     # after the loop has been rerun and shown to be deterministic
     certain = entrypoint.endswith("separate_accumulation_branch")
-    assert audit.diagnose(result).certain == certain
+    assert diagnose(result).certain == certain
 
 
 def test_determinism_check(tmp_path):
@@ -355,7 +398,7 @@ def test_loops_that_do_not_step_as_asked_are_refused(entrypoint, message, tmp_pa
 
 
 def test_a_loop_that_raises_is_reported_where_it_raised(tmp_path):
-    audit.worker("audit_loops:raises", 4, 4, 3, audit.COPY_LIMIT, tmp_path / "out.pt")
+    worker("audit_loops:raises", 4, 4, 3, COPY_LIMIT, tmp_path / "out.pt")
     error = torch.load(tmp_path / "out.pt", weights_only=False)["error"]
     line = next(i for i, text in enumerate(Path(audit_loops.__file__).read_text().splitlines(),
                                            start=1) if "a shape mistake" in text)
@@ -413,7 +456,7 @@ def test_optimizer_settings_that_depend_on_n_are_caught(tmp_path):
     assert "weight_decay 0.004 (big batch: 0.001)" in result.diagnosis
     # compare's verdict reads the gradient alone; the run's own check carries the rest
     result.seconds = {}
-    run_dir = audit.write_run(result, tmp_path / "out")
+    run_dir = write_run(result, tmp_path / "out")
     checks = table(run_dir, "checks").set_index("check")
     assert not checks.loc["steps whose optimizer settings differ", "passed"]
     assert checks.loc["steps whose optimizer settings differ", "value"] == 3

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from gradlab.cli.audit_table import render
 from gradlab.cli.shared import OutOpt, app, console, fail
 from gradlab.cli.signals import Stop
 from gradlab.errors import GradlabError
@@ -49,17 +50,18 @@ def audit(
     Stop.began = True
     err = console(stderr=True)
     try:
-        from gradlab.auditing import parent as audits  # starts torch processes: only audit needs it
+        from gradlab.api import audit as run_audit  # starts torch processes: only audit needs it
+        from gradlab.auditing.result import COPY_LIMIT
 
         # a spinner on a terminal only: in a log or CI, stderr holds the result and nothing else
         with err.status("auditing") if err.is_terminal else contextlib.nullcontext() as status:
-            result = audits.audit(
-                entrypoint, micro_batch_size, accum_steps, steps, out,
-                copy_limit=audits.COPY_LIMIT if copy_limit is None else copy_limit,
+            result = run_audit(
+                entrypoint, accum_steps, micro_batch_size=micro_batch_size, steps=steps, out=out,
+                copy_limit=COPY_LIMIT if copy_limit is None else copy_limit,
                 parallel=not sequential, say=status.update if status else lambda line: None)
     except GradlabError as e:
         raise fail(str(e)) from None
-    audits.render(result, err)
+    render(result, err)
     err.print("run directory:", highlight=False)
     typer.echo(str(result.run_dir))
     if result.failed:

@@ -33,7 +33,8 @@ class RunMeta:
     description: str
     trials: list[dict[str, Any]]  # each trial's index, swept settings and arms
     device: str
-    notes: list[str] = field(default_factory=list)  # what the user was told before it ran
+    # what the user was told before it ran; None for an audit, whose run.json has no notes
+    notes: list[str] | None = field(default_factory=list)
     # a spec's run
     spec_source: str | None = None
     spec_text: str | None = None

@@ -9,11 +9,9 @@ Your own: ``--set model=mypkg.models:make_net`` (or ``dataset=...``), where
 
 from __future__ import annotations
 
-import importlib
-import traceback
 from collections.abc import Callable
 
-from gradlab import setup
+from gradlab import entrypoints, setup
 from gradlab.config import catalog
 from gradlab.errors import GradlabError
 from gradlab.zoo import contrastive, text
@@ -40,37 +38,21 @@ def resolve(kind: str, name: str) -> Callable:
     table = {"model": MODELS, "dataset": DATASETS, "setup": SETUPS}[kind]
     if name in table:
         return table[name][0]
-    module_name, colon, attr = name.partition(":")
-    if not colon or not module_name or not attr:
+    path = entrypoints.parse(name)
+    if path is None:
         choices = f"choose one of {', '.join(table)} or give" if table else "give"
         raise GradlabError(f"unknown {kind} '{name}'; {choices} your own as "
                            f"'pkg.module:factory'")
     try:
-        module = importlib.import_module(module_name)
-        factory = getattr(module, attr, None)
-    except (Exception, SystemExit) as err:  # the user's module runs as it loads: anything goes
-        missing = getattr(err, "name", None) if isinstance(err, ModuleNotFoundError) else None
-        if missing and (module_name + ".").startswith(missing + "."):  # not found itself
-            raise GradlabError(f"{kind} '{name}': cannot import module '{module_name}' ({err}); "
-                               f"check the name and that it is on PYTHONPATH") from None
-        raise GradlabError(f"{kind} '{name}': importing module '{module_name}' failed: "
-                           f"{_failure(err)}; fix the module, or import it yourself to see "
-                           f"the whole traceback") from None
+        _, factory = entrypoints.load(path)
+    except entrypoints.NotFound as err:
+        raise GradlabError(f"{kind} '{name}': cannot import module '{path.module}' ({err}); "
+                           f"check the name and that it is on PYTHONPATH") from None
+    except entrypoints.LoadFailed as err:
+        raise GradlabError(f"{kind} '{name}': importing module '{path.module}' failed: "
+                           f"{entrypoints.failure(err.error)}; fix the module, or import it "
+                           f"yourself to see the whole traceback") from None
     if not callable(factory):
-        raise GradlabError(f"{kind} '{name}': module '{module_name}' has no callable "
-                           f"'{attr}'; give 'pkg.module:factory'")
+        raise GradlabError(f"{kind} '{name}': module '{path.module}' has no callable "
+                           f"'{path.name}'; give 'pkg.module:factory'")
     return factory
-
-
-def _failure(err: BaseException) -> str:
-    """'Kind: message in FILE, line N' for an exception raised while a module loads."""
-    if isinstance(err, SyntaxError):  # the error is in the file, not where it was raised
-        return f"{type(err).__name__}: {err.msg} in {err.filename}, line {err.lineno}"
-    if isinstance(err, SystemExit):
-        what = f"it called sys.exit({err.code!r})"
-    else:
-        first = str(err).strip().splitlines()
-        what = f"{type(err).__name__}: {first[0]}" if first else type(err).__name__
-    frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if not f.filename.startswith("<frozen") and f.filename != __file__]
-    return f"{what} in {frames[-1].filename}, line {frames[-1].lineno}" if frames else what

@@ -1,0 +1,71 @@
+"""What an audit compares (the two calls of train()), within which limits, and what it found:
+shared by the worker, the parent that fills it in, the diagnosis, the run directory and the
+CLI's table. Torch-free, so the CLI can read a result without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradlab.record.verdict import Verdict
+
+# A run copies every gradient (to host memory, in its own dtype) while parameters x
+# max_steps stays within this many elements: 200 MB in float32. Above it, each
+# parameter's gradient is kept as its norm and PROJECTIONS projections onto fixed random
+# vectors, and the errors are estimates (E[(r.d)^2] = |d|^2 for r with independent
+# N(0, 1) entries).
+COPY_LIMIT = 50_000_000
+PROJECTIONS = 4
+CHUNK = 1 << 24  # elements projected or compared at a time: bounds the float64 temporaries
+
+# Learning rates are Python floats from the same scheduler code in both runs: a right
+# loop gives them bit for bit, so anything beyond float64 noise is a real difference.
+LR_RTOL = 1e-12
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One call of the user's train(): m examples a micro-batch, N micro-batches a step."""
+    name: str
+    micro_batch_size: int
+    accum_steps: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.accum_steps
+
+    def call(self, max_steps: int) -> str:
+        return f"train({self.micro_batch_size}, {self.accum_steps}, {max_steps})"
+
+
+def twins(micro_batch_size: int, accum_steps: int) -> tuple[Arm, Arm]:
+    """The baseline (m*N x 1) and the accumulated arm (m x N)."""
+    return (Arm("big-batch", micro_batch_size * accum_steps, 1),
+            Arm("accumulated", micro_batch_size, accum_steps))
+
+
+@dataclass
+class AuditResult:
+    """What an audit found; ``steps`` has one row per optimizer step (audit.csv)."""
+    entrypoint: str
+    base: Arm
+    arm: Arm
+    max_steps: int
+    dtype: str
+    estimate: bool                      # sketches, not copies: errors are estimates
+    steps: list[dict[str, Any]]
+    params: list[dict[str, Any]]        # per step and parameter (probe.csv)
+    captures: dict[str, dict[str, Any]]
+    verdict: Verdict = Verdict.EQUIVALENT
+    first_difference: dict[str, Any] | None = None
+    diagnosis: str | None = None
+    same_weights: bool = False          # the accumulated run followed the big batch's weights
+    copy_limit: int = COPY_LIMIT
+    rechecked: bool = False             # the big-batch call ran twice: the loop is deterministic
+    seconds: dict[str, float] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict != Verdict.EQUIVALENT

@@ -1,0 +1,98 @@
+"""`gradlab audit`'s output on the terminal: the step table, the first difference and its
+diagnosis (rich). The audit itself is gradlab.auditing; this only shows its AuditResult."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from gradlab.auditing.result import LR_RTOL, PROJECTIONS
+from gradlab.auditing.rundir import WEIGHTS_NOTE
+from gradlab.record import schema
+from gradlab.record.verdict import Verdict
+
+if TYPE_CHECKING:
+    from gradlab.auditing.result import AuditResult
+
+
+def render(result: AuditResult, console) -> None:
+    """The step table, the first difference and its diagnosis, on the given rich console."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from gradlab.readers.compare import fmt
+
+    estimate = " (estimated)" if result.estimate else ""
+    title = (f"audit {result.entrypoint}: {result.arm.call(result.max_steps)} against "
+             f"{result.base.call(result.max_steps)}, {result.dtype}")
+    console.print(title, highlight=False, soft_wrap=True, markup=False, emoji=False)
+    table = Table()
+    for header in ("step", f"rel grad err{estimate}", "tolerance", "cosine",
+                   "lr big-batch", "lr accumulated", "verdict"):
+        table.add_column(header, justify="left" if header in ("verdict",) else "right",
+                         no_wrap=True)
+    for s in shown_steps(result.steps):
+        if s is None:
+            table.add_row("...", "", "", "", "", "", "")
+            continue
+        style = "green" if s["verdict"] == Verdict.EQUIVALENT else "red"
+        table.add_row(str(s["step"]), fmt(s["rel_grad_err"]), fmt(s["tolerance"]),
+                      _cosine(s["cosine"]), fmt(s["lr_big_batch"]), fmt(s["lr_accumulated"]),
+                      f"[{style}]{s['verdict']}[/]")
+    console.print(table)
+    worst = max(s["rel_grad_err"] for s in result.steps)
+    plain = {"highlight": False, "soft_wrap": True, "markup": False, "emoji": False}
+    console.print(f"verdict: equivalent when rel grad err = ||g_acc - g_big|| / ||g_big|| <= "
+                  f"tolerance = (N - 1)·u + {schema.REORDER}·u_acc ({result.dtype}; your loop "
+                  f"gives no float64 reference, so the floor is 0) "
+                  f"and the learning rates and optimizer settings agree (to {LR_RTOL:g}); "
+                  f"gradients {WEIGHTS_NOTE[result.same_weights].split(' (')[0]}", **plain)
+    if result.estimate:
+        console.print(f"estimate: parameters x steps > {result.copy_limit:g} elements, too many to "
+                      f"copy: the errors are estimated from the norm and {PROJECTIONS} random "
+                      f"projections of each parameter's gradient", **plain)
+    if not result.failed:
+        console.print(Text.assemble(
+            (Verdict.EQUIVALENT, "bold green"),
+            f" at every one of the {len(result.steps)} steps: the accumulated loop hands the "
+            f"optimizer the big batch's gradient (max rel grad err {fmt(worst)} <= "
+            f"{fmt(result.steps[0]['tolerance'])}) and learning rate"), soft_wrap=True)
+        return
+    first = result.first_difference
+    what = (f"rel grad err {fmt(first['rel_grad_err'])} (tolerance {fmt(first['tolerance'])}), "
+            f"cosine {_cosine(first['cosine'])}")
+    if first["rel_lr_diff"] > LR_RTOL:
+        what += (f"; learning rate {fmt(first['lr_accumulated'])} against "
+                 f"{fmt(first['lr_big_batch'])}")
+    if first["settings_differ"]:
+        what += f"; optimizer settings: {first['settings_differ']}"
+    console.print(Text.assemble((Verdict.DIFFERS, "bold red"),
+                                f" from step {first['step']}: {what}"), soft_wrap=True)
+    if result.diagnosis:
+        console.print(f"diagnosis: {result.diagnosis}", **plain)
+
+
+def _cosine(value: float) -> str:
+    """A cosine shows how close to 1 it is: 0.99999994 is not 1."""
+    if math.isnan(value):
+        return "-"
+    if value > 0.999:
+        return f"{value:.8f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"
+
+
+def shown_steps(steps: list[dict], keep: int = 12) -> list[dict | None]:
+    """All steps when few; else the first ones, the first difference and the last (None: ...)."""
+    if len(steps) <= keep:
+        return steps
+    wanted = {1, 2, 3, len(steps)}
+    first = next((s["step"] for s in steps if s["verdict"] != Verdict.EQUIVALENT), None)
+    if first:
+        wanted |= {first - 1, first, first + 1}
+    out: list[dict | None] = []
+    for s in steps:
+        if s["step"] in wanted:
+            if out and out[-1] is not None and out[-1]["step"] != s["step"] - 1:
+                out.append(None)
+            out.append(s)
+    return out
