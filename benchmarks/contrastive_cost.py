@@ -28,7 +28,7 @@ import torch
 
 from gradlab.config.spec import Settings, load_spec
 from gradlab.lab import device, setups
-from gradlab.train import engine
+from gradlab.train import engine, optim
 
 ARMS = {"naive-accumulation": "plain", "gradcache": "gradcache"}  # and the big batch, N = 1
 
@@ -39,7 +39,7 @@ class Arm:
     def __init__(self, settings: Settings):
         self.s = settings
         self.setup = setups.build_setup(settings, device.resolve_device(settings.device), {})
-        self.optimizer = engine.make_optimizer(self.setup.model, settings)
+        self.optimizer = optim.make_optimizer(self.setup.model, settings)
         self.stream = setups.windows(self.setup, settings)
         self.walls, self.cpus, self.saved = [], [], 0
 

@@ -33,11 +33,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from results import machine, publish
 
 from gradlab.config.spec import Settings
 from gradlab.lab import setups
-from gradlab.train import engine
+from gradlab.train import engine, optim
+from results import machine, publish
 
 # mlp 64-256-256-10 and the built-in cnn (8 and 16 channels) on digits
 MODELS = {
@@ -90,12 +90,12 @@ def contenders(s: Settings) -> dict[str, Callable[[tuple], None]]:
     setup = setups.build_setup(s, torch.device(s.device), {})
     steps: dict[str, Callable[[tuple], None]] = {}
     bare_model = copy.deepcopy(setup.model)
-    bare_opt = engine.make_optimizer(bare_model, s)
+    bare_opt = optim.make_optimizer(bare_model, s)
     steps["bare"] = lambda w: bare_step(bare_model, bare_opt, w, s.accum_steps)
     measured_model = copy.deepcopy(setup.model)
-    measured_opt = engine.make_optimizer(measured_model, s)
+    measured_opt = optim.make_optimizer(measured_model, s)
     steps["measured"] = lambda w: measured_step(measured_model, measured_opt, w, s.accum_steps)
-    opt = engine.make_optimizer(setup.model, s)
+    opt = optim.make_optimizer(setup.model, s)
     steps["gradlab"] = lambda w: engine.train_step(setup.model, opt, w, s, setup)
     try:
         from accelerate import Accelerator
@@ -103,7 +103,7 @@ def contenders(s: Settings) -> dict[str, Callable[[tuple], None]]:
         return steps
     accelerator = Accelerator(cpu=s.device == "cpu", gradient_accumulation_steps=s.accum_steps)
     acc_model = copy.deepcopy(setup.model)
-    acc_model, acc_opt = accelerator.prepare(acc_model, engine.make_optimizer(acc_model, s))
+    acc_model, acc_opt = accelerator.prepare(acc_model, optim.make_optimizer(acc_model, s))
     steps["accelerate"] = lambda w: accelerate_step(accelerator, acc_model, acc_opt, w,
                                                     s.accum_steps)
     return steps

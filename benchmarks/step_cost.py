@@ -23,12 +23,12 @@ import torch
 
 from gradlab.config.spec import Settings
 from gradlab.lab import device, setups
-from gradlab.train import engine
+from gradlab.train import engine, optim
 
 
 def measure(settings: Settings, repeats: int) -> dict[str, float]:
     setup = setups.build_setup(settings, device.resolve_device(settings.device), {})
-    optimizer = engine.make_optimizer(setup.model, settings)
+    optimizer = optim.make_optimizer(setup.model, settings)
     stream = setups.windows(setup, settings)
     cuda = setup.device.type == "cuda"
 

@@ -24,7 +24,7 @@ from gradlab.config.spec import Accumulation, Settings, ZeroGrad, load_spec
 from gradlab.errors import GradlabError
 from gradlab.lab.setups import build_setup
 from gradlab.setup import Setup, split
-from gradlab.train import engine
+from gradlab.train import engine, gradcache, optim
 from gradlab.train.memory import SavedTensors, saved_tensor_bytes
 from minirun import run_dir
 from test_cli import assert_clean_failure
@@ -67,9 +67,9 @@ def test_plain_accumulation_of_a_coupled_loss_differs_more_as_n_grows():
 
 def test_auto_is_gradcache_for_a_coupled_loss_and_plain_otherwise():
     coupled, per_example = cs.in_batch(BIG), cs.per_example(BIG)
-    assert engine.accumulation(arm(4, "auto"), coupled) == Accumulation.GRADCACHE
-    assert engine.accumulation(arm(1, "auto"), coupled) == Accumulation.PLAIN  # nothing to split
-    assert engine.accumulation(arm(4, "auto"), per_example) == Accumulation.PLAIN
+    assert gradcache.accumulation(arm(4, "auto"), coupled) == Accumulation.GRADCACHE
+    assert gradcache.accumulation(arm(1, "auto"), coupled) == Accumulation.PLAIN  # nothing to split
+    assert gradcache.accumulation(arm(4, "auto"), per_example) == Accumulation.PLAIN
     assert_close(gradient(arm(4, "auto")), gradient(arm(4, "gradcache")), rtol=0, atol=0)
 
 
@@ -97,7 +97,7 @@ def test_gradcache_replays_the_random_state_so_dropout_draws_the_same_masks(monk
     reference = one_graph()
     assert_close(gradient(s, cs.with_dropout), reference, rtol=1e-12, atol=1e-15)
     # without the replay the second pass draws new masks: the gradient is wrong
-    monkeypatch.setattr(engine, "replayed", lambda state, device: contextlib.nullcontext())
+    monkeypatch.setattr(gradcache, "replayed", lambda state, device: contextlib.nullcontext())
     assert rel_err(gradient(s, cs.with_dropout), reference) > 1e-2
 
 
@@ -172,7 +172,7 @@ def test_saved_tensors_are_released_by_backward():
 def step_bytes(s: Settings, setup: Setup) -> int:
     """Activation bytes of one optimizer step on the first window, from the same weights."""
     setup = dataclasses.replace(setup, model=copy.deepcopy(setup.model))
-    optimizer = engine.make_optimizer(setup.model, s)
+    optimizer = optim.make_optimizer(setup.model, s)
     window = tuple(t[:s.batch_size] for t in setup.train)
     return engine.train_step(setup.model, optimizer, window, s, setup,
                              measure_memory=True).saved_bytes
@@ -188,7 +188,7 @@ def test_gradcache_holds_the_activations_of_a_micro_batch_and_the_loss_of_the_wi
 def test_a_step_is_metered_only_when_asked():
     s = arm(8, "gradcache")
     setup = cs.in_batch(s)
-    optimizer = engine.make_optimizer(setup.model, s)
+    optimizer = optim.make_optimizer(setup.model, s)
     plain_step = engine.train_step(setup.model, optimizer, setup.train, s, setup,
                                    measure_memory=False)
     assert math.isnan(plain_step.saved_bytes)

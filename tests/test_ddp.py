@@ -141,9 +141,9 @@ def test_the_hook_counts_the_all_reduces_each_sync_policy_makes(one_rank, sync, 
 
 def test_a_model_of_one_process_is_never_synced_nor_counted():
     model = torch.nn.Linear(3, 1)
-    assert engine.data_parallel_rank(model) == (0, 1)
-    assert engine.allreduce_calls(model) == 0
-    assert engine.module_of(model) is model
+    assert replica.data_parallel_rank(model) == (0, 1)
+    assert replica.allreduce_calls(model) == 0
+    assert replica.module_of(model) is model
 
 
 # ----------------------------------------------------------------------------- bad input

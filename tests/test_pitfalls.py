@@ -20,7 +20,7 @@ from conftest import gradlab
 from gradlab.config.spec import Settings
 from gradlab.lab import setups
 from gradlab.setup import Setup, num_examples, take
-from gradlab.train import engine
+from gradlab.train import engine, optim
 from minirun import run_dir
 from test_cli import assert_clean_failure
 
@@ -89,7 +89,7 @@ def test_clipping_per_micro_batch_is_exact_when_the_threshold_is_never_reached()
 # ----------------------------------------------------------------------------- scheduler
 
 def test_warmup_cosine_factors():
-    factor = [engine.warmup_cosine(4, 10, k) for k in range(12)]
+    factor = [optim.warmup_cosine(4, 10, k) for k in range(12)]
     assert factor[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factor[4] == 1.0
     assert factor[7] == pytest.approx(0.5, abs=1e-15)  # half way down the cosine
@@ -101,8 +101,8 @@ def trained(steps: int, **overrides) -> tuple[list[float], Setup]:
     """The learning rate each step applied, training on the seeded stream of windows."""
     s, setup = prepared(steps=steps, lr=0.1, scheduler="warmup-cosine", warmup_steps=3,
                         **overrides)
-    optimizer = engine.make_optimizer(setup.model, s)
-    scheduler = engine.make_scheduler(optimizer, s)
+    optimizer = optim.make_optimizer(setup.model, s)
+    scheduler = optim.make_scheduler(optimizer, s)
     stream = setups.windows(setup, s)
     rates = [engine.train_step(setup.model, optimizer, next(stream), s, setup,
                                scheduler=scheduler).lr for _ in range(steps)]
@@ -114,7 +114,7 @@ def test_scheduler_per_step_matches_the_big_batch_exactly_per_micro_batch_runs_n
     big, big_setup = trained(steps)
     per_step, per_step_setup = trained(steps, accum_steps=n, scheduler_step="per-step")
     fast, fast_setup = trained(steps, accum_steps=n, scheduler_step="per-micro-batch")
-    schedule = [0.1 * engine.warmup_cosine(3, steps, k) for k in range(steps * n)]
+    schedule = [0.1 * optim.warmup_cosine(3, steps, k) for k in range(steps * n)]
     assert big == per_step == schedule[:steps]
     assert fast == [schedule[min(t * n, len(schedule) - 1)] for t in range(steps)]
     assert fast[3:] == [0.0] * (steps - 3)  # the schedule ended at step 12 / 4
@@ -262,7 +262,7 @@ def test_scheduler_experiment(scheduler_run):
     checked(scheduler_run)
     steps = pd.read_csv(scheduler_run / "steps.csv")
     lr = {arm: group.sort_values("step")["lr"].tolist() for arm, group in steps.groupby("arm")}
-    schedule = [engine.warmup_cosine(4, 12, k) for k in range(12 * 4)]  # lr = 1.0
+    schedule = [optim.warmup_cosine(4, 12, k) for k in range(12 * 4)]  # lr = 1.0
     assert lr["big-batch"] == lr["per-step"] == schedule[:12]
     assert lr["per-micro-batch"] == [schedule[min(4 * t, 47)] for t in range(12)]
     per_step = steps[steps["arm"] == "per-step"]

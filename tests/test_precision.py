@@ -18,7 +18,7 @@ from gradlab.config.spec import Settings
 from gradlab.readers import compare, plots
 from gradlab.record import schema, store
 from gradlab.setup import Setup, mse_loss, split
-from gradlab.train import engine
+from gradlab.train import amp, engine, optim
 from test_cli import assert_clean_failure
 
 U_BF16, U_F32 = 2.0**-8, 2.0**-24
@@ -118,7 +118,7 @@ class Scales:
 
 def test_a_window_has_one_scale_and_one_update():
     setup = float32_setup()
-    optimizer = engine.make_optimizer(setup.model, SCALED)
+    optimizer = optim.make_optimizer(setup.model, SCALED)
     # growth every step: N updates per window would multiply the scale by 2^N
     scaler = torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=1)
     watch = Scales(scaler)
@@ -131,7 +131,7 @@ def test_a_window_has_one_scale_and_one_update():
 
 def test_the_scaler_skips_a_window_whose_gradient_overflows_and_backs_off():
     setup = float32_setup()
-    optimizer = engine.make_optimizer(setup.model, SCALED)
+    optimizer = optim.make_optimizer(setup.model, SCALED)
     before = [p.detach().clone() for p in setup.model.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # float16 overflows at 65504
     measured = dataclasses.replace(SCALED, update_norm=True)
@@ -149,13 +149,13 @@ def test_the_scaler_skips_a_window_whose_gradient_overflows_and_backs_off():
 
 def test_the_probes_copy_of_a_scaler_leaves_the_arms_scaler_as_it_was():
     setup = float32_setup()
-    optimizer = engine.make_optimizer(setup.model, SCALED)
+    optimizer = optim.make_optimizer(setup.model, SCALED)
     scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
     engine.train_step(setup.model, optimizer, setup.train, SCALED, setup, None, scaler=scaler)
     state = scaler.state_dict()
-    copy = engine.make_scaler(SCALED, torch.device("cpu"), like=scaler)
+    copy = amp.make_scaler(SCALED, torch.device("cpu"), like=scaler)
     assert copy.get_scale() == scaler.get_scale() == 512.0
-    probe_optimizer = engine.make_optimizer(setup.model, SCALED)
+    probe_optimizer = optim.make_optimizer(setup.model, SCALED)
     engine.window_gradient(setup.model, setup.train, SCALED, setup, optimizer=probe_optimizer,
                            scaler=copy)
     assert scaler.state_dict() == state
@@ -171,7 +171,7 @@ def test_clipping_before_unscale_clips_the_scaled_gradient():
     for s in (right, wrong):
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
         engine.window_gradient(setup.model, setup.train, s, setup,
-                               optimizer=engine.make_optimizer(setup.model, s), scaler=scaler)
+                               optimizer=optim.make_optimizer(setup.model, s), scaler=scaler)
         norms[s.clip_at] = engine.global_norm(p.grad for p in setup.model.parameters())
         setup.model.zero_grad(set_to_none=True)
     unscaled = norms["after-accumulation"]
@@ -248,12 +248,12 @@ def test_a_bad_combination_is_one_line_and_exit_2(tmp_path, sets, expected):
 
 
 def test_what_this_torch_cannot_do_on_the_cpu_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "autocast_supported", lambda device, dtype: False)
+    monkeypatch.setattr(amp, "autocast_supported", lambda device, dtype: False)
     out = tmp_path / "results"
     result = gradlab("run", "equivalence", *MLP, "--set", "autocast=float16", "--out", out)
     assert_clean_failure(result, "autocast=float16 is not supported on cpu", out)
-    monkeypatch.setattr(engine, "scaler_supported", lambda device: False)
-    monkeypatch.setattr(engine, "autocast_supported", lambda device, dtype: True)
+    monkeypatch.setattr(amp, "scaler_supported", lambda device: False)
+    monkeypatch.setattr(amp, "autocast_supported", lambda device, dtype: True)
     result = gradlab("run", "equivalence", *MLP, "--set", "autocast=float16",
                      "--set", "grad_scaler=on", "--out", out)
     assert_clean_failure(result, "has no GradScaler for cpu", out)
@@ -261,9 +261,9 @@ def test_what_this_torch_cannot_do_on_the_cpu_is_one_line(tmp_path, monkeypatch)
 
 def test_this_torch_has_float16_autocast_and_a_gradscaler_on_the_cpu():
     # what the default `precision` run needs on a machine without a GPU
-    assert engine.autocast_supported("cpu", "bfloat16")
-    assert engine.autocast_supported("cpu", "float16")
-    assert engine.scaler_supported("cpu")
+    assert amp.autocast_supported("cpu", "bfloat16")
+    assert amp.autocast_supported("cpu", "float16")
+    assert amp.scaler_supported("cpu")
 
 
 # ----------------------------------------------------------------------------- the experiment

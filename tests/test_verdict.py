@@ -13,7 +13,7 @@ from conftest import arm_rows, gradlab, run_json
 from gradlab.config import spec
 from gradlab.lab import observers, setups
 from gradlab.record import schema
-from gradlab.train import engine
+from gradlab.train import engine, optim
 
 LOW = ("bfloat16", "float16")
 
@@ -104,7 +104,7 @@ def test_test_accuracy_is_a_hand_count():
     """Pins eval: accuracy counted against shifted labels would fail here."""
     s = spec.Settings(model="cnn", dataset="digits", dtype="float64", lr=0.5, seed=3)
     setup = setups.build_setup(s, torch.device("cpu"), {})
-    optimizer = engine.make_optimizer(setup.model, s)
+    optimizer = optim.make_optimizer(setup.model, s)
     windows = setups.windows(setup, s)
     for _ in range(5):  # a little training, so that the predictions are not one class
         engine.train_step(setup.model, optimizer, next(windows), s, setup)

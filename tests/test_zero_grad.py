@@ -20,7 +20,7 @@ from gradlab.config.spec import Settings
 from gradlab.lab import arm as lab_arm
 from gradlab.lab import observers, setups
 from gradlab.setup import Examples, Setup, split
-from gradlab.train import engine, metrics
+from gradlab.train import engine, metrics, optim
 
 B = 12
 # (micro_batch, N) with the same effective batch B
@@ -49,7 +49,7 @@ def first_windows(setup: Setup, s: Settings, count: int) -> list[Examples]:
 
 def train(s: Settings, steps: int) -> tuple[Setup, list[engine.StepStats]]:
     setup = prepared(s)
-    optimizer = engine.make_optimizer(setup.model, s)
+    optimizer = optim.make_optimizer(setup.model, s)
     stats = [engine.train_step(setup.model, optimizer, window, s, setup)
              for window in first_windows(setup, s, steps)]
     return setup, stats

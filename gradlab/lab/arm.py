@@ -23,7 +23,7 @@ from gradlab.setup import (
     Setup,
     num_examples,
 )
-from gradlab.train import engine
+from gradlab.train import amp, engine, gradcache, optim
 from gradlab.train.replica import Replica
 
 if TYPE_CHECKING:
@@ -38,20 +38,20 @@ class ArmRng:
         self.device = device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            self.state = engine.rng_state(device)
+            self.state = gradcache.rng_state(device)
 
     def __enter__(self):
-        self.outside = engine.rng_state(self.device)
-        engine.set_rng_state(self.state, self.device)
+        self.outside = gradcache.rng_state(self.device)
+        gradcache.set_rng_state(self.state, self.device)
 
     def __exit__(self, *exc):
-        self.state = engine.rng_state(self.device)
-        engine.set_rng_state(self.outside, self.device)
+        self.state = gradcache.rng_state(self.device)
+        gradcache.set_rng_state(self.outside, self.device)
 
     def replay(self, state) -> contextlib.AbstractContextManager:
         """Run from ``state`` (one this stream held), then put back whatever was there: a
         probe draws the dropout masks the step it mirrors drew, and moves no stream."""
-        return engine.replayed(state, self.device)
+        return gradcache.replayed(state, self.device)
 
 
 class ArmRun:
@@ -66,9 +66,9 @@ class ArmRun:
         self.data_cache = data_cache
         self.model = setup.model
         self.replica = self.replicate(self.model)  # what the engine trains
-        self.optimizer = engine.make_optimizer(self.model, self.s)
-        self.scaler = engine.make_scaler(self.s, setup.device)  # None with grad_scaler=off
-        self.scheduler = engine.make_scheduler(self.optimizer, self.s)
+        self.optimizer = optim.make_optimizer(self.model, self.s)
+        self.scaler = amp.make_scaler(self.s, setup.device)  # None with grad_scaler=off
+        self.scheduler = optim.make_scheduler(self.optimizer, self.s)
         self.windows = setups.windows(setup, self.s)
         self.upcoming = next(self.windows)  # the window the next step takes
         self.rng = ArmRng(self.s.seed, setup.device)

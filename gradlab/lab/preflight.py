@@ -33,7 +33,7 @@ from gradlab.setup import (
     num_examples,
     take,
 )
-from gradlab.train import engine
+from gradlab.train import amp, engine, gradcache, optim
 
 # settings that change neither the model's shape nor the data, so not what preflight checks
 TRAINING_ONLY = {"seed", "lr", "momentum", "weight_decay", "optimizer", "steps", "probe_every",
@@ -111,7 +111,7 @@ def preflight(trials: list[Trial]) -> Plan:
 def splits_coupled_loss(s: Settings, setup: Setup) -> bool:
     """Would this arm compute a loss that couples the batch inside micro-batches?"""
     return setup.coupled and s.accum_steps > 1 \
-        and engine.accumulation(s, setup) == Accumulation.PLAIN
+        and gradcache.accumulation(s, setup) == Accumulation.PLAIN
 
 
 def optimizer_copies(s: Settings) -> int:
@@ -130,13 +130,13 @@ def time_one_window(setup: Setup, s: Settings) -> float:
     seconds = []
     # an optimizer only for a GradScaler's unscale_: building one imports torch._dynamo
     # (a second's imports), which a run whose trials go to worker processes never needs here
-    optimizer = engine.make_optimizer(setup.model, s) if s.grad_scaler == GradScaling.ON \
+    optimizer = optim.make_optimizer(setup.model, s) if s.grad_scaler == GradScaling.ON \
         else None
     with torch.random.fork_rng(devices=[]):
         for _ in range(2):
             start = time.perf_counter()
             engine.window_gradient(setup.model, window, s, setup, optimizer=optimizer,
-                                   scaler=engine.make_scaler(s, setup.device))
+                                   scaler=amp.make_scaler(s, setup.device))
             seconds.append(time.perf_counter() - start)
     setup.model.zero_grad(set_to_none=True)
     return seconds[-1]
@@ -178,7 +178,7 @@ def check_setup(arm: Arm, setup: Setup) -> None:
                            f"batch, and this setup's loss is computed per example; give "
                            f"Setup(embed=..., coupled_loss=...) in place of loss, or use "
                            f"accumulation=plain")
-    engine.check_gradcache(s, setup, name)
+    gradcache.check_gradcache(s, setup, name)
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     engine.set_train_mode(setup.model, s)
     every_rank = engine.rank_micro_batches(window, s.accum_steps, s.world_size)

@@ -33,7 +33,7 @@ from gradlab.setup import (
     cast,
     num_examples,
 )
-from gradlab.train import engine, metrics
+from gradlab.train import amp, engine, metrics, optim, replica
 
 if TYPE_CHECKING:
     from gradlab.lab.arm import ArmRun
@@ -156,18 +156,18 @@ class Probe(Observer):
                   exact: dict[str, torch.Tensor], floor: list[dict],
                   condition: dict[str, float]) -> None:
         """The arm's gradient against the baseline's and the exact one: its probe rows."""
-        replica, optimizer = self.model_for(arm, base)  # data-parallel: all-reduced on ranks
-        model = engine.module_of(replica)
+        trained, optimizer = self.model_for(arm, base)  # data-parallel: all-reduced on ranks
+        model = replica.module_of(trained)
         self.start_at_baseline(model, base)
         window = cast(arm.upcoming, DTYPES[arm.s.dtype], arm.setup.device)
         with base.rng.replay(self.start_state):  # and moves no arm's stream
-            engine.window_gradient(replica, window, arm.s, arm.setup, optimizer=optimizer,
-                                   scaler=engine.make_scaler(arm.s, arm.setup.device,
-                                                             like=arm.scaler))
+            engine.window_gradient(trained, window, arm.s, arm.setup, optimizer=optimizer,
+                                   scaler=amp.make_scaler(arm.s, arm.setup.device,
+                                                          like=arm.scaler))
         grads = {name: metrics.grad_or_zeros(p) for name, p in model.named_parameters()}
         ids = {**arm.ids, "step": base.step}
-        rates = {"lr": engine.learning_rate(arm.optimizer),
-                 "ref_lr": engine.learning_rate(base.optimizer)}
+        rates = {"lr": optim.learning_rate(arm.optimizer),
+                 "ref_lr": optim.learning_rate(base.optimizer)}
         arm.rows["probe"] += [
             {**ids, **r, "exact_err": e["rel_l2_err"], "floor_err": f["rel_l2_err"],
              "sum_condition": condition.get(r["param"], math.nan), **rates}
@@ -207,13 +207,13 @@ class Probe(Observer):
                                 grad_scaler=arm.s.grad_scaler)
         if precision(s) not in self.floor_models:
             setup = setups.build_setup(s, base.setup.device, base.data_cache)
-            self.floor_models[precision(s)] = setup, engine.make_optimizer(setup.model, s)
+            self.floor_models[precision(s)] = setup, optim.make_optimizer(setup.model, s)
         setup, optimizer = self.floor_models[precision(s)]
         self.start_at_baseline(setup.model, base)
         with base.rng.replay(self.start_state):
             engine.window_gradient(setup.model, cast(self.window, DTYPES[s.dtype], setup.device),
                                    s, setup, optimizer=optimizer,
-                                   scaler=engine.make_scaler(s, setup.device, like=arm.scaler))
+                                   scaler=amp.make_scaler(s, setup.device, like=arm.scaler))
         floor = compare_grads(metrics.grads_of(setup.model), exact)
         setup.model.zero_grad(set_to_none=True)
         return floor
@@ -244,7 +244,7 @@ class Probe(Observer):
         if arm.arm.name not in self.own_models:
             model = arm.fresh_model()
             self.own_models[arm.arm.name] = (arm.replicate(model),
-                                             engine.make_optimizer(model, arm.s))
+                                             optim.make_optimizer(model, arm.s))
         return self.own_models[arm.arm.name]
 
 

@@ -27,7 +27,7 @@ from gradlab.setup import (
     num_examples,
     take,
 )
-from gradlab.train import engine
+from gradlab.train import amp, engine
 
 
 def call_factory(kind: str, name: str, *args) -> Any:
@@ -101,7 +101,7 @@ def user_setup(s: Settings) -> Setup:
 
 def build_setup(s: Settings, device: torch.device, data_cache: dict) -> Setup:
     """The arm's model and examples, in its dtype and on its device."""
-    engine.check_precision_support(s, device)
+    amp.check_precision_support(s, device)
     setup = user_setup(s) if s.setup else builtin_setup(s, data_cache)
     name = s.setup or f"dataset '{s.dataset}'"
     check_examples(setup.train, f"{name}: training examples")

@@ -60,6 +60,3 @@ def keyed(model: nn.Module, keys: torch.Tensor) -> Iterator[None]:
         for layer in layers:
             layer.keys = None
 
-
-def has_dropout(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())

@@ -1,13 +1,19 @@
-"""A data-parallel replica whose gradient all-reduces are counted (steps.csv allreduces)."""
+"""What the engine needs of the ranks: a DDP replica whose gradient all-reduces are counted
+(steps.csv allreduces), this rank's place, and which backward passes all-reduce (sync)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
+
+from gradlab.config.spec import Settings, Sync
+from gradlab.errors import unhandled
 
 
 class Replica(DistributedDataParallel):
@@ -32,3 +38,48 @@ class AllReduceCount:
 def counted_allreduce(count, bucket):
     count.calls += 1
     return default_hooks.allreduce_hook(None, bucket)
+
+
+def data_parallel_rank(model: nn.Module) -> tuple[int, int]:
+    """(this rank, number of ranks) of a DDP replica; (0, 1) for a model of one process."""
+    if isinstance(model, DistributedDataParallel):
+        return dist.get_rank(model.process_group), dist.get_world_size(model.process_group)
+    return 0, 1
+
+
+def synced(model: nn.Module, s: Settings, last: bool) -> contextlib.AbstractContextManager:
+    """Around a micro-batch's forward and backward: no_sync() where the arm's sync policy
+    says this backward must not all-reduce across the ranks."""
+    if not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()  # one process: nothing to all-reduce
+    match s.sync:
+        case Sync.NO_SYNC:  # accumulate locally; all-reduce once, with the last micro-batch
+            all_reduce = last
+        case Sync.EVERY_MICRO_BATCH:  # right too: each all-reduce averages the sum so far
+            all_reduce = True
+        case Sync.NEVER:  # the bug: each rank steps on its own slice's gradient
+            all_reduce = False
+        case _:
+            unhandled(s.sync)
+    return contextlib.nullcontext() if all_reduce else model.no_sync()
+
+
+def module_of(model: nn.Module) -> nn.Module:
+    """The model inside a DDP replica (its state_dict and parameter names), or the model."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def allreduce_calls(model: nn.Module) -> int:
+    """The gradient all-reduces a replica's communication hook has counted so far."""
+    return model.allreduces.calls if isinstance(model, Replica) else 0
+
+
+def summed_over_ranks(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """The whole window's summed loss, for the record: each rank holds its own slice's.
+    (Not a gradient, so not through DDP's hook, and not counted.)"""
+    if not isinstance(model, DistributedDataParallel):
+        return loss
+    total = loss.detach().double()  # float64: every backend sums it, whatever the arm's dtype
+    dist.all_reduce(total, group=model.process_group)
+    return total
+
