@@ -7,27 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from gradlab.config.spec import (
-    Arm,
-    Trial,
-)
+from gradlab.config.spec import Arm, Trial
 from gradlab.lab import setups
-from gradlab.lab.probing import probe_due
+from gradlab.lab.plan import probe_due
 from gradlab.record import schema
-from gradlab.setup import (
-    Setup,
-    num_examples,
-)
+from gradlab.setup import Examples, Setup, num_examples
 from gradlab.train import amp, engine, gradcache, optim
 from gradlab.train.replica import Replica
-
-if TYPE_CHECKING:
-    from gradlab.lab.observers import Observer
 
 
 class ArmRng:
@@ -126,3 +117,19 @@ class ArmRun:
     def gradient(self) -> None:
         for o in self.observers:
             o.gradient(self)
+
+
+class Observer:
+    """Watches an arm's steps and writes rows into it (gradlab.lab.observers). Override what you
+    need. Defined here, beside the arm that calls each hook, as the engine defines its Watch."""
+
+    def before_step(self, run: ArmRun, window: Examples) -> None: ...
+
+    def around_step(self, run: ArmRun) -> contextlib.AbstractContextManager:
+        """A context the step runs inside (after before_step, before stepped)."""
+        return contextlib.nullcontext()
+
+    def micro_batch(self, run: ArmRun, index: int) -> None: ...
+    def gradient(self, run: ArmRun) -> None: ...
+    def stepped(self, run: ArmRun, stats: engine.StepStats) -> None: ...
+    def finished(self, run: ArmRun) -> None: ...

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from gradlab.config.spec import (
     ZeroGrad,
 )
+from gradlab.lab.arm import ArmRun, Observer
 from gradlab.record import schema
 from gradlab.setup import (
     Examples,
@@ -26,24 +27,6 @@ from gradlab.setup import (
     num_examples,
 )
 from gradlab.train import engine, memory, metrics
-
-if TYPE_CHECKING:
-    from gradlab.lab.arm import ArmRun
-
-
-class Observer:
-    """Watches an arm's steps and writes rows into it. Override what you need."""
-
-    def before_step(self, run: ArmRun, window: Examples) -> None: ...
-
-    def around_step(self, run: ArmRun) -> contextlib.AbstractContextManager:
-        """A context the step runs inside (after before_step, before stepped)."""
-        return contextlib.nullcontext()
-
-    def micro_batch(self, run: ArmRun, index: int) -> None: ...
-    def gradient(self, run: ArmRun) -> None: ...
-    def stepped(self, run: ArmRun, stats: engine.StepStats) -> None: ...
-    def finished(self, run: ArmRun) -> None: ...
 
 
 def same_architecture(a: nn.Module, b: nn.Module) -> bool:

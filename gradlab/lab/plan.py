@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradlab.config.spec import (
-    Trial,
-)
+from gradlab.config.spec import Settings, Trial
 from gradlab.lab.device import resolve_device
 
 
@@ -114,3 +112,8 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def probe_due(s: Settings, step: int) -> bool:
+    """Is step ``step`` (from 1) one the probe measures? The first, then every probe_every."""
+    return step == 1 or (s.probe_every > 0 and (step - 1) % s.probe_every == 0)

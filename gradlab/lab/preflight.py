@@ -24,8 +24,8 @@ from gradlab.config.spec import (
 from gradlab.errors import GradlabError, unhandled
 from gradlab.lab import setups
 from gradlab.lab.device import configure, resolve_device
-from gradlab.lab.plan import Plan
-from gradlab.lab.probing import low_precision, precision, probe_due
+from gradlab.lab.plan import Plan, probe_due
+from gradlab.lab.probing import low_precision, precision
 from gradlab.setup import (
     Setup,
     cross_entropy_loss,

@@ -24,8 +24,10 @@ from gradlab.config.spec import (
     Settings,
 )
 from gradlab.lab import setups
+from gradlab.lab.arm import Observer
 from gradlab.lab.device import DTYPES
-from gradlab.lab.observers import Observer, evaluate
+from gradlab.lab.observers import evaluate
+from gradlab.lab.plan import probe_due
 from gradlab.record import schema
 from gradlab.setup import (
     Examples,
@@ -37,10 +39,6 @@ from gradlab.train import amp, engine, metrics, optim, replica
 
 if TYPE_CHECKING:
     from gradlab.lab.arm import ArmRun
-
-
-def probe_due(s: Settings, step: int) -> bool:
-    return step == 1 or (s.probe_every > 0 and (step - 1) % s.probe_every == 0)
 
 
 def precision(s: Settings) -> tuple[Dtype, Autocast, GradScaling]:

@@ -240,7 +240,7 @@ def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setu
     if gradcache.accumulation(s, setup) == Accumulation.GRADCACHE:  # a loss coupling the batch
         micro_batches = split(window, micro_batch_count(num_examples(window), s))
         window_units = sum(setup.count_units(mb) for mb in micro_batches)
-        loss = gradcache.gradcache(model, micro_batches, window_units, setup, sums)
+        loss = gradcache.gradcache(model, micro_batches, window_units, setup, sums.micro_batch)
         return WindowGradient(loss, window_units, unscale_and_clip(model, s, optimizer, scaler))
     rank, ranks = replica.data_parallel_rank(model)
     plan = plan_window(window, s, setup, rank, ranks)

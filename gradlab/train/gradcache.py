@@ -1,15 +1,15 @@
 """Exact accumulation of a loss that couples the batch: GradCache's two passes (Gao et al.
 2021), and the random state they replay so the second forward draws the first one's masks.
 
-The engine chooses it (``accumulation``) and hands it the window's micro-batches; the
-zero_grad policy and the watch come with the engine's PartialSums, as in the plain loop.
+The engine chooses it (``accumulation``) and hands it the window's micro-batches and the
+context each backward runs in (its PartialSums.micro_batch: zero_grad and the watch, as in the
+plain loop).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -26,9 +26,6 @@ from gradlab.config.spec import (
 )
 from gradlab.errors import GradlabError, unhandled
 from gradlab.setup import Embeddings, Examples, Setup, num_examples
-
-if TYPE_CHECKING:
-    from gradlab.train.engine import PartialSums
 
 
 def accumulation(s: Settings, setup: Setup) -> Accumulation:
@@ -62,7 +59,7 @@ def check_gradcache(s: Settings, setup: Setup, where: str) -> None:
 
 
 def gradcache(model: nn.Module, micro_batches: list[Examples], window_units, setup: Setup,
-              sums: PartialSums) -> torch.Tensor:
+              around: Callable[[int], contextlib.AbstractContextManager]) -> torch.Tensor:
     """Exact accumulation of a loss that couples the batch (GradCache, Gao et al. 2021);
     returns the window's loss.
 
@@ -93,7 +90,7 @@ def gradcache(model: nn.Module, micro_batches: list[Examples], window_units, set
     slices = [e.grad.split(sizes) if e.grad is not None else [None] * len(sizes)
               for e in window_embeddings]  # None: the loss does not use that output
     for i, micro_batch in enumerate(micro_batches):
-        with sums.micro_batch(i):  # zero_grad where the policy puts it, as in the plain loop
+        with around(i):  # the engine's PartialSums.micro_batch: zero_grad as in the plain loop
             with replayed(states[i], device):
                 embeddings = as_tuple(setup.embed(model, micro_batch))
             used = [(e, g[i]) for e, g in zip(embeddings, slices, strict=True)
