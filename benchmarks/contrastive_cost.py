@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from gradlab.config.spec import Settings, load_spec
+from gradlab.config.settings import Settings
+from gradlab.config.spec import load_spec
 from gradlab.lab import device, setups
 from gradlab.train import engine, optim
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gradlab.config.spec import Settings
+from gradlab.config.settings import Settings
 from gradlab.lab import setups
 from gradlab.train import engine, optim
 from results import machine, publish

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from gradlab.config.spec import Settings
+from gradlab.config.settings import Settings
 from gradlab.lab import device, setups
 from gradlab.train import engine, optim
 

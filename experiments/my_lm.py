@@ -117,7 +117,7 @@ def summed_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]):
 # ----------------------------------------------------------------------------- the factory
 
 def make_setup(settings) -> Setup:
-    """Called once per arm; ``settings`` is the arm's gradlab.config.spec.Settings."""
+    """Called once per arm; ``settings`` is the arm's gradlab.config.settings.Settings."""
     texts = sentences()
     data = tokenize(texts, max_len=64)  # lengths vary from a few bytes to 64
     held_out = len(texts) // 8

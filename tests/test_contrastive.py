@@ -20,7 +20,8 @@ import torch
 from torch.testing import assert_close
 
 from conftest import gradlab
-from gradlab.config.spec import Accumulation, Settings, ZeroGrad, load_spec
+from gradlab.config.settings import Accumulation, Settings, ZeroGrad
+from gradlab.config.spec import load_spec
 from gradlab.errors import GradlabError
 from gradlab.lab.setups import build_setup
 from gradlab.setup import Setup, split

@@ -15,7 +15,7 @@ import torch
 
 from conftest import gradlab
 from gradlab.config import spec
-from gradlab.config.spec import Settings
+from gradlab.config.settings import Settings
 from gradlab.lab import trial as lab_trial
 from gradlab.readers import compare
 from gradlab.record import store

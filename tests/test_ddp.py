@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from conftest import gradlab
 from gradlab.config import spec
-from gradlab.config.spec import Settings, Sync
+from gradlab.config.settings import Settings, Sync
 from gradlab.errors import GradlabError
 from gradlab.lab import distributed, parallel
 from gradlab.setup import Setup, mse_loss

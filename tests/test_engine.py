@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from gradlab.config.spec import LossScale, Settings, ZeroGrad
+from gradlab.config.settings import LossScale, Settings, ZeroGrad
 from gradlab.setup import Setup, mse_loss, split
 from gradlab.train import engine
 from gradlab.zoo.text import TransformerLanguageModel, count_tokens, lm_loss, token_examples

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import arm_rows, gradlab, run_json
-from gradlab.config import spec
+from gradlab.config.settings import Settings
 from gradlab.lab import probing, setups
 
 LIMIT = {"float64": 1e-12, "float32": 1e-5}
@@ -87,7 +87,7 @@ def buffers_with_settings(doc: dict) -> pd.DataFrame:
         summary[["trial", "arm", "norm", "bn_mode", "dtype", "accum_steps"]], on=["trial", "arm"])
 
 
-def recomputed_running_stats(s: spec.Settings) -> dict[str, torch.Tensor]:
+def recomputed_running_stats(s: Settings) -> dict[str, torch.Tensor]:
     """Running statistics after N micro-batch forwards, in plain torch, outside the engine."""
     setup = setups.build_setup(s, torch.device("cpu"), {})
     model = setup.model.train()
@@ -100,7 +100,7 @@ def recomputed_running_stats(s: spec.Settings) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("n", [2, 8, 32])
 def test_measured_running_stat_difference_is_the_real_one(norm_run, n):
-    base = spec.Settings(model="cnn", dataset="digits", norm="bn", batch_size=64,
+    base = Settings(model="cnn", dataset="digits", norm="bn", batch_size=64,
                          dtype="float64", accum_steps=1)
     ref = recomputed_running_stats(base)
     arm = recomputed_running_stats(dataclasses.replace(base, accum_steps=n))

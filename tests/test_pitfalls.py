@@ -17,7 +17,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import gradlab
-from gradlab.config.spec import Settings
+from gradlab.config.settings import Settings
 from gradlab.lab import setups
 from gradlab.setup import Setup, num_examples, take
 from gradlab.train import engine, optim

@@ -14,7 +14,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import gradlab, run_json
-from gradlab.config.spec import Settings
+from gradlab.config.settings import Settings
 from gradlab.readers import compare, plots
 from gradlab.record import schema, store
 from gradlab.setup import Setup, mse_loss, split

@@ -1,8 +1,11 @@
 """Specs: precedence, sweeps from the command line, and promises made per sweep case."""
 
+import dataclasses
+
 import pytest
 
 from gradlab.config import spec
+from gradlab.config.settings import FACTORY_BLIND, PREFLIGHT_BLIND, Role, Settings
 from gradlab.errors import GradlabError
 
 TEXT = """
@@ -43,7 +46,7 @@ def test_precedence_defaults_settings_sweep_arm():
     assert first["big"].settings.accum_steps == 1  # the arm beats the sweep
     assert first["small"].settings.accum_steps == 2  # the sweep beats [settings]
     assert first["small"].settings.lr == 0.2 and first["big"].settings.lr == 0.1
-    assert first["big"].settings.steps == spec.Settings().steps  # untouched: the default
+    assert first["big"].settings.steps == Settings().steps  # untouched: the default
 
 
 def test_a_sweep_case_promises_for_arms_without_a_promise_of_their_own():
@@ -127,3 +130,20 @@ def test_values_out_of_range_name_their_place():
         "arm 'small': accum_steps=64 (test.toml [sweep] accum_steps) is larger than "
         "batch_size=32 (test.toml [settings]), so a micro-batch would be empty; use "
         "accum_steps <= batch_size")
+
+
+def test_every_setting_has_one_role_and_the_lab_sets_come_from_the_roles():
+    fields = dataclasses.fields(Settings)
+    assert all(isinstance(f.metadata["role"], Role) for f in fields)
+    # what a model factory may read: each arm differing in one of these gets its own probe model
+    assert {f.name for f in fields} - FACTORY_BLIND == {
+        "setup", "model", "dataset", "norm", "hidden", "depth", "channels", "groups",
+        "min_len", "max_len", "temperature", "dropout", "seed", "dtype", "device", "world_size"}
+    # what preflight builds and times one window for, per distinct value
+    assert {f.name for f in fields} - PREFLIGHT_BLIND == FACTORY_BLIND - PREFLIGHT_BLIND | {
+        "setup", "model", "dataset", "norm", "hidden", "depth", "channels", "groups",
+        "min_len", "max_len", "temperature", "dropout", "dtype", "device", "world_size"}
+    assert FACTORY_BLIND - PREFLIGHT_BLIND == {
+        "batch_size", "accum_steps", "accumulation", "bn_mode", "dropout_mode",
+        "dropout_masks", "autocast", "grad_accum_dtype", "grad_scaler", "threads", "backend"}
+    assert Settings.with_roles(Role.SEED) == {"seed"}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import arm_rows, gradlab, run_json
-from gradlab.config import spec
+from gradlab.config.settings import Settings
 from gradlab.lab import observers, setups
 from gradlab.record import schema
 from gradlab.train import engine, optim
@@ -102,7 +102,7 @@ def test_every_step_with_n_has_a_cosine_below_one(tmp_path):
 
 def test_test_accuracy_is_a_hand_count():
     """Pins eval: accuracy counted against shifted labels would fail here."""
-    s = spec.Settings(model="cnn", dataset="digits", dtype="float64", lr=0.5, seed=3)
+    s = Settings(model="cnn", dataset="digits", dtype="float64", lr=0.5, seed=3)
     setup = setups.build_setup(s, torch.device("cpu"), {})
     optimizer = optim.make_optimizer(setup.model, s)
     windows = setups.windows(setup, s)

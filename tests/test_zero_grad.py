@@ -16,7 +16,7 @@ from torch.testing import assert_close
 
 from conftest import arm_rows, gradlab, run_json
 from gradlab.config import spec
-from gradlab.config.spec import Settings
+from gradlab.config.settings import Settings
 from gradlab.lab import arm as lab_arm
 from gradlab.lab import observers, setups
 from gradlab.setup import Examples, Setup, split

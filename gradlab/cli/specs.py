@@ -17,6 +17,7 @@ from rich.text import Text
 from gradlab.cli.shared import JsonOpt, SetOpt, app, complete_spec_names, console, fail, say
 from gradlab.cli.signals import Stop
 from gradlab.config import catalog, spec
+from gradlab.config.settings import Settings
 from gradlab.errors import GradlabError
 from gradlab.lab.experiment import count, resolve
 from gradlab.record.verdict import Verdict
@@ -32,7 +33,7 @@ def list_(json_out: JsonOpt = False) -> None:
     found = spec.findable_specs()
     experiments = {name: _describe(path) for name, path in found.items()}
     settings = [{"name": f.name, "default": f.default, "help": f.metadata["help"]}
-                for f in dataclasses.fields(spec.Settings)]
+                for f in dataclasses.fields(Settings)]
     if json_out:
         typer.echo(json.dumps({
             "experiments": experiments,

@@ -39,7 +39,8 @@ from typing import IO, Any
 import torch
 import torch.distributed as dist
 
-from gradlab.config.spec import Backend, Device, Settings, Spec, Trial
+from gradlab.config.settings import Backend, Device, Settings
+from gradlab.config.spec import Spec, Trial
 from gradlab.errors import GradlabError
 from gradlab.lab.parallel import usable_cores
 

@@ -16,9 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradlab.config.spec import (
-    ZeroGrad,
-)
+from gradlab.config.settings import ZeroGrad
 from gradlab.lab.arm import ArmRun, Observer
 from gradlab.record import schema
 from gradlab.setup import (

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gradlab.config.spec import Settings, Trial
+from gradlab.config.settings import Settings
+from gradlab.config.spec import Trial
 from gradlab.lab.device import resolve_device
 
 

@@ -11,16 +11,16 @@ import time
 import torch
 from torch import nn
 
-from gradlab.config.spec import (
+from gradlab.config.settings import (
+    PREFLIGHT_BLIND,
     Accumulation,
-    Arm,
     BnMode,
     Dtype,
     GradScaling,
     Optimizer,
     Settings,
-    Trial,
 )
+from gradlab.config.spec import Arm, Trial
 from gradlab.errors import GradlabError, unhandled
 from gradlab.lab import setups
 from gradlab.lab.device import configure, resolve_device
@@ -34,13 +34,6 @@ from gradlab.setup import (
     take,
 )
 from gradlab.train import amp, engine, gradcache, optim
-
-# settings that change neither the model's shape nor the data, so not what preflight checks
-TRAINING_ONLY = {"seed", "lr", "momentum", "weight_decay", "optimizer", "steps", "probe_every",
-                 "eval_every", "trace", "trace_elements", "zero_grad", "set_to_none",
-                 "loss_scale", "clip_norm", "clip_at", "scheduler", "scheduler_step",
-                 "warmup_steps", "epoch_end", "mask_draws", "sync", "backend", "time_steps"}
-
 
 # bytes a trace row and a probe row take in memory (a dict of a dozen small Python objects)
 ROW_BYTES = 1000
@@ -62,7 +55,7 @@ def preflight(trials: list[Trial]) -> Plan:
         for arm in trial.arms:
             s = arm.settings
             key = tuple((k, v) for k, v in dataclasses.asdict(s).items()
-                        if k not in TRAINING_ONLY)
+                        if k not in PREFLIGHT_BLIND)
             if key not in measured:
                 setup = setups.build_setup(s, resolve_device(s.device), cache)
                 check_setup(arm, setup)

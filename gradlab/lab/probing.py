@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gradlab.config.spec import (
+from gradlab.config.settings import (
+    FACTORY_BLIND,
     Autocast,
     ClipAt,
     Dtype,
@@ -89,9 +90,9 @@ class Probe(Observer):
     each arm's gradient then lands in the model's .grad, one arm at a time; at the end
     the baseline's gradient and running statistics are put back. So a probe holds the
     exact gradient (float64) and one arm's gradient beyond what training holds. Only an
-    arm whose model may differ from the baseline's (another dtype, or a setting the
-    engine does not read: see ENGINE_SETTINGS) gets a model of its own, and only an arm
-    in another precision than the baseline's a model for its floor.
+    arm whose model may differ from the baseline's (another dtype, or a setting a model
+    factory may read: all but config.settings.FACTORY_BLIND) gets a model of its own, and
+    only an arm in another precision than the baseline's a model for its floor.
     """
 
     def __init__(self, base: ArmRun, arms: list[ArmRun]):
@@ -246,21 +247,9 @@ class Probe(Observer):
         return self.own_models[arm.arm.name]
 
 
-# Settings the engine and the run read, never a model factory: arms differing from the
-# baseline only in these compute their probes in the baseline's model. A setting missing
-# here only costs a model of the arm's own (a factory receives every setting).
-ENGINE_SETTINGS = frozenset({
-    "batch_size", "accum_steps", "loss_scale", "zero_grad", "set_to_none", "bn_mode",
-    "optimizer", "clip_norm", "clip_at", "dropout_mode", "dropout_masks", "mask_draws",
-    "epoch_end", "lr", "scheduler", "scheduler_step", "warmup_steps", "momentum",
-    "weight_decay", "steps", "probe_every", "eval_every", "trace", "trace_elements",
-    "update_norm", "cost", "budget_mb", "threads", "autocast", "grad_accum_dtype",
-    "grad_scaler", "sync", "backend", "time_steps"})
-
-
 def same_model(a: Settings, b: Settings) -> bool:
     return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(Settings)
-               if f.name not in ENGINE_SETTINGS)
+               if f.name not in FACTORY_BLIND)
 
 
 def compare_grads(arm: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]

@@ -13,10 +13,7 @@ import torch
 from torch import nn
 
 from gradlab import zoo
-from gradlab.config.spec import (
-    EpochEnd,
-    Settings,
-)
+from gradlab.config.settings import EpochEnd, Settings
 from gradlab.errors import GradlabError, unhandled
 from gradlab.lab.device import DTYPES
 from gradlab.setup import (

@@ -22,10 +22,8 @@ from typing import Any
 
 import torch
 
-from gradlab.config.spec import (
-    Trial,
-    ZeroGrad,
-)
+from gradlab.config.settings import ZeroGrad
+from gradlab.config.spec import Trial
 from gradlab.lab import parallel, setups
 from gradlab.lab.arm import ArmRun
 from gradlab.lab.device import resolve_device

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from gradlab.config.spec import Autocast, GradScaling, Settings
+from gradlab.config.settings import Autocast, GradScaling, Settings
 from gradlab.errors import GradlabError, unhandled
 from gradlab.setup import Setup
 

@@ -36,7 +36,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
-from gradlab.config.spec import (
+from gradlab.config.settings import (
     Accumulation,
     BnMode,
     ClipAt,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from gradlab.config.spec import (
+from gradlab.config.settings import (
     Accumulation,
     Autocast,
     ClipAt,

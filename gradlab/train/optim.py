@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from gradlab.config.spec import Optimizer, Scheduler, Settings
+from gradlab.config.settings import Optimizer, Scheduler, Settings
 from gradlab.errors import unhandled
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from gradlab.config.spec import Settings, Sync
+from gradlab.config.settings import Settings, Sync
 from gradlab.errors import unhandled
 
 

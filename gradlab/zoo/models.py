@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gradlab.config import catalog
-from gradlab.config.spec import Norm
+from gradlab.config.settings import Norm
 from gradlab.errors import GradlabError, unhandled
 from gradlab.train.dropout import ExampleDropout
 
