@@ -15,7 +15,7 @@ from matplotlib.colors import to_rgba
 from torch.testing import assert_close
 
 from conftest import gradlab
-from gradlab.readers import compare, plots
+from gradlab.readers import compare, drawing, plots
 from gradlab.record import store
 from minirun import MINI, run_dir
 
@@ -91,13 +91,13 @@ def toy(tmp_path_factory) -> Path:
     return run_dir("toy", "--out", tmp_path_factory.mktemp("toy"))
 
 
-def standard(path: Path) -> dict[str, plots.Plot]:
+def standard(path: Path) -> dict[str, drawing.Plot]:
     return {p.name: p for p in plots.standard_plots([store.load_run(path)])}
 
 
-def figure(plot: plots.Plot) -> plt.Figure:
+def figure(plot: drawing.Plot) -> plt.Figure:
     with plt.rc_context(plots.RC):
-        return plots.draw(plot, "test")
+        return drawing.draw(plot, "test")
 
 
 def legend(fig: plt.Figure) -> dict[str, object]:
@@ -251,7 +251,7 @@ def test_markers_only_where_there_are_few_points(mini, equivalence_dir):
     ({"model": "cnn", "dtype": "float64", "lr": 0.125}, "cnn, float64, lr 0.125"),
 ])
 def test_settings_in_words(key, words):
-    assert plots.words(key) == words
+    assert drawing.words(key) == words
 
 
 def test_no_font_warnings_even_with_a_missing_font_configured(mini, tmp_path, monkeypatch,

@@ -15,7 +15,7 @@ from torch.testing import assert_close
 
 from conftest import gradlab, run_json
 from gradlab.config.settings import Settings
-from gradlab.readers import compare, plots
+from gradlab.readers import compact, compare, plots
 from gradlab.record import schema, store
 from gradlab.setup import Setup, mse_loss, split
 from gradlab.train import amp, engine, optim
@@ -411,8 +411,8 @@ def test_the_pivots_baseline_row_shows_the_floor_of_its_own_precision(precision_
     """A trial mixes precisions: the float32 baseline's row is float32's floor, not the
     largest floor of the trial (bfloat16's)."""
     (run,) = store.load_runs([Path(precision_run["run_dir"])])
-    pivot = compare.pivot(compare.compare([run]))
+    pivot = compact.pivot(compare.compare([run]))
     (base,) = [cells for labels, cells in pivot.rows if labels[-1] == "big-batch"]
     float32 = summary.loc["float32", "exact_floor"].max()
     assert float32 < 1e-5
-    assert [c.text for c in base] == [compare.short(float32)] * len(base)
+    assert [c.text for c in base] == [compact.short(float32)] * len(base)

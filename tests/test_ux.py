@@ -20,7 +20,7 @@ from conftest import gradlab
 from gradlab import __version__, cli, zoo
 from gradlab.cli import render, shared
 from gradlab.config import catalog, spec
-from gradlab.readers import compare
+from gradlab.readers import compact, compare
 from gradlab.record import store
 from minirun import MINI, run_dir
 
@@ -40,7 +40,7 @@ def judged(run: Path) -> compare.Comparison:
 # ----------------------------------------------------------------------------- the pivot
 
 def test_the_pivot_has_one_row_per_arm_and_one_column_per_n(mini):
-    pivot = compare.pivot(judged(mini))
+    pivot = compact.pivot(judged(mini))
     assert pivot.labels == ["arm"] and pivot.ns == [1, 2, 4]
     assert pivot.header() == ["arm", "N=1", "N=2", "N=4"]
     rows = {labels[0]: cells for labels, cells in pivot.rows}
@@ -49,7 +49,7 @@ def test_the_pivot_has_one_row_per_arm_and_one_column_per_n(mini):
     for arm in ("accumulated", "no-loss-scaling"):
         for n, cell in zip((1, 2, 4), rows[arm], strict=True):
             (row,) = summary[(summary.arm == arm) & (summary.accum_steps == n)].itertuples()
-            assert cell.text.startswith(compare.short(row.max_exact_err))  # the judged number
+            assert cell.text.startswith(compact.short(row.max_exact_err))  # the judged number
     # forgetting to divide by N is N - 1 away, as expected (green), except at N = 1
     assert [c.text for c in rows["no-loss-scaling"][1:]] == ["1✓", "3✓"]
     assert [c.outcome for c in rows["no-loss-scaling"]] == ["n/a", "ok", "ok"]
@@ -57,7 +57,7 @@ def test_the_pivot_has_one_row_per_arm_and_one_column_per_n(mini):
     assert {c.outcome for c in rows["accumulated"]} == {"ok"}
     # the baseline's row is its own distance from the exact gradient: the floor
     floors = summary.groupby("trial").exact_floor.max()
-    assert [c.text for c in rows["big-batch"]] == [compare.short(f) for f in floors]
+    assert [c.text for c in rows["big-batch"]] == [compact.short(f) for f in floors]
     assert {c.outcome for c in rows["big-batch"]} == {"baseline"}
     assert pivot.totals == "5 expectations hold, 1 n/a, 0 fail"
 
@@ -67,7 +67,7 @@ def test_a_run_made_before_the_exact_reference_pivots_its_rel_grad_err(mini, tmp
     shutil.copytree(mini, old)
     summary = pd.read_csv(old / "summary.csv").drop(columns=["max_exact_err", "exact_floor"])
     summary.to_csv(old / "summary.csv", index=False)
-    pivot = compare.pivot(judged(old))
+    pivot = compact.pivot(judged(old))
     assert pivot.title == "equivalence: rel grad err by N"
     rows = {labels[0]: cells for labels, cells in pivot.rows}
     assert [c.text for c in rows["no-loss-scaling"]] == ["0·", "1✓", "3✓"]
@@ -75,15 +75,15 @@ def test_a_run_made_before_the_exact_reference_pivots_its_rel_grad_err(mini, tmp
 
 
 def test_short_numbers():
-    assert [compare.short(v) for v in (0.0, 1.8e-7, 2.44e-16, 3.0, 15.0, 0.0123, 2.8e12,
+    assert [compact.short(v) for v in (0.0, 1.8e-7, 2.44e-16, 3.0, 15.0, 0.0123, 2.8e12,
                                        float("nan"))] == \
         ["0", "1.8e-7", "2.4e-16", "3", "15", "0.012", "2.8e12", "-"]
 
 
-def wide_pivot() -> compare.Pivot:
+def wide_pivot() -> compact.Pivot:
     """The norm experiment's shape: three settings, the arm, six N columns, the widest
     numbers gradlab prints."""
-    cell = compare.PivotCell
+    cell = compact.PivotCell
     rows = []
     for norm, mode in (("bn", "train"), ("bn", "frozen"), ("none", "train")):
         for dtype in ("float32", "float64"):
@@ -92,12 +92,12 @@ def wide_pivot() -> compare.Pivot:
             rows.append(([norm, mode, dtype, "accumulated"],
                          [cell("2.4e-16·", "n/a")] + [cell("2.4e-16✓", "ok")] * 4
                          + [cell("0.33✗", "FAIL")]))
-    return compare.Pivot("norm: each arm's distance from the exact gradient (vs exact) by N",
+    return compact.Pivot("norm: each arm's distance from the exact gradient (vs exact) by N",
                          ["norm", "bn_mode", "dtype", "arm"], [1, 2, 4, 8, 16, 32], rows,
                          "40 expectations hold, 6 n/a, 6 fail", ["vs exact: how to read it."])
 
 
-def rendered(pivot: compare.Pivot, width: int, colour: bool = False) -> str:
+def rendered(pivot: compact.Pivot, width: int, colour: bool = False) -> str:
     buffer = io.StringIO()
     out = Console(file=buffer, width=width, force_terminal=colour,
                   color_system="standard" if colour else None)
@@ -190,7 +190,7 @@ seed = [0, 1]
 """
     (tmp_path / "spec.toml").write_text(text)
     run = run_dir(tmp_path / "spec.toml", "--out", tmp_path)
-    pivot = compare.pivot(judged(run))
+    pivot = compact.pivot(judged(run))
     assert pivot.title == "training-mini: test acc by N (micro-batch B/N, B = 16), mean ± std " \
                           "over 2 seeds"
     assert pivot.labels == ["norm"] and pivot.ns == [1, 2]

@@ -76,7 +76,7 @@ def compare_(
     check_choice("--table", table, TABLES)
     full = table == "full" or all_ or sort is not None
     try:
-        from gradlab.readers import compare
+        from gradlab.readers import compact, compare
         from gradlab.record import store  # pandas: imported only when a command reads runs
 
         result = compare.compare(
@@ -94,11 +94,11 @@ def compare_(
 
         typer.echo(pd.DataFrame(result.records()).to_csv(index=False), nl=False)
     elif format_ == "md":
-        typer.echo((result if full else compare.pivot(result)).markdown(), nl=False)
+        typer.echo((result if full else compact.pivot(result)).markdown(), nl=False)
     elif full:
         render_comparison(result, out)
     else:
-        render_pivot(compare.pivot(result), out)
+        render_pivot(compact.pivot(result), out)
     for line in result.failures:
         console(stderr=True).print(f"[bold red]expectation failed:[/] {escape(line)}",
                                    highlight=False, soft_wrap=True)

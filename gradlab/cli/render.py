@@ -19,7 +19,7 @@ from gradlab.record.verdict import Verdict
 
 if TYPE_CHECKING:
     from gradlab.api import RunResult
-    from gradlab.readers import compare
+    from gradlab.readers import compact, compare
 
 
 class RunProgress:
@@ -250,7 +250,7 @@ def _style(column: str, cell: str) -> str:
         else ""
 
 
-def render_pivot(pivot: compare.Pivot, out: Console) -> None:
+def render_pivot(pivot: compact.Pivot, out: Console) -> None:
     """The compact table: one row per arm and setting, one column per N; then the totals
     and how to read a cell. The N columns never shrink; the setting and arm columns fold."""
     table = compact_table()

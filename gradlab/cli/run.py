@@ -129,7 +129,7 @@ def run_hooks(json_out: bool) -> Hooks:
 def show_run(result: RunResult, json_out: bool, table: str) -> None:
     """A completed run, judged as compare judges it: its table (or --json document) and the
     expectations that failed on stderr, its run directory on stdout."""
-    from gradlab.readers import compare  # pandas: by now imported by the run
+    from gradlab.readers import compact  # pandas: by now imported by the run
     from gradlab.record import store
 
     comparison, summaries, checks = result.comparison, result.summary, result.checks
@@ -142,7 +142,7 @@ def show_run(result: RunResult, json_out: bool, table: str) -> None:
         render_divergence(summaries, err)
         render_data_parallel(summaries, err)
     else:
-        render_pivot(compare.pivot(comparison), err)
+        render_pivot(compact.pivot(comparison), err)
         render_divergence(summaries, err, one_line=True)
         render_data_parallel(summaries, err)
     if not json_out:

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradlab.readers import compare, plots
+from gradlab.readers import compact, compare, plots
 from gradlab.record.store import Run
 
 # ----------------------------------------------------------------------------- blocks
@@ -68,12 +68,12 @@ Block = Heading | Text | Items | Table | Figure | Code
 
 # ----------------------------------------------------------------------------- content
 
-def summary_table(run: Run) -> compare.Pivot:
+def summary_table(run: Run) -> compact.Pivot:
     """The table the report opens with, as `gradlab run` and `compare` print it: one row per
     arm and setting, one column per N, each cell the judged error marked by whether the
     spec's expectation held. A run whose only arm is the baseline (each trial a training run
     of its own, like norm-training) shows what it measured instead."""
-    return compare.pivot(compare.compare([run]))
+    return compact.pivot(compare.compare([run]))
 
 
 def full_table(run: Run) -> compare.Comparison:
@@ -113,7 +113,7 @@ def table_block(comparison: compare.Comparison) -> Table:
                  [c in ("verdict", "check") for c in comparison.columns])
 
 
-def pivot_block(pivot: compare.Pivot) -> Table:
+def pivot_block(pivot: compact.Pivot) -> Table:
     return Table(pivot.header(), [[*labels, *(c.text for c in cells)]
                                   for labels, cells in pivot.rows],
                  [False] * len(pivot.labels) + [True] * len(pivot.ns),
