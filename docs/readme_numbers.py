@@ -562,7 +562,7 @@ def block_contrastive_chance(runs: dict, printed: dict) -> str:
     import torch
     import torch.nn.functional as F
 
-    from gradlab.config.spec import Settings
+    from gradlab.config.settings import Settings
     from gradlab.zoo.contrastive import digit_views
 
     a, b = (F.normalize(v, dim=1) for v in digit_views(Settings()).test)

@@ -137,6 +137,8 @@ class Backend(Policy):
     AUTO = "auto"  # nccl on CUDA, gloo on CPU
     GLOO = "gloo"
     NCCL = "nccl"
+
+
 class Autocast(Policy):
     """The dtype torch.autocast runs each micro-batch's forward in (parameters stay float32)."""
     NONE = "none"
@@ -369,7 +371,6 @@ class Settings:
         """Examples in the largest micro-batch (all are this size when W·N divides B)."""
         return -(-self.batch_size // (self.accum_steps * self.world_size))
 
-
     @classmethod
     def with_roles(cls, *roles: Role) -> frozenset[str]:
         """The names of the settings whose role is one of ``roles``."""
@@ -386,8 +387,6 @@ FACTORY_BLIND = Settings.with_roles(Role.WINDOW, Role.PASSES, Role.STEP, Role.OB
 # forward and backward cost: preflight builds and times one window per distinct value of
 # the others, and reuses it for arms that differ only in these.
 PREFLIGHT_BLIND = Settings.with_roles(Role.SEED, Role.STEP, Role.OBSERVE)
-
-
 
 # the range of each numeric setting, and what to tell a user whose value is outside it
 RANGES = {
@@ -416,7 +415,6 @@ RANGES = {
     "budget_mb": (0, None, "give a budget in MB, or 0 for none"),
     "threads": (0, None, "use 0 (automatic) or a number of threads"),
 }
-# the built-in models that put a dropout layer after each hidden activation when dropout > 0
 # a user's own factory: 'pkg.module:callable'
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 

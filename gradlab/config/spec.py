@@ -28,6 +28,7 @@ from typing import Any
 from gradlab.config.rules import validate
 from gradlab.config.settings import Settings, coerce
 from gradlab.errors import GradlabError
+from gradlab.record.verdict import Verdict
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Arm:
     name: str
     settings: Settings
     baseline: bool = False
-    expect: str | None = None  # "equivalent" | "differs" | None: what the spec promises
+    expect: str | None = None  # one of EXPECTABLE, or None: what the spec promises
     help: str = ""
 
 
@@ -80,6 +81,8 @@ class Spec:
 
 
 ARM_META_KEYS = ("baseline", "expect", "help")
+# what an arm may promise its verdict will be
+EXPECTABLE = (Verdict.EQUIVALENT, Verdict.DIFFERS)
 TOP_KEYS = ("name", "description", "settings", "arms", "sweep")
 # a spec needs arms to compare; this is what the error shows as a start
 ARMS_EXAMPLE = ("[arms.big-batch] with baseline = true and accum_steps = 1, and "
@@ -215,8 +218,9 @@ def _parse_arm(name: str, table: Any, source: str) -> ArmSpec:
 
 
 def _expectation(value: Any, where: str) -> str | None:
-    if value not in (None, "equivalent", "differs"):
-        raise GradlabError(f"{where}: expect = {value!r}; allowed: 'equivalent', 'differs'")
+    if value is not None and value not in EXPECTABLE:
+        raise GradlabError(f"{where}: expect = {value!r}; allowed: "
+                           f"{', '.join(repr(str(v)) for v in EXPECTABLE)}")
     return value
 
 

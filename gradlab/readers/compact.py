@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from gradlab.readers.compare import HEADERS, Comparison, budget_notes, fmt, is_missing, telling
+from gradlab.record.verdict import Verdict
 
 MARKS = {"ok": "✓", "FAIL": "✗", "n/a": "·"}
 
@@ -95,9 +96,10 @@ def judged_cell(part: pd.DataFrame, measure: str) -> PivotCell:
     checks = set(part["check"])
     outcome = next((c for c in ("FAIL", "ok", "n/a") if c in checks), "")
     if not outcome and part["baseline"].all():
-        outcome = "baseline"
+        outcome = Verdict.BASELINE
     # the baseline's own distance from the exact gradient is the floor
-    column = "exact_floor" if outcome == "baseline" and measure == "max_exact_err" else measure
+    floor = outcome == Verdict.BASELINE and measure == "max_exact_err"
+    column = "exact_floor" if floor else measure
     values = pd.to_numeric(part[column], errors="coerce")
     text = short(values.max())
     # the mark right after the number: at 80 columns every character counts

@@ -24,6 +24,7 @@ import pandas as pd
 from gradlab.errors import GradlabError
 from gradlab.record import schema
 from gradlab.record.store import Run
+from gradlab.record.verdict import Verdict
 
 FORMATS = ("table", "csv", "json", "md")
 
@@ -182,7 +183,7 @@ def expectation(row: pd.Series) -> str:
     expect = row["expect"]
     if not expect:
         return ""
-    if expect == "differs" and row["swept_accum_steps"] == 1:
+    if expect == Verdict.DIFFERS and row["swept_accum_steps"] == 1:
         return "n/a"
     return "ok" if row["verdict"] == expect else "FAIL"
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gradlab.readers import compact, compare, plots
 from gradlab.record.store import Run
+from gradlab.record.verdict import Verdict
 
 # ----------------------------------------------------------------------------- blocks
 
@@ -233,7 +234,7 @@ def markdown_table(table: Table) -> str:
 
 # the colour of a verdict and a check says whether the spec's expectation was met, so an
 # expected "differs" is green; the classes are these fixed names, never a cell's text
-OUTCOME_CLASS = {"ok": "met", "FAIL": "failed", "n/a": "unchecked", "baseline": "unchecked"}
+OUTCOME_CLASS = {"ok": "met", "FAIL": "failed", "n/a": "unchecked", Verdict.BASELINE: "unchecked"}
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em;
        color: #222; line-height: 1.4; }

@@ -15,6 +15,8 @@ import statistics
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from gradlab.record.verdict import Verdict
+
 # the CSV files of a run directory, in the order a trial's rows are written
 TABLES = ("summary", "steps", "probe", "buffers", "eval", "trace", "weights", "checks", "cost")
 
@@ -186,7 +188,7 @@ def sum_tolerance(dtype: str, terms: int) -> float:
 
 
 def verdict(baseline: bool, rel_err: float | None, rel_tol: float, abs_err: float = math.nan,
-            abs_tol: float | None = None, lr_diff: float = math.nan) -> str:
+            abs_tol: float | None = None, lr_diff: float = math.nan) -> Verdict:
     """baseline | not probed | equivalent | differs: the one rule, for run and compare alike.
 
     Equivalent when the relative error is within rel_tol, or (only when an
@@ -194,14 +196,14 @@ def verdict(baseline: bool, rel_err: float | None, rel_tol: float, abs_err: floa
     the step applies the baseline's learning rate (lr_diff 0, or not recorded).
     """
     if baseline:
-        return "baseline"
+        return Verdict.BASELINE
     if missing(rel_err):
-        return "not probed"
+        return Verdict.NOT_PROBED
     if not missing(lr_diff) and lr_diff > 0:
-        return "differs"
+        return Verdict.DIFFERS
     if rel_err <= rel_tol or (abs_tol is not None and abs_err <= abs_tol):
-        return "equivalent"
-    return "differs"
+        return Verdict.EQUIVALENT
+    return Verdict.DIFFERS
 
 
 def rel_diff(value: float, reference: float) -> float:
