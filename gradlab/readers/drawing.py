@@ -23,6 +23,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator  # noqa: E4
 from gradlab.errors import GradlabError  # noqa: E402
 from gradlab.readers import compare  # noqa: E402
 from gradlab.record import schema  # noqa: E402
+from gradlab.record.verdict import Verdict  # noqa: E402
 
 LABELS = {
     "step": "optimizer step", "examples": "examples seen",
@@ -486,7 +487,7 @@ def draw_tolerance(ax, plot: Plot, part: pd.DataFrame, legend: dict) -> None:
         ax.plot(xs, tol, ls="-", color="firebrick", lw=1.6, zorder=4)
         ax.annotate(f"tolerance{which}", (xs[1], tol[1]), textcoords="offset points",
                     xytext=(0, 4), va="bottom", fontsize=8, color="firebrick")
-        ax.annotate("equivalent", (xs[1], tol[1]), textcoords="offset points",
+        ax.annotate(str(Verdict.EQUIVALENT), (xs[1], tol[1]), textcoords="offset points",
                     xytext=(0, -4), va="top", fontsize=8, color="darkgreen")
         if (floor > 0).any():
             ax.plot(xs, floor, ls=":", color="0.25", lw=1.2, zorder=4)
