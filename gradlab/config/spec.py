@@ -36,7 +36,7 @@ class Arm:
     name: str
     settings: Settings
     baseline: bool = False
-    expect: str | None = None  # one of EXPECTABLE, or None: what the spec promises
+    expect: Verdict | None = None  # one of EXPECTABLE, or None: what the spec promises
     help: str = ""
 
 
@@ -55,7 +55,7 @@ class Trial:
 class ArmSpec:
     overrides: dict[str, Any]
     baseline: bool = False
-    expect: str | None = None
+    expect: Verdict | None = None
     help: str = ""
     origins: dict[str, str] = field(default_factory=dict)  # key -> "--set ARM.key" when set so
 
@@ -217,11 +217,14 @@ def _parse_arm(name: str, table: Any, source: str) -> ArmSpec:
                    str(table.get("help", "")))
 
 
-def _expectation(value: Any, where: str) -> str | None:
-    if value is not None and value not in EXPECTABLE:
+def _expectation(value: Any, where: str) -> Verdict | None:
+    """An arm's (or a zipped sweep value's) promise, as its Verdict member."""
+    if value is None:
+        return None
+    if value not in EXPECTABLE:
         raise GradlabError(f"{where}: expect = {value!r}; allowed: "
                            f"{', '.join(repr(str(v)) for v in EXPECTABLE)}")
-    return value
+    return Verdict(value)
 
 
 def _reject_unknown(data: dict, allowed, source: str, where: str) -> None:
