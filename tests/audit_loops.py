@@ -171,3 +171,52 @@ def tokens_mean_per_micro_batch(micro_batch_size: int, accum_steps: int,
 
 def tokens_equal_lengths(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
     _language_model(micro_batch_size, accum_steps, max_steps, equal=True)
+
+
+def closure_step(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """The window's backward passes inside optimizer.step(closure), as torch's docs write a
+    closure (zero_grad, then the gradient): right, but the gradient exists only in the step."""
+    x, y = _regression()
+    model = nn.Linear(3, 1).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(max_steps):
+        def closure(step=step):
+            optimizer.zero_grad()
+            total = 0.0
+            for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+                loss = nn.functional.mse_loss(model(xb), yb) / accum_steps
+                loss.backward()
+                total += loss.detach()
+            return total
+        optimizer.step(closure)
+
+
+def closure_step_without_division(micro_batch_size: int, accum_steps: int,
+                                  max_steps: int) -> None:
+    """The same closure, each micro-batch's mean not divided by N: N times the gradient."""
+    x, y = _regression()
+    model = nn.Linear(3, 1).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(max_steps):
+        def closure(step=step):
+            optimizer.zero_grad()
+            for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+                nn.functional.mse_loss(model(xb), yb).backward()
+        optimizer.step(closure=closure)
+
+
+def lbfgs(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """LBFGS calls its closure several times per step, at other weights after the first."""
+    x, y = _regression()
+    model = nn.Linear(3, 1).double()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+    for step in range(max_steps):
+        def closure(step=step):  # LBFGS needs the loss back
+            optimizer.zero_grad()
+            total = torch.zeros((), dtype=torch.float64)
+            for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+                loss = nn.functional.mse_loss(model(xb), yb) / accum_steps
+                loss.backward()
+                total += loss.detach()
+            return total
+        optimizer.step(closure)

@@ -149,6 +149,30 @@ def test_accelerate_accumulate_is_equivalent(out):
     assert (steps["rel_grad_err"] <= 1e-12).all() and (steps["rel_lr_diff"] == 0).all()
 
 
+
+# Lightning's automatic optimization as its docs write it: the window's last micro-batch runs
+# inside optimizer.step(closure). Each audit starts two processes importing Lightning.
+@pytest.mark.slow
+@pytest.mark.parametrize("entrypoint", ["train", "train_with_validation"])
+def test_lightning_accumulate_grad_batches_is_equivalent(out, entrypoint):
+    pytest.importorskip("pytorch_lightning")
+    result, run_dir = cli_audit(out, f"experiments.lightning_loop:{entrypoint}")
+    assert result.exit_code == 0, result.stderr
+    steps = table(run_dir, "audit")
+    assert len(steps) == STEPS
+    assert (steps["rel_grad_err"] <= 1e-12).all() and (steps["rel_lr_diff"] == 0).all()
+
+
+@pytest.mark.slow
+def test_lightning_dividing_the_loss_again_is_named(out):
+    pytest.importorskip("pytorch_lightning")
+    result, run_dir = cli_audit(out, "experiments.lightning_loop:train_dividing_twice")
+    assert result.exit_code == 1
+    first = table(run_dir, "audit").iloc[0]
+    torch.testing.assert_close(float(first["rel_grad_err"]), 0.75, rtol=1e-9, atol=0)
+    assert "1/N of it, N = 4, so the loss is divided by N twice" in result.stdout + result.stderr
+
+
 # ----------------------------------------------------------------------------- the run directory
 
 def test_run_directory_reads_like_a_run(tutorial, broken):
@@ -345,6 +369,25 @@ def test_not_divided_in_process_matches_the_example(tmp_path):
     assert result.first_difference["step"] == 1
     torch.testing.assert_close(result.first_difference["rel_grad_err"], 3.0, rtol=1e-12, atol=0)
     assert "not divided by N = 4" in result.diagnosis
+
+
+
+@pytest.mark.parametrize("entrypoint", ["audit_loops:closure_step", "audit_loops:lbfgs"])
+def test_a_step_given_a_closure_is_judged_on_what_the_closure_computed(entrypoint, tmp_path):
+    # optimizer.step(closure): the gradient exists only once the closure has run (before it,
+    # .grad is the last step's, or None at step 1)
+    result = examined(entrypoint, tmp_path)
+    assert result.verdict == "equivalent", result.diagnosis
+    assert len(result.steps) == 3 and all(s["rel_grad_err"] <= 1e-12 for s in result.steps)
+    own = result.captures["accumulated"]["steps"]
+    assert [s["backwards"] for s in own] == [4, 4, 4]  # counted up to the closure's first call
+    assert own[0]["names"] == ["weight", "bias"]  # named by the forward inside the closure
+
+
+def test_a_wrong_closure_differs_by_what_it_computed(tmp_path):
+    result = examined("audit_loops:closure_step_without_division", tmp_path)
+    assert result.verdict == "differs" and result.first_difference["step"] == 1
+    torch.testing.assert_close(result.first_difference["rel_grad_err"], 3.0, rtol=1e-12, atol=0)
 
 
 DIAGNOSES = {

@@ -76,11 +76,18 @@ def diagnose(result: AuditResult) -> Diagnosis:
             f"(cosine {cosine:.6g}), so the relative error is N - 1 = {n - 1}: the loss is not "
             f"divided by N = {n}. Divide each micro-batch's loss by accum_steps before "
             f"backward(): (loss / accum_steps).backward().", certain=True)
+    if cosine >= SAME_DIRECTION and abs(ratio - 1 / n) <= SAME_RATIO / n:
+        return Diagnosis(
+            f"the accumulated gradient is {ratio:.4g}x the big batch's and points the same way "
+            f"(cosine {cosine:.6g}): 1/N of it, N = {n}, so the loss is divided by N twice. "
+            f"A framework that accumulates (Lightning's accumulate_grad_batches, Accelerate's "
+            f"backward(), the Hugging Face Trainer) divides by N itself: leave the loss "
+            f"undivided there.", certain=True)
     if cosine >= SAME_DIRECTION and step == 1:
         return Diagnosis(
             f"the accumulated gradient is {ratio:.4g}x the big batch's and points the same way "
-            f"(cosine {cosine:.6g}): each micro-batch's loss is scaled by {ratio / n:.4g}/N "
-            f"instead of 1/N.", certain=True)
+            f"(cosine {cosine:.6g}): each micro-batch's loss is scaled by {ratio:.4g}/N "
+            f"= {ratio / n:.4g} instead of 1/N = {1 / n:.4g}.", certain=True)
     layers = own["layers"]
     if layers["batchnorm"]:
         return Diagnosis(

@@ -181,7 +181,40 @@ class Recorder:
         if getattr(scheduler, "_step_count", None) != 0:  # 0: the step its __init__ makes
             self.window.scheduler_steps += 1
 
-    def on_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    def on_step(self, optimizer: torch.optim.Optimizer, args, kwargs):
+        """Before optimizer.step(): record what it receives. Called with a closure
+        (``optimizer.step(closure)``: LBFGS, Lightning's automatic optimization, which runs
+        the window's last forward and backward in it), the gradient the step applies exists
+        only once the closure has run, so the closure is wrapped to record after its first
+        call (LBFGS calls it again at other weights: those are not what the step received, nor
+        the next window's)."""
+        # args are step()'s own, self first: (optimizer, closure) when it is given by position
+        closure = kwargs["closure"] if "closure" in kwargs else args[1] if len(args) > 1 else None
+        if closure is None:
+            self.record(optimizer)
+            return None
+        recorded = False
+
+        def recording_closure():
+            nonlocal recorded
+            if recorded:  # a further evaluation inside this step: not the next window's
+                held, self.window = self.window, Window()
+                try:
+                    return closure()
+                finally:
+                    self.window = held
+            loss = closure()
+            recorded = True
+            self.record(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": recording_closure}
+        return (args[0], recording_closure, *args[2:]), kwargs
+
+    def record(self, optimizer: torch.optim.Optimizer) -> None:
+        """The gradient, learning rates and settings the step is about to apply, and what led
+        to them since the last step."""
         if not self.steps:
             self._first_step()
         params = [(g, i, p) for g, group in enumerate(optimizer.param_groups)
