@@ -220,3 +220,13 @@ def lbfgs(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
                 total += loss.detach()
             return total
         optimizer.step(closure)
+
+
+def positional(m: int, n: int, k: int) -> None:
+    """The contract's three numbers under other names: gradlab calls it by position."""
+    right(m, n, k)
+
+
+def reordered(max_steps: int, accum_steps: int, micro_batch_size: int) -> None:
+    """The contract's names in another order: gradlab calls it by name."""
+    right(micro_batch_size, accum_steps, max_steps)

@@ -272,6 +272,16 @@ def test_entrypoint_contract(monkeypatch):
         resolve_entrypoint("audit_loops:random")
 
 
+
+@pytest.mark.parametrize("entrypoint", ["audit_loops:positional", "audit_loops:reordered"])
+def test_an_entrypoint_is_called_by_name_or_else_by_position(entrypoint, tmp_path):
+    # train(m, n, k) gets the three numbers in the contract's order; train(max_steps,
+    # accum_steps, micro_batch_size) gets each by its name, not swapped
+    result = examined(entrypoint, tmp_path)
+    assert result.verdict == "equivalent"
+    assert [s["backwards"] for s in result.captures["accumulated"]["steps"]] == [4, 4, 4]
+
+
 # ----------------------------------------------------------------------------- the library
 
 @pytest.mark.parametrize("given", ["text", "function"])

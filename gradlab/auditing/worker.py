@@ -53,7 +53,9 @@ def _no_module(text: str, module: str) -> GradlabError:
 
 
 def resolve_entrypoint(text: str):
-    """The user's train function from 'pkg.module:function', checked against the contract."""
+    """The user's train function from 'pkg.module:function', checked against the contract,
+    as a callable taking (micro_batch_size, accum_steps, max_steps) by position: by name
+    when the function uses the contract's names (in whatever order), else by position."""
     module_name, attr = path = locate_entrypoint(text)
     try:
         module, fn = entrypoints.load(path)
@@ -71,14 +73,28 @@ def resolve_entrypoint(text: str):
     try:
         signature = inspect.signature(fn)
     except ValueError:  # a builtin without a signature: let the call decide
-        return fn
-    try:
+        return _by_name(fn)
+    try:  # the contract's names, in any order: called by name
         signature.bind(micro_batch_size=1, accum_steps=1, max_steps=1)
+        return _by_name(fn)
+    except TypeError:
+        pass
+    try:  # other names (train(m, n, k)): called by position, in the contract's order
+        signature.bind(1, 1, 1)
+        return fn
     except TypeError:
         raise GradlabError(f"entrypoint '{text}' is {attr}({', '.join(signature.parameters)}); "
                            f"it must accept train(micro_batch_size: int, accum_steps: int, "
                            f"max_steps: int)") from None
-    return fn
+
+
+def _by_name(fn):
+    """fn, called with the three numbers by the contract's names."""
+    @functools.wraps(fn)
+    def call(micro_batch_size: int, accum_steps: int, max_steps: int):
+        return fn(micro_batch_size=micro_batch_size, accum_steps=accum_steps,
+                  max_steps=max_steps)
+    return call
 
 
 @dataclass
@@ -368,12 +384,12 @@ def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: 
     call = f"train({micro_batch_size}, {accum_steps}, {max_steps})"
     result: dict[str, Any] = {"error": None}
     try:
-        fn = resolve_entrypoint(entrypoint)
+        train = resolve_entrypoint(entrypoint)
         recorder = Recorder(max_steps, copy_limit, lead, follow)
         recorder.install()
         start = time.perf_counter()
         try:
-            fn(micro_batch_size=micro_batch_size, accum_steps=accum_steps, max_steps=max_steps)
+            train(micro_batch_size, accum_steps, max_steps)
         finally:
             recorder.uninstall()
         result.update(recorder.result(), seconds=time.perf_counter() - start)
