@@ -230,3 +230,63 @@ def positional(m: int, n: int, k: int) -> None:
 def reordered(max_steps: int, accum_steps: int, micro_batch_size: int) -> None:
     """The contract's names in another order: gradlab calls it by name."""
     right(micro_batch_size, accum_steps, max_steps)
+
+
+def clip_per_micro_batch(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """clip_grad_norm_ after every backward: each partial sum clipped, not the gradient."""
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(max_steps):
+        for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+            (nn.functional.mse_loss(model(xb), yb) / accum_steps).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def no_backward(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """Steps without a backward: no optimizer ever receives a gradient."""
+    x, y = _regression()
+    model = nn.Linear(3, 1).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(max_steps):
+        for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+            nn.functional.mse_loss(model(xb), yb)  # the loss, and no backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def cleared_before_the_step(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """With N > 1 the window's gradient is cleared before step(): that optimizer gets none."""
+    x, y = _regression()
+    model = nn.Linear(3, 1).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(max_steps):
+        for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+            (nn.functional.mse_loss(model(xb), yb) / accum_steps).backward()
+        if accum_steps > 1:
+            optimizer.zero_grad()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def short_last_window(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """Steps at the end of the data too, as Lightning and Accelerate do at an epoch's end:
+    24 examples make a window of 16 and one of 8, which is still divided by N."""
+    x, y = _regression()
+    x, y = x[:24], y[:24]
+    model = nn.Linear(3, 1).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = 0
+    while True:
+        starts = range(0, len(x), micro_batch_size)
+        for i, a in enumerate(starts):
+            xb, yb = x[a:a + micro_batch_size], y[a:a + micro_batch_size]
+            (nn.functional.mse_loss(model(xb), yb) / accum_steps).backward()
+            if (i + 1) % accum_steps == 0 or i == len(starts) - 1:
+                optimizer.step()
+                optimizer.zero_grad()
+                steps += 1
+                if steps == max_steps:
+                    return

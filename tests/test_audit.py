@@ -406,7 +406,14 @@ DIAGNOSES = {
     "audit_loops:separate_accumulation_branch":
         "equal at step 1, different from step 2: no zero_grad() ran",
     "audit_loops:tokens_mean_per_micro_batch": "tokens in sequences of unequal length",
+    "audit_loops:clip_per_micro_batch":
+        "clip_grad_norm_() ran 4 times before step 1 in the accumulated run and 1 in the big",
+    "audit_loops:cleared_before_the_step": "the accumulated run's optimizer received no "
+                                           "gradient at step 1 (|g| = 0",
 }
+# read off what the loop did (counts, an exact multiple); the others name a likeness
+CERTAIN = {"audit_loops:separate_accumulation_branch", "audit_loops:clip_per_micro_batch",
+           "audit_loops:cleared_before_the_step"}
 
 
 @pytest.mark.parametrize("entrypoint", DIAGNOSES)
@@ -416,10 +423,22 @@ def test_diagnoses(entrypoint, tmp_path):
     assert DIAGNOSES[entrypoint] in result.diagnosis
     for other in set(DIAGNOSES.values()) - {DIAGNOSES[entrypoint]}:
         assert other not in result.diagnosis
-    # only the count of zero_grad() calls is a fact; the others are likenesses, given only
-    # after the loop has been rerun and shown to be deterministic
-    certain = entrypoint.endswith("separate_accumulation_branch")
-    assert diagnose(result).certain == certain
+    # counted facts are certain; likenesses are given only after the loop has been rerun and
+    # shown to be deterministic
+    assert diagnose(result).certain == (entrypoint in CERTAIN)
+
+
+
+def test_a_short_last_window_is_described_by_what_was_measured(tmp_path):
+    # the second window holds 2 of the 4 micro-batches and is divided by 4: half the big
+    # batch's gradient, same direction; a gradient held over would make it larger
+    result = examined("audit_loops:short_last_window", tmp_path)
+    first = result.first_difference
+    assert first["step"] == 2
+    torch.testing.assert_close(first["grad_norm_accumulated"] / first["grad_norm_big_batch"],
+                               0.5, rtol=1e-9, atol=0)
+    assert "2 of N = 4 micro-batches' worth, in the same direction" in result.diagnosis
+    assert "held over" in result.diagnosis and not diagnose(result).certain
 
 
 def test_determinism_check(tmp_path):
@@ -444,6 +463,8 @@ def test_token_count_error_vanishes_with_equal_lengths(tmp_path):
     ("audit_loops:never_steps", r"^train\(16, 1, 8\) never called optimizer.step\(\)"),
     ("audit_loops:counts_micro_batches", r"different numbers of optimizer steps \(train\(16, 1, "
                                          r"8\) made 8, train\(4, 4, 8\) made 2\)"),
+    ("audit_loops:no_backward", r"^neither train\(16, 1, 8\) nor train\(4, 4, 8\) handed the "
+                                r"optimizer a gradient at any of the 8 steps"),
 ])
 def test_loops_that_do_not_step_as_asked_are_refused(entrypoint, message, tmp_path):
     with pytest.raises(GradlabError, match=message):

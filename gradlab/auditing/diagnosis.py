@@ -62,12 +62,33 @@ def diagnose(result: AuditResult) -> Diagnosis:
             f"the optimizer's settings differ from step {step}: {first['settings_differ']}: "
             f"they depend on N in the loop; the big batch's update needs the big batch's "
             f"settings.", certain=True)
+    window = own["steps"][step - 1]
+    if first["grad_norm_accumulated"] == 0 and first["grad_norm_big_batch"] > 0:
+        cleared = (f"zero_grad() discarded all {window['backwards']} backward() results before "
+                   f"it: it ran after the last backward() and before optimizer.step(). Call "
+                   f"zero_grad() only after optimizer.step()."
+                   if window["backwards"] and window["discarded"] == window["backwards"] else
+                   f"backward() ran {window['backwards']} times before it and zero_grad() "
+                   f"discarded {window['discarded']} of them.")
+        return Diagnosis(
+            f"the accumulated run's optimizer received no gradient at step {step} (|g| = 0: "
+            f"every .grad None or zero; the big batch's |g| = "
+            f"{first['grad_norm_big_batch']:.4g}): {cleared}", certain=True)
+    clips, base_clips = (c["steps"][step - 1].get("clips", 0) for c in (own, base))
+    if clips > base_clips:
+        return Diagnosis(
+            f"clip_grad_norm_() ran {clips} times before step {step} in the accumulated run "
+            f"and {base_clips} in the big batch's: it clips each micro-batch's partial sum, not "
+            f"the gradient the step applies (|g| {ratio:.4g}x the big batch's, cosine "
+            f"{cosine:.4g}). Clip once, after the last backward() of the window, before "
+            f"optimizer.step().", certain=True)
     if _count(own, "discarded") > _count(base, "discarded"):
         window = own["steps"][0]
+        kept = window["backwards"] - window["discarded"]
         return Diagnosis(
             f"zero_grad() cleared .grad between the micro-batches of a step: before step 1 it "
             f"discarded {window['discarded']} of the {window['backwards']} backward() "
-            f"results, so optimizer.step() received the last micro-batch's gradient alone "
+            f"results, so optimizer.step() received the gradient of the last {kept} "
             f"(|g| {ratio:.3g}x the big batch's, cosine {cosine:.3g}). Call zero_grad() only "
             f"after optimizer.step().", certain=True)
     if cosine >= SAME_DIRECTION and abs(ratio - n) <= SAME_RATIO * n:
@@ -109,17 +130,31 @@ def diagnose(result: AuditResult) -> Diagnosis:
                 f"accumulated run between optimizer steps {step - 1} and {step}, so step {step} "
                 f"received step {step - 1}'s gradient as well. Call zero_grad() after every "
                 f"optimizer.step().", certain=True)
-        return Diagnosis(
-            f"equal at step 1, different from step {step}: typical of gradients not cleared "
-            f"after an optimizer step (step {step} then also holds the previous steps' "
-            f"gradients).", certain=False)
+        measured = (f"equal at step 1, different from step {step}: there |g| is {ratio:.4g}x "
+                    f"the big batch's, cosine {cosine:.6g}")
+        if cosine >= SAME_DIRECTION and ratio < 1:
+            share = ratio * n
+            return Diagnosis(
+                f"{measured}: {share:.4g} of N = {n} micro-batches' worth, in the same "
+                f"direction, as when a window holds fewer micro-batches than N and is still "
+                f"divided by N (a short window where the data ends). A gradient held over from "
+                f"an earlier step would make it larger, not smaller.", certain=False)
+        if ratio > 1:
+            return Diagnosis(
+                f"{measured}: larger, as when .grad still holds an earlier step's gradient "
+                f"(zero_grad() ran in both runs, so that is not shown here).", certain=False)
+        return Diagnosis(f"{measured}; no pattern gradlab knows fits these numbers.",
+                         certain=False)
     return Diagnosis(
-        f"at step 1 the gradient already points elsewhere (cosine {cosine:.6g}) with the loss "
-        f"scaled right, no BatchNorm and no dropout: typical of a loss normalised per "
+        f"at step 1 the gradient already points elsewhere (cosine {cosine:.6g}, |g| "
+        f"{ratio:.4g}x the big batch's), and what gradlab counts rules out the causes it can "
+        f"see: the loss is not scaled by a constant, no BatchNorm or dropout ran in training "
+        f"mode, zero_grad() discarded nothing, clip_grad_norm_() ran as often as in the big "
+        f"batch's run. A cause it cannot count gives this shape: a loss normalised per "
         f"micro-batch by a count that varies between micro-batches, like tokens in sequences "
-        f"of unequal length (the error vanishes when all have equal length) or an uneven last "
-        f"micro-batch. Normalise by the count of the whole window: sum the losses, divide by "
-        f"the tokens (examples) of all N micro-batches.", certain=False)
+        f"of unequal length (then the error vanishes when all have equal length) or an uneven "
+        f"last micro-batch; normalising by the count of the whole window removes it.",
+        certain=False)
 
 
 def _count(capture: dict[str, Any], key: str, between: bool = False) -> int:

@@ -204,6 +204,11 @@ def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
             "tolerance": tolerance, "verdict": verdict, "estimate": estimate,
             "settings_differ": "; ".join(settings)})
         params += [{"trial": 0, "arm": arm.name, "step": step, **r} for r in rows]
+    if all(s["grad_norm_big_batch"] == 0 and s["grad_norm_accumulated"] == 0 for s in steps):
+        raise GradlabError(f"neither {base.call(max_steps)} nor {arm.call(max_steps)} handed "
+                           f"the optimizer a gradient at any of the {len(steps)} steps (every "
+                           f".grad None or zero): there is nothing to compare; call "
+                           f"loss.backward() before optimizer.step()")
     result = AuditResult(entrypoint, base, arm, max_steps, dtype, estimate, steps, params, captured,
                    same_weights=own["forced"] == len(own["steps"]))
     differing = [s for s in steps if s["verdict"] != Verdict.EQUIVALENT]

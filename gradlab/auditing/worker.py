@@ -7,7 +7,8 @@ receives and each parameter group's learning rate, without a line of the user's 
 changed (plain PyTorch, Accelerate, Lightning and the Hugging Face Trainer alike). It
 also counts what happened since the previous step: backward() calls (and the sum of
 the scalars they ran on: the loss the step's gradient is the gradient of), zero_grad()
-calls and the backward() results they discarded, and scheduler steps.
+calls and the backward() results they discarded, scheduler steps, and clip_grad_norm_()
+calls.
 
 The parent starts it as ``python -m gradlab.auditing.worker``; it imports only the standard
 library, torch and gradlab's torch-free helpers, so a process starts as fast as the user's
@@ -104,6 +105,7 @@ class Window:
     discarded: int = 0        # backward() results a zero_grad() cleared before any step
     zero_grads: int = 0
     scheduler_steps: int = 0
+    clips: int = 0            # clip_grad_norm_() calls
     pending: int = 0          # backward() calls since .grad was last cleared or stepped on
     losses: list = field(default_factory=list)  # the scalars backward() ran on, detached
     loss_known: bool = True
@@ -114,7 +116,7 @@ class Window:
             else math.nan
         return {"backwards": self.backwards, "discarded": self.discarded,
                 "zero_grads": self.zero_grads, "scheduler_steps": self.scheduler_steps,
-                "loss": loss}
+                "clips": self.clips, "loss": loss}
 
 
 class Recorder:
@@ -158,6 +160,9 @@ class Recorder:
         self._wrap(torch.optim.Optimizer, "zero_grad", self.on_zero_grad)
         self._wrap(nn.Module, "zero_grad", self.on_zero_grad)
         self._wrap(LRScheduler, "step", self.on_scheduler_step)
+        # the module attribute every caller looks up (Accelerate's and Lightning's clipping
+        # too); installed before the user's module is imported, so its own import binds it
+        self._wrap_function(torch.nn.utils, "clip_grad_norm_", self.on_clip)
 
     def _wrap(self, owner: type, name: str, before) -> None:
         original = owner.__dict__[name]
@@ -166,6 +171,17 @@ class Recorder:
         def wrapped(obj, *args, **kwargs):
             before(obj)
             return original(obj, *args, **kwargs)
+
+        setattr(owner, name, wrapped)
+        self._undo.append(lambda: setattr(owner, name, original))
+
+    def _wrap_function(self, owner, name: str, before) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapped(*args, **kwargs):
+            before()
+            return original(*args, **kwargs)
 
         setattr(owner, name, wrapped)
         self._undo.append(lambda: setattr(owner, name, original))
@@ -192,6 +208,9 @@ class Recorder:
         w.zero_grads += 1
         w.discarded += w.pending
         w.pending = 0
+
+    def on_clip(self) -> None:
+        self.window.clips += 1
 
     def on_scheduler_step(self, scheduler) -> None:
         if getattr(scheduler, "_step_count", None) != 0:  # 0: the step its __init__ makes
@@ -384,11 +403,11 @@ def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: 
     call = f"train({micro_batch_size}, {accum_steps}, {max_steps})"
     result: dict[str, Any] = {"error": None}
     try:
-        train = resolve_entrypoint(entrypoint)
         recorder = Recorder(max_steps, copy_limit, lead, follow)
         recorder.install()
-        start = time.perf_counter()
         try:
+            train = resolve_entrypoint(entrypoint)
+            start = time.perf_counter()
             train(micro_batch_size, accum_steps, max_steps)
         finally:
             recorder.uninstall()
