@@ -173,6 +173,23 @@ def test_lightning_dividing_the_loss_again_is_named(out):
     assert "1/N of it, N = 4, so the loss is divided by N twice" in result.stdout + result.stderr
 
 
+
+def test_audit_json_is_one_document_on_stdout(out):
+    result = gradlab("audit", "experiments.loop_no_division:train", "-n", "4", "--steps", "2",
+                     "--out", out, "--json")
+    assert result.exit_code == 1, result.stderr
+    document = json.loads(result.stdout)  # nothing else on stdout
+    assert document["verdict"] == "differs" and document["status"] == "complete"
+    assert document["calls"] == {"big-batch": "train(32, 1, 2)", "accumulated": "train(8, 4, 2)"}
+    assert [row["step"] for row in document["steps"]] == [1, 2]
+    torch.testing.assert_close(document["first_difference"]["rel_grad_err"], 3.0, rtol=1e-12,
+                               atol=0)
+    assert "not divided by N = 4" in document["diagnosis"]
+    assert Path(document["run_dir"], "audit.csv").exists()
+    refused = gradlab("audit", "nope:train", "-n", "4", "--json")
+    assert refused.exit_code == 2 and json.loads(refused.stdout)["status"] == "bad-input"
+
+
 # ----------------------------------------------------------------------------- the run directory
 
 def test_run_directory_reads_like_a_run(tutorial, broken):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from gradlab.cli.audit_table import render
-from gradlab.cli.shared import OutOpt, app, console, fail
+from gradlab.cli.audit_table import json_document, render
+from gradlab.cli.shared import JsonOpt, OutOpt, app, console, ended
 from gradlab.cli.signals import Stop
 from gradlab.errors import GradlabError
 
@@ -34,6 +35,7 @@ def audit(
     sequential: Annotated[bool, typer.Option(
         "--sequential", help="Run the two loops one after the other, not side by side (when "
                              "both do not fit in memory at once).")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Check your own, unchanged training loop against its big-batch twin; exit 1 if they differ.
 
@@ -46,6 +48,8 @@ def audit(
     * `gradlab audit experiments.tutorial_loop:train --accum-steps 4`
 
     * `gradlab audit mypkg.train:train -n 8 -m 4 --steps 20` - in CI: exit 1 when it differs
+
+    * `gradlab audit mypkg.train:train -n 4 --json` - the verdict and every step as JSON
     """
     Stop.began = True
     err = console(stderr=True)
@@ -54,16 +58,20 @@ def audit(
         from gradlab.auditing.result import COPY_LIMIT
 
         # a spinner on a terminal only: in a log or CI, stderr holds the result and nothing else
-        with err.status("auditing") if err.is_terminal else contextlib.nullcontext() as status:
+        spinner = err.is_terminal and not json_out
+        with err.status("auditing") if spinner else contextlib.nullcontext() as status:
             result = run_audit(
                 entrypoint, accum_steps, micro_batch_size=micro_batch_size, steps=steps, out=out,
                 copy_limit=COPY_LIMIT if copy_limit is None else copy_limit,
                 parallel=not sequential, say=status.update if status else lambda line: None)
     except GradlabError as e:
-        raise fail(str(e)) from None
-    render(result, err)
-    err.print("run directory:", highlight=False)
-    typer.echo(str(result.run_dir))
+        raise ended(e, json_out) from None
+    if json_out:
+        typer.echo(json.dumps(json_document(result), indent=2, default=str))
+    else:
+        render(result, err)
+        err.print("run directory:", highlight=False)
+        typer.echo(str(result.run_dir))
     if result.failed:
         raise typer.Exit(1)
 

@@ -1,5 +1,6 @@
-"""`gradlab audit`'s output on the terminal: the step table, the first difference and its
-diagnosis (rich). The audit itself is gradlab.auditing; this only shows its AuditResult."""
+"""`gradlab audit`'s output: on the terminal the step table, the first difference and its
+diagnosis (rich), or with --json one document. The audit itself is gradlab.auditing; this
+only shows its AuditResult."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 from gradlab.auditing.result import LR_RTOL, PROJECTIONS
 from gradlab.auditing.rundir import WEIGHTS_NOTE
 from gradlab.record import schema
+from gradlab.record.meta import Status
 from gradlab.record.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -96,3 +98,14 @@ def shown_steps(steps: list[dict], keep: int = 12) -> list[dict | None]:
                 out.append(None)
             out.append(s)
     return out
+
+
+def json_document(result: AuditResult) -> dict:
+    """`gradlab audit --json`: the verdict, the two calls, the first difference and its
+    diagnosis, and every step's row of audit.csv."""
+    return {"run_dir": str(result.run_dir), "status": Status.COMPLETE,
+            "entrypoint": result.entrypoint, "verdict": result.verdict,
+            "calls": {a.name: a.call(result.max_steps) for a in (result.base, result.arm)},
+            "dtype": result.dtype, "estimate": result.estimate,
+            "first_difference": result.first_difference, "diagnosis": result.diagnosis,
+            "steps": result.steps}
