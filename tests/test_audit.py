@@ -458,6 +458,21 @@ def test_a_short_last_window_is_described_by_what_was_measured(tmp_path):
     assert "held over" in result.diagnosis and not diagnose(result).certain
 
 
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_audit_table_fits_the_terminal_with_every_cell_whole(width, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from gradlab.cli.audit_table import render
+    shown = io.StringIO()
+    render(examined("audit_loops:not_divided", tmp_path), Console(file=shown, width=width))
+    table = [line for line in shown.getvalue().splitlines() if line[:1] in "┏┃┡│└"]
+    assert table and all(len(line) <= width for line in table)
+    assert "…" not in "".join(table) and "differs" in "".join(table)
+
+
 def test_determinism_check(tmp_path):
     first = examined("audit_loops:right", tmp_path)
     again = examined("audit_loops:right", tmp_path)

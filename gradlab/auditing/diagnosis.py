@@ -85,10 +85,12 @@ def diagnose(result: AuditResult) -> Diagnosis:
     if _count(own, "discarded") > _count(base, "discarded"):
         window = own["steps"][0]
         kept = window["backwards"] - window["discarded"]
+        received = ("the last micro-batch's gradient alone" if kept == 1 else
+                    f"the gradient of the last {kept} micro-batches")
         return Diagnosis(
             f"zero_grad() cleared .grad between the micro-batches of a step: before step 1 it "
             f"discarded {window['discarded']} of the {window['backwards']} backward() "
-            f"results, so optimizer.step() received the gradient of the last {kept} "
+            f"results, so optimizer.step() received {received} "
             f"(|g| {ratio:.3g}x the big batch's, cosine {cosine:.3g}). Call zero_grad() only "
             f"after optimizer.step().", certain=True)
     if cosine >= SAME_DIRECTION and abs(ratio - n) <= SAME_RATIO * n:

@@ -29,10 +29,12 @@ def render(result: AuditResult, console) -> None:
              f"{result.base.call(result.max_steps)}, {result.dtype}")
     console.print(title, highlight=False, soft_wrap=True, markup=False, emoji=False)
     table = Table()
-    for header in ("step", f"rel grad err{estimate}", "tolerance", "cosine",
-                   "lr big-batch", "lr accumulated", "verdict"):
-        table.add_column(header, justify="left" if header in ("verdict",) else "right",
-                         no_wrap=True)
+    # two-line headers, so the table fits 80 columns with every cell whole
+    for header in ("step", f"rel grad\nerr{estimate}", "tolerance", "cosine",
+                   "lr\nbig-batch", "lr\naccumulated", "verdict"):
+        table.add_column(header, justify="left" if header == "verdict" else "right",
+                         no_wrap=True, min_width=len(Verdict.EQUIVALENT) if header == "verdict"
+                         else None)
     for s in shown_steps(result.steps):
         if s is None:
             table.add_row("...", "", "", "", "", "", "")
