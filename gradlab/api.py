@@ -79,8 +79,6 @@ def run(experiment: str = "equivalence",
     what `gradlab run` uses); ``rank_args``: the command line a data-parallel run's ranks
     start with."""
     from gradlab.lab.experiment import Hooks, RunEnded, run_experiment
-    from gradlab.readers import compare
-    from gradlab.record import store
 
     if progress is not None:
         hooks = dataclasses.replace(hooks or Hooks(), progress=_counting(progress))
@@ -95,6 +93,11 @@ def run(experiment: str = "equivalence",
                        launched.code, Status.FAILED)
     if executed.run_dir is None:  # a rank other than 0
         return RunResult(None, Status.COMPLETE, name, executed.trials, results=executed.results)
+    # only now: pandas takes a while to import, and a stop before this point is the run's to
+    # report ("before the run started", or the trials kept)
+    from gradlab.readers import compare
+    from gradlab.record import store
+
     written = store.load_run(executed.run_dir)
     comparison = compare.compare([written])
     if launched is None:

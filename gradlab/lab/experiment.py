@@ -120,12 +120,12 @@ def run_experiment(experiment: str, overrides: list[str] = (), *, out: Path = Pa
     """Prepare and run an experiment; see the module's docstring. ``rank_args``: the
     ``gradlab`` arguments the ranks of a data-parallel run are started with (default: this
     run's, with --json)."""
-    from gradlab.lab import parallel
-
     hooks = hooks or Hooks()
     overrides = list(overrides)
     rank = world = estimate = ranks = None
-    try:
+    try:  # from the first import on: a stop signal during any of it ends in one line
+        from gradlab.lab import parallel
+
         if "RANK" in os.environ:  # torchrun (or a run's own launch) may have started us
             from gradlab.lab import distributed
 
