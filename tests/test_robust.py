@@ -89,7 +89,10 @@ def test_an_import_path_without_a_module_or_a_factory_is_refused(tmp_path, value
 def test_out_that_cannot_hold_a_run_directory_is_one_line(tmp_path):
     a_file = write(tmp_path, "a-file", "not a folder")
     cases = {"/proc/gradlab-forbidden": "/proc/gradlab-forbidden",
-             str(a_file): "is a file", str(a_file / "under"): "is a file"}
+             str(a_file): "is a file", str(a_file / "under"): "is a file",
+             # a folder name longer than the system allows (255 bytes), at any depth
+             str(tmp_path / ("d" * 300)): "File name too long",
+             str(tmp_path / ("d" * 300) / "runs"): "File name too long"}
     for out, fragment in cases.items():
         result = gradlab("run", "toy", "--out", out)
         assert_bad_input(result, None, "--out", fragment)

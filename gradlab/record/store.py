@@ -101,9 +101,9 @@ class RunDir:
         it is running."""
         parent = Path(parent)
         name = name or meta.experiment
-        created = _missing_folders(parent)  # to remove again if the run cannot start
-        path = None
-        try:
+        created, path = [], None
+        try:  # from the first look at the path: a name the system refuses is --out's error too
+            created = _missing_folders(parent)  # to remove again if the run cannot start
             parent.mkdir(parents=True, exist_ok=True)
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             path = parent / f"{name}-{stamp}"
@@ -175,8 +175,9 @@ def _missing_folders(folder: Path) -> list[Path]:
 def _why(err: OSError, parent: Path) -> str:
     """What stopped a folder from being created, in words."""
     for folder in (parent, *parent.parents):
-        if folder.is_file():
-            return f"'{folder}' is a file, not a folder"
+        with contextlib.suppress(OSError):  # a name too long to look at is not a file
+            if folder.is_file():
+                return f"'{folder}' is a file, not a folder"
     named = f": '{err.filename}'" if err.filename else ""
     return f"{err.strerror or err}{named}"
 
