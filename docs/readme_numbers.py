@@ -1,10 +1,10 @@
 """Every number the README quotes, from fresh runs: run the experiments, rewrite the blocks.
 
     python docs/readme_numbers.py                   # run everything, print the blocks
-    python docs/readme_numbers.py --write README.md # ... and replace them in the README
+    python docs/readme_numbers.py --write README.md docs/*.md   # ... and replace them there
     python docs/readme_numbers.py --runs DIR        # reuse the runs in DIR (no running)
 
-The README marks each generated block with HTML comments,
+The README and the pages under docs/ mark each generated block with HTML comments,
 
     <!-- numbers: NAME -->  ...  <!-- /numbers: NAME -->
 
@@ -901,7 +901,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, help="reuse the latest runs in this folder")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "readme")
-    parser.add_argument("--write", type=Path, help="rewrite the marked blocks of this file")
+    parser.add_argument("--write", type=Path, nargs="+",
+                        help="rewrite the marked blocks of these files (README.md docs/*.md)")
     parser.add_argument("--only", help="comma-separated experiments to run")
     args = parser.parse_args()
     names = [*EXPERIMENTS, *LOCAL, *VARIANTS]
@@ -936,8 +937,8 @@ def main() -> None:
     for figure, (name, options, made) in PLOTTED.items():
         if name in runs:
             copy_figure(runs[name], figure, options, made)
-    if args.write:
-        args.write.write_text(replace_blocks(args.write.read_text(), blocks))
+    for page in args.write or []:
+        page.write_text(replace_blocks(page.read_text(), blocks))
 
 
 def copy_figure(run_dir: Path, figure: str, options: tuple[str, ...] = (),
