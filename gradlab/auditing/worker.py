@@ -162,26 +162,17 @@ class Recorder:
         self._wrap(LRScheduler, "step", self.on_scheduler_step)
         # the module attribute every caller looks up (Accelerate's and Lightning's clipping
         # too); installed before the user's module is imported, so its own import binds it
-        self._wrap_function(torch.nn.utils, "clip_grad_norm_", self.on_clip)
+        self._wrap(torch.nn.utils, "clip_grad_norm_", self.on_clip)
 
-    def _wrap(self, owner: type, name: str, before) -> None:
-        original = owner.__dict__[name]
-
-        @functools.wraps(original)
-        def wrapped(obj, *args, **kwargs):
-            before(obj)
-            return original(obj, *args, **kwargs)
-
-        setattr(owner, name, wrapped)
-        self._undo.append(lambda: setattr(owner, name, original))
-
-    def _wrap_function(self, owner, name: str, before) -> None:
-        original = getattr(owner, name)
+    def _wrap(self, owner, name: str, before) -> None:
+        """``owner.name`` (a class's method, or a module's function) calls ``before`` with its
+        first argument (the object, for a method) and then does what it did."""
+        original = vars(owner)[name]
 
         @functools.wraps(original)
-        def wrapped(*args, **kwargs):
-            before()
-            return original(*args, **kwargs)
+        def wrapped(first, *args, **kwargs):
+            before(first)
+            return original(first, *args, **kwargs)
 
         setattr(owner, name, wrapped)
         self._undo.append(lambda: setattr(owner, name, original))
@@ -209,7 +200,7 @@ class Recorder:
         w.discarded += w.pending
         w.pending = 0
 
-    def on_clip(self) -> None:
+    def on_clip(self, parameters) -> None:
         self.window.clips += 1
 
     def on_scheduler_step(self, scheduler) -> None:
