@@ -24,8 +24,7 @@ from gradlab.auditing.result import COPY_LIMIT, AuditResult, twins
 from gradlab.auditing.rundir import write_run
 from gradlab.auditing.worker import resolve_entrypoint, worker
 from gradlab.errors import GradlabError
-from gradlab.record import schema
-from gradlab.record.verdict import Verdict
+from gradlab.record.verdict import Verdict, rel_tolerance
 from gradlab.train import metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +91,7 @@ def test_tutorial_loop_in_float32_is_within_the_float32_floor(out):
     result, run_dir = cli_audit(out, "experiments.tutorial_loop:train_float32")
     assert result.exit_code == 0, result.stderr
     steps = table(run_dir, "audit")
-    tolerance = schema.rel_tolerance("float32", 4, 0.0)
+    tolerance = rel_tolerance("float32", 4, 0.0)
     torch.testing.assert_close(torch.tensor(steps["tolerance"].to_numpy()),
                                torch.full((STEPS,), tolerance, dtype=torch.float64),
                                rtol=0, atol=0)
@@ -132,7 +131,7 @@ def test_scheduler_per_micro_batch_is_named(broken):
     assert result.exit_code == 1, result.stderr
     steps = table(run_dir, "audit")
     # the gradient at step 1 is right (same weights); the learning rate is not
-    assert steps["rel_grad_err"].iloc[0] <= schema.rel_tolerance("float64", 4, 0.0)
+    assert steps["rel_grad_err"].iloc[0] <= rel_tolerance("float64", 4, 0.0)
     assert steps["lr_accumulated"].iloc[0] < steps["lr_big_batch"].iloc[0]
     assert "differs from step 1" in result.stderr
     assert "it is stepped once per micro-batch" in result.stderr
@@ -301,13 +300,12 @@ def test_an_entrypoint_is_called_by_name_or_else_by_position(entrypoint, tmp_pat
 
 # ----------------------------------------------------------------------------- the library
 
-@pytest.mark.parametrize("given", ["text", "function"])
-def test_the_library_audits_a_loop_named_or_given_as_the_function(given, tmp_path, monkeypatch):
+def test_the_library_audits_a_loop_given_as_the_function(tmp_path, monkeypatch):
+    # given by name: tests/test_testing.py, through gradlab.testing
     monkeypatch.syspath_prepend(str(REPO))
     from experiments.tutorial_loop import train
 
-    entrypoint = "experiments.tutorial_loop:train" if given == "text" else train
-    result = auditing.audit(entrypoint, accum_steps=4, steps=2, out=tmp_path)
+    result = auditing.audit(train, accum_steps=4, steps=2, out=tmp_path)
     assert isinstance(result, auditing.AuditResult)
     assert result.entrypoint == "experiments.tutorial_loop:train"
     assert result.verdict == Verdict.EQUIVALENT and not result.failed
@@ -550,7 +548,7 @@ def test_a_long_float32_run_stays_within_the_floor_at_the_big_batchs_weights(tmp
     result = examined("experiments.tutorial_loop:train_float32", tmp_path, m=8, n=4, k=150)
     assert result.same_weights and result.captures["accumulated"]["forced"] == 150
     assert result.verdict == "equivalent"
-    tolerance = schema.rel_tolerance("float32", 4, 0.0)
+    tolerance = rel_tolerance("float32", 4, 0.0)
     assert all(s["rel_grad_err"] <= tolerance / 10 for s in result.steps)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import gradlab
 from gradlab.config import spec
-from gradlab.record import schema
+from gradlab.record import verdict
 from minirun import MINI, run_dir
 
 
@@ -83,7 +83,7 @@ def test_verdicts_and_errors_match_the_run(mini):
         good = row(doc, "accumulated", n)
         floor = recorded.loc[(good["trial"], "accumulated"), "exact_floor"]
         assert 1e-8 < floor < 1e-6  # float32 rounding, measured
-        assert good["rel_tolerance"] == schema.rel_tolerance("float32", n, floor)
+        assert good["rel_tolerance"] == verdict.rel_tolerance("float32", n, floor)
         assert good["rel_tolerance"] == recorded.loc[(good["trial"], "accumulated"),
                                                      "rel_tolerance"]
         assert 0 < good["max_exact_err"] <= good["rel_tolerance"]

@@ -16,7 +16,7 @@ from torch.testing import assert_close
 from conftest import gradlab, run_json
 from gradlab.config.settings import Settings
 from gradlab.readers import compact, compare, plots
-from gradlab.record import schema, store
+from gradlab.record import store, verdict
 from gradlab.setup import Setup, mse_loss, split
 from gradlab.train import amp, engine, optim
 from test_cli import assert_clean_failure
@@ -339,7 +339,7 @@ def test_the_floor_is_one_big_batch_in_the_arms_own_precision(summary):
 
 def test_the_bound_is_n_minus_1_u_times_the_sums_condition(summary):
     for (_, n), row in summary.iterrows():
-        u = schema.UNIT_ROUNDOFF[row.precision]
+        u = verdict.UNIT_ROUNDOFF[row.precision]
         assert row.accum_bound == pytest.approx((n - 1) * u * row.max_sum_condition)
         assert row.max_sum_condition >= 1 - 1e-12
     condition = summary.loc["float32", "max_sum_condition"]

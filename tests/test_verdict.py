@@ -12,7 +12,7 @@ import torch
 from conftest import arm_rows, gradlab, run_json
 from gradlab.config.settings import Settings
 from gradlab.lab import observers, setups
-from gradlab.record import schema
+from gradlab.record import verdict
 from gradlab.train import engine, optim
 
 LOW = ("bfloat16", "float16")
@@ -36,7 +36,7 @@ def test_batchnorm_differs_and_the_per_example_norms_do_not_in_low_precision(
         expected = "differs" if case(row) == "bn" else "equivalent"
         assert row["verdict"] == expected, (case(row), row["dtype"], row["accum_steps"])
         # the tolerance is what the run measured, not a fixed factor that reaches 1
-        floor, n, u = row["exact_floor"], row["accum_steps"], schema.UNIT_ROUNDOFF[row["dtype"]]
+        floor, n, u = row["exact_floor"], row["accum_steps"], verdict.UNIT_ROUNDOFF[row["dtype"]]
         assert row["rel_tolerance"] == pytest.approx(floor + (n - 1) * u + 32 * 2.0**-24)
         assert row["rel_tolerance"] < 0.2
     result = gradlab("compare", low_precision_norm["run_dir"], "--check")

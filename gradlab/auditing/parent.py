@@ -29,18 +29,17 @@ from gradlab.auditing.result import CHUNK, COPY_LIMIT, LR_RTOL, PROJECTIONS, Arm
 from gradlab.auditing.rundir import write_run
 from gradlab.auditing.worker import locate_entrypoint
 from gradlab.errors import GradlabError
-from gradlab.record import schema
-from gradlab.record.verdict import Verdict
+from gradlab.record.verdict import UNIT_ROUNDOFF, Verdict, judge
 
 
 def verdict_of(dtype: str, accum_steps: int, rel_err: float) -> tuple[Verdict, float]:
-    """equivalent or differs, and the tolerance: the one verdict rule of gradlab (schema.py).
+    """equivalent or differs, and the tolerance: the one verdict rule of gradlab (record/verdict.py).
 
     A user's loop gives no float64 reference to measure the big batch's own rounding
     against, so the floor is 0 and the accumulated run is judged on its distance from
     its big-batch twin: (N - 1)·u + 32·u_acc.
     """
-    tolerance, verdict = schema.judge(False, dtype, accum_steps,
+    tolerance, verdict = judge(False, dtype, accum_steps,
                                       {"max_rel_grad_err": rel_err})
     return Verdict(verdict), tolerance
 
@@ -169,11 +168,11 @@ def dtype_of(capture: dict[str, Any]) -> str:
     """The least precise dtype among the gradients: the one that sets the rounding floor."""
 
     dtypes = set(capture["steps"][0]["dtypes"])
-    unknown = sorted(d for d in dtypes if d not in schema.UNIT_ROUNDOFF)
+    unknown = sorted(d for d in dtypes if d not in UNIT_ROUNDOFF)
     if unknown:
         raise GradlabError(f"the gradients are {', '.join(unknown)}; gradlab judges "
-                           f"{', '.join(schema.UNIT_ROUNDOFF)} gradients")
-    return max(dtypes, key=schema.UNIT_ROUNDOFF.get)
+                           f"{', '.join(UNIT_ROUNDOFF)} gradients")
+    return max(dtypes, key=UNIT_ROUNDOFF.get)
 
 
 def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,

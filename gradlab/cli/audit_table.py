@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING
 
 from gradlab.auditing.result import LR_RTOL, PROJECTIONS
 from gradlab.auditing.rundir import WEIGHTS_NOTE
-from gradlab.record import schema
 from gradlab.record.meta import Status
-from gradlab.record.verdict import Verdict
+from gradlab.record.verdict import REORDER, Verdict
 
 if TYPE_CHECKING:
     from gradlab.auditing.result import AuditResult
@@ -47,7 +46,7 @@ def render(result: AuditResult, console) -> None:
     worst = max(s["rel_grad_err"] for s in result.steps)
     plain = {"highlight": False, "soft_wrap": True, "markup": False, "emoji": False}
     console.print(f"verdict: equivalent when rel grad err = ||g_acc - g_big|| / ||g_big|| <= "
-                  f"tolerance = (N - 1)·u + {schema.REORDER}·u_acc ({result.dtype}; your loop "
+                  f"tolerance = (N - 1)·u + {REORDER}·u_acc ({result.dtype}; your loop "
                   f"gives no float64 reference, so the floor is 0) "
                   f"and the learning rates and optimizer settings agree (to {LR_RTOL:g}); "
                   f"gradients {WEIGHTS_NOTE[result.same_weights].split(' (')[0]}", **plain)

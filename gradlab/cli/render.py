@@ -14,8 +14,7 @@ from rich.text import Text
 
 from gradlab.cli.shared import console, say
 from gradlab.lab.experiment import count
-from gradlab.record import schema
-from gradlab.record.verdict import Verdict
+from gradlab.record.verdict import Verdict, missing
 
 if TYPE_CHECKING:
     from gradlab.api import RunResult
@@ -117,7 +116,7 @@ def json_document(result: RunResult) -> dict:
 
 
 def render_divergence(summaries: list[dict], out: Console, one_line: bool = False) -> None:
-    diverged = [row for row in summaries if not schema.missing(row["diverged_at_step"])]
+    diverged = [row for row in summaries if not missing(row["diverged_at_step"])]
     if one_line and diverged:
         where = ", ".join(f"trial {row['trial']} {row['arm']} (step "
                           f"{row['diverged_at_step']:.0f})" for row in diverged)

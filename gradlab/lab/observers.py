@@ -18,7 +18,7 @@ from torch import nn
 
 from gradlab.config.settings import ZeroGrad
 from gradlab.lab.arm import ArmRun, Observer
-from gradlab.record import schema
+from gradlab.record.verdict import sum_tolerance
 from gradlab.setup import (
     Examples,
     Setup,
@@ -175,7 +175,7 @@ class HeldGradientCheck(Observer):
     def finished(self, run: ArmRun) -> None:
         # the sum of steps*N terms rounds like one accumulation of that many terms
         s = self.settings
-        tolerance = schema.sum_tolerance(s.dtype, s.steps * s.accum_steps)
+        tolerance = sum_tolerance(s.dtype, s.steps * s.accum_steps)
         run.rows["checks"].append({**run.ids, "check": self.name, "value": self.worst,
                                    "tolerance": tolerance, "passed": self.worst <= tolerance})
 

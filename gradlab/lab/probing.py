@@ -29,7 +29,7 @@ from gradlab.lab.arm import Observer
 from gradlab.lab.device import DTYPES
 from gradlab.lab.observers import evaluate
 from gradlab.lab.plan import probe_due
-from gradlab.record import schema
+from gradlab.record.verdict import compute_dtype
 from gradlab.setup import (
     Examples,
     Setup,
@@ -50,7 +50,7 @@ def precision(s: Settings) -> tuple[Dtype, Autocast, GradScaling]:
 
 def low_precision(s: Settings) -> bool:
     """Does the arm compute its gradients in bfloat16 or float16?"""
-    return schema.compute_dtype(s.dtype, s.autocast) in (Dtype.BFLOAT16, Dtype.FLOAT16)
+    return compute_dtype(s.dtype, s.autocast) in (Dtype.BFLOAT16, Dtype.FLOAT16)
 
 
 def floor_key(run: ArmRun) -> tuple:
@@ -67,7 +67,7 @@ class Probe(Observer):
     Each probe also takes the exact gradient: the baseline's, in float64, at the same
     weights on the same window. Every arm's distance from it (exact_err), and the
     distance of one big batch in the arm's own precision (floor_err: the baseline's
-    own when the precisions agree), are what the verdict weighs (schema.py). And it
+    own when the precisions agree), are what the verdict weighs (record/verdict.py). And it
     takes Σ_i |g_i| of the window's N partial gradients in float64, the condition of
     their sum (sum_condition = ‖Σ|g_i|‖ / ‖Σ g_i‖), which scales the rounding that
     summing them can add. Each also records the learning rate the arm's step applies

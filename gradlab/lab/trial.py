@@ -41,6 +41,7 @@ from gradlab.lab.plan import Workers, torch_threads
 from gradlab.lab.probing import Probe
 from gradlab.record import schema
 from gradlab.record.store import RunDir, whole_write
+from gradlab.record.verdict import accumulation_bound, compute_dtype, judge
 
 
 def start(trial: Trial, data_cache: dict) -> list[ArmRun]:
@@ -93,8 +94,8 @@ def summary_row(run: ArmRun) -> dict[str, Any]:
     s, arm = run.s, run.arm
     metrics = schema.summarise(run.rows["steps"], run.rows["probe"], run.rows["eval"],
                                run.rows["buffers"])
-    computed_in = schema.compute_dtype(s.dtype, s.autocast)
-    tolerance, verdict = schema.judge(arm.baseline, computed_in, s.accum_steps,
+    computed_in = compute_dtype(s.dtype, s.autocast)
+    tolerance, verdict = judge(arm.baseline, computed_in, s.accum_steps,
                                       {**metrics, "world_size": s.world_size})
     memory = [o.bytes() for o in run.observers if isinstance(o, CudaMemory)]
     if s.cost:
@@ -104,7 +105,7 @@ def summary_row(run: ArmRun) -> dict[str, Any]:
             "batch_size": s.batch_size, "accum_steps": s.accum_steps,
             "micro_batch": s.micro_batch, "world_size": s.world_size, "dtype": s.dtype,
             "precision": computed_in, **metrics,
-            "accum_bound": math.nan if arm.baseline else schema.accumulation_bound(
+            "accum_bound": math.nan if arm.baseline else accumulation_bound(
                 computed_in, s.accum_steps, metrics["max_sum_condition"]),
             "cuda_peak_bytes": memory[0] if memory else math.nan,
             "rel_tolerance": tolerance, "expect": arm.expect or "", "verdict": verdict}

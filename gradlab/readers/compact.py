@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from gradlab.readers.compare import HEADERS, Comparison, budget_notes, fmt, is_missing, telling
-from gradlab.record.verdict import Verdict
+from gradlab.readers.compare import HEADERS, Comparison, budget_notes, fmt, telling
+from gradlab.record.verdict import Verdict, missing
 
 MARKS = {"ok": "✓", "FAIL": "✗", "n/a": "·"}
 
@@ -51,7 +51,7 @@ class Pivot:
 def short(value: Any) -> str:
     """A number in as few characters as a table cell can take: 2 significant digits, the
     exponent without its padding (1.8e-7, not 1.80e-07)."""
-    if is_missing(value):
+    if missing(value):
         return "-"
     text = f"{value:.2g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.1e}"
     mantissa, e, exponent = text.partition("e")
@@ -111,8 +111,8 @@ def measured_cell(part: pd.DataFrame, measure: str) -> PivotCell:
     runs counts once)."""
     per_seed = pd.to_numeric(part[measure], errors="coerce").groupby(part["seed"]).mean()
     mean, std = per_seed.mean(), per_seed.std() if len(per_seed) > 1 else math.nan
-    mean_text = fmt(float(mean)) if not is_missing(mean) else "-"
-    return PivotCell(mean_text if is_missing(std) else f"{mean_text}±{std:.1g}", "")
+    mean_text = fmt(float(mean)) if not missing(mean) else "-"
+    return PivotCell(mean_text if missing(std) else f"{mean_text}±{std:.1g}", "")
 
 
 def totals(rows: pd.DataFrame) -> str:

@@ -3,7 +3,7 @@
 Reads only what store wrote (run.json and the CSVs), so it works on old runs and
 on runs copied from other machines. The verdict rule is the run's own:
 
-    equivalent  when  max_exact_err <= rel_tolerance(dtype, N, exact_floor)   (schema.py)
+    equivalent  when  max_exact_err <= rel_tolerance(dtype, N, exact_floor)   (record/verdict.py)
                   or  max_abs_grad_err <= atol                  (only with --atol)
 
 ``--rtol`` replaces the measured tolerance by one number. An arm that
@@ -22,9 +22,9 @@ from typing import Any
 import pandas as pd
 
 from gradlab.errors import GradlabError
-from gradlab.record import schema
+from gradlab.record import schema, verdict
 from gradlab.record.store import Run
-from gradlab.record.verdict import Verdict
+from gradlab.record.verdict import Verdict, missing
 
 FORMATS = ("table", "csv", "json", "md")
 
@@ -60,10 +60,6 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 # ----------------------------------------------------------------------------- rows
 
 def arm_rows(runs: list[Run]) -> pd.DataFrame:
@@ -84,7 +80,7 @@ def arm_rows(runs: list[Run]) -> pd.DataFrame:
         rows["swept_accum_steps"] = rows["trial"].map(swept_n)
         frames.append(rows.merge(run_checks(run), on=["trial", "arm"], how="left"))
     rows = pd.concat(frames, ignore_index=True)
-    rows["precision"] = [schema.precision_of(r) for r in rows.to_dict("records")]
+    rows["precision"] = [verdict.precision_of(r) for r in rows.to_dict("records")]
     rows["baseline"] = rows["baseline"].astype(bool)
     rows["expect"] = rows["expect"].astype(object).fillna("").astype(str)
     rows["run_checks"] = rows["run_checks"].fillna(0).astype(int)
@@ -174,7 +170,7 @@ def loss_against(runs: list[Run], rows: pd.DataFrame, reference: str,
 
 @dataclass(frozen=True)
 class Tolerance:
-    rtol: float | None = None  # replaces the measured tolerance (schema.rel_tolerance)
+    rtol: float | None = None  # replaces the measured tolerance (verdict.rel_tolerance)
     atol: float | None = None  # an arm within atol on max_abs_grad_err is equivalent too
 
 
@@ -196,13 +192,13 @@ def check(row: pd.Series) -> str:
 
 
 def judge(rows: pd.DataFrame, tol: Tolerance) -> pd.DataFrame:
-    """Tolerance, verdict and check of every row, by the run's own rule (schema.judge)."""
+    """Tolerance, verdict and check of every row, by the run's own rule (verdict.judge)."""
     rows = rows.copy()
-    judged = [schema.judge(bool(row["baseline"]), row["precision"], int(row["accum_steps"]),
+    judged = [verdict.judge(bool(row["baseline"]), row["precision"], int(row["accum_steps"]),
                            row.to_dict(), tol.rtol, tol.atol) for _, row in rows.iterrows()]
     if "max_sum_condition" in rows:  # read again at --at-step
         rows["accum_bound"] = [
-            math.nan if row["baseline"] else schema.accumulation_bound(
+            math.nan if row["baseline"] else verdict.accumulation_bound(
                 row["precision"], int(row["accum_steps"]), row["max_sum_condition"])
             for _, row in rows.iterrows()]
     rows["rel_tolerance"] = [t for t, _ in judged]
@@ -220,7 +216,7 @@ def failures(rows: pd.DataFrame, settings: list[str]) -> list[str]:
         reasons = []
         if expectation(row) == "FAIL":
             lr_diff = row.get("max_rel_lr_diff", math.nan)
-            lr = f", lr diff {fmt(lr_diff)}" if not is_missing(lr_diff) and lr_diff else ""
+            lr = f", lr diff {fmt(lr_diff)}" if not missing(lr_diff) and lr_diff else ""
             reasons.append(f"expected {row['expect']}, got {row['verdict']} (vs exact "
                            f"{fmt(row.get('max_exact_err', math.nan))}, tolerance "
                            f"{fmt(row['rel_tolerance'])}{lr})")
@@ -318,7 +314,7 @@ class Comparison:
         if self.grouped and f"{column}_mean" in row:
             mean, std = row[f"{column}_mean"], row[f"{column}_std"]
             # one digit of the spread is all a reader needs, and it keeps the column narrow
-            return fmt(mean) if is_missing(std) else f"{fmt(mean)} ± {std:.1g}"
+            return fmt(mean) if missing(std) else f"{fmt(mean)} ± {std:.1g}"
         return fmt(row[column])
 
     def header(self, column: str) -> str:
@@ -331,7 +327,7 @@ class Comparison:
         """Raw values for CSV and JSON: grouped metrics as NAME_mean and NAME_std."""
         keys = [k for c in self.columns for k in
                 ((f"{c}_mean", f"{c}_std") if self.grouped and f"{c}_mean" in self.rows else (c,))]
-        return [{k: (None if is_missing(v) else v) for k, v in row.items()}
+        return [{k: (None if missing(v) else v) for k, v in row.items()}
                 for row in self.rows[keys].to_dict("records")]
 
     def markdown(self) -> str:
@@ -449,7 +445,7 @@ def notes(rows: pd.DataFrame, tol: Tolerance, recorded: str, reference: str,
     may say so in run.json's 'gradients_at', as gradlab audit does).
     """
     where = where or f"both at {recorded}'s weights"
-    out = [schema.explain(rows.to_dict("records"), tol.rtol, tol.atol)
+    out = [verdict.explain(rows.to_dict("records"), tol.rtol, tol.atol)
            + f" rel grad err: the same against '{recorded}''s own gradient, {where}."]
     if rows["run_checks"].any():
         out.append(f"check also covers the {rows['run_checks'].sum()} check(s) the run recorded "

@@ -22,8 +22,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator  # noqa: E4
 
 from gradlab.errors import GradlabError  # noqa: E402
 from gradlab.readers import compare  # noqa: E402
-from gradlab.record import schema  # noqa: E402
-from gradlab.record.verdict import Verdict  # noqa: E402
+from gradlab.record.verdict import REORDER, UNIT_ROUNDOFF, Verdict  # noqa: E402
 
 LABELS = {
     "step": "optimizer step", "examples": "examples seen",
@@ -329,7 +328,7 @@ def draw(plot: Plot, experiment: str) -> plt.Figure:
             dtype = part["precision"].iloc[0]
             if "dtype" not in plot.panels and "precision" not in plot.panels:
                 title.append(dtype)
-            title.append(f"u = 2^{round(np.log2(schema.UNIT_ROUNDOFF[dtype]))}")
+            title.append(f"u = 2^{round(np.log2(UNIT_ROUNDOFF[dtype]))}")
         title = textwrap.fill(", ".join(t for t in title if t), TITLE_WIDTH)
         title_lines = max(title_lines, title.count("\n") + 1)
         ax.set_title(title, fontsize=10)
@@ -458,7 +457,7 @@ def draw_tolerance(ax, plot: Plot, part: pd.DataFrame, legend: dict) -> None:
     """The verdict's tolerance as a labelled line, the region under it shaded
     ("equivalent"), and the measured floor (the baseline's own rounding), per dtype.
 
-    Both come from the run's summary rows (the tolerance is measured, see schema.py):
+    Both come from the run's summary rows (the tolerance is measured, see record/verdict.py):
     at each N the largest of the panel's rows. Against steps they are drawn only when
     every line of the panel has the same dtype and N, so that one tolerance holds.
     """
@@ -495,8 +494,8 @@ def draw_tolerance(ax, plot: Plot, part: pd.DataFrame, legend: dict) -> None:
                         xytext=(0, 3), ha="right", fontsize=8, color="0.25")
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
-    legend.setdefault(f"under the tolerance, floor + (N−1)·u + {schema.REORDER}·u_acc: "
-                      f"'equivalent'",
+    legend.setdefault(f"under the tolerance, floor + (N−1)·u + {REORDER}·u_acc: "
+                      f"'{Verdict.EQUIVALENT}'",
                       plt.Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.2, lw=0))
     legend.setdefault("floor: the big batch's own distance from the exact gradient",
                       Line2D([], [], ls=":", color="0.25", lw=1.2))

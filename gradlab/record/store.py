@@ -146,7 +146,7 @@ class RunDir:
         undeclared = {c for row in rows for c in row} - allowed
         if undeclared:  # a writer and schema.py disagree: a bug, caught before it reaches disk
             raise AssertionError(f"{table}.csv: columns {sorted(undeclared)} are not declared "
-                                 f"in gradlab/schema.py")
+                                 f"in gradlab/record/schema.py")
         path = self.path / f"{table}.csv"
         with whole_write():
             pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)

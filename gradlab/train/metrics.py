@@ -3,7 +3,7 @@
 All metrics are computed in float64 whatever dtype the arms trained in, so the
 measurement adds no rounding of its own. Tensors are compared one chunk of a
 parameter at a time, so comparing two models costs a float64 copy of 2^20 elements,
-not of the model. (The rule that turns these numbers into a verdict is in schema.py.)
+not of the model. (The rule that turns these numbers into a verdict is in record/verdict.py.)
 """
 
 from __future__ import annotations

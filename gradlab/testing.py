@@ -1,0 +1,49 @@
+"""gradlab for a project's own tests: one assertion that a training loop accumulates right.
+
+    from gradlab.testing import assert_accumulation_equivalent
+
+    def test_my_loop_accumulates_like_one_big_batch():
+        assert_accumulation_equivalent("mypkg.train:train", accum_steps=4, steps=3)
+
+It runs ``gradlab audit`` (the same two processes, the same verdict rule) and raises
+AssertionError with the first difference and its measured diagnosis when the loop differs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from gradlab.api import audit
+
+
+def assert_accumulation_equivalent(train: str | Callable, accum_steps: int, *,
+                                   micro_batch_size: int = 8, steps: int = 3,
+                                   out: str | Path | None = None) -> None:
+    """Assert that train(m, N, K) hands every optimizer step what train(m·N, 1, K) does.
+
+    ``train``: 'pkg.module:function' or a module-level function with the audit's contract,
+    train(micro_batch_size, accum_steps, max_steps). ``out``: where the run directory goes;
+    by default a temporary folder, removed when the loop is equivalent and kept (its path
+    is in the message) when it is not. A loop gradlab cannot audit at all raises
+    gradlab's GradlabError, whose message says how to fix it.
+    """
+    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="gradlab-test-"))
+    result = audit(train, accum_steps, micro_batch_size=micro_batch_size, steps=steps,
+                   out=folder)
+    if not result.failed:
+        if out is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    first = result.first_difference
+    said = (f"rel grad err {first['rel_grad_err']:.3g} (tolerance {first['tolerance']:.3g}), "
+            f"cosine {first['cosine']:.6g}")
+    if first["lr_accumulated"] != first["lr_big_batch"]:
+        said += f", learning rate {first['lr_accumulated']:.6g} against {first['lr_big_batch']:.6g}"
+    lines = [f"{result.arm.call(steps)} differs from {result.base.call(steps)} from step "
+             f"{first['step']}: {said}",
+             f"diagnosis: {result.diagnosis or 'none: no pattern gradlab knows fits'}",
+             f"run directory: {result.run_dir}"]
+    raise AssertionError("\n".join(lines))
