@@ -290,3 +290,20 @@ def short_last_window(micro_batch_size: int, accum_steps: int, max_steps: int) -
                 steps += 1
                 if steps == max_steps:
                     return
+
+
+def two_optimizers_one_per_micro_batch(micro_batch_size: int, accum_steps: int,
+                                       max_steps: int) -> None:
+    """A head and a body with their own optimizers; the head's steps every micro-batch."""
+    x, y = _regression()
+    torch.manual_seed(1)
+    body, head = nn.Linear(3, 8).double(), nn.Linear(8, 1).double()
+    body_opt = torch.optim.SGD(body.parameters(), lr=0.1)
+    head_opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    for step in range(max_steps):
+        for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+            (nn.functional.mse_loss(head(torch.tanh(body(xb))), yb) / accum_steps).backward()
+            head_opt.step()  # the mistake: inside the window
+            head_opt.zero_grad()
+        body_opt.step()
+        body_opt.zero_grad()

@@ -495,6 +495,11 @@ def test_token_count_error_vanishes_with_equal_lengths(tmp_path):
                                          r"8\) made 8, train\(4, 4, 8\) made 2\)"),
     ("audit_loops:no_backward", r"^neither train\(16, 1, 8\) nor train\(4, 4, 8\) handed the "
                                 r"optimizer a gradient at any of the 8 steps"),
+    ("audit_loops:two_optimizers_one_per_micro_batch",
+     r"^train\(\) steps several optimizers, at rates that depend on N: optimizer 1 \(over "
+     r"Linear.1.weight, Linear.1.bias\) stepped 8 times in train\(16, 1, 8\) and 32 times in "
+     r"train\(4, 4, 8\); optimizer 2 \(over Linear.0.weight, Linear.0.bias\) stepped 8 times "
+     r"in train\(16, 1, 8\) and 8 times in train\(4, 4, 8\); each optimizer must step once"),
 ])
 def test_loops_that_do_not_step_as_asked_are_refused(entrypoint, message, tmp_path):
     with pytest.raises(GradlabError, match=message):

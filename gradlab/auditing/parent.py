@@ -33,7 +33,7 @@ from gradlab.record.verdict import UNIT_ROUNDOFF, Verdict, judge
 
 
 def verdict_of(dtype: str, accum_steps: int, rel_err: float) -> tuple[Verdict, float]:
-    """equivalent or differs, and the tolerance: the one verdict rule of gradlab (record/verdict.py).
+    """equivalent or differs, and the tolerance: gradlab's one verdict rule (record/verdict.py).
 
     A user's loop gives no float64 reference to measure the big batch's own rounding
     against, so the floor is 0 and the accumulated run is judged on its distance from
@@ -144,6 +144,12 @@ def check_runs(captured: dict[str, dict], arms: dict[str, Arm], max_steps: int) 
                                f"optimizer stepped); the audit compares what reaches step(), "
                                f"so train() must train with a torch.optim optimizer")
     counts = {label: len(c["steps"]) for label, c in captured.items()}
+    if len(set(counts.values())) > 1 and any(s.get("optimizer") for c in captured.values()
+                                             for s in c["steps"]):
+        raise GradlabError(f"train() steps several optimizers, at rates that depend on N: "
+                           f"{_steps_per_optimizer(captured, calls)}; each optimizer must step "
+                           f"once per window of N micro-batches (a loop stepping one per "
+                           f"micro-batch does not accumulate for it)")
     if len(set(counts.values())) > 1:
         made = ", ".join(f"{calls[label]} made {n}" for label, n in counts.items())
         raise GradlabError(f"the two runs made different numbers of optimizer steps ({made}); "
@@ -162,6 +168,19 @@ def check_runs(captured: dict[str, dict], arms: dict[str, Arm], max_steps: int) 
                                    f"{calls['accumulated']} but {list(sb)} in "
                                    f"{calls['big-batch']}; train() must build the same model "
                                    f"whatever the batch size")
+
+
+def _steps_per_optimizer(captured: dict[str, dict], calls: dict[str, str]) -> str:
+    """'optimizer 1 (over a, b) stepped 5 times in train(..) and 20 in train(..); ...'."""
+    said = []
+    for k in sorted({s.get("optimizer", 0) for c in captured.values() for s in c["steps"]}):
+        mine = {label: [s for s in c["steps"] if s.get("optimizer", 0) == k]
+                for label, c in captured.items()}
+        names = next(s["names"] for steps in mine.values() for s in steps)
+        over = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
+        said.append(f"optimizer {k + 1} (over {over}) stepped " + " and ".join(
+            f"{len(steps)} times in {calls[label]}" for label, steps in mine.items()))
+    return "; ".join(said)
 
 
 def dtype_of(capture: dict[str, Any]) -> str:

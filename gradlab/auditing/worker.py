@@ -137,6 +137,7 @@ class Recorder:
         self.names: dict[int, str] = {}       # id(parameter) -> name in its model
         self.layers: dict[str, list[str]] = {"batchnorm": [], "dropout": []}
         self.sketch: bool | None = None
+        self.optimizers: dict[int, int] = {}  # id(optimizer) -> 0, 1, ... in order of first step
         self.device = "cpu"
         self._undo: list = []
 
@@ -255,6 +256,7 @@ class Recorder:
             "shapes": [tuple(p.shape) for _, _, p in params],
             "dtypes": [str(p.grad.dtype if p.grad is not None else p.dtype).removeprefix("torch.")
                        for _, _, p in params],
+            "optimizer": self.optimizers.setdefault(id(optimizer), len(self.optimizers)),
             "lrs": [float(group["lr"]) for group in optimizer.param_groups],
             "settings": [_settings(group) for group in optimizer.param_groups],
             **self.window.counts(),
