@@ -10,7 +10,8 @@ json package, one byte a token. Trainer handles the accumulation itself: it hand
 ``num_items_in_batch``, the window's count of label tokens, so each micro-batch's loss is its
 token sum over the window's token count, and the N backward() calls add up to the big
 batch's token mean. Every sequence has the same length, so that is also the mean of the N
-micro-batch means. Nothing in this file knows about gradlab.
+micro-batch means. It then clips that window's gradient once (max_grad_norm) and steps.
+Nothing in this file knows about gradlab.
 """
 
 from __future__ import annotations
@@ -65,9 +66,7 @@ def train(micro_batch_size: int, accum_steps: int, max_steps: int,
 
 
 def train_dividing_twice(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
-    """The mistake: compute_loss divides by N too, so the window's gradient is 1/N of it.
-    Clipping is off here: at max_grad_norm=1.0 it would cut the big batch's gradient
-    (|g| ~ 1.7 at step 1) to norm 1 and leave the small one alone, so the ratio the audit
-    sees would be 0.43, not the exact 1/N that names the mistake (it still differs)."""
-    train(micro_batch_size, accum_steps, max_steps, trainer_class=DividingTwice,
-          max_grad_norm=0.0)
+    """The mistake: compute_loss divides by N too, so the window's gradient is 1/N of it
+    before Trainer clips it (max_grad_norm=1.0 cuts the big batch's |g| ~ 1.7 to 1 and leaves
+    the small one alone: the audit reads the 1/N off the losses, not the clipped norms)."""
+    train(micro_batch_size, accum_steps, max_steps, trainer_class=DividingTwice)

@@ -307,3 +307,18 @@ def two_optimizers_one_per_micro_batch(micro_batch_size: int, accum_steps: int,
             head_opt.zero_grad()
         body_opt.step()
         body_opt.zero_grad()
+
+
+def divided_twice_and_clipped(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """Divided by N twice, then clipped once per window (as the Hugging Face Trainer does):
+    the big batch's gradient is clipped to the threshold, the smaller one not, so the norms'
+    ratio is not 1/N; the losses' ratio still is."""
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(max_steps):
+        for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+            (nn.functional.mse_loss(model(xb), yb) / accum_steps / accum_steps).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # |g_big| 2.7, |g_acc| 0.67
+        optimizer.step()
+        optimizer.zero_grad()

@@ -425,10 +425,14 @@ DIAGNOSES = {
         "clip_grad_norm_() ran 4 times before step 1 in the accumulated run and 1 in the big",
     "audit_loops:cleared_before_the_step": "the accumulated run's optimizer received no "
                                            "gradient at step 1 (|g| = 0",
+    "audit_loops:divided_twice_and_clipped": "in both runs, so that ratio is the clipping's. "
+                                             "The losses backward() ran on before it sum to "
+                                             "0.25x the big batch's: the loss is divided by "
+                                             "N = 4 twice",
 }
 # read off what the loop did (counts, an exact multiple); the others name a likeness
 CERTAIN = {"audit_loops:separate_accumulation_branch", "audit_loops:clip_per_micro_batch",
-           "audit_loops:cleared_before_the_step"}
+           "audit_loops:cleared_before_the_step", "audit_loops:divided_twice_and_clipped"}
 
 
 @pytest.mark.parametrize("entrypoint", DIAGNOSES)

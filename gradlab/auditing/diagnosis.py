@@ -93,6 +93,29 @@ def diagnose(result: AuditResult) -> Diagnosis:
             f"results, so optimizer.step() received {received} "
             f"(|g| {ratio:.3g}x the big batch's, cosine {cosine:.3g}). Call zero_grad() only "
             f"after optimizer.step().", certain=True)
+    if clips and cosine >= SAME_DIRECTION:
+        # clip_grad_norm_() ran in both runs: the norms the step receives are clipped, so
+        # their ratio says nothing of the loss; the losses backward() ran on still do
+        said = (f"the accumulated gradient points the big batch's way (cosine {cosine:.6g}) "
+                f"and is {ratio:.4g}x as long, but clip_grad_norm_() ran before step {step} "
+                f"in both runs, so that ratio is the clipping's")
+        loss_ratio = window["loss"] / base["steps"][step - 1]["loss"] \
+            if base["steps"][step - 1]["loss"] else math.nan
+        for factor, cause in ((n, f"the loss is not divided by N = {n}. Divide each "
+                                  f"micro-batch's loss by accum_steps before backward()"),
+                              (1 / n, f"the loss is divided by N = {n} twice. A framework "
+                                      f"that accumulates (Lightning, Accelerate, the Hugging "
+                                      f"Face Trainer) divides by N itself: leave the loss "
+                                      f"undivided there")):
+            if abs(loss_ratio - factor) <= SAME_RATIO * factor:
+                return Diagnosis(
+                    f"{said}. The losses backward() ran on before it sum to {loss_ratio:.4g}x "
+                    f"the big batch's: {cause}.", certain=True)
+        if not math.isnan(loss_ratio) and abs(loss_ratio - 1) > SAME_RATIO:
+            return Diagnosis(
+                f"{said}. The losses backward() ran on before it sum to {loss_ratio:.4g}x the "
+                f"big batch's: each micro-batch's loss is scaled by {loss_ratio:.4g}/N "
+                f"= {loss_ratio / n:.4g} instead of 1/N = {1 / n:.4g}.", certain=True)
     if cosine >= SAME_DIRECTION and abs(ratio - n) <= SAME_RATIO * n:
         return Diagnosis(
             f"the accumulated gradient is {ratio:.4g}x the big batch's and points the same way "

@@ -105,7 +105,7 @@ class Window:
     discarded: int = 0        # backward() results a zero_grad() cleared before any step
     zero_grads: int = 0
     scheduler_steps: int = 0
-    clips: int = 0            # clip_grad_norm_() calls
+    clips: int = 0            # clip_grad_norm_(), clip_grads_with_norm_(), clip_grad_value_()
     pending: int = 0          # backward() calls since .grad was last cleared or stepped on
     losses: list = field(default_factory=list)  # the scalars backward() ran on, detached
     loss_known: bool = True
@@ -163,7 +163,11 @@ class Recorder:
         self._wrap(LRScheduler, "step", self.on_scheduler_step)
         # the module attribute every caller looks up (Accelerate's and Lightning's clipping
         # too); installed before the user's module is imported, so its own import binds it
-        self._wrap(torch.nn.utils, "clip_grad_norm_", self.on_clip)
+        # (clip_grads_with_norm_: what Accelerate, and so the Hugging Face Trainer, call
+        # with a norm of their own; torch's clip_grad_norm_ does not go through this name)
+        for clip in ("clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"):
+            if clip in vars(torch.nn.utils):
+                self._wrap(torch.nn.utils, clip, self.on_clip)
 
     def _wrap(self, owner, name: str, before) -> None:
         """``owner.name`` (a class's method, or a module's function) calls ``before`` with its
