@@ -87,6 +87,7 @@ def test_tutorial_loop_is_equivalent_in_float64_at_every_step(tutorial):
     assert result.stdout.strip() == str(run_dir)  # stdout: the run directory, nothing else
 
 
+@pytest.mark.slow  # two more audit processes; the float64 loop stays in the default run
 def test_tutorial_loop_in_float32_is_within_the_float32_floor(out):
     result, run_dir = cli_audit(out, "experiments.tutorial_loop:train_float32")
     assert result.exit_code == 0, result.stderr
@@ -140,6 +141,7 @@ def test_scheduler_per_micro_batch_is_named(broken):
     assert not checks["passed"].iloc[0] and checks["value"].iloc[0] > 0.5
 
 
+@pytest.mark.slow  # a framework's loop, like Lightning's and the HF Trainer's
 def test_accelerate_accumulate_is_equivalent(out):
     pytest.importorskip("accelerate")
     result, run_dir = cli_audit(out, "experiments.accelerate_loop:train")

@@ -12,16 +12,16 @@ import torch
 
 from conftest import gradlab
 
-pytest.importorskip("transformers", reason='the Hugging Face example needs transformers '
-                                           '(pip install -e ".[hf]")')
-
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 
 
 @pytest.fixture(scope="module", autouse=True)
 def in_repo():
-    """`experiments.*` is found from the project folder, as a user runs it."""
+    """`experiments.*` is found from the project folder, as a user runs it. (transformers is
+    looked for here, not at import: importing it costs seconds of every default run.)"""
+    pytest.importorskip("transformers", reason='the Hugging Face example needs transformers '
+                                               '(pip install -e ".[hf]")')
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)
         yield

@@ -31,6 +31,10 @@ from gradlab.setup import Setup, mse_loss
 from gradlab.train import engine, replica
 from test_cli import assert_clean_failure
 
+# every run here starts torchrun ranks (about 30 s of the module's start on two cores): the slow
+# run, which CI makes too, keeps the default run under five minutes
+pytestmark = pytest.mark.slow
+
 TESTS = Path(__file__).parent
 # far more than any of these runs takes: reached only if a rank hangs
 HANG = 240
