@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gradlab.api import audit
+from gradlab.auditing.result import difference_text
 
 
 def assert_accumulation_equivalent(train: str | Callable, accum_steps: int, *,
@@ -38,12 +39,8 @@ def assert_accumulation_equivalent(train: str | Callable, accum_steps: int, *,
             shutil.rmtree(folder, ignore_errors=True)
         return
     first = result.first_difference
-    said = (f"rel grad err {first['rel_grad_err']:.3g} (tolerance {first['tolerance']:.3g}), "
-            f"cosine {first['cosine']:.6g}")
-    if first["lr_accumulated"] != first["lr_big_batch"]:
-        said += f", learning rate {first['lr_accumulated']:.6g} against {first['lr_big_batch']:.6g}"
     lines = [f"{result.arm.call(steps)} differs from {result.base.call(steps)} from step "
-             f"{first['step']}: {said}",
+             f"{first['step']}: {difference_text(first)}",
              f"diagnosis: {result.diagnosis or 'none: no pattern gradlab knows fits'}",
              f"run directory: {result.run_dir}"]
     raise AssertionError("\n".join(lines))

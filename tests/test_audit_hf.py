@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
-from conftest import gradlab
+from test_audit import STEPS, cli_audit, table
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 4
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,12 +26,9 @@ def in_repo():
 
 
 def audit(tmp_path: Path, entrypoint: str):
-    """`gradlab audit ENTRYPOINT -n 4 --steps 4`; the result and its audit.csv (as in
-    test_audit.cli_audit)."""
-    result = gradlab("audit", entrypoint, "--accum-steps", "4", "--steps", str(STEPS),
-                     "--out", tmp_path)
-    run_dir = Path(result.stdout.strip()) if result.exit_code in (0, 1) else None
-    return result, pd.read_csv(run_dir / "audit.csv") if run_dir else None
+    """`gradlab audit ENTRYPOINT -n 4 --steps 4`; the result and its audit.csv."""
+    result, run_dir = cli_audit(tmp_path, entrypoint)
+    return result, table(run_dir, "audit") if run_dir else None
 
 
 @pytest.mark.slow

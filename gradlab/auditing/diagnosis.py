@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 # this relative distance of N: not-divided-by-N gives cosine 1 and ratio N to rounding
 SAME_DIRECTION = 1 - 1e-6
 SAME_RATIO = 1e-3
+# the fixes of the two scale mistakes, whether the scale is read off the norms or the losses
+DIVIDE = "Divide each micro-batch's loss by accum_steps before backward()"
+DIVIDED_ALREADY = ("A framework that accumulates (Lightning's accumulate_grad_batches, "
+                   "Accelerate's backward(), the Hugging Face Trainer) divides by N itself: "
+                   "leave the loss undivided there")
 
 
 class Diagnosis(NamedTuple):
@@ -101,12 +106,9 @@ def diagnose(result: AuditResult) -> Diagnosis:
                 f"in both runs, so that ratio is the clipping's")
         loss_ratio = window["loss"] / base["steps"][step - 1]["loss"] \
             if base["steps"][step - 1]["loss"] else math.nan
-        for factor, cause in ((n, f"the loss is not divided by N = {n}. Divide each "
-                                  f"micro-batch's loss by accum_steps before backward()"),
-                              (1 / n, f"the loss is divided by N = {n} twice. A framework "
-                                      f"that accumulates (Lightning, Accelerate, the Hugging "
-                                      f"Face Trainer) divides by N itself: leave the loss "
-                                      f"undivided there")):
+        for factor, cause in ((n, f"the loss is not divided by N = {n}. {DIVIDE}"),
+                              (1 / n, f"the loss is divided by N = {n} twice. "
+                                      f"{DIVIDED_ALREADY}")):
             if abs(loss_ratio - factor) <= SAME_RATIO * factor:
                 return Diagnosis(
                     f"{said}. The losses backward() ran on before it sum to {loss_ratio:.4g}x "
@@ -120,15 +122,12 @@ def diagnose(result: AuditResult) -> Diagnosis:
         return Diagnosis(
             f"the accumulated gradient is {ratio:.4g}x the big batch's and points the same way "
             f"(cosine {cosine:.6g}), so the relative error is N - 1 = {n - 1}: the loss is not "
-            f"divided by N = {n}. Divide each micro-batch's loss by accum_steps before "
-            f"backward(): (loss / accum_steps).backward().", certain=True)
+            f"divided by N = {n}. {DIVIDE}: (loss / accum_steps).backward().", certain=True)
     if cosine >= SAME_DIRECTION and abs(ratio - 1 / n) <= SAME_RATIO / n:
         return Diagnosis(
             f"the accumulated gradient is {ratio:.4g}x the big batch's and points the same way "
             f"(cosine {cosine:.6g}): 1/N of it, N = {n}, so the loss is divided by N twice. "
-            f"A framework that accumulates (Lightning's accumulate_grad_batches, Accelerate's "
-            f"backward(), the Hugging Face Trainer) divides by N itself: leave the loss "
-            f"undivided there.", certain=True)
+            f"{DIVIDED_ALREADY}.", certain=True)
     if cosine >= SAME_DIRECTION and step == 1:
         return Diagnosis(
             f"the accumulated gradient is {ratio:.4g}x the big batch's and points the same way "

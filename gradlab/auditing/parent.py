@@ -39,9 +39,8 @@ def verdict_of(dtype: str, accum_steps: int, rel_err: float) -> tuple[Verdict, f
     against, so the floor is 0 and the accumulated run is judged on its distance from
     its big-batch twin: (N - 1)·u + 32·u_acc.
     """
-    tolerance, verdict = judge(False, dtype, accum_steps,
-                                      {"max_rel_grad_err": rel_err})
-    return Verdict(verdict), tolerance
+    tolerance, verdict = judge(False, dtype, accum_steps, {"max_rel_grad_err": rel_err})
+    return verdict, tolerance
 
 
 def audit(entrypoint: str | Callable, accum_steps: int, *,
@@ -144,7 +143,7 @@ def check_runs(captured: dict[str, dict], arms: dict[str, Arm], max_steps: int) 
                                f"optimizer stepped); the audit compares what reaches step(), "
                                f"so train() must train with a torch.optim optimizer")
     counts = {label: len(c["steps"]) for label, c in captured.items()}
-    if len(set(counts.values())) > 1 and any(s.get("optimizer") for c in captured.values()
+    if len(set(counts.values())) > 1 and any(s["optimizer"] for c in captured.values()
                                              for s in c["steps"]):
         raise GradlabError(f"train() steps several optimizers, at rates that depend on N: "
                            f"{_steps_per_optimizer(captured, calls)}; each optimizer must step "
@@ -173,8 +172,8 @@ def check_runs(captured: dict[str, dict], arms: dict[str, Arm], max_steps: int) 
 def _steps_per_optimizer(captured: dict[str, dict], calls: dict[str, str]) -> str:
     """'optimizer 1 (over a, b) stepped 5 times in train(..) and 20 in train(..); ...'."""
     said = []
-    for k in sorted({s.get("optimizer", 0) for c in captured.values() for s in c["steps"]}):
-        mine = {label: [s for s in c["steps"] if s.get("optimizer", 0) == k]
+    for k in sorted({s["optimizer"] for c in captured.values() for s in c["steps"]}):
+        mine = {label: [s for s in c["steps"] if s["optimizer"] == k]
                 for label, c in captured.items()}
         names = next(s["names"] for steps in mine.values() for s in steps)
         over = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")

@@ -4,10 +4,12 @@ CLI's table. Torch-free, so the CLI can read a result without importing torch.""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradlab.record.schema import fmt
 from gradlab.record.verdict import Verdict
 
 # A run copies every gradient (to host memory, in its own dtype) while parameters x
@@ -69,3 +71,26 @@ class AuditResult:
     @property
     def failed(self) -> bool:
         return self.verdict != Verdict.EQUIVALENT
+
+
+def cosine_text(value: float) -> str:
+    """A cosine shows how close to 1 it is: 0.99999994 is not 1."""
+    if math.isnan(value):
+        return "-"
+    if value > 0.999:
+        return f"{value:.8f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"
+
+
+def difference_text(first: dict[str, Any]) -> str:
+    """What differs at a step, in words: 'rel grad err 3 (tolerance 3.89e-15), cosine 1', then
+    the learning rates and the optimizer settings when they differ (the table's and the
+    pytest assertion's words alike)."""
+    what = (f"rel grad err {fmt(first['rel_grad_err'])} (tolerance {fmt(first['tolerance'])}), "
+            f"cosine {cosine_text(first['cosine'])}")
+    if first["rel_lr_diff"] > LR_RTOL:
+        what += (f"; learning rate {fmt(first['lr_accumulated'])} against "
+                 f"{fmt(first['lr_big_batch'])}")
+    if first["settings_differ"]:
+        what += f"; optimizer settings: {first['settings_differ']}"
+    return what

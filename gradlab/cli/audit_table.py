@@ -4,12 +4,12 @@ only shows its AuditResult."""
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
-from gradlab.auditing.result import LR_RTOL, PROJECTIONS
+from gradlab.auditing.result import LR_RTOL, PROJECTIONS, cosine_text, difference_text
 from gradlab.auditing.rundir import WEIGHTS_NOTE
 from gradlab.record.meta import Status
+from gradlab.record.schema import fmt
 from gradlab.record.verdict import REORDER, Verdict
 
 if TYPE_CHECKING:
@@ -20,8 +20,6 @@ def render(result: AuditResult, console) -> None:
     """The step table, the first difference and its diagnosis, on the given rich console."""
     from rich.table import Table
     from rich.text import Text
-
-    from gradlab.readers.compare import fmt
 
     estimate = " (estimated)" if result.estimate else ""
     title = (f"audit {result.entrypoint}: {result.arm.call(result.max_steps)} against "
@@ -40,7 +38,7 @@ def render(result: AuditResult, console) -> None:
             continue
         style = "green" if s["verdict"] == Verdict.EQUIVALENT else "red"
         table.add_row(str(s["step"]), fmt(s["rel_grad_err"]), fmt(s["tolerance"]),
-                      _cosine(s["cosine"]), fmt(s["lr_big_batch"]), fmt(s["lr_accumulated"]),
+                      cosine_text(s["cosine"]), fmt(s["lr_big_batch"]), fmt(s["lr_accumulated"]),
                       f"[{style}]{s['verdict']}[/]")
     console.print(table)
     worst = max(s["rel_grad_err"] for s in result.steps)
@@ -62,26 +60,10 @@ def render(result: AuditResult, console) -> None:
             f"{fmt(result.steps[0]['tolerance'])}) and learning rate"), soft_wrap=True)
         return
     first = result.first_difference
-    what = (f"rel grad err {fmt(first['rel_grad_err'])} (tolerance {fmt(first['tolerance'])}), "
-            f"cosine {_cosine(first['cosine'])}")
-    if first["rel_lr_diff"] > LR_RTOL:
-        what += (f"; learning rate {fmt(first['lr_accumulated'])} against "
-                 f"{fmt(first['lr_big_batch'])}")
-    if first["settings_differ"]:
-        what += f"; optimizer settings: {first['settings_differ']}"
-    console.print(Text.assemble((Verdict.DIFFERS, "bold red"),
-                                f" from step {first['step']}: {what}"), soft_wrap=True)
+    console.print(Text.assemble((Verdict.DIFFERS, "bold red"), f" from step {first['step']}: "
+                                f"{difference_text(first)}"), soft_wrap=True)
     if result.diagnosis:
         console.print(f"diagnosis: {result.diagnosis}", **plain)
-
-
-def _cosine(value: float) -> str:
-    """A cosine shows how close to 1 it is: 0.99999994 is not 1."""
-    if math.isnan(value):
-        return "-"
-    if value > 0.999:
-        return f"{value:.8f}".rstrip("0").rstrip(".")
-    return f"{value:.3g}"
 
 
 def shown_steps(steps: list[dict], keep: int = 12) -> list[dict | None]:

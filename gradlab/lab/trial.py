@@ -96,7 +96,7 @@ def summary_row(run: ArmRun) -> dict[str, Any]:
                                run.rows["buffers"])
     computed_in = compute_dtype(s.dtype, s.autocast)
     tolerance, verdict = judge(arm.baseline, computed_in, s.accum_steps,
-                                      {**metrics, "world_size": s.world_size})
+                               {**metrics, "world_size": s.world_size})
     memory = [o.bytes() for o in run.observers if isinstance(o, CudaMemory)]
     if s.cost:
         metrics.update(schema.summarise_cost(run.rows["cost"], s.batch_size))

@@ -23,6 +23,7 @@ import pandas as pd
 
 from gradlab.errors import GradlabError
 from gradlab.record import schema, verdict
+from gradlab.record.schema import fmt
 from gradlab.record.store import Run
 from gradlab.record.verdict import Verdict, missing
 
@@ -47,17 +48,6 @@ BOOKKEEPING = ("baseline", "rel_tolerance", "exact_floor", "batch_size", "run_ch
                "swept_accum_steps")
 # metrics that the run measured along the way, and so can be read at an earlier step
 STEP_METRICS = schema.METRICS
-
-
-def fmt(value: Any) -> str:
-    """A number as a person reads it: 3 significant digits, scientific when tiny or huge."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        return f"{value:.3g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
-    return str(value)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -195,7 +185,7 @@ def judge(rows: pd.DataFrame, tol: Tolerance) -> pd.DataFrame:
     """Tolerance, verdict and check of every row, by the run's own rule (verdict.judge)."""
     rows = rows.copy()
     judged = [verdict.judge(bool(row["baseline"]), row["precision"], int(row["accum_steps"]),
-                           row.to_dict(), tol.rtol, tol.atol) for _, row in rows.iterrows()]
+                            row.to_dict(), tol.rtol, tol.atol) for _, row in rows.iterrows()]
     if "max_sum_condition" in rows:  # read again at --at-step
         rows["accum_bound"] = [
             math.nan if row["baseline"] else verdict.accumulation_bound(

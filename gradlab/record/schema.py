@@ -101,6 +101,17 @@ HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel 
            "memory_mb": "step MB", "rss_mb": "peak RSS MB"}
 
 
+def fmt(value: Any) -> str:
+    """A number as a person reads it: 3 significant digits, scientific when tiny or huge."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.3g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+    return str(value)
+
+
 def allowed_columns(table: str, settings: Iterable[str] = ()) -> set[str]:
     """The columns a writer may put in ``table`` (summary: plus the swept settings)."""
     extra = set(settings) if table == "summary" else set()
