@@ -35,3 +35,13 @@ def test_a_loop_that_differs_fails_with_its_measured_diagnosis(tmp_path):
     assert "not divided by N = 4" in diagnosis
     run_dir = Path(kept.removeprefix("run directory: "))
     assert run_dir.parent == tmp_path and (run_dir / "audit.csv").is_file()
+
+
+@pytest.mark.slow  # two Lightning audits: four processes importing pytorch_lightning
+def test_the_assertion_holds_on_lightnings_own_loop(tmp_path):
+    pytest.importorskip("pytorch_lightning", reason='pip install -e ".[lightning]"')
+    assert_accumulation_equivalent("experiments.lightning_loop:train", accum_steps=4, steps=3)
+    with pytest.raises(AssertionError, match=r"rel grad err 0\.75 \(tolerance 3\.89e-15\), "
+                                             r"cosine 1\ndiagnosis: .*divided by N twice"):
+        assert_accumulation_equivalent("experiments.lightning_loop:train_dividing_twice",
+                                       accum_steps=4, steps=3, out=tmp_path)
