@@ -28,11 +28,17 @@ def setup(micro_batch_size: int, max_steps: int, dtype: torch.dtype = torch.floa
     loader = DataLoader(TensorDataset(x, y), batch_size=micro_batch_size, shuffle=True,
                         drop_last=True, generator=torch.Generator().manual_seed(0))
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).to(dtype)
+    loss_fn = nn.CrossEntropyLoss()  # the mean over the micro-batch
+    return (loader, model, *optimizer_and_scheduler(model, max_steps), loss_fn)
+
+
+def optimizer_and_scheduler(model: nn.Module, max_steps: int):
+    """SGD with momentum and a linear decay over max_steps (built after any wrapping that
+    replaces the parameters, such as FSDP2's fully_shard)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0,
                                                   end_factor=0.1, total_iters=max_steps)
-    loss_fn = nn.CrossEntropyLoss()  # the mean over the micro-batch
-    return loader, model, optimizer, scheduler, loss_fn
+    return optimizer, scheduler
 
 
 def train(micro_batch_size: int, accum_steps: int, max_steps: int,

@@ -138,7 +138,8 @@ def audit(entrypoint: str | Callable, accum_steps: int, *, micro_batch_size: int
     """Audit a training loop: ``train(micro_batch_size, accum_steps, max_steps)`` (given as
     'pkg.module:train' or as the function) against its big-batch twin, step by step. The
     result has the verdict, the first difference and its measured diagnosis, and the run
-    directory. ``options``: copy_limit, parallel (see gradlab.auditing.parent.audit)."""
+    directory. ``options``: copy_limit, parallel, nproc_per_node (see
+    gradlab.auditing.parent.audit)."""
     from gradlab import auditing
 
     return auditing.audit(entrypoint, accum_steps, micro_batch_size=micro_batch_size,

@@ -68,6 +68,9 @@ def diagnose(result: AuditResult) -> Diagnosis:
             f"they depend on N in the loop; the big batch's update needs the big batch's "
             f"settings.", certain=True)
     window = own["steps"][step - 1]
+    ranks = result.arm.ranks
+    if ranks > 1 and first["rank_grad_spread"] > first["tolerance"]:
+        return _ranks_apart(first, window, ranks)
     if first["grad_norm_accumulated"] == 0 and first["grad_norm_big_batch"] > 0:
         cleared = (f"zero_grad() discarded all {window['backwards']} backward() results before "
                    f"it: it ran after the last backward() and before optimizer.step(). Call "
@@ -123,6 +126,17 @@ def diagnose(result: AuditResult) -> Diagnosis:
             f"the accumulated gradient is {ratio:.4g}x the big batch's and points the same way "
             f"(cosine {cosine:.6g}), so the relative error is N - 1 = {n - 1}: the loss is not "
             f"divided by N = {n}. {DIVIDE}: (loss / accum_steps).backward().", certain=True)
+    if ranks > 1 and cosine >= SAME_DIRECTION and abs(ratio - 1 / ranks) <= SAME_RATIO / ranks:
+        m = result.arm.micro_batch_size
+        twice = (f" (with N = W = {n}, a loss divided by N twice gives the same 1/{n}: look "
+                 f"for both)" if n == ranks else "")
+        return Diagnosis(
+            f"the accumulated gradient is {ratio:.4g}x the big batch's and points the same way "
+            f"(cosine {cosine:.6g}): 1/W of it, W = {ranks} ranks, so each rank's loss is "
+            f"divided by the global batch (m·N·W = {m * n * ranks} examples) while DDP's "
+            f"all-reduce (FSDP's reduce-scatter) already averages over the W ranks{twice}. "
+            f"Divide each rank's loss by its own examples in the window (m·N = {m * n}), or "
+            f"multiply it by W = {ranks}.", certain=True)
     if cosine >= SAME_DIRECTION and abs(ratio - 1 / n) <= SAME_RATIO / n:
         return Diagnosis(
             f"the accumulated gradient is {ratio:.4g}x the big batch's and points the same way "
@@ -178,6 +192,25 @@ def diagnose(result: AuditResult) -> Diagnosis:
         f"micro-batch by a count that varies between micro-batches, like tokens in sequences "
         f"of unequal length (then the error vanishes when all have equal length) or an uneven "
         f"last micro-batch; normalising by the count of the whole window removes it.",
+        certain=False)
+
+
+def _ranks_apart(first: dict[str, Any], window: dict[str, Any], ranks: int) -> Diagnosis:
+    """The ranks stepped on different gradients: data parallelism without the reduction."""
+    step, syncs, backwards = first["step"], window["syncs"], window["backwards"]
+    said = (f"the {ranks} ranks' optimizers received different gradients at step {step} (the "
+            f"farthest rank's is {first['rank_grad_spread']:.3g} from rank 0's, rel err), so in "
+            f"training their weights drift apart")
+    if syncs == 0:
+        return Diagnosis(
+            f"{said}: none of the {backwards} backward() calls of rank 0's window reduced "
+            f"gradients across the ranks (each ran under DDP's no_sync(), or with FSDP2's "
+            f"set_requires_gradient_sync(False)). Run the window's last backward() outside "
+            f"no_sync() (FSDP2: set_requires_gradient_sync(True) before it).", certain=True)
+    return Diagnosis(
+        f"{said}, although {syncs} of the {backwards} backward() calls of rank 0's window "
+        f"reduced gradients across the ranks; no pattern gradlab knows fits (a parameter that "
+        f"some ranks leave out of the reducing backward() keeps each rank's own gradient).",
         certain=False)
 
 

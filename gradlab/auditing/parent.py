@@ -6,6 +6,11 @@ differ, and writes the run directory.
 The big-batch run leads: after each optimizer step it leaves its weights where the
 accumulated run, which follows, takes them after its own step; so both runs' gradients are
 taken at the same weights at every step, and rounding cannot drift them apart.
+
+With ``nproc_per_node = W > 1`` the accumulated run is W ranks that torch's launcher
+(torchrun) starts, and the big batch one process under it with m·N·W examples a step:
+every rank's record is read, the ranks must agree on what they stepped on, and rank 0's
+is the one compared.
 """
 
 from __future__ import annotations
@@ -32,38 +37,46 @@ from gradlab.errors import GradlabError
 from gradlab.record.verdict import UNIT_ROUNDOFF, Verdict, judge
 
 
-def verdict_of(dtype: str, accum_steps: int, rel_err: float) -> tuple[Verdict, float]:
+def verdict_of(dtype: str, pieces: int, rel_err: float) -> tuple[Verdict, float]:
     """equivalent or differs, and the tolerance: gradlab's one verdict rule (record/verdict.py).
 
     A user's loop gives no float64 reference to measure the big batch's own rounding
     against, so the floor is 0 and the accumulated run is judged on its distance from
-    its big-batch twin: (N - 1)·u + 32·u_acc.
+    its big-batch twin: (P - 1)·u + 32·u_acc, for a gradient summed from P = N pieces on
+    one process, P = N·W over W ranks (each rank's N, then the ranks' reduction).
     """
-    tolerance, verdict = judge(False, dtype, accum_steps, {"max_rel_grad_err": rel_err})
+    tolerance, verdict = judge(False, dtype, pieces, {"max_rel_grad_err": rel_err})
     return verdict, tolerance
 
 
 def audit(entrypoint: str | Callable, accum_steps: int, *,
           micro_batch_size: int = 8, steps: int = 5, out: str | Path = "results",
-          copy_limit: int = COPY_LIMIT, parallel: bool = True,
+          copy_limit: int = COPY_LIMIT, parallel: bool = True, nproc_per_node: int = 1,
           say: Callable[[str], object] = lambda message: None) -> AuditResult:
     """Run train(m, N, K) and train(m*N, 1, K), compare them step by step, diagnose, and
     write the run directory. ``entrypoint``: 'pkg.module:function', or a module-level
-    function (the workers import it by its name). ``say``: progress, one line at a time."""
+    function (the workers import it by its name). ``nproc_per_node``: W > 1 runs
+    train(m, N, K) on W ranks and the big batch train(m*N*W, 1, K) on one, both under
+    torch's launcher. ``say``: progress, one line at a time."""
     if callable(entrypoint):
         entrypoint = entrypoints.import_path_of(entrypoint)
     max_steps, out = steps, Path(out)  # K, as the worker calls it
     for value, flag, least in ((accum_steps, "--accum-steps", 2),
                                (micro_batch_size, "--micro-batch-size", 1),
-                               (max_steps, "--steps", 1), (copy_limit, "--copy-limit", 0)):
+                               (max_steps, "--steps", 1), (copy_limit, "--copy-limit", 0),
+                               (nproc_per_node, "--nproc-per-node", 1)):
         if value < least:
             extra = " (N = 1 would compare the loop with itself)" if least == 2 else ""
             raise GradlabError(f"{flag} {value}: give an integer >= {least}{extra}")
     locate_entrypoint(entrypoint)  # imports nothing: the user's module may be slow to import
-    base, arm = twins(micro_batch_size, accum_steps)
+    if nproc_per_node > 1 and not torch.distributed.is_available():
+        raise GradlabError("--nproc-per-node needs torch.distributed, which this torch build "
+                           "lacks; install a build with it (the PyPI wheels have it)")
+    base, arm = twins(micro_batch_size, accum_steps, nproc_per_node)
 
     start = time.perf_counter()
-    say(f"running {arm.call(max_steps)} and {base.call(max_steps)}, each in its own process")
+    say(f"running {arm.call(max_steps)} and {base.call(max_steps)}, each in its own "
+        f"process{'es' * (arm.ranks > 1)}")
     # memory-backed where there is one: the weights pass through it at every step
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="gradlab-audit-", dir=shm) as tmp:
@@ -105,7 +118,10 @@ def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
     started = []
     for arm, label, role in runs:
         out, log = tmp / f"{label}.pt", tmp / f"{label}.log"
-        command = [sys.executable, "-m", "gradlab.auditing.worker", entrypoint,
+        # on ranks: torch's own launcher (torchrun), on this machine alone, one worker a rank
+        launcher = ["-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={arm.ranks}"] if arm.ranks else []
+        command = [sys.executable, *launcher, "-m", "gradlab.auditing.worker", entrypoint,
                    str(arm.micro_batch_size), str(arm.accum_steps), str(max_steps),
                    str(copy_limit), str(out), role, str(shared)]
         with log.open("wb") as sink:  # the loop's own prints: shown only if it dies
@@ -123,15 +139,42 @@ def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
         time.sleep(0.01)
     captured = {}
     for arm, label, _, process, out, log in started:
-        if not out.is_file():
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise GradlabError(f"{arm.call(max_steps)} died without a result (exit code "
-                               f"{process.returncode}: {tail[0]}); run it alone to see why")
-        result = torch.load(out, weights_only=False)
-        if result["error"]:
-            raise GradlabError(result["error"])
-        captured[label] = result
+        records = read_records(arm, out, log, process.returncode, max_steps)
+        captured[label] = records[0]
+        if len(records) > 1:
+            captured[label]["ranks"] = records
     return captured
+
+
+def read_records(arm: Arm, out: Path, log: Path, code: int, max_steps: int) -> list[dict]:
+    """What the run's workers saved: one record, or one per rank (label.rankR.pt); the first
+    error any of them met, or which rank died without a record."""
+    paths = [out] if arm.ranks <= 1 else \
+        [out.with_name(f"{out.stem}.rank{r}{out.suffix}") for r in range(arm.ranks)]
+    records = [torch.load(p, weights_only=False) if p.is_file() else None for p in paths]
+    errors = [(r, c["error"]) for r, c in enumerate(records) if c and c["error"]]
+    if errors:
+        rank, error = errors[0]
+        raise GradlabError(f"rank {rank}: {error}" if arm.ranks > 1 else error)
+    missing = [r for r, c in enumerate(records) if c is None]
+    if missing:
+        lines = log.read_text(errors="replace").strip().splitlines()
+        # torch's launcher ends with its own summary: the loop's last words come before it
+        said = next((line for line in reversed(lines) if "Error" in line), None) or \
+            (lines[-1] if lines else "no output")
+        who = (f"rank {missing[0]} of {arm.call(max_steps)}" if arm.ranks > 1
+               else arm.call(max_steps))
+        raise GradlabError(f"{who} died without a result (exit code {code}: {said.strip()}); "
+                           f"run it alone to see why")
+    if len(records) > 1:
+        counts = [len(c["steps"]) for c in records]
+        if len(set(counts)) > 1:
+            made = ", ".join(f"rank {r} made {n}" for r, n in enumerate(counts))
+            raise GradlabError(f"the ranks of {arm.call(max_steps)} made different numbers of "
+                               f"optimizer steps ({made}); every rank must step at the same "
+                               f"micro-batches (give each rank as many: DistributedSampler "
+                               f"with drop_last=True)")
+    return records
 
 
 def check_runs(captured: dict[str, dict], arms: dict[str, Arm], max_steps: int) -> None:
@@ -202,14 +245,16 @@ def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
     estimate = ref["sketch"] or own["sketch"]
     steps, params = [], []
     tables = gradient_tables(ref["steps"], own["steps"], estimate)
-    for step, (b, a, rows) in enumerate(zip(ref["steps"], own["steps"], tables, strict=True),
-                                        start=1):
+    spreads = rank_spreads(own, estimate)
+    for step, (b, a, rows, spread) in enumerate(zip(ref["steps"], own["steps"], tables, spreads,
+                                                    strict=True), start=1):
         overall = rows[-1]
-        verdict, tolerance = verdict_of(dtype, arm.accum_steps, overall["rel_l2_err"])
+        verdict, tolerance = verdict_of(dtype, arm.accum_steps * max(arm.ranks, 1),
+                                        overall["rel_l2_err"])
         lr_diff = max(abs(x - y) / abs(y) if y else abs(x - y)
                       for x, y in zip(a["lrs"], b["lrs"], strict=False))
         settings = settings_differences(b["settings"], a["settings"])
-        if lr_diff > LR_RTOL or len(a["lrs"]) != len(b["lrs"]) or settings:
+        if lr_diff > LR_RTOL or len(a["lrs"]) != len(b["lrs"]) or settings or spread > tolerance:
             verdict = Verdict.DIFFERS
         steps.append({
             "trial": 0, "arm": arm.name, "step": step, "rel_grad_err": overall["rel_l2_err"],
@@ -219,7 +264,8 @@ def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
             "lr_big_batch": b["lrs"][0], "lr_accumulated": a["lrs"][0], "rel_lr_diff": lr_diff,
             "loss_big_batch": b["loss"], "loss_accumulated": a["loss"],
             "tolerance": tolerance, "verdict": verdict, "estimate": estimate,
-            "settings_differ": "; ".join(settings)})
+            "settings_differ": "; ".join(settings), "rank_grad_spread": spread,
+            "syncs_big_batch": b["syncs"], "syncs_accumulated": a["syncs"]})
         params += [{"trial": 0, "arm": arm.name, "step": step, **r} for r in rows]
     if all(s["grad_norm_big_batch"] == 0 and s["grad_norm_accumulated"] == 0 for s in steps):
         raise GradlabError(f"neither {base.call(max_steps)} nor {arm.call(max_steps)} handed "
@@ -232,6 +278,23 @@ def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
     if differing:
         result.verdict, result.first_difference = Verdict.DIFFERS, differing[0]
     return result
+
+
+def rank_spreads(capture: dict[str, Any], estimate: bool) -> list[float]:
+    """For each step, how far the other ranks' gradients lie from rank 0's (the largest rel
+    err): 0 when the ranks reduced them before the step, as data parallelism must; NaN on
+    one process."""
+    ranks = capture.get("ranks", [capture])
+    if len(ranks) == 1:
+        return [math.nan] * len(capture["steps"])
+    spreads = [0.0] * len(capture["steps"])
+    for other in ranks[1:]:
+        if [s["names"] for s in other["steps"]] != [s["names"] for s in capture["steps"]]:
+            return [math.inf] * len(spreads)
+        tables = gradient_tables(capture["steps"], other["steps"], estimate)
+        spreads = [max(s, rows[-1]["rel_l2_err"]) for s, rows in zip(spreads, tables,
+                                                                      strict=True)]
+    return spreads
 
 
 def settings_differences(ref: list[dict], own: list[dict]) -> list[str]:
@@ -344,7 +407,7 @@ def check_deterministic(base: Arm, max_steps: int, first: dict, again: dict, dty
     for step, (a, b) in enumerate(zip(again["steps"], first["steps"], strict=True), start=1):
         rel = gradient_tables([b], [a], estimate)[0][-1]["rel_l2_err"] \
             if a["names"] == b["names"] else math.inf
-        verdict, tolerance = verdict_of(dtype, base.accum_steps, rel)
+        verdict, tolerance = verdict_of(dtype, base.accum_steps * max(base.ranks, 1), rel)
         if verdict != Verdict.EQUIVALENT or a["lrs"] != b["lrs"]:
             raise GradlabError(
                 f"the loop is not deterministic: {call} run twice hands the optimizer "

@@ -28,23 +28,35 @@ LR_RTOL = 1e-12
 
 @dataclass(frozen=True)
 class Arm:
-    """One call of the user's train(): m examples a micro-batch, N micro-batches a step."""
+    """One call of the user's train(): m examples a micro-batch, N micro-batches a step, on
+    ``ranks`` processes started by torch's launcher (0: one plain process)."""
     name: str
     micro_batch_size: int
     accum_steps: int
+    ranks: int = 0
 
     @property
     def batch_size(self) -> int:
-        return self.micro_batch_size * self.accum_steps
+        """Examples per optimizer step, over all ranks."""
+        return self.micro_batch_size * self.accum_steps * max(self.ranks, 1)
 
     def call(self, max_steps: int) -> str:
-        return f"train({self.micro_batch_size}, {self.accum_steps}, {max_steps})"
+        where = {0: ""}.get(self.ranks, f" on {self.ranks} rank{'s' * (self.ranks > 1)}")
+        return f"train({self.micro_batch_size}, {self.accum_steps}, {max_steps}){where}"
 
 
-def twins(micro_batch_size: int, accum_steps: int) -> tuple[Arm, Arm]:
-    """The baseline (m*N x 1) and the accumulated arm (m x N)."""
-    return (Arm("big-batch", micro_batch_size * accum_steps, 1),
-            Arm("accumulated", micro_batch_size, accum_steps))
+def twins(micro_batch_size: int, accum_steps: int, ranks: int = 1) -> tuple[Arm, Arm]:
+    """The baseline (m*N*W x 1) and the accumulated arm (m x N on each of W ranks).
+
+    On W > 1 ranks the baseline is one process, under torch's launcher too (so the loop's
+    init_process_group() works): a baseline on W ranks with N = 1 would share the
+    accumulated run's division by W, and hide the mistake of dividing by it twice.
+    """
+    if ranks == 1:
+        return (Arm("big-batch", micro_batch_size * accum_steps, 1),
+                Arm("accumulated", micro_batch_size, accum_steps))
+    return (Arm("big-batch", micro_batch_size * accum_steps * ranks, 1, ranks=1),
+            Arm("accumulated", micro_batch_size, accum_steps, ranks=ranks))
 
 
 @dataclass

@@ -10,6 +10,13 @@ the scalars they ran on: the loss the step's gradient is the gradient of), zero_
 calls and the backward() results they discarded, scheduler steps, and clip_grad_norm_()
 calls.
 
+Under torch's launcher (``gradlab audit --nproc-per-node W``) each rank runs this worker
+and saves its own record (``label.rankR.pt``). It also counts the backward() calls that
+reduced gradients across the ranks (DDP outside ``no_sync()``, FSDP2 with
+``set_requires_gradient_sync(True)``), records an FSDP2 gradient whole (its DTensor's
+``full_tensor()``: every rank is at the optimizer step together, so the gather meets),
+and, following, writes the leader's weights into its own shard of each parameter.
+
 The parent starts it as ``python -m gradlab.auditing.worker``; it imports only the standard
 library, torch and gradlab's torch-free helpers, so a process starts as fast as the user's
 own script.
@@ -21,6 +28,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import sys
 import time
 import zlib
@@ -106,6 +114,7 @@ class Window:
     zero_grads: int = 0
     scheduler_steps: int = 0
     clips: int = 0            # clip_grad_norm_(), clip_grads_with_norm_(), clip_grad_value_()
+    syncs: int = 0            # backward() calls that reduced gradients across the ranks
     pending: int = 0          # backward() calls since .grad was last cleared or stepped on
     losses: list = field(default_factory=list)  # the scalars backward() ran on, detached
     loss_known: bool = True
@@ -116,7 +125,7 @@ class Window:
             else math.nan
         return {"backwards": self.backwards, "discarded": self.discarded,
                 "zero_grads": self.zero_grads, "scheduler_steps": self.scheduler_steps,
-                "clips": self.clips, "loss": loss}
+                "clips": self.clips, "syncs": self.syncs, "loss": loss}
 
 
 class Recorder:
@@ -139,6 +148,11 @@ class Recorder:
         self.sketch: bool | None = None
         self.optimizers: dict[int, int] = {}  # id(optimizer) -> 0, 1, ... in order of first step
         self.device = "cpu"
+        self.rank = rank_of_environment()     # (rank, world size) under torch's launcher
+        self.joined = False                   # the loop called init_process_group()
+        self.fsdp_sharded = False             # the loop called FSDP2's fully_shard()
+        self.fsdp_sync = True                 # its last set_requires_gradient_sync(flag)
+        self.kept: dict[int, nn.Module] = {}  # the DDP models, kept alive: see worker()
         self._undo: list = []
 
     # -- installing
@@ -168,6 +182,31 @@ class Recorder:
         for clip in ("clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"):
             if clip in vars(torch.nn.utils):
                 self._wrap(torch.nn.utils, clip, self.on_clip)
+        if self.rank is not None:
+            self._install_distributed()
+
+    def _install_distributed(self) -> None:
+        """Count the backward() calls that reduce gradients across the ranks."""
+        import torch.distributed as dist
+        import torch.distributed.fsdp as fsdp
+        from torch.nn.parallel import DistributedDataParallel
+
+        self._wrap(dist, "init_process_group", self.on_join)
+        # DDP decides in forward() whether the backward() that follows all-reduces
+        self._wrap(DistributedDataParallel, "forward", self.on_ddp_forward)
+        if "fully_shard" in vars(fsdp):
+            self._wrap(fsdp, "fully_shard", self.on_fully_shard)
+            original = fsdp.FSDPModule.set_requires_gradient_sync
+
+            @functools.wraps(original)
+            def set_requires_gradient_sync(module, requires_gradient_sync: bool, *args,
+                                           **kwargs):
+                self.fsdp_sync = bool(requires_gradient_sync)
+                return original(module, requires_gradient_sync, *args, **kwargs)
+
+            fsdp.FSDPModule.set_requires_gradient_sync = set_requires_gradient_sync
+            self._undo.append(lambda: setattr(fsdp.FSDPModule, "set_requires_gradient_sync",
+                                              original))
 
     def _wrap(self, owner, name: str, before) -> None:
         """``owner.name`` (a class's method, or a module's function) calls ``before`` with its
@@ -190,10 +229,23 @@ class Recorder:
     def on_forward(self, module: nn.Module, args) -> None:
         self.seen.setdefault(id(module), module)
 
+    def on_join(self, *args) -> None:
+        self.joined = True
+
+    def on_ddp_forward(self, module) -> None:
+        self.kept.setdefault(id(module), module)
+        if torch.is_grad_enabled() and module.require_backward_grad_sync:
+            self.window.syncs += 1
+
+    def on_fully_shard(self, module) -> None:
+        self.fsdp_sharded = True
+
     def on_backward(self, tensor: torch.Tensor) -> None:
         w = self.window
         w.backwards += 1
         w.pending += 1
+        if self.fsdp_sharded and self.fsdp_sync:
+            w.syncs += 1
         if tensor.numel() == 1:
             w.losses.append(tensor.detach())
         else:
@@ -265,7 +317,7 @@ class Recorder:
             "settings": [_settings(group) for group in optimizer.param_groups],
             **self.window.counts(),
         }
-        grads = [p.grad for _, _, p in params]
+        grads = [_whole(p.grad) for _, _, p in params]
         if self.sketch:
             record["norms"] = [_norm(g) for g in grads]
             record["projections"] = [_project(name, g) for name, g in zip(names, grads,
@@ -274,7 +326,8 @@ class Recorder:
             # one flat tensor per step (torch.cat promotes mixed float dtypes losslessly):
             # one copy to the host, and one tensor to save instead of one per parameter
             record["grad"] = torch.cat([
-                (g.detach() if g is not None else torch.zeros_like(p)).reshape(-1)
+                (g.detach() if g is not None else torch.zeros(p.shape, dtype=p.dtype,
+                                                                    device=p.device)).reshape(-1)
                 for g, (_, _, p) in zip(grads, params, strict=True)]).to("cpu", copy=True)
         self.steps.append(record)
         self.window = Window()
@@ -285,7 +338,7 @@ class Recorder:
         step, names = len(self.steps), self.steps[-1]["names"]
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.lead:
-            weights = torch.cat([p.detach().reshape(-1) for p in params]).cpu()
+            weights = torch.cat([_whole(p.detach()).reshape(-1).cpu() for p in params])
             layout = {"names": names, "dtype": str(weights.dtype).removeprefix("torch.")}
             if layout != self._layout:  # written once, not every step
                 _write_whole(self.lead / f"{step}.layout.json",
@@ -306,7 +359,8 @@ class Recorder:
             self.follow = None  # the leader stopped, or trains another model: the parent
             return              # says which, by step count, name and shape
         raw = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        path.unlink()
+        if self.rank is None or self.rank[1] == 1:  # every rank reads it: the parent removes it
+            path.unlink()
         weights = raw.view(getattr(torch, self._layout["dtype"]))
         sizes = [p.numel() for p in params]
         if weights.numel() != sum(sizes):
@@ -314,7 +368,7 @@ class Recorder:
             return
         with torch.no_grad():
             for p, value in zip(params, weights.split(sizes), strict=True):
-                p.copy_(value.view_as(p))
+                _set_whole(p, value.view(p.shape))
         self.forced += 1
 
     def _first_step(self) -> None:
@@ -339,6 +393,43 @@ class Recorder:
         return {"steps": self.steps, "after_last_step": self.window.counts(),
                 "sketch": bool(self.sketch), "layers": self.layers, "device": self.device,
                 "forced": self.forced}
+
+
+def rank_of_environment() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) when torch's launcher started this process, else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def _is_dtensor(t) -> bool:
+    # the class is looked up only when torch.distributed is in use: nothing imported otherwise
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def _whole(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole tensor: an FSDP2 DTensor gathered from its shards (a collective: every rank
+    calls it at the same optimizer step), anything else as it is."""
+    return t.full_tensor() if t is not None and _is_dtensor(t) else t
+
+
+def _set_whole(p: torch.Tensor, value: torch.Tensor) -> None:
+    """p = value (p's whole shape); for a DTensor, this rank's shard of value: on a 1-D mesh,
+    Shard(d) holds value.chunk(W, d)[rank], the split FSDP2 makes (without a collective)."""
+    if not _is_dtensor(p):
+        p.copy_(value)
+        return
+    local = p.to_local()
+    if p.device_mesh.ndim != 1:
+        raise GradlabError("gradlab audit follows weights on a 1-D device mesh only; audit a "
+                           "loop sharded over one mesh dimension")
+    placement, = p.placements
+    if placement.is_shard():
+        pieces = value.chunk(p.device_mesh.size(), dim=placement.dim)
+        coordinate, = p.device_mesh.get_coordinate()
+        value = pieces[coordinate] if coordinate < len(pieces) else value.narrow(
+            placement.dim, 0, 0)
+    local.copy_(value.view(local.shape))
 
 
 def _write_whole(path: Path, data) -> None:
@@ -408,6 +499,11 @@ def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: 
             train(micro_batch_size, accum_steps, max_steps)
         finally:
             recorder.uninstall()
+        if recorder.rank and recorder.rank[1] > 1 and not recorder.joined:
+            raise GradlabError(f"{call} ran on {recorder.rank[1]} ranks but never called "
+                               f"torch.distributed.init_process_group(), so each rank trained "
+                               f"alone; --nproc-per-node audits a loop that joins the ranks "
+                               f"torchrun starts (see experiments/ddp_loop.py)")
         result.update(recorder.result(), seconds=time.perf_counter() - start)
     except GradlabError as e:
         result["error"] = str(e)
@@ -416,7 +512,20 @@ def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: 
         result["error"] = (f"{call} raised {type(e).__name__}"
                            f"{': ' + message[0] if message else ''}{_where(e)}; fix the loop "
                            f"(run it alone to see the traceback) and audit again")
+    rank = rank_of_environment()
+    if rank and rank[1] > 1:  # each rank its own record: label.rankR.pt
+        out = out.with_name(f"{out.stem}.rank{rank[0]}{out.suffix}")
     torch.save(result, out)
+    if rank:
+        # a rank that failed must end the others, which would wait for it in a collective:
+        # torch's launcher stops them all when one exits with an error. And no rank frees
+        # its DDP model: in torch 2.13 freeing a DDP reducer whose gloo group has work in
+        # flight can deadlock (the group's destructor, holding the GIL, joins a thread that
+        # waits for the GIL), so the recorder keeps the models and the process ends here,
+        # its record saved, without running destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1 if result["error"] else 0)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ def audit(
         help="Copy every gradient while parameters x steps <= this many elements (default "
              "5e7); above, estimate the errors from norms and random projections.",
         show_default=False)] = None,
+    nproc_per_node: Annotated[int, typer.Option(
+        "--nproc-per-node", "-w",
+        help="W: run the accumulated loop on W ranks, started by torch's launcher (torchrun) "
+             "on this machine, against the big batch m*N*W on one process. For loops that "
+             "call torch.distributed.init_process_group() (DDP, FSDP2).")] = 1,
     sequential: Annotated[bool, typer.Option(
         "--sequential", help="Run the two loops one after the other, not side by side (when "
                              "both do not fit in memory at once).")] = False,
@@ -50,6 +55,8 @@ def audit(
     * `gradlab audit mypkg.train:train -n 8 -m 4 --steps 20` - in CI: exit 1 when it differs
 
     * `gradlab audit mypkg.train:train -n 4 --json` - the verdict and every step as JSON
+
+    * `gradlab audit experiments.ddp_loop:train -n 4 --nproc-per-node 2` - a DDP loop on 2 ranks
     """
     Stop.began = True
     err = console(stderr=True)
@@ -63,7 +70,8 @@ def audit(
             result = run_audit(
                 entrypoint, accum_steps, micro_batch_size=micro_batch_size, steps=steps, out=out,
                 copy_limit=COPY_LIMIT if copy_limit is None else copy_limit,
-                parallel=not sequential, say=status.update if status else lambda line: None)
+                parallel=not sequential, nproc_per_node=nproc_per_node,
+                say=status.update if status else lambda line: None)
     except GradlabError as e:
         raise ended(e, json_out) from None
     if json_out:

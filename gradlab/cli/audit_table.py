@@ -43,11 +43,14 @@ def render(result: AuditResult, console) -> None:
     console.print(table)
     worst = max(s["rel_grad_err"] for s in result.steps)
     plain = {"highlight": False, "soft_wrap": True, "markup": False, "emoji": False}
+    pieces = "N·W - 1" if result.arm.ranks > 1 else "N - 1"  # N pieces a rank, then W ranks
     console.print(f"verdict: equivalent when rel grad err = ||g_acc - g_big|| / ||g_big|| <= "
-                  f"tolerance = (N - 1)·u + {REORDER}·u_acc ({result.dtype}; your loop "
+                  f"tolerance = ({pieces})·u + {REORDER}·u_acc ({result.dtype}; your loop "
                   f"gives no float64 reference, so the floor is 0) "
                   f"and the learning rates and optimizer settings agree (to {LR_RTOL:g}); "
                   f"gradients {WEIGHTS_NOTE[result.same_weights].split(' (')[0]}", **plain)
+    if result.arm.ranks > 1:
+        console.print(ranks_text(result), **plain)
     if result.estimate:
         console.print(f"estimate: parameters x steps > {result.copy_limit:g} elements, too many to "
                       f"copy: the errors are estimated from the norm and {PROJECTIONS} random "
@@ -64,6 +67,26 @@ def render(result: AuditResult, console) -> None:
                                 f"{difference_text(first)}"), soft_wrap=True)
     if result.diagnosis:
         console.print(f"diagnosis: {result.diagnosis}", **plain)
+
+
+def ranks_text(result: AuditResult) -> str:
+    """What the ranks did, measured: did they step on one gradient, and how often did a
+    backward() reduce gradients across them (once a window saves the communication)."""
+    steps, n = result.steps, result.arm.accum_steps
+    spread = max(s["rank_grad_spread"] for s in steps)
+    syncs = sorted({s["syncs_accumulated"] for s in steps})
+    backwards = sorted({w["backwards"] for w in result.captures["accumulated"]["steps"]})
+    agree = ("the ranks' gradients agreed at every step" if spread == 0 else
+             f"the ranks' gradients lay up to {fmt(spread)} apart (rel err)")
+    said = (f"ranks: {result.arm.call(result.max_steps)} (torch's launcher) against the big "
+            f"batch on one; {agree}; backward() calls that reduced gradients across the ranks, "
+            f"per step: {'/'.join(map(str, syncs))} of "
+            f"{'/'.join(map(str, backwards))}")
+    if syncs == [n] and n > 1:
+        said += (" (every micro-batch reduced: the accumulation saves no communication; run "
+                 "the first N - 1 backward() calls under no_sync(), or FSDP2's "
+                 "set_requires_gradient_sync(False))")
+    return said
 
 
 def shown_steps(steps: list[dict], keep: int = 12) -> list[dict | None]:

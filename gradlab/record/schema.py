@@ -60,7 +60,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "audit": ("step", "rel_grad_err", "max_abs_grad_err", "cosine", "grad_norm_big_batch",
               "grad_norm_accumulated", "lr_big_batch", "lr_accumulated", "rel_lr_diff",
               "loss_big_batch", "loss_accumulated", "tolerance", "verdict", "estimate",
-              "settings_differ"),
+              "settings_differ", "rank_grad_spread", "syncs_big_batch", "syncs_accumulated"),
 }
 
 # what compare and plots cannot do without; a file lacking one of these is damaged
