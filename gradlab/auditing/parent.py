@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -152,20 +153,9 @@ def read_records(arm: Arm, out: Path, log: Path, code: int, max_steps: int) -> l
     paths = [out] if arm.ranks <= 1 else \
         [out.with_name(f"{out.stem}.rank{r}{out.suffix}") for r in range(arm.ranks)]
     records = [torch.load(p, weights_only=False) if p.is_file() else None for p in paths]
-    errors = [(r, c["error"]) for r, c in enumerate(records) if c and c["error"]]
-    if errors:
-        rank, error = errors[0]
-        raise GradlabError(f"rank {rank}: {error}" if arm.ranks > 1 else error)
-    missing = [r for r, c in enumerate(records) if c is None]
-    if missing:
-        lines = log.read_text(errors="replace").strip().splitlines()
-        # torch's launcher ends with its own summary: the loop's last words come before it
-        said = next((line for line in reversed(lines) if "Error" in line), None) or \
-            (lines[-1] if lines else "no output")
-        who = (f"rank {missing[0]} of {arm.call(max_steps)}" if arm.ranks > 1
-               else arm.call(max_steps))
-        raise GradlabError(f"{who} died without a result (exit code {code}: {said.strip()}); "
-                           f"run it alone to see why")
+    failed = [r for r, c in enumerate(records) if c is None or c["error"]]
+    if failed:
+        raise _failure(arm, records, failed, log.read_text(errors="replace"), code, max_steps)
     if len(records) > 1:
         counts = [len(c["steps"]) for c in records]
         if len(set(counts)) > 1:
@@ -175,6 +165,36 @@ def read_records(arm: Arm, out: Path, log: Path, code: int, max_steps: int) -> l
                                f"micro-batches (give each rank as many: DistributedSampler "
                                f"with drop_last=True)")
     return records
+
+
+def _failure(arm: Arm, records: list[dict | None], failed: list[int], log: str, code: int,
+             max_steps: int) -> GradlabError:
+    """Why the run has no result: the error its worker recorded, or that it died.
+
+    When one rank fails, the others fail too: a collective that waits for it breaks (a lost
+    peer), or the launcher stops them. So a rank's own error comes first, then a rank that
+    died without a record (the launcher's first observed failure among them), and a lost
+    peer only when nothing else is known."""
+    own = [r for r in failed if records[r] is not None and not records[r].get("lost_peer")]
+    dead = [r for r in failed if records[r] is None]
+    # torch's launcher lists each failed rank's exit code; one it stopped has a signal's
+    # (negative), one that died by itself its own
+    codes = {int(rank): int(exit_code) for rank, exit_code in re.findall(
+        r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", log)}
+    dead.sort(key=lambda r: (codes.get(r, -1) < 0, r))
+    rank = (own or dead or failed)[0]
+    code = codes.get(rank, code)
+    if records[rank] is not None:
+        error = records[rank]["error"]
+        return GradlabError(f"rank {rank}: {error}" if arm.ranks > 1 else error)
+    if arm.ranks:
+        alone = (f"torchrun --nproc-per-node {arm.ranks} with train({arm.micro_batch_size}, "
+                 f"{arm.accum_steps}, {max_steps})")
+        return GradlabError(f"rank {rank} of {arm.call(max_steps)} died without a result (exit "
+                            f"code {code}); run the loop alone ({alone}) to see why")
+    said = (log.strip().splitlines() or ["no output"])[-1].strip()
+    return GradlabError(f"{arm.call(max_steps)} died without a result (exit code {code}: "
+                        f"{said}); run it alone to see why")
 
 
 def check_runs(captured: dict[str, dict], arms: dict[str, Arm], max_steps: int) -> None:

@@ -477,6 +477,18 @@ def _project(name: str, grad: torch.Tensor | None) -> torch.Tensor:
     return out.cpu()
 
 
+def _lost_peer(err: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone: then that rank's failure,
+    not this one, is the cause."""
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistNetworkError", ())):
+        return True
+    # gloo raises a plain RuntimeError from its transport when the peer's socket closes
+    return any(said in str(err) for said in ("Connection closed by peer", "Connection reset",
+                                              "gloo/transport"))
+
+
 def _where(err: BaseException) -> str:
     """' at FILE:LINE' of the innermost frame outside torch and this file: where the user's
     code failed (the innermost frame of all when torch raised on its own)."""
@@ -512,6 +524,7 @@ def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: 
         result["error"] = (f"{call} raised {type(e).__name__}"
                            f"{': ' + message[0] if message else ''}{_where(e)}; fix the loop "
                            f"(run it alone to see the traceback) and audit again")
+        result["lost_peer"] = _lost_peer(e)
     rank = rank_of_environment()
     if rank and rank[1] > 1:  # each rank its own record: label.rankR.pt
         out = out.with_name(f"{out.stem}.rank{rank[0]}{out.suffix}")
