@@ -322,3 +322,20 @@ def divided_twice_and_clipped(micro_batch_size: int, accum_steps: int, max_steps
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # |g_big| 2.7, |g_acc| 0.67
         optimizer.step()
         optimizer.zero_grad()
+
+
+
+def grad_scaler(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """Mixed precision's GradScaler as its docs accumulate: scale every micro-batch's loss,
+    scaler.step() and scaler.update() once per window (growth_interval=1: the scale doubles
+    at every update, and the unscaled gradient must not notice)."""
+    x, y = _regression()
+    model = nn.Linear(3, 1).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=1)
+    for step in range(max_steps):
+        for xb, yb in _window(x, y, micro_batch_size, accum_steps, step):
+            scaler.scale(nn.functional.mse_loss(model(xb), yb) / accum_steps).backward()
+        scaler.step(optimizer)  # unscales .grad, then optimizer.step()
+        scaler.update()
+        optimizer.zero_grad()

@@ -411,6 +411,31 @@ def test_a_step_given_a_closure_is_judged_on_what_the_closure_computed(entrypoin
     assert own[0]["names"] == ["weight", "bias"]  # named by the forward inside the closure
 
 
+def scales(rows: list[dict]) -> torch.Tensor:
+    return torch.tensor([r["scale"] for r in rows], dtype=torch.float64)
+
+
+def test_grad_scaler_updates_are_counted_and_its_scale_does_not_reach_the_gradient(tmp_path):
+    result = examined("audit_loops:grad_scaler", tmp_path)
+    assert result.verdict == "equivalent", result.diagnosis
+    # the scale doubles at every update (16, 32, 64): unscaled, the gradients agree all the same
+    torch.testing.assert_close(scales(result.steps),
+                               torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    # counted since the previous step: update() runs after step(), so none before step 1
+    assert [s["scaler_updates_accumulated"] for s in result.steps] == [0, 1, 1]
+    assert [s["scaler_updates_big_batch"] for s in result.steps] == [0, 1, 1]
+
+
+def test_the_scale_alpha_is_measured_overall_and_per_parameter(tmp_path):
+    result = examined("audit_loops:not_divided", tmp_path)
+    # not divided by N: alpha = <g, g_big> / |g_big|^2 = N, for every parameter alike
+    torch.testing.assert_close(scales(result.steps),
+                               torch.full((3,), 4.0, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(scales(result.params),
+                               torch.full((len(result.params),), 4.0, dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+
+
 def test_a_wrong_closure_differs_by_what_it_computed(tmp_path):
     result = examined("audit_loops:closure_step_without_division", tmp_path)
     assert result.verdict == "differs" and result.first_difference["step"] == 1

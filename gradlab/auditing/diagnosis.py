@@ -169,7 +169,8 @@ def diagnose(result: AuditResult) -> Diagnosis:
                 f"received step {step - 1}'s gradient as well. Call zero_grad() after every "
                 f"optimizer.step().", certain=True)
         measured = (f"equal at step 1, different from step {step}: there |g| is {ratio:.4g}x "
-                    f"the big batch's, cosine {cosine:.6g}")
+                    f"the big batch's, cosine {cosine:.6g}, scale α = <g, g_big>/|g_big|² "
+                    f"{first['scale']:.4g}")
         if cosine >= SAME_DIRECTION and ratio < 1:
             share = ratio * n
             return Diagnosis(
@@ -185,7 +186,8 @@ def diagnose(result: AuditResult) -> Diagnosis:
                          certain=False)
     return Diagnosis(
         f"at step 1 the gradient already points elsewhere (cosine {cosine:.6g}, |g| "
-        f"{ratio:.4g}x the big batch's), and what gradlab counts rules out the causes it can "
+        f"{ratio:.4g}x the big batch's, scale α = <g, g_big>/|g_big|² {first['scale']:.4g}), "
+        f"and what gradlab counts rules out the causes it can "
         f"see: the loss is not scaled by a constant, no BatchNorm or dropout ran in training "
         f"mode, zero_grad() discarded nothing, clip_grad_norm_() ran as often as in the big "
         f"batch's run. A cause it cannot count gives this shape: a loss normalised per "

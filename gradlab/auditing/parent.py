@@ -285,7 +285,9 @@ def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
             "loss_big_batch": b["loss"], "loss_accumulated": a["loss"],
             "tolerance": tolerance, "verdict": verdict, "estimate": estimate,
             "settings_differ": "; ".join(settings), "rank_grad_spread": spread,
-            "syncs_big_batch": b["syncs"], "syncs_accumulated": a["syncs"]})
+            "syncs_big_batch": b["syncs"], "syncs_accumulated": a["syncs"],
+            "scale": overall["scale"], "scaler_updates_big_batch": b["scaler_updates"],
+            "scaler_updates_accumulated": a["scaler_updates"]})
         params += [{"trial": 0, "arm": arm.name, "step": step, **r} for r in rows]
     if all(s["grad_norm_big_batch"] == 0 and s["grad_norm_accumulated"] == 0 for s in steps):
         raise GradlabError(f"neither {base.call(max_steps)} nor {arm.call(max_steps)} handed "
@@ -378,10 +380,12 @@ def batched_rows(ref: torch.Tensor, arm: torch.Tensor, names: list[str],
         # a zero gradient has no direction: the same only if both are zero (as probe.py)
         cosine = torch.where(both, (a * r).sum(dim=1) / (arm_norm * ref_norm),
                              torch.where(arm_norm == ref_norm, 1.0, math.nan))
+        # alpha: the accumulated gradient's component along the big batch's, in its units
+        scale = torch.where(ref_norm > 0, (a * r).sum(dim=1) / ref_norm ** 2, math.nan)
         max_abs = d.abs().amax(dim=1) if hi > lo else torch.zeros(len(d), dtype=d.dtype)
         metrics[name] = zip(max_abs.tolist(), rel.tolist(), cosine.tolist(),
-                            ref_norm.tolist(), arm_norm.tolist(), strict=True)
-    keys = ("max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm")
+                            ref_norm.tolist(), arm_norm.tolist(), scale.tolist(), strict=True)
+    keys = ("max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm", "scale")
     by_step = zip(*(metrics[name] for name, _, _ in columns), strict=True)
     return [[{"param": name, **dict(zip(keys, values, strict=True))}
              for (name, _, _), values in zip(columns, step, strict=True)] for step in by_step]
@@ -409,10 +413,12 @@ def _estimated(ref_proj: torch.Tensor, arm_proj: torch.Tensor, ref_norm: float,
     """
     diff2 = float(((arm_proj - ref_proj) ** 2).sum()) / PROJECTIONS
     rel = math.sqrt(diff2) / ref_norm if ref_norm else (0.0 if diff2 == 0 else math.inf)
-    scale = float(arm_proj.norm() * ref_proj.norm())
-    cosine = float(arm_proj @ ref_proj) / scale if scale else float(ref_norm == arm_norm)
+    norms = float(arm_proj.norm() * ref_proj.norm())
+    cosine = float(arm_proj @ ref_proj) / norms if norms else float(ref_norm == arm_norm)
+    # E[(r.a)(r.b)] = a.b for the same r: alpha from the projections and the exact norm
+    scale = float(arm_proj @ ref_proj) / PROJECTIONS / ref_norm ** 2 if ref_norm else math.nan
     return {"max_abs_err": math.nan, "rel_l2_err": rel, "cosine": cosine,
-            "ref_norm": ref_norm, "arm_norm": arm_norm}
+            "ref_norm": ref_norm, "arm_norm": arm_norm, "scale": scale}
 
 
 def check_deterministic(base: Arm, max_steps: int, first: dict, again: dict, dtype: str) -> None:

@@ -115,6 +115,7 @@ class Window:
     scheduler_steps: int = 0
     clips: int = 0            # clip_grad_norm_(), clip_grads_with_norm_(), clip_grad_value_()
     syncs: int = 0            # backward() calls that reduced gradients across the ranks
+    scaler_updates: int = 0   # GradScaler.update() calls (mixed precision's loss scale)
     pending: int = 0          # backward() calls since .grad was last cleared or stepped on
     losses: list = field(default_factory=list)  # the scalars backward() ran on, detached
     loss_known: bool = True
@@ -125,7 +126,8 @@ class Window:
             else math.nan
         return {"backwards": self.backwards, "discarded": self.discarded,
                 "zero_grads": self.zero_grads, "scheduler_steps": self.scheduler_steps,
-                "clips": self.clips, "syncs": self.syncs, "loss": loss}
+                "clips": self.clips, "syncs": self.syncs,
+                "scaler_updates": self.scaler_updates, "loss": loss}
 
 
 class Recorder:
@@ -175,6 +177,7 @@ class Recorder:
         self._wrap(torch.optim.Optimizer, "zero_grad", self.on_zero_grad)
         self._wrap(nn.Module, "zero_grad", self.on_zero_grad)
         self._wrap(LRScheduler, "step", self.on_scheduler_step)
+        self._wrap(torch.amp.GradScaler, "update", self.on_scaler_update)
         # the module attribute every caller looks up (Accelerate's and Lightning's clipping
         # too); installed before the user's module is imported, so its own import binds it
         # (clip_grads_with_norm_: what Accelerate, and so the Hugging Face Trainer, call
@@ -256,6 +259,9 @@ class Recorder:
         w.zero_grads += 1
         w.discarded += w.pending
         w.pending = 0
+
+    def on_scaler_update(self, scaler) -> None:
+        self.window.scaler_updates += 1
 
     def on_clip(self, parameters) -> None:
         self.window.clips += 1

@@ -47,7 +47,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
               "update_norm", "allreduces", "step_seconds", "saved_bytes", "negatives",
               "weight_dist", "rel_loss_diff", "skipped", "grad_scale"),
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
-              "exact_err", "floor_err", "sum_condition", "lr", "ref_lr"),
+              "exact_err", "floor_err", "sum_condition", "lr", "ref_lr",
+              "scale"),  # gradlab audit's: <g, g_ref> / |g_ref|^2, per parameter
     "buffers": ("step", "buffer", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
                 "test_accuracy", "ref_test_accuracy"),
     "eval": ("step", "examples", "test_loss", "test_accuracy"),
@@ -60,7 +61,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "audit": ("step", "rel_grad_err", "max_abs_grad_err", "cosine", "grad_norm_big_batch",
               "grad_norm_accumulated", "lr_big_batch", "lr_accumulated", "rel_lr_diff",
               "loss_big_batch", "loss_accumulated", "tolerance", "verdict", "estimate",
-              "settings_differ", "rank_grad_spread", "syncs_big_batch", "syncs_accumulated"),
+              "settings_differ", "rank_grad_spread", "syncs_big_batch", "syncs_accumulated",
+              "scale", "scaler_updates_big_batch", "scaler_updates_accumulated"),
 }
 
 # what compare and plots cannot do without; a file lacking one of these is damaged
