@@ -351,7 +351,7 @@ def examined(entrypoint: str, tmp: Path, m: int = 4, n: int = 4, k: int = 3,
         worker(entrypoint, a.micro_batch_size, a.accum_steps, k, copy_limit, path,
                      **{role: shared})
         (shared / "done").touch()  # the leader has finished: the follower waits for no more
-        captured[a.name] = torch.load(path, weights_only=False)
+        captured[a.name] = audit.load_record(path)
         assert captured[a.name]["error"] is None, captured[a.name]["error"]
     result = audit.examine(entrypoint, base, arm, k, captured)
     if result.failed:
@@ -385,7 +385,7 @@ def test_record_of_a_right_loop(tmp_path):
                                 torch.nn.Linear(8, 1)).double()
     torch.nn.functional.mse_loss(model(x[:16]), y[:16]).backward()
     expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    captured = result.captures["big-batch"]["steps"][0]["grad"]
+    captured = torch.from_numpy(result.captures["big-batch"]["steps"][0]["grad"])
     torch.testing.assert_close(captured, expected, rtol=0, atol=0)
     assert result.captures["big-batch"]["steps"][0]["loss"] == pytest.approx(
         torch.nn.functional.mse_loss(model(x[:16]), y[:16]).item(), rel=1e-15)
@@ -539,7 +539,7 @@ def test_loops_that_do_not_step_as_asked_are_refused(entrypoint, message, tmp_pa
 
 def test_a_loop_that_raises_is_reported_where_it_raised(tmp_path):
     worker("audit_loops:raises", 4, 4, 3, COPY_LIMIT, tmp_path / "out.pt")
-    error = torch.load(tmp_path / "out.pt", weights_only=False)["error"]
+    error = audit.load_record(tmp_path / "out.pt")["error"]
     line = next(i for i, text in enumerate(Path(audit_loops.__file__).read_text().splitlines(),
                                            start=1) if "a shape mistake" in text)
     assert error.startswith("train(4, 4, 3) raised RuntimeError: mat1 and mat2 shapes")
@@ -555,7 +555,7 @@ def test_batched_metrics_are_probes_metrics():
     ref[0, 6:10] = 0.0  # a parameter whose reference gradient is zero ...
     arm[1, 10:] = 0.0   # ... or whose arm gradient is
     ref[2, 10:], arm[2, 10:] = 0.0, 0.0  # or both: equal
-    rows = audit.batched_rows(ref, arm, ["w", "b", "c"], shapes)
+    rows = audit.batched_rows(ref.numpy(), arm.numpy(), ["w", "b", "c"], shapes)
     def named(flat):
         parts = [p.view(s) for p, s in zip(flat.split([6, 4, 2]), shapes, strict=True)]
         return dict(zip("wbc", parts, strict=True))

@@ -7,6 +7,9 @@ The big-batch run leads: after each optimizer step it leaves its weights where t
 accumulated run, which follows, takes them after its own step; so both runs' gradients are
 taken at the same weights at every step, and rounding cannot drift them apart.
 
+The parent imports no torch: the workers hand it numpy arrays, and it starts them without
+first spending the seconds torch takes to import.
+
 With ``nproc_per_node = W > 1`` the accumulated run is W ranks that torch's launcher
 (torchrun) starts, and the big batch one process under it with m·N·W examples a step:
 every rank's record is read, the ranks must agree on what they stepped on, and rank 0's
@@ -18,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -27,13 +31,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from gradlab import entrypoints
 from gradlab.auditing.diagnosis import diagnose
-from gradlab.auditing.result import CHUNK, COPY_LIMIT, LR_RTOL, PROJECTIONS, Arm, AuditResult, twins
+from gradlab.auditing.result import (
+    CHUNK,
+    COPY_LIMIT,
+    LR_RTOL,
+    PROJECTIONS,
+    Arm,
+    AuditResult,
+    locate_entrypoint,
+    twins,
+)
 from gradlab.auditing.rundir import write_run
-from gradlab.auditing.worker import locate_entrypoint
 from gradlab.errors import GradlabError
 from gradlab.record.verdict import UNIT_ROUNDOFF, Verdict, judge
 
@@ -70,7 +82,7 @@ def audit(entrypoint: str | Callable, accum_steps: int, *,
             extra = " (N = 1 would compare the loop with itself)" if least == 2 else ""
             raise GradlabError(f"{flag} {value}: give an integer >= {least}{extra}")
     locate_entrypoint(entrypoint)  # imports nothing: the user's module may be slow to import
-    if nproc_per_node > 1 and not torch.distributed.is_available():
+    if nproc_per_node > 1 and not _has_distributed():
         raise GradlabError("--nproc-per-node needs torch.distributed, which this torch build "
                            "lacks; install a build with it (the PyPI wheels have it)")
     base, arm = twins(micro_batch_size, accum_steps, nproc_per_node)
@@ -98,6 +110,18 @@ def audit(entrypoint: str | Callable, accum_steps: int, *,
                       **{f"train {name}": c["seconds"] for name, c in captured.items()}}
     result.run_dir = write_run(result, out)
     return result
+
+
+def _has_distributed() -> bool:
+    import torch  # only here: torch's launcher needs torch.distributed
+
+    return torch.distributed.is_available()
+
+
+def load_record(path: Path) -> dict[str, Any]:
+    """What a worker saved (gradlab.auditing.worker.worker): plain values and numpy arrays."""
+    with path.open("rb") as f:
+        return pickle.load(f)
 
 
 def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
@@ -133,6 +157,8 @@ def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
             process.wait()
             if role == "lead":
                 (shared / "done").touch()
+    # while the loops start: what writing the run directory needs (pandas, half a second)
+    import gradlab.record.store  # noqa: F401
     while any(process.poll() is None for *_, process, _, _ in started):
         if all(process.poll() is not None for _, _, role, process, _, _ in started
                if role == "lead"):
@@ -152,7 +178,7 @@ def read_records(arm: Arm, out: Path, log: Path, code: int, max_steps: int) -> l
     error any of them met, or which rank died without a record."""
     paths = [out] if arm.ranks <= 1 else \
         [out.with_name(f"{out.stem}.rank{r}{out.suffix}") for r in range(arm.ranks)]
-    records = [torch.load(p, weights_only=False) if p.is_file() else None for p in paths]
+    records = [load_record(p) if p.is_file() else None for p in paths]
     failed = [r for r, c in enumerate(records) if c is None or c["error"]]
     if failed:
         raise _failure(arm, records, failed, log.read_text(errors="replace"), code, max_steps)
@@ -351,19 +377,19 @@ def gradient_tables(ref: list[dict], own: list[dict],
     start = 0
     while start < len(ref):
         layout = (ref[start]["names"], ref[start]["shapes"])
-        most = max(1, CHUNK // max(1, ref[start]["grad"].numel()))  # bounds the temporaries
+        most = max(1, CHUNK // max(1, ref[start]["grad"].size))  # bounds the temporaries
         end = start + 1
         while end < len(ref) and end - start < most and \
                 (ref[end]["names"], ref[end]["shapes"]) == layout:
             end += 1
-        tables += batched_rows(torch.stack([s["grad"].double() for s in ref[start:end]]),
-                               torch.stack([s["grad"].double() for s in own[start:end]]),
+        tables += batched_rows(np.stack([s["grad"].astype(np.float64) for s in ref[start:end]]),
+                               np.stack([s["grad"].astype(np.float64) for s in own[start:end]]),
                                *layout)
         start = end
     return tables
 
 
-def batched_rows(ref: torch.Tensor, arm: torch.Tensor, names: list[str],
+def batched_rows(ref: np.ndarray, arm: np.ndarray, names: list[str],
                  shapes: list[tuple]) -> list[list[dict[str, Any]]]:
     """probe.compare for each row of (steps x elements) matrices, per parameter and '*'."""
     sizes = [math.prod(shape) for shape in shapes]
@@ -373,16 +399,17 @@ def batched_rows(ref: torch.Tensor, arm: torch.Tensor, names: list[str],
     for name, lo, hi in columns:
         r, a = ref[:, lo:hi], arm[:, lo:hi]
         d = a - r
-        diff, ref_norm, arm_norm = d.norm(dim=1), r.norm(dim=1), a.norm(dim=1)
-        rel = torch.where(ref_norm > 0, diff / ref_norm,
-                          torch.where(diff == 0, 0.0, math.inf))
-        both = (ref_norm > 0) & (arm_norm > 0)
-        # a zero gradient has no direction: the same only if both are zero (as probe.py)
-        cosine = torch.where(both, (a * r).sum(dim=1) / (arm_norm * ref_norm),
-                             torch.where(arm_norm == ref_norm, 1.0, math.nan))
-        # alpha: the accumulated gradient's component along the big batch's, in its units
-        scale = torch.where(ref_norm > 0, (a * r).sum(dim=1) / ref_norm ** 2, math.nan)
-        max_abs = d.abs().amax(dim=1) if hi > lo else torch.zeros(len(d), dtype=d.dtype)
+        diff, ref_norm, arm_norm = (np.linalg.norm(x, axis=1) for x in (d, r, a))
+        dot = (a * r).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):  # the zeros are chosen below
+            rel = np.where(ref_norm > 0, diff / ref_norm, np.where(diff == 0, 0.0, math.inf))
+            both = (ref_norm > 0) & (arm_norm > 0)
+            # a zero gradient has no direction: the same only if both are zero (as probe.py)
+            cosine = np.where(both, dot / (arm_norm * ref_norm),
+                              np.where(arm_norm == ref_norm, 1.0, math.nan))
+            # alpha: the accumulated gradient's component along the big batch's, in its units
+            scale = np.where(ref_norm > 0, dot / ref_norm ** 2, math.nan)
+        max_abs = np.abs(d).max(axis=1) if hi > lo else np.zeros(len(d))
         metrics[name] = zip(max_abs.tolist(), rel.tolist(), cosine.tolist(),
                             ref_norm.tolist(), arm_norm.tolist(), scale.tolist(), strict=True)
     keys = ("max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm", "scale")
@@ -397,13 +424,13 @@ def estimated_rows(ref: dict, own: dict) -> list[dict[str, Any]]:
     for name, nb, na, pb, pa in zip(ref["names"], ref["norms"], own["norms"],
                                     ref["projections"], own["projections"], strict=True):
         rows.append({"param": name, **_estimated(pb, pa, nb, na)})
-    rows.append({"param": "*", **_estimated(torch.cat(ref["projections"]),
-                                            torch.cat(own["projections"]),
+    rows.append({"param": "*", **_estimated(np.concatenate(ref["projections"]),
+                                            np.concatenate(own["projections"]),
                                             math.hypot(*ref["norms"]), math.hypot(*own["norms"]))})
     return rows
 
 
-def _estimated(ref_proj: torch.Tensor, arm_proj: torch.Tensor, ref_norm: float,
+def _estimated(ref_proj: np.ndarray, arm_proj: np.ndarray, ref_norm: float,
                arm_norm: float) -> dict[str, float]:
     """probe.compare's metrics from exact norms and the projections of the two gradients.
 
@@ -413,7 +440,7 @@ def _estimated(ref_proj: torch.Tensor, arm_proj: torch.Tensor, ref_norm: float,
     """
     diff2 = float(((arm_proj - ref_proj) ** 2).sum()) / PROJECTIONS
     rel = math.sqrt(diff2) / ref_norm if ref_norm else (0.0 if diff2 == 0 else math.inf)
-    norms = float(arm_proj.norm() * ref_proj.norm())
+    norms = float(np.linalg.norm(arm_proj) * np.linalg.norm(ref_proj))
     cosine = float(arm_proj @ ref_proj) / norms if norms else float(ref_norm == arm_norm)
     # E[(r.a)(r.b)] = a.b for the same r: alpha from the projections and the exact norm
     scale = float(arm_proj @ ref_proj) / PROJECTIONS / ref_norm ** 2 if ref_norm else math.nan

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradlab import entrypoints
+from gradlab.errors import GradlabError
 from gradlab.record.schema import fmt
 from gradlab.record.verdict import Verdict
 
@@ -24,6 +26,23 @@ CHUNK = 1 << 24  # elements projected or compared at a time: bounds the float64 
 # Learning rates are Python floats from the same scheduler code in both runs: a right
 # loop gives them bit for bit, so anything beyond float64 noise is a real difference.
 LR_RTOL = 1e-12
+
+
+def locate_entrypoint(text: str) -> entrypoints.ImportPath:
+    """(module, function) of 'pkg.module:function', checked without running the module."""
+    path = entrypoints.parse(text)
+    if path is None:
+        raise GradlabError(f"entrypoint '{text}': give it as pkg.module:function, e.g. "
+                           f"experiments.tutorial_loop:train")
+    entrypoints.search_here()
+    if not entrypoints.exists(path.module):
+        raise no_module(text, path.module)
+    return path
+
+
+def no_module(text: str, module: str) -> GradlabError:
+    return GradlabError(f"entrypoint '{text}': no module named '{module}'; run from the "
+                        f"folder that holds it, or put it on PYTHONPATH")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import sys
 import time
 import zlib
@@ -40,25 +41,9 @@ import torch
 from torch import nn
 
 from gradlab import entrypoints
-from gradlab.auditing.result import CHUNK, PROJECTIONS
+from gradlab.auditing import ranks
+from gradlab.auditing.result import CHUNK, PROJECTIONS, locate_entrypoint, no_module
 from gradlab.errors import GradlabError, where
-
-
-def locate_entrypoint(text: str) -> entrypoints.ImportPath:
-    """(module, function) of 'pkg.module:function', checked without running the module."""
-    path = entrypoints.parse(text)
-    if path is None:
-        raise GradlabError(f"entrypoint '{text}': give it as pkg.module:function, e.g. "
-                           f"experiments.tutorial_loop:train")
-    entrypoints.search_here()
-    if not entrypoints.exists(path.module):
-        raise _no_module(text, path.module)
-    return path
-
-
-def _no_module(text: str, module: str) -> GradlabError:
-    return GradlabError(f"entrypoint '{text}': no module named '{module}'; run from the "
-                        f"folder that holds it, or put it on PYTHONPATH")
 
 
 def resolve_entrypoint(text: str):
@@ -69,7 +54,7 @@ def resolve_entrypoint(text: str):
     try:
         module, fn = entrypoints.load(path)
     except entrypoints.NotFound:  # found, but a package on the way does not hold it
-        raise _no_module(text, module_name) from None
+        raise no_module(text, module_name) from None
     except entrypoints.LoadFailed as e:  # the user's module top level raised
         raise GradlabError(f"entrypoint '{text}': importing {module_name} raised "
                            f"{type(e.error).__name__}: {e.error}") from None
@@ -150,7 +135,7 @@ class Recorder:
         self.sketch: bool | None = None
         self.optimizers: dict[int, int] = {}  # id(optimizer) -> 0, 1, ... in order of first step
         self.device = "cpu"
-        self.rank = rank_of_environment()     # (rank, world size) under torch's launcher
+        self.rank = ranks.of_environment()     # (rank, world size) under torch's launcher
         self.joined = False                   # the loop called init_process_group()
         self.fsdp_sharded = False             # the loop called FSDP2's fully_shard()
         self.fsdp_sync = True                 # its last set_requires_gradient_sync(flag)
@@ -323,7 +308,7 @@ class Recorder:
             "settings": [_settings(group) for group in optimizer.param_groups],
             **self.window.counts(),
         }
-        grads = [_whole(p.grad) for _, _, p in params]
+        grads = [ranks.whole(p.grad) for _, _, p in params]
         if self.sketch:
             record["norms"] = [_norm(g) for g in grads]
             record["projections"] = [_project(name, g) for name, g in zip(names, grads,
@@ -344,7 +329,7 @@ class Recorder:
         step, names = len(self.steps), self.steps[-1]["names"]
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.lead:
-            weights = torch.cat([_whole(p.detach()).reshape(-1).cpu() for p in params])
+            weights = torch.cat([ranks.whole(p.detach()).reshape(-1).cpu() for p in params])
             layout = {"names": names, "dtype": str(weights.dtype).removeprefix("torch.")}
             if layout != self._layout:  # written once, not every step
                 _write_whole(self.lead / f"{step}.layout.json",
@@ -374,7 +359,7 @@ class Recorder:
             return
         with torch.no_grad():
             for p, value in zip(params, weights.split(sizes), strict=True):
-                _set_whole(p, value.view(p.shape))
+                ranks.set_whole(p, value.view(p.shape))
         self.forced += 1
 
     def _first_step(self) -> None:
@@ -401,41 +386,10 @@ class Recorder:
                 "forced": self.forced}
 
 
-def rank_of_environment() -> tuple[int, int] | None:
-    """(RANK, WORLD_SIZE) when torch's launcher started this process, else None."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return None
-
-
-def _is_dtensor(t) -> bool:
-    # the class is looked up only when torch.distributed is in use: nothing imported otherwise
-    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
-
-
-def _whole(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The whole tensor: an FSDP2 DTensor gathered from its shards (a collective: every rank
-    calls it at the same optimizer step), anything else as it is."""
-    return t.full_tensor() if t is not None and _is_dtensor(t) else t
-
-
-def _set_whole(p: torch.Tensor, value: torch.Tensor) -> None:
-    """p = value (p's whole shape); for a DTensor, this rank's shard of value: on a 1-D mesh,
-    Shard(d) holds value.chunk(W, d)[rank], the split FSDP2 makes (without a collective)."""
-    if not _is_dtensor(p):
-        p.copy_(value)
-        return
-    local = p.to_local()
-    if p.device_mesh.ndim != 1:
-        raise GradlabError("gradlab audit follows weights on a 1-D device mesh only; audit a "
-                           "loop sharded over one mesh dimension")
-    placement, = p.placements
-    if placement.is_shard():
-        pieces = value.chunk(p.device_mesh.size(), dim=placement.dim)
-        coordinate, = p.device_mesh.get_coordinate()
-        value = pieces[coordinate] if coordinate < len(pieces) else value.narrow(
-            placement.dim, 0, 0)
-    local.copy_(value.view(local.shape))
+def _array(t: torch.Tensor):
+    """A host tensor as a numpy array; bfloat16, which numpy lacks, widened to float32
+    (exactly: every bfloat16 is a float32)."""
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _write_whole(path: Path, data) -> None:
@@ -483,18 +437,6 @@ def _project(name: str, grad: torch.Tensor | None) -> torch.Tensor:
     return out.cpu()
 
 
-def _lost_peer(err: BaseException) -> bool:
-    """Whether a collective failed because another rank is gone: then that rank's failure,
-    not this one, is the cause."""
-    import torch.distributed as dist
-
-    if isinstance(err, getattr(dist, "DistNetworkError", ())):
-        return True
-    # gloo raises a plain RuntimeError from its transport when the peer's socket closes
-    return any(said in str(err) for said in ("Connection closed by peer", "Connection reset",
-                                              "gloo/transport"))
-
-
 def _where(err: BaseException) -> str:
     """' at FILE:LINE' of the innermost frame outside torch and this file: where the user's
     code failed (the innermost frame of all when torch raised on its own)."""
@@ -505,7 +447,8 @@ def _where(err: BaseException) -> str:
 def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: int,
            copy_limit: int, out: Path, lead: Path | None = None,
            follow: Path | None = None) -> None:
-    """Run train() once under the hooks and torch.save what they saw (or why not) to out."""
+    """Run train() once under the hooks and pickle what they saw (or why not) to out: numbers,
+    strings and numpy arrays, so that the parent reads it without torch."""
     call = f"train({micro_batch_size}, {accum_steps}, {max_steps})"
     result: dict[str, Any] = {"error": None}
     try:
@@ -530,11 +473,16 @@ def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: 
         result["error"] = (f"{call} raised {type(e).__name__}"
                            f"{': ' + message[0] if message else ''}{_where(e)}; fix the loop "
                            f"(run it alone to see the traceback) and audit again")
-        result["lost_peer"] = _lost_peer(e)
-    rank = rank_of_environment()
+        result["lost_peer"] = ranks.lost_peer(e)
+    rank = ranks.of_environment()
     if rank and rank[1] > 1:  # each rank its own record: label.rankR.pt
         out = out.with_name(f"{out.stem}.rank{rank[0]}{out.suffix}")
-    torch.save(result, out)
+    for step in result.get("steps", ()):  # read by a parent that imports no torch
+        if "grad" in step:
+            step["grad"] = _array(step["grad"])
+        if "projections" in step:
+            step["projections"] = [_array(t) for t in step["projections"]]
+    _write_whole(out, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
     if rank:
         # a rank that failed must end the others, which would wait for it in a collective:
         # torch's launcher stops them all when one exits with an error. And no rank frees

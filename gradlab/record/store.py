@@ -46,12 +46,26 @@ def now() -> str:
 
 
 def versions() -> dict[str, str]:
-    import torch
-
     from gradlab import __version__
 
     return {"gradlab": __version__, "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+            "torch": torch_version(), "platform": platform.platform()}
+
+
+def torch_version() -> str:
+    """torch's version, without importing torch where it is not (an audit's parent): the
+    installed distribution's, which is the string torch.__version__ gives."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.__version__
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:  # torch from a source tree
+        import torch
+
+        return torch.__version__
 
 
 def git_commit() -> str | None:
