@@ -14,6 +14,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -48,6 +49,22 @@ def search_here() -> None:
     folder that holds mymodule.py, as `python -c 'import mymodule'` would find it."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+
+
+def subprocess_path() -> str:
+    """PYTHONPATH for a gradlab process this one starts (an audit's worker, a rank): the
+    working folder and this process's sys.path, so the child imports the user's modules
+    from where this process could, and the folder holding the gradlab package this process
+    imported. That last one keeps a folder named gradlab in the working folder (a clone's
+    root, run from its parent) from standing in for the package: an editable install is
+    found by a finder, not on sys.path, and a folder on sys.path without __init__.py would
+    be taken for a namespace package, while a real package anywhere on the path wins."""
+    import gradlab
+
+    package_home = str(Path(gradlab.__file__).resolve().parent.parent)
+    paths = [os.getcwd(), *(p for p in sys.path if p and Path(p).is_dir()),
+             *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), package_home]
+    return os.pathsep.join(dict.fromkeys(paths))
 
 
 def exists(module: str) -> bool:

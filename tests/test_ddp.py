@@ -48,10 +48,25 @@ def rank_env() -> dict[str, str]:
     return {**env, **loopback, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
 
 
-def start(*args: str, launcher: tuple[str, ...] = (sys.executable, "-m", "gradlab")
-          ) -> subprocess.Popen:
-    return subprocess.Popen([*launcher, "run", *args], env=rank_env(), text=True,
+def start(*args: str, launcher: tuple[str, ...] = (sys.executable, "-m", "gradlab"),
+          cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([*launcher, "run", *args], env=rank_env(), text=True, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a launcher that is still running, and its ranks, which hold its pipes open: a
+    SIGTERM, which both launchers pass to their ranks, then SIGKILL; never wait forever."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        for pipe in (process.stdout, process.stderr):
+            pipe.close()
+        process.wait(timeout=20)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -238,6 +253,8 @@ RUNS = {
     "stopped": (LAUNCHED, ["--set", "setup=user_setups:sleeps_once_parallel", "--set",
                            "dtype=float64"]),
     "torchrun": (SHORT, ["--set", "dtype=float64", "--json"]),
+    # from a folder that holds a folder named gradlab (a clone's root, seen from its parent)
+    "clone-folder": (LAUNCHED, ["--set", "dtype=float64"]),
 }
 
 
@@ -247,15 +264,18 @@ def runs(tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
     started = {}
     try:
         for name, (args, extra) in RUNS.items():
-            out = tmp_path_factory.mktemp(name) / "results"
+            home = tmp_path_factory.mktemp(name)
+            out = home / "results"
             launcher = TORCHRUN if name == "torchrun" else (sys.executable, "-m", "gradlab")
-            started[name] = (start(*args, *extra, "--out", str(out), launcher=launcher), out)
+            if name == "clone-folder":  # the installed command (python -m would take the folder)
+                (home / "gradlab").mkdir()
+                launcher = (str(Path(sys.executable).with_name("gradlab")),)
+            started[name] = (start(*args, *extra, "--out", str(out), launcher=launcher,
+                                   cwd=home), out)
         yield started
     finally:
         for process, _ in started.values():
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+            stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +380,17 @@ def test_sigterm_to_the_launcher_stops_every_rank(runs):
     assert meta["status"] == "interrupted"
     assert "failed_rank" not in meta
     assert_ranks_gone(meta)
+
+
+def test_ranks_import_gradlab_itself_from_a_folder_that_holds_one_named_so(runs):
+    # an empty folder named gradlab, no __init__.py: a namespace package unless the ranks
+    # are told where the gradlab the launcher imported lives
+    process, out = runs["clone-folder"]
+    code, _, stderr = finish(process)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr and "ImportError" not in stderr
+    summary = pd.read_csv(the_run(out) / "summary.csv").set_index("arm")
+    assert summary.loc["no-sync", "max_rel_grad_err"] <= 1e-12
 
 
 def test_torchrun_starts_the_ranks_itself(runs):

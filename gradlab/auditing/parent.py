@@ -132,11 +132,8 @@ def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
     them after each of its own steps; the parent marks the leader done when it exits,
     so a follower never waits for a leader that failed or stopped early.
     """
-    env = dict(os.environ)
-    # the worker imports the user's module from where the parent could
-    paths = [os.getcwd(), *(p for p in sys.path if p and Path(p).is_dir())]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
-        [*paths, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]))
+    # the worker imports the user's module from where the parent could, and gradlab itself
+    env = {**os.environ, "PYTHONPATH": entrypoints.subprocess_path()}
     shared = tmp / "weights"
     shared.mkdir(exist_ok=True)
     (shared / "done").unlink(missing_ok=True)

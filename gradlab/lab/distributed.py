@@ -39,6 +39,7 @@ from typing import IO, Any
 import torch
 import torch.distributed as dist
 
+from gradlab import entrypoints
 from gradlab.config.settings import Backend, Device, Settings
 from gradlab.config.spec import Spec, Trial
 from gradlab.errors import GradlabError
@@ -293,6 +294,8 @@ def launch(size: int, args: list[str], stdout: IO[str] | None = None) -> Ended:
 def rank_environment(size: int, port: int) -> dict[str, str]:
     """torchrun's environment for the ranks of one machine, bound to the loopback address."""
     env = {**os.environ, "WORLD_SIZE": str(size), "LOCAL_WORLD_SIZE": str(size),
+           # the ranks import the user's code and gradlab from where the launcher did
+           "PYTHONPATH": entrypoints.subprocess_path(),
            "GROUP_RANK": "0", "ROLE_RANK": "0", "ROLE_WORLD_SIZE": str(size),
            "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(port),
            # rank 0 joins the launcher's store rather than opening its own (as under torchrun)
