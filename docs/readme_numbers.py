@@ -32,7 +32,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ["toy", "equivalence", "zero-grad-toy", "zero-grad", "batch-lr", "norm",
                "norm-training", "tokens", "tokens-training", "precision", "clipping",
-               "scheduler", "last-window", "dropout", "cost", "ddp", "contrastive",
+               "scheduler", "last-window", "dropout", "cost", "ddp", "ddp-tokens", "contrastive",
                "contrastive-training"]
 LOCAL = ["my_lm"]  # examples of your own setup, run from the repository root
 # runs of a spec with other settings: name -> gradlab run arguments
@@ -49,7 +49,8 @@ FIGURES = {"equivalence-grad-error.png": "equivalence", "norm-grad-error.png": "
            "contrastive-training-held-out.png": "contrastive-training",
            "clipping-grad-error.png": "clipping", "scheduler-lr.png": "scheduler",
            "scheduler-loss.png": "scheduler", "cost-cost.png": "cost",
-           "precision-precision.png": "precision"}
+           "precision-precision.png": "precision",
+           "ddp-tokens-grad-error.png": "ddp-tokens"}
 # figures of a named metric: docs/figures/FILE <- (run, `gradlab plot` options, file it makes)
 PLOTTED = {"last-window-grad-error.png": ("last-window", ["-y", "exact_err"],
                                           "last-window-exact_err-vs-step.png"),
@@ -442,6 +443,48 @@ def block_ddp_findings(runs: dict, printed: dict) -> str:
         f"- **Never syncing is wrong.** `never-synced` steps on rank 0's own slice, 1/{ranks} "
         f"of the window: its gradient is {span(never.max_rel_grad_err)} away from the big "
         f"batch's (cosine {g(never.min_grad_cosine.min(), 2)}), in float32 and float64 alike.",
+    ])
+
+
+DDP_TOKENS_ARMS = ("global-tokens", "rank-tokens", "mean-of-means")
+
+
+def block_ddp_tokens(runs: dict, printed: dict) -> str:
+    s = summary(runs["ddp-tokens"])
+    s = s[~s.baseline]
+    rows = []
+    for low, part in s.groupby("min_len", sort=False):
+        high = int(part.max_len.iloc[0])
+        lengths = f"{low}..{high}" if low < high else f"{high} (all equal)"
+        for arm in DDP_TOKENS_ARMS:
+            byn = part[part.arm == arm].set_index("accum_steps")
+            rows.append([lengths, arm, *(g(byn.loc[n, "max_exact_err"]) for n in byn.index),
+                         g(byn.min_grad_cosine.min(), 6), ", ".join(sorted(set(byn.verdict)))])
+    ns = sorted(s.accum_steps.unique())
+    return table(["lengths", "arm", *(f"N={n}" for n in ns), "min cosine", "verdict"], rows)
+
+
+def block_ddp_tokens_findings(runs: dict, printed: dict) -> str:
+    s = summary(runs["ddp-tokens"])
+    s = s[~s.baseline]
+    ranks = int(s.world_size.max())
+
+    def worst(arm: str, low=None) -> str:
+        part = s[(s.arm == arm) & ((s.min_len == low) if low is not None else True)]
+        return g(part.max_exact_err.max())
+
+    lows = sorted(s.min_len.unique())
+    spread = ", ".join(f"{worst('rank-tokens', low)} at lengths {low}..{int(s.max_len.max())}"
+                       for low in lows)
+    return "\n".join([
+        f"- **Only every rank's token count is the big batch.** `global-tokens` is within "
+        f"{worst('global-tokens')} of the exact gradient (float64, W = {ranks}) at every "
+        f"spread of lengths and N.",
+        f"- **Each rank's own count is the bug, and it grows with the spread**: `rank-tokens` "
+        f"is {spread}; it does not change with N (what differs is how the tokens fell across "
+        f"the ranks, not across the micro-batches), while `mean-of-means` adds the "
+        f"single-process bug and grows with N ({worst('mean-of-means', lows[0])} at the "
+        f"widest spread).",
     ])
 
 
@@ -874,6 +917,7 @@ BLOCKS: dict[str, Callable] = {
     "norm-eval": block_norm_eval, "norm-training-prose": block_norm_training_prose,
     "tokens-training": block_tokens_training, "my_lm": block_my_lm, "ddp": block_ddp,
     "ddp-findings": block_ddp_findings, "margins": block_margins,
+    "ddp-tokens": block_ddp_tokens, "ddp-tokens-findings": block_ddp_tokens_findings,
     "precision": block_precision,
     "cost": block_cost, "cost-prose": block_cost_prose, "cost-budget": block_cost_budget,
     "pitfalls": block_pitfalls, "clipping": block_clipping, "scheduler": block_scheduler,
@@ -964,6 +1008,8 @@ def needs(block: str) -> list[str]:
         return ["contrastive"]
     if block.startswith("norm-") and block != "norm-low":
         return ["norm"]
+    if block.startswith("ddp-tokens"):
+        return ["ddp-tokens"]
     if block.startswith("ddp"):
         return ["ddp"]
     return {"toy-output": ["toy"], "equivalence-losses": ["equivalence"],

@@ -253,6 +253,8 @@ RUNS = {
     "stopped": (LAUNCHED, ["--set", "setup=user_setups:sleeps_once_parallel", "--set",
                            "dtype=float64"]),
     "torchrun": (SHORT, ["--set", "dtype=float64", "--json"]),
+    # the token normalisers on two ranks (its defaults: W = 2, N = 2 and 4, three spreads)
+    "ddp-tokens": (["ddp-tokens"], []),
     # from a folder that holds a folder named gradlab (a clone's root, seen from its parent)
     "clone-folder": (LAUNCHED, ["--set", "dtype=float64"]),
 }
@@ -391,6 +393,25 @@ def test_ranks_import_gradlab_itself_from_a_folder_that_holds_one_named_so(runs)
     assert "Traceback" not in stderr and "ImportError" not in stderr
     summary = pd.read_csv(the_run(out) / "summary.csv").set_index("arm")
     assert summary.loc["no-sync", "max_rel_grad_err"] <= 1e-12
+
+
+def test_only_every_ranks_token_count_is_the_big_batch_on_two_ranks(runs):
+    process, out = runs["ddp-tokens"]
+    code, _, stderr = finish(process)
+    assert code == 0, stderr
+    summary = pd.read_csv(the_run(out) / "summary.csv")
+    summary = summary[~summary.baseline].set_index(["min_len", "arm", "accum_steps"])
+    for low in (8, 32, 64):
+        for n in (2, 4):
+            assert summary.loc[(low, "global-tokens", n), "max_exact_err"] <= 1e-12
+    # each rank's own count: wrong as soon as lengths vary, more the more they vary, and the
+    # same at every N (it is the ranks' shares that differ, not the micro-batches')
+    rank = summary.xs("rank-tokens", level="arm")["max_exact_err"]
+    assert rank.loc[(8, 2)] > rank.loc[(32, 2)] > 1e-3 > 1e-12 >= rank.loc[(64, 2)]
+    torch.testing.assert_close(rank.loc[(8, 4)], rank.loc[(8, 2)], rtol=1e-6, atol=0)
+    assert (summary.xs(64, level="min_len")["verdict"] == "equivalent").all()
+    assert (summary.xs(8, level="min_len").drop("global-tokens", level="arm")["verdict"]
+            == "differs").all()
 
 
 def test_torchrun_starts_the_ranks_itself(runs):

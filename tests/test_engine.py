@@ -164,6 +164,12 @@ def test_every_policy_value_is_handled(policy):
         engine.train_step(setup.model, optimizer, setup.train, s, setup)
         engine.train_step(setup.model, optimizer, setup.train, s, setup)
         grads[value] = torch.cat([p.detach().flatten() for p in setup.model.parameters()])
+    # by-rank-size is by-size on one process (its rank's units are the window's): it differs
+    # only on ranks, where test_on_ranks_only_every_ranks_token_count_is_the_big_batch runs it
+    one_process_alike = {LossScale.BY_RANK_SIZE: LossScale.BY_SIZE}
+    for value, same in one_process_alike.items():
+        if value in grads:
+            assert_close(grads.pop(value), grads[same], rtol=0, atol=0)
     distinct = {tuple(g.tolist()) for g in grads.values()}
     assert len(distinct) == len(grads)
 
@@ -195,3 +201,48 @@ def test_the_gradient_norm_is_that_of_the_gradient_applied_in_low_precision_too(
         stats = engine.train_step(model, optimizer, window, s, Setup(model, window, mse_loss))
         grads = torch.cat([p.grad.double().flatten() for p in model.parameters()])
         assert stats.grad_norm == pytest.approx(float(grads.norm()), rel=rtol), dtype
+
+
+# ----------------------------------------------------------------------------- tokens on ranks
+
+def mean_over_ranks(settings: Settings, ranks: int, make=token_setup) -> torch.Tensor:
+    """What DDP's all-reduce makes of W ranks: each rank accumulates its own micro-batches of
+    the window (engine.plan_window), normalised as the engine normalises them on W ranks,
+    and the step receives the mean of the ranks' gradients (taken here by hand: the engine's
+    arithmetic at any W, without W processes)."""
+    grads = []
+    for rank in range(ranks):
+        setup = make()
+        for mb in engine.plan_window(setup.train, settings, setup, rank, ranks).micro_batches:
+            loss, units = setup.batch_loss(setup.model, mb.examples)
+            engine.normalised(loss, units, mb.window_units, settings, ranks,
+                              mb.rank_units).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in setup.model.parameters()]))
+    return torch.stack(grads).mean(0)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("accum_steps", [2, 3])
+def test_on_ranks_only_every_ranks_token_count_is_the_big_batch(ranks, accum_steps):
+    """Lengths 4..40: the ranks' shares of the window hold different token counts."""
+    s = dataclasses.replace(BIG, accum_steps=accum_steps)
+    big = gradient(BIG, token_setup)
+    # by-size: the window's tokens on every rank, times W against DDP's mean (the fix)
+    assert_close(mean_over_ranks(s, ranks), big, rtol=1e-12, atol=1e-15)
+    # by-rank-size: this rank's tokens only; a token weighs more where fewer fell
+    per_rank = dataclasses.replace(s, loss_scale=LossScale.BY_RANK_SIZE)
+    assert rel_err(mean_over_ranks(per_rank, ranks), big) > 1e-3
+
+
+def test_on_ranks_of_equal_lengths_this_ranks_tokens_are_enough():
+    def equal():
+        return token_setup(min_len=40, max_len=40)
+
+    s = dataclasses.replace(BIG, accum_steps=2, loss_scale=LossScale.BY_RANK_SIZE)
+    assert_close(mean_over_ranks(s, 4, equal), gradient(BIG, equal), rtol=1e-12, atol=1e-15)
+
+
+def test_on_one_process_this_ranks_tokens_are_the_windows():
+    s = dataclasses.replace(BIG, accum_steps=3)
+    per_rank = dataclasses.replace(s, loss_scale=LossScale.BY_RANK_SIZE)
+    assert_close(gradient(per_rank, token_setup), gradient(s, token_setup), rtol=0, atol=0)

@@ -35,6 +35,8 @@ class LossScale(Policy):
     """How each micro-batch's summed loss is normalised before backward."""
     BY_SIZE = "by-size"    # ÷ the units (examples or tokens) of the whole window: exact
     BY_COUNT = "by-count"  # per-micro-batch mean ÷ N: the textbook loss/N, pre-fix transformers
+    BY_RANK_SIZE = "by-rank-size"  # ÷ this rank's units of the window, then DDP's mean: W ranks'
+                                   # 2024 token bug (exact on one process)
     NONE = "none"          # per-micro-batch mean, not divided by N: gradients N times too large
 
 
@@ -214,7 +216,9 @@ class Settings:
     loss_scale: LossScale = _setting(
         Role.STEP, LossScale.BY_SIZE,
         "loss normalisation: by-size (summed loss / units of the whole window, exact for examples "
-        "and tokens alike), by-count (each micro-batch's mean / N: the textbook loss/N), none "
+        "and tokens alike; on W ranks the units of every rank, times W), by-count (each "
+        "micro-batch's mean / N: the textbook loss/N), by-rank-size (summed loss / this rank's "
+        "units of the window, then DDP's mean over the ranks: exact on one process), none "
         "(each micro-batch's mean, not divided by N)")
     accumulation: Accumulation = _setting(
         Role.PASSES, Accumulation.AUTO,

@@ -91,7 +91,7 @@ class WindowGradient(NamedTuple):
 
 
 def normalised(loss: torch.Tensor, units, window_units, s: Settings,
-               ranks: int = 1) -> torch.Tensor:
+               ranks: int = 1, rank_units=None) -> torch.Tensor:
     """A micro-batch's summed loss, divided as the arm's loss_scale says.
 
     by-size divides by the units of the whole window, so the N backward passes add
@@ -103,12 +103,17 @@ def normalised(loss: torch.Tensor, units, window_units, s: Settings,
     With W ranks, DDP's all-reduce takes the mean of the ranks' gradients, so by-size
     counts each rank's share W times (as transformers does under DDP), while by-count's
     mean of micro-batch means is what DDP's mean over ranks completes (nanoGPT's loss/N).
+    by-rank-size divides by this rank's own units of the window (``rank_units``) and leaves
+    the rest to DDP's mean: each rank's tokens then weigh by how many fell on the other
+    ranks, the multi-GPU half of the 2024 token bug.
     """
     match s.loss_scale:
         case LossScale.BY_SIZE:
             return (loss * ranks if ranks > 1 else loss) / window_units
         case LossScale.BY_COUNT:
             return loss / (units * s.accum_steps)
+        case LossScale.BY_RANK_SIZE:
+            return loss / (window_units if rank_units is None else rank_units)
         case LossScale.NONE:  # the bug: N means added up, gradients N times too large
             return loss / units
     unhandled(s.loss_scale)
@@ -188,6 +193,7 @@ class MicroBatch(NamedTuple):
     examples: Examples
     keys: torch.Tensor | None  # each example's dropout key (None: masks from the stream)
     window_units: torch.Tensor | int  # what the loss is divided by: its window's units, all ranks'
+    rank_units: torch.Tensor | int  # this rank's units of the window (by-rank-size divides by it)
     last: bool  # the window's last backward (where no_sync lets DDP all-reduce)
 
 
@@ -207,11 +213,12 @@ def plan_window(window: Examples, s: Settings, setup: Setup, rank: int,
     for part in step_windows(window, s):
         every_rank = rank_micro_batches(part, micro_batch_count(num_examples(part), s), ranks)
         part_units = sum(setup.count_units(mb) for mine in every_rank for mb in mine)
+        rank_units = sum(setup.count_units(mb) for mb in every_rank[rank])
         offset = start + sum(num_examples(mb) for mine in every_rank[:rank] for mb in mine)
         for micro_batch in every_rank[rank]:
             size = num_examples(micro_batch)
             mine = None if keys is None else keys[offset:offset + size]
-            planned.append(MicroBatch(micro_batch, mine, part_units, last=False))
+            planned.append(MicroBatch(micro_batch, mine, part_units, rank_units, last=False))
             offset += size
         units, start = units + part_units, start + num_examples(part)
     planned[-1] = planned[-1]._replace(last=True)
@@ -252,7 +259,8 @@ def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setu
                 with example_keys(model, micro_batch.keys), amp.forward_precision(s, setup):
                     # a coupled loss: each example scored against its micro-batch's only
                     loss, units = setup.batch_loss(model, micro_batch.examples)
-                loss_to_backward = normalised(loss, units, micro_batch.window_units, s, ranks)
+                loss_to_backward = normalised(loss, units, micro_batch.window_units, s, ranks,
+                                              micro_batch.rank_units)
                 amp.scaled(loss_to_backward, s, scaler).backward()
         losses.append(loss.detach())
     skip = unscale_and_clip(model, s, optimizer, scaler)
