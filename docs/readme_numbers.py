@@ -406,9 +406,10 @@ def block_ddp(runs: dict, printed: dict) -> str:
     s = summary(runs["ddp"])
     rows = [[r.dtype, r.arm, str(r.world_size), str(r.accum_steps), str(r.micro_batch),
              g(r.max_rel_grad_err), g(r.max_exact_err), g(r.rel_tolerance), r.verdict,
-             g(r.allreduces_per_step), g(r.step_seconds * 1000)] for r in s.itertuples()]
+             g(r.allreduces_per_step), g(r.allreduce_bytes_per_step / 1024),
+             g(r.step_seconds * 1000)] for r in s.itertuples()]
     return table(["dtype", "arm", "W", "N", "m", "rel grad err", "vs exact", "tolerance",
-                  "verdict", "all-reduces / step", "ms / step"], rows)
+                  "verdict", "all-reduces / step", "KiB / step", "ms / step"], rows)
 
 
 def block_ddp_findings(runs: dict, printed: dict) -> str:

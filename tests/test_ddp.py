@@ -161,7 +161,7 @@ def test_the_hook_counts_the_all_reduces_each_sync_policy_makes(one_rank, sync, 
 def test_a_model_of_one_process_is_never_synced_nor_counted():
     model = torch.nn.Linear(3, 1)
     assert replica.data_parallel_rank(model) == (0, 1)
-    assert replica.allreduce_calls(model) == 0
+    assert replica.allreduce_calls(model) == (0, 0)  # no calls, no bytes
     assert replica.module_of(model) is model
 
 
@@ -315,6 +315,11 @@ def test_two_ranks_compute_the_single_process_big_batch_gradient(two_ranks):
 def test_no_sync_all_reduces_once_a_window_and_every_micro_batch_n_times(two_ranks):
     run, _, _ = two_ranks
     summary = pd.read_csv(run / "summary.csv")
+    # the bytes they reduced: the whole gradient once a window, N times, or never
+    sent = summary.set_index(["dtype", "arm"])["allreduce_bytes_per_step"]
+    assert sent[("float64", "sync-every-micro-batch")] == 4 * sent[("float64", "no-sync")]
+    assert sent[("float64", "no-sync")] == 2 * sent[("float32", "no-sync")] > 0  # 8 vs 4 bytes
+    assert sent[("float32", "never-synced")] == sent[("float32", "big-batch")] == 0
     per_step = summary.groupby("arm")["allreduces_per_step"].agg(["min", "max"])
     assert per_step.loc["no-sync"].tolist() == [1, 1]
     assert per_step.loc["sync-every-micro-batch"].tolist() == [4, 4]  # N = 4

@@ -3,6 +3,7 @@ data-parallel cost and trace, the --json document of a run, and a run's progress
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -139,16 +140,20 @@ def render_data_parallel(summaries: list[dict], out: Console) -> None:
         return
     table = Table(title="data parallel: what syncing cost", title_justify="left",
                   box=box.SIMPLE_HEAD)
-    for column in ("trial", "arm", "W", "N", "micro", "all-reduces/step", "ms/step"):
+    for column in ("trial", "arm", "W", "N", "micro", "all-reduces/step", "KiB/step",
+                   "ms/step"):
         table.add_column(column, justify="left" if column == "arm" else "right")
     for row in summaries:
         table.add_row(str(row["trial"]), Text(row["arm"]), str(row["world_size"]),
                       str(row["accum_steps"]), str(row["micro_batch"]),
-                      fmt(row["allreduces_per_step"]), fmt(row["step_seconds"] * 1000))
+                      fmt(row["allreduces_per_step"]),
+                      fmt(row.get("allreduce_bytes_per_step", math.nan) / 1024),
+                      fmt(row["step_seconds"] * 1000))
     out.print(table)
     out.print("all-reduces/step: gradient all-reduces per optimizer step, as DDP's "
-              "communication hook counted them (one per bucket); ms/step: median time of a "
-              "step on rank 0 (with time_steps = true).", highlight=False, soft_wrap=True)
+              "communication hook counted them (one per bucket); KiB/step: the bytes of the "
+              "buckets they reduced; ms/step: median time of a step on rank 0 (with "
+              "time_steps = true).", highlight=False, soft_wrap=True)
 
 
 def render_checks(checks: list[dict], out: Console) -> None:

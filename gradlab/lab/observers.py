@@ -50,7 +50,8 @@ class Trajectory(Observer):
             "window_size": stats.examples, "units": stats.units, "lr": stats.lr,
             "loss": stats.loss, "grad_norm": stats.grad_norm, "update_norm": stats.update_norm,
             "saved_bytes": stats.saved_bytes, "negatives": stats.negatives,
-            "allreduces": stats.allreduces, "step_seconds": stats.seconds,
+            "allreduces": stats.allreduces, "allreduce_bytes": stats.allreduce_bytes,
+            "step_seconds": stats.seconds,
             "skipped": stats.skipped, "grad_scale": stats.grad_scale,
             "weight_dist": weight_dist,
             "rel_loss_diff": abs(stats.loss - ref_loss) / abs(ref_loss) if ref_loss

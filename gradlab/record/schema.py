@@ -34,8 +34,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
                 "final_loss", "max_rel_loss_diff", "final_weight_dist", "final_test_loss",
                 "final_test_accuracy", "max_rel_buffer_diff", "diverged_at_step",
                 "skipped_steps", "cuda_peak_bytes", "max_rel_lr_diff", "allreduces_per_step",
-                "step_seconds", "max_saved_bytes", "negatives", "rel_tolerance", "expect",
-                "verdict", *COST_METRICS,
+                "allreduce_bytes_per_step", "step_seconds", "max_saved_bytes", "negatives",
+                "rel_tolerance", "expect", "verdict", *COST_METRICS,
                 # gradlab audit's, of the user's own loop
                 "first_difference", "estimate", "diagnosis"),
     # saved_bytes: the most bytes of activations autograd held for backward at once during
@@ -44,8 +44,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     # example was scored against (B/N - 1 inside micro-batches, B - 1 over the window),
     # empty for a loss computed per example
     "steps": ("step", "examples", "epoch", "window_size", "units", "lr", "loss", "grad_norm",
-              "update_norm", "allreduces", "step_seconds", "saved_bytes", "negatives",
-              "weight_dist", "rel_loss_diff", "skipped", "grad_scale"),
+              "update_norm", "allreduces", "allreduce_bytes", "step_seconds", "saved_bytes",
+              "negatives", "weight_dist", "rel_loss_diff", "skipped", "grad_scale"),
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
               "exact_err", "floor_err", "sum_condition", "lr", "ref_lr",
               "scale"),  # gradlab audit's: <g, g_ref> / |g_ref|^2, per parameter
@@ -85,7 +85,7 @@ METRICS = ("max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact
            "exact_floor", "accum_rise", "max_sum_condition", "final_loss", "max_rel_loss_diff",
            "final_weight_dist", "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff",
            "diverged_at_step", "skipped_steps", "max_rel_lr_diff", "allreduces_per_step",
-           "step_seconds", "max_saved_bytes", "negatives")
+           "allreduce_bytes_per_step", "step_seconds", "max_saved_bytes", "negatives")
 
 # short labels for tables meant for people (CSV and JSON keep the column names)
 HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel grad err",
@@ -95,7 +95,8 @@ HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel 
            "max_rel_loss_diff": "max rel loss diff", "loss_diff": "loss diff",
            "max_rel_buffer_diff": "rel BN stats diff", "max_exact_err": "vs exact",
            "exact_floor": "floor", "diverged_at_step": "diverged at", "world_size": "W",
-           "allreduces_per_step": "all-reduces/step", "step_seconds": "s/step",
+           "allreduces_per_step": "all-reduces/step",
+           "allreduce_bytes_per_step": "all-reduced bytes/step", "step_seconds": "s/step",
            "accum_rise": "rise over N=1", "max_sum_condition": "Σ|g_i|/‖g‖",
            "accum_bound": "bound", "skipped_steps": "skipped", "cuda_peak_bytes": "CUDA bytes",
            "max_rel_lr_diff": "lr diff", "max_saved_bytes": "saved bytes", "negatives": "negatives",
@@ -191,6 +192,7 @@ def summarise(steps: list[Mapping], probes: list[Mapping] = (), evals: list[Mapp
                                 if not missing(r.get("lr"))), default=math.nan),
         # what data parallelism costs: the all-reduces DDP's hook counted, and the time
         "allreduces_per_step": _mean(steps, "allreduces"),
+        "allreduce_bytes_per_step": _mean(steps, "allreduce_bytes"),
         "step_seconds": _median(steps, "step_seconds"),
         "max_saved_bytes": _worst(steps, "saved_bytes"),
         "negatives": _last(steps, "negatives"),

@@ -81,6 +81,7 @@ class StepStats:
     skipped: bool = False  # the GradScaler found inf/NaN and skipped optimizer.step()
     grad_scale: float = float("nan")  # what the GradScaler multiplied this window's losses by
     allreduces: int = 0  # gradient all-reduces across ranks (buckets), as DDP's hook counted
+    allreduce_bytes: int = 0  # the bytes of the buckets those all-reduces reduced
     seconds: float = math.nan  # wall time of the forward/backward passes and the step
 
 
@@ -402,7 +403,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
     """
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params] if s.update_norm else None
-    allreduces = replica.allreduce_calls(model)
+    allreduces, allreduce_bytes = replica.allreduce_calls(model)
     stopwatch = Stopwatch(params, s.time_steps)
     grad_scale = scaler.get_scale() if scaler is not None else math.nan
     # activations only (parameters left out), and only this step's: observers that compute
@@ -428,9 +429,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
         update_norm = global_norm(before)
     loss, units, grad_norm, update_norm = to_host(replica.summed_over_ranks(loss, model), units,
                                                   grad_norm, update_norm)
+    calls, sent = replica.allreduce_calls(model)
     return StepStats(loss / units, int(units), grad_norm, update_norm, lr, num_examples(window),
                      meter.peak if measure_memory else math.nan, negatives(s, setup), skip,
-                     grad_scale, replica.allreduce_calls(model) - allreduces, stopwatch.seconds)
+                     grad_scale, calls - allreduces, sent - allreduce_bytes, stopwatch.seconds)
 
 
 class Stopwatch:

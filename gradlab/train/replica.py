@@ -32,11 +32,15 @@ class Replica(DistributedDataParallel):
 @dataclass
 class AllReduceCount:
     calls: int = 0
+    bytes: int = 0  # of the gradient buckets all-reduced (what each rank sends, before the
+    #                 backend's own algorithm multiplies it)
 
 
 # (no annotations: DDP compares them with its own types, and this module's are strings)
 def counted_allreduce(count, bucket):
     count.calls += 1
+    buffer = bucket.buffer()
+    count.bytes += buffer.numel() * buffer.element_size()
     return default_hooks.allreduce_hook(None, bucket)
 
 
@@ -69,9 +73,12 @@ def module_of(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def allreduce_calls(model: nn.Module) -> int:
-    """The gradient all-reduces a replica's communication hook has counted so far."""
-    return model.allreduces.calls if isinstance(model, Replica) else 0
+def allreduce_calls(model: nn.Module) -> tuple[int, int]:
+    """The gradient all-reduces a replica's communication hook has counted so far, and the
+    bytes of the buckets they reduced."""
+    if isinstance(model, Replica):
+        return model.allreduces.calls, model.allreduces.bytes
+    return 0, 0
 
 
 def summed_over_ranks(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
