@@ -537,6 +537,16 @@ def test_loops_that_do_not_step_as_asked_are_refused(entrypoint, message, tmp_pa
         examined(entrypoint, tmp_path, k=8)
 
 
+def test_a_loop_that_calls_sys_exit_is_refused_with_where(tmp_path):
+    result, _ = cli_audit(tmp_path, "audit_loops:exits")
+    assert result.exit_code == 2, result.output
+    line = next(i for i, text in enumerate(Path(audit_loops.__file__).read_text().splitlines(), 1)
+                if "raise SystemExit(5)" in text)
+    assert result.stderr.strip() == (
+        f"error: train(32, 1, {STEPS}) called sys.exit(5) in {audit_loops.__file__}, line "
+        f"{line}; the audit calls train() and needs it to return: return instead of exiting")
+
+
 def test_a_loop_that_raises_is_reported_where_it_raised(tmp_path):
     worker("audit_loops:raises", 4, 4, 3, COPY_LIMIT, tmp_path / "out.pt")
     error = audit.load_record(tmp_path / "out.pt")["error"]

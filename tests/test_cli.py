@@ -25,6 +25,8 @@ BAD_SETS = [
     (["--set", "model=user_factories:missing"], "has no callable 'missing'"),
     (["--set", "model=user_factories:NOT_CALLABLE"], "has no callable 'NOT_CALLABLE'"),
     (["--set", "model=user_factories:broken_net"], "factory(settings, data)"),
+    (["--set", "model=user_factories:exits"], "model 'user_factories:exits' called sys.exit(3)"),
+    (["--set", "setup=user_setups:exits_in_loss"], "your code called sys.exit(4)"),
     (["--set", "steps"], "write --set key=value"),
 ]
 
@@ -48,6 +50,29 @@ def test_bad_setting_is_one_line_and_exit_2(tmp_path, args, expected):
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
     assert_clean_failure(gradlab("run", "equivalence", *args, "--out", out), expected, out)
+
+
+def test_user_code_that_exits_while_training_is_bad_input_and_the_run_is_failed(tmp_path):
+    # the loss exits at its 61st call: after gradlab's checks before the run (which call it
+    # fewer times), inside a trial
+    out = tmp_path / "results"
+    result = gradlab("run", "equivalence", "--set", "setup=user_setups:exits_while_training",
+                     "--set", "steps=3", "--out", out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1:] == [
+        f"error: your code called sys.exit(4) in {Path(__file__).parent / 'user_setups.py'}, "
+        f"line {exit_line()} during the run; gradlab runs it in its own process: raise an "
+        f"exception instead"]
+    assert "Traceback" not in result.stderr
+    (run_dir,) = out.iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+
+
+def exit_line() -> int:
+    import user_setups
+
+    source = Path(user_setups.__file__).read_text().splitlines()
+    return next(i for i, line in enumerate(source, 1) if "raise SystemExit(4)" in line)
 
 
 SPECS = {

@@ -53,3 +53,9 @@ def wide_net(settings, data):
     """40 000 weights in one matrix: a trace of every element would be 40 000 rows a step."""
     return torch.nn.Sequential(torch.nn.Linear(1, 200), torch.nn.Linear(200, 200),
                                torch.nn.Linear(200, 1))
+
+
+def exits(settings, data):  # ends the process instead of returning a model
+    import sys
+
+    sys.exit(3)

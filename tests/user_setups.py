@@ -141,3 +141,21 @@ def sleeps_once_parallel(settings):
         return summed_mse(model, batch)
 
     return Setup(torch.nn.Linear(3, 1), regression(), loss)
+
+
+def exits_in_loss(settings, calls_before_exit: int = 0):
+    """A loss that ends the process with sys.exit(4) at its call number calls_before_exit + 1
+    (0: the first, which gradlab's check before the run makes)."""
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        if len(calls) > calls_before_exit:
+            raise SystemExit(4)
+        return summed_mse(model, batch)
+
+    return Setup(torch.nn.Linear(3, 1), regression(), loss)
+
+
+def exits_while_training(settings):
+    return exits_in_loss(settings, calls_before_exit=60)

@@ -468,6 +468,9 @@ def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: 
         result.update(recorder.result(), seconds=time.perf_counter() - start)
     except GradlabError as e:
         result["error"] = str(e)
+    except SystemExit as e:  # the loop meant to end its script: say so, not "died"
+        result["error"] = (f"{call} {entrypoints.failure(e).removeprefix('it ')}; the audit calls "
+                           f"train() and needs it to return: return instead of exiting")
     except Exception as e:  # the user's loop failed: say where, in one line
         message = str(e).strip().splitlines()
         result["error"] = (f"{call} raised {type(e).__name__}"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradlab import entrypoints
 from gradlab.config import spec
 from gradlab.errors import GradlabError, where
 from gradlab.record.meta import STOPPED, RunMeta, Status
@@ -154,6 +155,8 @@ def run_experiment(experiment: str, overrides: list[str] = (), *, out: Path = Pa
         if hooks.stop_signal() is not None:  # a factory may have turned the stop into one
             raise stopped(hooks.stop_signal(), None, hooks) from None
         raise
+    except SystemExit as e:  # the user's code, checked before the run, called sys.exit()
+        raise RunEnded(exited(e), 2, Status.BAD_INPUT) from None
     except Exception as e:
         if hooks.stop_signal() is not None:
             raise stopped(hooks.stop_signal(), None, hooks) from None
@@ -219,6 +222,13 @@ def execute(loaded: spec.Spec, trials: list[spec.Trial], estimate: Plan | None,
         if run_dir is not None:
             mark(run_dir, Status.FAILED, str(e))
         raise RunEnded(str(e), 2, Status.BAD_INPUT, run_dir) from None
+    except SystemExit as e:  # the user's code (a loss, a setup's method) called sys.exit()
+        said = exited(e)
+        if world is not None:
+            raise rank_failed(world, GradlabError(said), said, 2, run_dir, hooks) from None
+        if run_dir is not None:
+            mark(run_dir, Status.FAILED, said)
+        raise RunEnded(said, 2, Status.BAD_INPUT, run_dir) from None
     except Exception as e:  # a bug or a numerical failure: keep the evidence, say where
         if hooks.stop_signal() is not None:
             raise stopped(hooks.stop_signal(), run_dir, hooks, world) from None
@@ -270,6 +280,12 @@ def plan_line(name: str, trials: list[spec.Trial], estimate: Plan,
     return (f"{name}: {count(len(trials), 'trial')} x {count(len(arms), 'arm')} "
             f"({', '.join(arms)}) = {count(trainings, 'training')}, {steps} optimizer steps "
             f"in all{ranks}; {estimate.estimate()}")
+
+
+def exited(e: SystemExit) -> str:
+    """The one line for user code that called sys.exit() inside gradlab: bad input."""
+    return (f"your code {entrypoints.failure(e).removeprefix('it ')} during the run; gradlab "
+            f"runs it in its own process: raise an exception instead")
 
 
 def place(e: BaseException) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradlab import zoo
+from gradlab import entrypoints, zoo
 from gradlab.config.settings import EpochEnd, Settings
 from gradlab.errors import GradlabError, unhandled
 from gradlab.lab.device import DTYPES
@@ -34,6 +34,9 @@ def call_factory(kind: str, name: str, *args) -> Any:
         return factory(*args)
     except GradlabError:
         raise
+    except SystemExit as err:  # the factory meant to end its own script, not gradlab
+        raise GradlabError(f"{kind} '{name}' {entrypoints.failure(err).removeprefix('it ')}; a "
+                           f"{kind} factory must return one, or raise an exception") from None
     except Exception as err:
         signature = {"model": "(settings, data)"}.get(kind, "(settings)")
         raise GradlabError(f"{kind} '{name}' failed: {type(err).__name__}: {err}; a {kind} "
