@@ -457,3 +457,22 @@ def test_the_script_leaves_the_exit_to_python_while_a_thread_runs(monkeypatch):
         release.set()
         thread.join()
     assert exited.value.code == 0
+
+
+@pytest.mark.parametrize("command", [["list"], ["show", "equivalence"]])
+def test_a_reader_that_stops_early_ends_gradlab_quietly_with_exit_0(command):
+    """`gradlab list | head -1` under `set -o pipefail`: the reader had enough, as with any
+    Unix filter; no message, exit 0 (click and rich each exit 1 on a broken pipe)."""
+    process = subprocess.Popen([*GRADLAB, *command], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout.read(1)
+    process.stdout.close()  # what head does after its first line
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 0, stderr
+    assert stderr == b""
+
+
+def test_a_failure_with_stdout_on_dev_null_keeps_its_exit_code(tmp_path):
+    done = subprocess.run([*GRADLAB, "compare", str(tmp_path / "missing")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 2 and b"error:" in done.stderr

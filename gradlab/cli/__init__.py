@@ -15,6 +15,7 @@ is marked interrupted, with the trials finished so far kept.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -61,9 +62,34 @@ def main() -> None:
         if ended.code == 130 and Stop.signum is not None and not Stop.reported:
             Stop.finishing = True
             raise early_stop(Stop.signum, "" if Stop.began else starting()) from None
+        if ended.code == 1 and stdout_closed():  # `gradlab list | head -1`: the reader had
+            raise SystemExit(0) from None         # enough, as with any Unix filter
         raise
     finally:
         restore_signal_handlers(previous)
+
+
+def stdout_closed() -> bool:
+    """Whether stdout's reader went away (`gradlab list | head -1`). click then wraps stdout
+    to silence its flush and exits 1; rich points stdout at /dev/null and exits 1."""
+    # by name: click's class is PacifyFlushWrapper in some versions, _PacifyFlushWrapper in
+    # others, and typer has its own copy of the code that wraps
+    if type(sys.stdout).__name__.lstrip("_") == "PacifyFlushWrapper":
+        with contextlib.suppress(OSError, ValueError):  # and Python's own exit is quiet too
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+        return True
+    return _is_devnull() and not _STDOUT_WAS_DEVNULL
+
+
+def _is_devnull() -> bool:
+    try:
+        out, null = os.fstat(sys.__stdout__.fileno()), os.stat(os.devnull)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (out.st_dev, out.st_ino) == (null.st_dev, null.st_ino)
+
+
+_STDOUT_WAS_DEVNULL = _is_devnull()  # `gradlab run > /dev/null` keeps its exit code
 
 
 def script() -> None:
