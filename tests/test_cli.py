@@ -86,6 +86,15 @@ SPECS = {
 }
 
 
+def test_a_spec_saved_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.toml"  # as some Windows editors save UTF-8
+    path.write_bytes(b"\xef\xbb\xbf[settings]\nsteps = 3\n[arms.a]\nbaseline = true\n"
+                     b"[arms.b]\naccum_steps = 2\n")
+    result = gradlab("show", path)
+    assert result.exit_code == 0, result.output
+    assert "not valid TOML" not in result.output
+
+
 @pytest.mark.parametrize("name", SPECS)
 def test_bad_spec_file_is_one_line_and_exit_2(tmp_path, name):
     text, expected = SPECS[name]

@@ -147,7 +147,8 @@ def _builtin_names() -> str:
 def load_spec(name_or_path: str) -> Spec:
     path = find_spec(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: an editor's byte-order mark at the start is read past, not a syntax error
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
         raise GradlabError(f"{path}: cannot read the spec ({reason}); give a readable "
