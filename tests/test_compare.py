@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -359,3 +360,26 @@ def test_a_seed_repeated_across_runs_is_counted_once(seeds, tmp_path):
     assert got["final_loss_std"] == pytest.approx(losses["final_loss"].std(), rel=1e-12)
     assert any("repeat" in n for n in mixed["notes"])
     assert not any("repeat" in n for n in as_json(seeds)["notes"])  # no repeats, no note
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupted", "running"])
+@pytest.mark.parametrize("flag", [["--json"], ["--format", "json"]])
+def test_compare_json_says_a_bad_input_in_a_json_document(tmp_path, case, flag):
+    """As `run --json` does: one JSON document on stdout, the one line on stderr, exit 2."""
+    run = tmp_path / "run"
+    if case == "corrupted":
+        run.mkdir()
+        (run / "run.json").write_text("{half a run.json")
+    if case == "running":  # a finished run's run.json marked running, by this live process
+        run = run_dir("toy", "--set", "steps=2", "--out", tmp_path)
+        meta = json.loads((run / "run.json").read_text())
+        meta.update(status="running", pid=os.getpid())
+        (run / "run.json").write_text(json.dumps(meta))
+    result = gradlab("compare", run, *flag)
+    assert result.exit_code == 2, result.output
+    doc = json.loads(result.stdout)
+    assert doc["status"] == "bad-input" and doc["run_dir"] is None
+    assert doc["error"] in " ".join(result.stderr.split())
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+    if case == "running":
+        assert "is still running" in doc["error"]

@@ -16,6 +16,7 @@ from gradlab.cli.shared import (
     app,
     check_choice,
     console,
+    ended,
     fail,
 )
 from gradlab.cli.signals import Stop
@@ -82,8 +83,8 @@ def compare_(
         result = compare.compare(
             store.load_runs(runs), reference=baseline, at_step=at_step,
             tol=compare.Tolerance(rtol, atol), show_all=all_, sort=sort, descending=reverse)
-    except GradlabError as e:
-        raise fail(str(e)) from None
+    except GradlabError as e:  # with --json (or --format json): the error as a document too
+        raise ended(e, json_out=format_ == "json") from None
     out = console()
     if format_ == "json":
         typer.echo(store.dumps({"title": result.title, "columns": result.columns,
