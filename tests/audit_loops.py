@@ -5,6 +5,7 @@ Each is train(micro_batch_size, accum_steps, max_steps) as `gradlab audit` calls
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -345,3 +346,24 @@ def exits(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
     """A script's loop that ends the process when it is done, instead of returning."""
     right(micro_batch_size, accum_steps, max_steps)
     raise SystemExit(5)
+
+
+def nan_loss(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """A loss that is NaN from the start (a log of a negative number, say): in both runs."""
+    x, y = _regression()
+    model = nn.Linear(3, 1).double()
+    _train(model, x, y, micro_batch_size, accum_steps, max_steps,
+           loss_fn=lambda out, target: nn.functional.mse_loss(out, target).sqrt() * math.nan)
+
+
+def nan_in_one_micro_batch(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """A NaN that only a micro-batch of m examples meets (an example that, alone in its
+    micro-batch, makes the loss NaN; averaged into the big batch, it is masked)."""
+    x, y = _regression()
+    model = nn.Linear(3, 1).double()
+
+    def loss(out, target):
+        value = nn.functional.mse_loss(out, target)
+        return value * math.nan if len(out) < 8 else value  # only micro-batches of < 8
+
+    _train(model, x, y, micro_batch_size, accum_steps, max_steps, loss_fn=loss)

@@ -537,6 +537,20 @@ def test_loops_that_do_not_step_as_asked_are_refused(entrypoint, message, tmp_pa
         examined(entrypoint, tmp_path, k=8)
 
 
+def test_a_loss_that_is_nan_in_both_runs_is_refused_before_any_determinism_check(tmp_path):
+    with pytest.raises(GradlabError, match=r"train\(16, 1, 3\) hands the optimizer a "
+                                           r"non-finite gradient from step 1 \(\|g\| = nan"):
+        examined("audit_loops:nan_loss", tmp_path)
+
+
+def test_a_nan_only_a_micro_batch_meets_differs_and_is_named(tmp_path):
+    result = examined("audit_loops:nan_in_one_micro_batch", tmp_path)
+    assert result.verdict == "differs" and result.first_difference["step"] == 1
+    assert math.isnan(result.first_difference["grad_norm_accumulated"])
+    assert "the accumulated run's gradient is not finite at step 1" in result.diagnosis
+    assert "deterministic" not in result.diagnosis
+
+
 def test_a_loop_that_calls_sys_exit_is_refused_with_where(tmp_path):
     result, _ = cli_audit(tmp_path, "audit_loops:exits")
     assert result.exit_code == 2, result.output

@@ -68,6 +68,13 @@ def diagnose(result: AuditResult) -> Diagnosis:
             f"they depend on N in the loop; the big batch's update needs the big batch's "
             f"settings.", certain=True)
     window = own["steps"][step - 1]
+    if not math.isfinite(first["grad_norm_accumulated"]):
+        return Diagnosis(
+            f"the accumulated run's gradient is not finite at step {step} (|g| = "
+            f"{first['grad_norm_accumulated']}, the losses backward() ran on sum to "
+            f"{window['loss']:.4g}) while the big batch's is (|g| = "
+            f"{first['grad_norm_big_batch']:.4g}): a micro-batch's loss or gradient is NaN or "
+            f"inf where the whole batch's is not; look for it before the step.", certain=True)
     ranks = result.arm.ranks
     if ranks > 1 and first["rank_grad_spread"] > first["tolerance"]:
         return _ranks_apart(first, window, ranks)

@@ -317,6 +317,16 @@ def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
                            f"the optimizer a gradient at any of the {len(steps)} steps (every "
                            f".grad None or zero): there is nothing to compare; call "
                            f"loss.backward() before optimizer.step()")
+    broken = next((s for s in steps if not math.isfinite(s["grad_norm_big_batch"])), None)
+    if broken is not None:  # before any verdict: a NaN is neither equal nor deterministic
+        raise GradlabError(f"{base.call(max_steps)} hands the optimizer a non-finite gradient "
+                           f"from step {broken['step']} (|g| = {broken['grad_norm_big_batch']}, "
+                           f"loss {broken['loss_big_batch']:.4g}): there is no big-batch "
+                           f"gradient to compare with. Make the loop's loss finite there (the "
+                           f"data, the learning rate), then audit again")
+    for s in steps:  # the big batch's is finite: a non-finite accumulated one differs
+        if not math.isfinite(s["grad_norm_accumulated"]):
+            s["verdict"] = Verdict.DIFFERS
     result = AuditResult(entrypoint, base, arm, max_steps, dtype, estimate, steps, params, captured,
                    same_weights=own["forced"] == len(own["steps"]))
     differing = [s for s in steps if s["verdict"] != Verdict.EQUIVALENT]
