@@ -26,6 +26,8 @@ BAD_SETS = [
     (["--set", "model=user_factories:NOT_CALLABLE"], "has no callable 'NOT_CALLABLE'"),
     (["--set", "model=user_factories:broken_net"], "factory(settings, data)"),
     (["--set", "model=user_factories:exits"], "model 'user_factories:exits' called sys.exit(3)"),
+    (["--set", "model=user_factories:frozen_net", "--set", "dataset=user_factories:noisy_line"],
+     "the model has nothing to train: all 4 of its parameters are frozen"),
     (["--set", "setup=user_setups:exits_in_loss"], "your code called sys.exit(4)"),
     (["--set", "steps"], "write --set key=value"),
 ]

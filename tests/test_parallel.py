@@ -247,6 +247,7 @@ def test_the_fork_server_starts_before_torch_is_imported_when_workers_are_likely
     # imports and preflight, which times the setups with the threads each trial will get
     probe = tmp_path / "probe.py"
     probe.write_text(f"""
+import os
 import sys
 from gradlab import cli
 from gradlab.lab import parallel
@@ -258,8 +259,8 @@ def spread(trials, jobs, idle):
     preflight.preflight = lambda trials: print("preflight", torch.get_num_threads()) or \
         plan.Plan(len(trials), len(trials), 60.0, 0, None)
     estimate = spread_as_is(trials, jobs, idle)
-    print("workers", estimate.workers.processes, estimate.workers.threads)
-    raise SystemExit(0)
+    print("workers", estimate.workers.processes, estimate.workers.threads, flush=True)
+    os._exit(0)  # here, before the run (a SystemExit would be the user's code exiting)
 from gradlab.lab import experiment
 spread_as_is, experiment.spread = experiment.spread, spread
 jobs = {[f"--jobs={jobs}"] if jobs else []!r}

@@ -59,3 +59,9 @@ def exits(settings, data):  # ends the process instead of returning a model
     import sys
 
     sys.exit(3)
+
+
+def frozen_net(settings, data):  # every parameter frozen: nothing to train
+    net = tiny_net(settings, data)
+    net.requires_grad_(False)
+    return net

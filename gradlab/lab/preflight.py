@@ -149,6 +149,12 @@ def available_memory() -> int | None:
 
 def check_setup(arm: Arm, setup: Setup) -> None:
     s, name = arm.settings, f"arm '{arm.name}'"
+    if not any(p.requires_grad for p in setup.model.parameters()):
+        frozen = sum(1 for _ in setup.model.parameters())
+        what = (f"all {frozen} of its parameters are frozen (requires_grad=False)" if frozen
+                else "it has no parameters")
+        raise GradlabError(f"{name}: the model has nothing to train: {what}, so there is no "
+                           f"gradient to accumulate; give a model with trainable parameters")
     n = num_examples(setup.train)
     if n < s.batch_size:
         raise GradlabError(f"{name}: batch_size={s.batch_size} but the training set has {n} "
