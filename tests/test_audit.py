@@ -551,6 +551,7 @@ def test_a_nan_only_a_micro_batch_meets_differs_and_is_named(tmp_path):
     assert "deterministic" not in result.diagnosis
 
 
+@pytest.mark.slow  # a whole audit through the command line (two processes)
 def test_a_loop_that_calls_sys_exit_is_refused_with_where(tmp_path):
     result, _ = cli_audit(tmp_path, "audit_loops:exits")
     assert result.exit_code == 2, result.output
