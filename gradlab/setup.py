@@ -188,6 +188,12 @@ def check_examples(batch: object, where: str) -> int:
         if value.dim() == 0:
             raise GradlabError(f"{where} {name} is a scalar; every tensor needs the examples "
                                f"along dim 0")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            bad = (~torch.isfinite(value)).reshape(len(value), -1).any(1).nonzero()[:, 0]
+            raise GradlabError(f"{where}{'' if name.startswith('[') else ' '}{name} holds NaN "
+                               f"or inf in {len(bad)} example(s) (the first: row "
+                               f"{int(bad[0])}); every loss and gradient would be NaN from "
+                               f"there: drop or fix those rows")
     lengths = {name: len(value) for name, value in items}
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"{k}: {v}" for k, v in lengths.items())

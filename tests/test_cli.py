@@ -26,6 +26,8 @@ BAD_SETS = [
     (["--set", "model=user_factories:NOT_CALLABLE"], "has no callable 'NOT_CALLABLE'"),
     (["--set", "model=user_factories:broken_net"], "factory(settings, data)"),
     (["--set", "model=user_factories:exits"], "model 'user_factories:exits' called sys.exit(3)"),
+    (["--set", "dataset=user_factories:line_with_a_nan", "--set", "model=user_factories:tiny_net"],
+     "training examples[0] holds NaN or inf in 1 example(s) (the first: row 17)"),
     (["--set", "model=user_factories:frozen_net", "--set", "dataset=user_factories:noisy_line"],
      "the model has nothing to train: all 4 of its parameters are frozen"),
     (["--set", "setup=user_setups:exits_in_loss"], "your code called sys.exit(4)"),

@@ -65,3 +65,9 @@ def frozen_net(settings, data):  # every parameter frozen: nothing to train
     net = tiny_net(settings, data)
     net.requires_grad_(False)
     return net
+
+
+def line_with_a_nan(settings):  # one example's input is NaN, as a sensor gap would leave it
+    x, y = noisy_line(settings)
+    x[17, 1] = float("nan")
+    return x, y
