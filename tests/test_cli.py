@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -240,3 +243,20 @@ def test_every_builtin_spec_names_its_command():
     from gradlab.config.spec import builtin_specs
     for name, path in builtin_specs().items():
         assert path.read_text().splitlines()[0] == f"# gradlab run {name}"
+
+
+@pytest.mark.parametrize("jobs", ["1", pytest.param("2", marks=pytest.mark.slow)])
+def test_run_json_keeps_what_user_code_prints_off_stdout(tmp_path, jobs):
+    """stdout is the one JSON document; the factory's print goes to stderr, from this
+    process (--jobs 1) and from the worker processes alike (--jobs 2)."""
+    command = [str(Path(sys.executable).with_name("gradlab")), "run", "equivalence",
+               "--set", "model=user_factories:printing_net",
+               "--set", "dataset=user_factories:noisy_line", "--set", "accum_steps=1,2",
+               "--set", "steps=2", "--set", "norm=none", "--set", "seed=0,1",
+               "--jobs", jobs, "--out", str(tmp_path), "--json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "complete"
+    assert "building my model" in done.stderr

@@ -71,3 +71,8 @@ def line_with_a_nan(settings):  # one example's input is NaN, as a sensor gap wo
     x, y = noisy_line(settings)
     x[17, 1] = float("nan")
     return x, y
+
+
+def printing_net(settings, data):  # a factory that talks, as research code does
+    print("building my model")
+    return tiny_net(settings, data)

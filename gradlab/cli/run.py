@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -87,8 +90,9 @@ def run(
                  f"--table={table}", *(["--json"] if json_out else []),
                  *(["--yes"] if yes else [])]
     try:
-        result = gradlab.run(experiment, set_ or [], out=out, jobs=jobs, yes=yes,
-                             hooks=run_hooks(json_out), rank_args=rank_args)
+        with user_output_to_stderr(json_out):  # stdout holds the one JSON document
+            result = gradlab.run(experiment, set_ or [], out=out, jobs=jobs, yes=yes,
+                                 hooks=run_hooks(json_out), rank_args=rank_args)
     except (GradlabError, RunEnded) as e:
         raise ended(e, json_out) from None
     if result.launched is not None:  # rank 0 said how the run ended, or:
@@ -102,6 +106,32 @@ def run(
     show_run(result, json_out, table)
     if result.failures:
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def user_output_to_stderr(on: bool) -> Iterator[None]:
+    """While on, whatever the run prints to stdout goes to stderr: the user's factories and
+    losses, in this process (sys.stdout) and in the processes it starts meanwhile (file
+    descriptor 1), so that --json's stdout is one JSON document and nothing else."""
+    if not on:
+        yield
+        return
+    sys.stdout.flush()
+    try:
+        out, err = sys.stdout.fileno(), sys.stderr.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):  # not files (a test's capture)
+        out = err = None
+    saved = os.dup(out) if out is not None else None
+    if saved is not None:
+        os.dup2(err, out)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, out)
+            os.close(saved)
 
 
 def run_hooks(json_out: bool) -> Hooks:
