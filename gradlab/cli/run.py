@@ -97,6 +97,8 @@ def run(
         raise ended(e, json_out) from None
     if result.launched is not None:  # rank 0 said how the run ended, or:
         Stop.reported = True
+        sys.stdout.write(result.launched.stdout)  # its run directory, or its JSON document
+        sys.stdout.flush()
         if result.launched.message:
             raise ended(RunEnded(result.launched.message, result.launched.code, Status.FAILED),
                         json_out)

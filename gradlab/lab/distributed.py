@@ -253,9 +253,11 @@ def records_prefix(restart: int) -> str:
 
 @dataclass(frozen=True)
 class Ended:
-    """How a launched run ended: the exit code, and a line to print if rank 0 could not."""
+    """How a launched run ended: the exit code, a line to print if rank 0 could not, and what
+    rank 0 wrote on its standard output (the run directory, or --json's document)."""
     code: int
     message: str | None = None
+    stdout: str = ""
 
 
 def launch(size: int, args: list[str], stdout: IO[str] | None = None) -> Ended:

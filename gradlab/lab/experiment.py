@@ -163,15 +163,16 @@ def run_experiment(experiment: str, overrides: list[str] = (), *, out: Path = Pa
         raise RunEnded(f"preparing the run failed: {type(e).__name__}: {e} (at {place(e)})",
                        1, Status.FAILED) from None
     if ranks is not None and rank is None:  # data-parallel arms: start the ranks, as torchrun
-        # a library call reads rank 0's --json document for the run directory
+        # rank 0's standard output, kept and handed back: a library call reads its --json
+        # document for the run directory, the command line passes it on to its own stdout
         args = rank_args or ["run", experiment, *(f"--set={a}" for a in overrides),
                              f"--out={out}", "--json", "--yes"]
         try:
             with tempfile.TemporaryFile("w+", encoding="utf-8") as document:
-                ended = distributed.launch(ranks.size, args,
-                                           stdout=None if rank_args else document)
+                ended = distributed.launch(ranks.size, args, stdout=document)
                 document.seek(0)
                 said = document.read()
+                ended = dataclasses.replace(ended, stdout=said)
         except KeyboardInterrupt as stop:  # before the ranks started (later, they say it)
             raise stopped(getattr(stop, "signum", signal.SIGINT), None, hooks) from None
         except Exception as e:  # no store, no process: nothing started
