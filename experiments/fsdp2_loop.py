@@ -23,7 +23,7 @@ from experiments.tutorial_loop import optimizer_and_scheduler, setup
 
 def train(micro_batch_size: int, accum_steps: int, max_steps: int,
           divide_by_global_batch: bool = False) -> None:
-    dist.init_process_group("gloo")
+    dist.init_process_group(backend="gloo")
     loader, model, _, _, loss_fn = setup(micro_batch_size, max_steps)
     for layer in model:  # each Linear its own FSDP unit, then the root
         if isinstance(layer, nn.Linear):

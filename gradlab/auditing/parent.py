@@ -43,6 +43,7 @@ from gradlab.auditing.result import (
     Arm,
     AuditResult,
     locate_entrypoint,
+    rank_record,
     twins,
 )
 from gradlab.auditing.rundir import write_run
@@ -139,7 +140,7 @@ def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
     (shared / "done").unlink(missing_ok=True)
     started = []
     for arm, label, role in runs:
-        out, log = tmp / f"{label}.pt", tmp / f"{label}.log"
+        out, log = tmp / f"{label}.pkl", tmp / f"{label}.log"
         # on ranks: torch's own launcher (torchrun), on this machine alone, one worker a rank
         launcher = ["-m", "torch.distributed.run", "--standalone",
                     f"--nproc-per-node={arm.ranks}"] if arm.ranks else []
@@ -171,10 +172,9 @@ def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
 
 
 def read_records(arm: Arm, out: Path, log: Path, code: int, max_steps: int) -> list[dict]:
-    """What the run's workers saved: one record, or one per rank (label.rankR.pt); the first
+    """What the run's workers saved: one record, or one per rank (label.rankR.pkl); the first
     error any of them met, or which rank died without a record."""
-    paths = [out] if arm.ranks <= 1 else \
-        [out.with_name(f"{out.stem}.rank{r}{out.suffix}") for r in range(arm.ranks)]
+    paths = [out] if arm.ranks <= 1 else [rank_record(out, r) for r in range(arm.ranks)]
     records = [load_record(p) if p.is_file() else None for p in paths]
     failed = [r for r, c in enumerate(records) if c is None or c["error"]]
     if failed:
@@ -292,8 +292,7 @@ def examine(entrypoint: str, base: Arm, arm: Arm, max_steps: int,
     for step, (b, a, rows, spread) in enumerate(zip(ref["steps"], own["steps"], tables, spreads,
                                                     strict=True), start=1):
         overall = rows[-1]
-        verdict, tolerance = verdict_of(dtype, arm.accum_steps * max(arm.ranks, 1),
-                                        overall["rel_l2_err"])
+        verdict, tolerance = verdict_of(dtype, arm.pieces, overall["rel_l2_err"])
         lr_diff = max(abs(x - y) / abs(y) if y else abs(x - y)
                       for x, y in zip(a["lrs"], b["lrs"], strict=False))
         settings = settings_differences(b["settings"], a["settings"])
@@ -467,7 +466,7 @@ def check_deterministic(base: Arm, max_steps: int, first: dict, again: dict, dty
     for step, (a, b) in enumerate(zip(again["steps"], first["steps"], strict=True), start=1):
         rel = gradient_tables([b], [a], estimate)[0][-1]["rel_l2_err"] \
             if a["names"] == b["names"] else math.inf
-        verdict, tolerance = verdict_of(dtype, base.accum_steps * max(base.ranks, 1), rel)
+        verdict, tolerance = verdict_of(dtype, base.pieces, rel)
         if verdict != Verdict.EQUIVALENT or a["lrs"] != b["lrs"]:
             raise GradlabError(
                 f"the loop is not deterministic: {call} run twice hands the optimizer "

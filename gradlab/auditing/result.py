@@ -59,9 +59,19 @@ class Arm:
         """Examples per optimizer step, over all ranks."""
         return self.micro_batch_size * self.accum_steps * max(self.ranks, 1)
 
+    @property
+    def pieces(self) -> int:
+        """The partial gradients the step's gradient is summed from: N on each rank."""
+        return self.accum_steps * max(self.ranks, 1)
+
     def call(self, max_steps: int) -> str:
         where = {0: ""}.get(self.ranks, f" on {self.ranks} rank{'s' * (self.ranks > 1)}")
         return f"train({self.micro_batch_size}, {self.accum_steps}, {max_steps}){where}"
+
+
+def rank_record(out: Path, rank: int) -> Path:
+    """Where rank R of a run on several ranks saves its record, beside the run's own."""
+    return out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
 
 
 def twins(micro_batch_size: int, accum_steps: int, ranks: int = 1) -> tuple[Arm, Arm]:

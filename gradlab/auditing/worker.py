@@ -11,7 +11,7 @@ calls and the backward() results they discarded, scheduler steps, and clip_grad_
 calls.
 
 Under torch's launcher (``gradlab audit --nproc-per-node W``) each rank runs this worker
-and saves its own record (``label.rankR.pt``). It also counts the backward() calls that
+and saves its own record (``label.rankR.pkl``). It also counts the backward() calls that
 reduced gradients across the ranks (DDP outside ``no_sync()``, FSDP2 with
 ``set_requires_gradient_sync(True)``), records an FSDP2 gradient whole (its DTensor's
 ``full_tensor()``: every rank is at the optimizer step together, so the gather meets),
@@ -42,7 +42,7 @@ from torch import nn
 
 from gradlab import entrypoints
 from gradlab.auditing import ranks
-from gradlab.auditing.result import CHUNK, PROJECTIONS, locate_entrypoint, no_module
+from gradlab.auditing.result import CHUNK, PROJECTIONS, locate_entrypoint, no_module, rank_record
 from gradlab.errors import GradlabError, where
 
 
@@ -184,27 +184,17 @@ class Recorder:
         self._wrap(DistributedDataParallel, "forward", self.on_ddp_forward)
         if "fully_shard" in vars(fsdp):
             self._wrap(fsdp, "fully_shard", self.on_fully_shard)
-            original = fsdp.FSDPModule.set_requires_gradient_sync
-
-            @functools.wraps(original)
-            def set_requires_gradient_sync(module, requires_gradient_sync: bool, *args,
-                                           **kwargs):
-                self.fsdp_sync = bool(requires_gradient_sync)
-                return original(module, requires_gradient_sync, *args, **kwargs)
-
-            fsdp.FSDPModule.set_requires_gradient_sync = set_requires_gradient_sync
-            self._undo.append(lambda: setattr(fsdp.FSDPModule, "set_requires_gradient_sync",
-                                              original))
+            self._wrap(fsdp.FSDPModule, "set_requires_gradient_sync", self.on_gradient_sync)
 
     def _wrap(self, owner, name: str, before) -> None:
         """``owner.name`` (a class's method, or a module's function) calls ``before`` with its
-        first argument (the object, for a method) and then does what it did."""
+        arguments (the object first, for a method) and then does what it did."""
         original = vars(owner)[name]
 
         @functools.wraps(original)
-        def wrapped(first, *args, **kwargs):
-            before(first)
-            return original(first, *args, **kwargs)
+        def wrapped(*args, **kwargs):
+            before(*args, **kwargs)
+            return original(*args, **kwargs)
 
         setattr(owner, name, wrapped)
         self._undo.append(lambda: setattr(owner, name, original))
@@ -217,18 +207,22 @@ class Recorder:
     def on_forward(self, module: nn.Module, args) -> None:
         self.seen.setdefault(id(module), module)
 
-    def on_join(self, *args) -> None:
+    # each hook takes the arguments of what it wraps, and reads only those it needs
+    def on_join(self, *_, **__) -> None:
         self.joined = True
 
-    def on_ddp_forward(self, module) -> None:
+    def on_ddp_forward(self, module, *_, **__) -> None:
         self.kept.setdefault(id(module), module)
         if torch.is_grad_enabled() and module.require_backward_grad_sync:
             self.window.syncs += 1
 
-    def on_fully_shard(self, module) -> None:
+    def on_fully_shard(self, module, *_, **__) -> None:
         self.fsdp_sharded = True
 
-    def on_backward(self, tensor: torch.Tensor) -> None:
+    def on_gradient_sync(self, module, requires_gradient_sync: bool, *_, **__) -> None:
+        self.fsdp_sync = bool(requires_gradient_sync)
+
+    def on_backward(self, tensor: torch.Tensor, *_, **__) -> None:
         w = self.window
         w.backwards += 1
         w.pending += 1
@@ -239,19 +233,19 @@ class Recorder:
         else:
             w.loss_known = False
 
-    def on_zero_grad(self, owner) -> None:
+    def on_zero_grad(self, owner, *_, **__) -> None:
         w = self.window
         w.zero_grads += 1
         w.discarded += w.pending
         w.pending = 0
 
-    def on_scaler_update(self, scaler) -> None:
+    def on_scaler_update(self, scaler, *_, **__) -> None:
         self.window.scaler_updates += 1
 
-    def on_clip(self, parameters) -> None:
+    def on_clip(self, parameters, *_, **__) -> None:
         self.window.clips += 1
 
-    def on_scheduler_step(self, scheduler) -> None:
+    def on_scheduler_step(self, scheduler, *_, **__) -> None:
         if getattr(scheduler, "_step_count", None) != 0:  # 0: the step its __init__ makes
             self.window.scheduler_steps += 1
 
@@ -478,8 +472,8 @@ def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: 
                            f"(run it alone to see the traceback) and audit again")
         result["lost_peer"] = ranks.lost_peer(e)
     rank = ranks.of_environment()
-    if rank and rank[1] > 1:  # each rank its own record: label.rankR.pt
-        out = out.with_name(f"{out.stem}.rank{rank[0]}{out.suffix}")
+    if rank and rank[1] > 1:  # each rank its own record
+        out = rank_record(out, rank[0])
     for step in result.get("steps", ()):  # read by a parent that imports no torch
         if "grad" in step:
             step["grad"] = _array(step["grad"])
