@@ -32,8 +32,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ["toy", "equivalence", "zero-grad-toy", "zero-grad", "batch-lr", "norm",
                "norm-training", "tokens", "tokens-training", "precision", "clipping",
-               "scheduler", "last-window", "dropout", "cost", "ddp", "ddp-tokens", "contrastive",
-               "contrastive-training"]
+               "scheduler", "last-window", "dropout", "cost", "ddp", "ddp-tokens", "fsdp",
+               "sit-out", "contrastive", "contrastive-training"]
 LOCAL = ["my_lm"]  # examples of your own setup, run from the repository root
 # runs of a spec with other settings: name -> gradlab run arguments
 VARIANTS = {"norm-low": ["norm", "--set", "dtype=bfloat16,float16", "--set", "steps=11"],
@@ -50,7 +50,7 @@ FIGURES = {"equivalence-grad-error.png": "equivalence", "norm-grad-error.png": "
            "clipping-grad-error.png": "clipping", "scheduler-lr.png": "scheduler",
            "scheduler-loss.png": "scheduler", "cost-cost.png": "cost",
            "precision-precision.png": "precision",
-           "ddp-tokens-grad-error.png": "ddp-tokens"}
+           "ddp-tokens-grad-error.png": "ddp-tokens", "fsdp-grad-error.png": "fsdp"}
 # figures of a named metric: docs/figures/FILE <- (run, `gradlab plot` options, file it makes)
 PLOTTED = {"last-window-grad-error.png": ("last-window", ["-y", "exact_err"],
                                           "last-window-exact_err-vs-step.png"),
@@ -489,6 +489,154 @@ def block_ddp_tokens_findings(runs: dict, printed: dict) -> str:
     ])
 
 
+FSDP_ARMS = ("sync-last", "sync-every-micro-batch", "divided-by-global-batch",
+             "keep-last-micro-batch", "ddp-no-sync")
+
+
+def fsdp_alpha(run_dir: Path) -> pd.Series:
+    """α = <g, g_ref> / |g_ref|² of every probe (the whole gradient), by trial and arm:
+    what the arm's gradient is, as a multiple of the big batch's."""
+    probe = read(run_dir, "probe").query("param == '*'")
+    return (probe.cosine * probe.arm_norm / probe.ref_norm).groupby(
+        [probe.trial, probe.arm]).agg(["min", "max"])
+
+
+def block_fsdp(runs: dict, printed: dict) -> str:
+    s = summary(runs["fsdp"])
+    alpha = fsdp_alpha(runs["fsdp"])
+    s = s[~s.baseline]
+    ns = sorted(s.accum_steps.unique())
+    rows = []
+    for model in s.model.unique():
+        for arm in FSDP_ARMS:
+            part = s[(s.model == model) & (s.arm == arm)].set_index("accum_steps")
+            a = alpha.loc[[(t, arm) for t in part.trial]]
+            reductions = "allreduces_per_step" if arm.startswith("ddp") \
+                else "reduce_scatters_per_step"
+            kind = "all-reduce" if arm.startswith("ddp") else "reduce-scatter"
+            rows.append([model, f"`{arm}`", *(g(part.loc[n, "max_exact_err"]) for n in ns),
+                         span([a["min"].min(), a["max"].max()]),
+                         " / ".join(f"{g(part.loc[n, reductions])}" for n in ns) + f" {kind}",
+                         g(part.rank_state_bytes.max() / 1024),
+                         ", ".join(sorted(set(part.verdict)))])
+    return table(["model", "arm", *(f"vs exact N={n}" for n in ns), "α", "reductions / step "
+                  f"(N={' / '.join(map(str, ns))})", "KiB state / rank", "verdict"], rows)
+
+
+def block_fsdp_findings(runs: dict, printed: dict) -> str:
+    s = summary(runs["fsdp"])
+    alpha = fsdp_alpha(runs["fsdp"])
+    base = s[s.baseline]
+    s = s[~s.baseline]
+    ranks = int(s.world_size.max())
+
+    def arm(name: str) -> pd.DataFrame:
+        return s[s.arm == name]
+
+    def alphas(name: str) -> str:
+        a = alpha.xs(name, level="arm")
+        return span([a["min"].min(), a["max"].max()])
+
+    shares = (arm("sync-last").set_index("trial").rank_state_bytes
+              / arm("ddp-no-sync").set_index("trial").rank_state_bytes)
+    whole = g(base.rank_state_bytes.max() / 1024)
+    every, halved = arm("sync-every-micro-batch"), arm("divided-by-global-batch")
+    synced = pd.concat([arm("sync-last"), every])
+    return "\n".join([
+        f"- **Sync on the last micro-batch is the big batch.** `sync-last` and "
+        f"`sync-every-micro-batch` are within {g(synced.max_exact_err.max())} of the exact "
+        f"gradient (float64, W = {ranks}) on both models at every N, as DDP's "
+        f"`no_sync()` is ({g(arm('ddp-no-sync').max_exact_err.max())}); `sync-last` "
+        f"reduce-scattered {span(arm('sync-last').reduce_scatters_per_step)} time per step and "
+        f"`sync-every-micro-batch` N times "
+        f"({', '.join(g(v) for v in sorted(every.reduce_scatters_per_step.unique()))}).",
+        f"- **Dividing by the global batch halves the gradient.** `divided-by-global-batch` "
+        f"points the right way (cosine {g(halved.min_grad_cosine.min(), 6)}) "
+        f"at α = {alphas('divided-by-global-batch')} of the big batch's, 1/W with W = {ranks}: "
+        f"FSDP's reduce-scatter takes the mean over the ranks, as DDP's all-reduce does.",
+        f"- **Overwriting the shard keeps the last micro-batch only.** "
+        f"`keep-last-micro-batch` is {span(arm('keep-last-micro-batch').max_exact_err)} "
+        f"from the exact gradient (cosine down to "
+        f"{g(arm('keep-last-micro-batch').min_grad_cosine.min(), 2)}, α = "
+        f"{alphas('keep-last-micro-batch')}).",
+        f"- **What a rank holds.** Parameters, gradient and optimizer state on one rank: "
+        f"{span(arm('sync-last').rank_state_bytes / 1024)} KiB sharded against "
+        f"{span(arm('ddp-no-sync').rank_state_bytes / 1024)} KiB for DDP's replica "
+        f"({span(shares)} of it; one process holds {whole} KiB at most).",
+    ])
+
+
+def sit_out_counts(arm_name: str = "find-unused") -> dict[str, int]:
+    """How often the rare task's head sat out, replayed from the spec with gradlab's own window
+    stream and plan (the windows and micro-batches the run's arms took): micro-batches of
+    any rank without the rare task, and windows where it was used under no_sync() but absent
+    from every rank's synced last micro-batch."""
+    import torch
+
+    from gradlab.config import spec as specs
+    from gradlab.lab import setups
+    from gradlab.train import engine
+
+    trial = specs.expand(specs.load_spec("sit-out"))[0]
+    s = next(a for a in trial.arms if a.name == arm_name).settings
+    setup = setups.build_setup(s, torch.device("cpu"), {})
+    windows = setups.windows(setup, s)
+    counts = {"micro_batches": 0, "sat_out": 0, "windows": s.steps, "bug_windows": 0}
+    for _ in range(s.steps):
+        window = next(windows)
+        last_absent, used_before = [], False
+        for rank in range(s.world_size):
+            for mb in engine.plan_window(window, s, setup, rank, s.world_size).micro_batches:
+                absent = not bool((mb.examples[0][:, -1] == 1).any())
+                counts["micro_batches"] += 1
+                counts["sat_out"] += absent
+                if mb.last:
+                    last_absent.append(absent)
+                else:
+                    used_before |= not absent
+        # pytorch #69031's case: used under no_sync(), unused on every rank when it syncs
+        counts["bug_windows"] += all(last_absent) and used_before
+    return counts
+
+
+SIT_OUT_ARMS = ("find-unused", "find-unused-every-micro-batch", "never-synced")
+
+
+def block_sit_out(runs: dict, printed: dict) -> str:
+    s = summary(runs["sit-out"]).set_index("arm")
+    probe = read(runs["sit-out"], "probe")
+    rows = []
+    for arm in SIT_OUT_ARMS:
+        mine = probe[probe.arm == arm]
+        head = mine[mine.param.str.startswith("heads.1.")].exact_err.max()
+        rows.append([f"`{arm}`", g(s.loc[arm, "max_exact_err"]), g(head),
+                     g(s.loc[arm, "rank_drift"]), g(s.loc[arm, "allreduces_per_step"]),
+                     s.loc[arm, "verdict"]])
+    return table(["arm", "vs exact", "rare head vs exact", "drift across ranks",
+                  "all-reduces / step", "verdict"], rows)
+
+
+def block_sit_out_findings(runs: dict, printed: dict) -> str:
+    s = summary(runs["sit-out"]).set_index("arm")
+    c = sit_out_counts()
+    steps = int(read(runs["sit-out"], "steps").step.max())
+    every = s.loc["find-unused-every-micro-batch", "rank_drift"]
+    return "\n".join([
+        f"- **How often the head sat out.** The rare task's head got no gradient in "
+        f"{c['sat_out']} of the {c['micro_batches']} micro-batches (all ranks, "
+        f"{c['windows']} windows); in {c['bug_windows']} of the {c['windows']} windows it was "
+        f"used under `no_sync()` and absent from every rank's synced last micro-batch, the "
+        f"case pytorch #69031 reported (its gradient never all-reduced before PR #124193).",
+        f"- **This torch syncs what sat out.** With `find_unused_parameters=True`, `no_sync()` "
+        f"is within {g(s.loc['find-unused', 'max_exact_err'])} of the exact gradient and "
+        f"the ranks' weights are {g(s.loc['find-unused', 'rank_drift'])} apart after "
+        f"{steps} steps (syncing every micro-batch: {g(every)}).",
+        f"- **The control drifts.** `never-synced` ends {g(s.loc['never-synced', 'rank_drift'])} "
+        f"apart (largest |θ_rank1 − θ_rank0|), its gradient "
+        f"{g(s.loc['never-synced', 'max_exact_err'])} from the exact one.",
+    ])
+
+
 PRECISION_ARMS = ["float32", "bf16-native", "bf16-fp32-buffer", "autocast-bf16", "fp16-native",
                   "fp16-fp32-buffer", "autocast-fp16-scaler", "clip-before-unscale"]
 
@@ -919,6 +1067,8 @@ BLOCKS: dict[str, Callable] = {
     "tokens-training": block_tokens_training, "my_lm": block_my_lm, "ddp": block_ddp,
     "ddp-findings": block_ddp_findings, "margins": block_margins,
     "ddp-tokens": block_ddp_tokens, "ddp-tokens-findings": block_ddp_tokens_findings,
+    "fsdp": block_fsdp, "fsdp-findings": block_fsdp_findings,
+    "sit-out": block_sit_out, "sit-out-findings": block_sit_out_findings,
     "precision": block_precision,
     "cost": block_cost, "cost-prose": block_cost_prose, "cost-budget": block_cost_budget,
     "pitfalls": block_pitfalls, "clipping": block_clipping, "scheduler": block_scheduler,
@@ -1011,6 +1161,10 @@ def needs(block: str) -> list[str]:
         return ["norm"]
     if block.startswith("ddp-tokens"):
         return ["ddp-tokens"]
+    if block.startswith("fsdp"):
+        return ["fsdp"]
+    if block.startswith("sit-out"):
+        return ["sit-out"]
     if block.startswith("ddp"):
         return ["ddp"]
     return {"toy-output": ["toy"], "equivalence-losses": ["equivalence"],

@@ -161,8 +161,73 @@ def test_the_hook_counts_the_all_reduces_each_sync_policy_makes(one_rank, sync, 
 def test_a_model_of_one_process_is_never_synced_nor_counted():
     model = torch.nn.Linear(3, 1)
     assert replica.data_parallel_rank(model) == (0, 1)
-    assert replica.allreduce_calls(model) == (0, 0)  # no calls, no bytes
+    assert [(c.calls, c.bytes) for c in replica.reductions(model)] == [(0, 0), (0, 0)]
     assert replica.module_of(model) is model
+
+
+def mse_window(examples: int = 16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(examples, 3, generator=g, dtype=torch.float64)
+    return x, x.sin().sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("sync", [Sync.NO_SYNC, Sync.EVERY_MICRO_BATCH, Sync.OVERWRITING])
+def test_fsdp_steps_on_the_big_batch_gradient_and_overwriting_keeps_the_last(one_rank, sync):
+    """FSDP2 on one rank: no-sync and every-micro-batch step on the big batch's gradient (the
+    weights after one SGD step, to 1e-12); overwriting leaves the last micro-batch's share of
+    it. (One rank has nothing to reduce: FSDP2 calls no reduce-scatter, and none is counted;
+    the two-rank run below counts them.)"""
+    s = Settings(batch_size=16, accum_steps=4, sync=sync, parallel="fsdp", dtype="float64")
+    window = mse_window()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 1)).double()
+    reference = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                    torch.nn.Linear(4, 1)).double()
+    reference.load_state_dict(model.state_dict())
+    sharded = replica.replicate(model, s)
+    assert replica.is_sharded(sharded) and replica.data_parallel_rank(sharded) == (0, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    stats = engine.train_step(sharded, optimizer, window, s, Setup(sharded, window, mse_loss))
+    last = window if sync != Sync.OVERWRITING else tuple(t[12:] for t in window)
+    loss, _ = mse_loss(reference, last)
+    (loss / 16).backward()  # the big batch's normalisation: the last quarter's share of it
+
+    assert stats.reduce_scatters == sharded.reduce_scatters.calls == 0
+    assert stats.allreduces == 0
+    weights = replica.full_state_dict(sharded)
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(weights[name], p.detach() - 0.1 * p.grad, rtol=1e-12,
+                                   atol=1e-15)
+
+
+def test_fsdp_shards_load_and_give_back_whole_tensors(one_rank):
+    torch.manual_seed(0)
+    source = torch.nn.Linear(3, 2).double()
+    model = replica.replicate(torch.nn.Linear(3, 2).double(),
+                              Settings(parallel="fsdp", world_size=2))
+    replica.load_full_state_dict(model, source.state_dict())
+    for name, value in replica.full_state_dict(model).items():
+        assert type(value) is torch.Tensor  # whole, not a DTensor
+        torch.testing.assert_close(value, source.state_dict()[name], rtol=0, atol=0)
+    assert type(model.weight).__name__ == "DTensor"
+
+
+def test_fsdp_that_torch_lacks_or_cannot_apply_is_one_line(monkeypatch):
+    monkeypatch.setattr(replica, "fully_shard", None)
+    with pytest.raises(GradlabError, match=r"parallel=fsdp needs FSDP2 .* use parallel=ddp"):
+        replica.shard(torch.nn.Linear(3, 1))
+
+    def refuses(model, mesh):
+        raise ValueError("cannot shard this")
+    monkeypatch.setattr(replica, "fully_shard", refuses)
+    monkeypatch.setattr(replica.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr("torch.distributed.device_mesh.init_device_mesh",
+                        lambda device, shape: None)
+    with pytest.raises(GradlabError, match=r"FSDP2 could not shard this model "
+                                           r"\(ValueError: cannot shard this\); use parallel=ddp"):
+        replica.shard(torch.nn.Linear(3, 1))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -174,8 +239,13 @@ def test_a_model_of_one_process_is_never_synced_nor_counted():
     (["--set", "backend=nccl"], "all-reduces CUDA tensors only, and device=cpu"),
     (["--set", "accum_steps=32", "--set", "world_size=4"], "rank's micro-batch would be empty"),
     (["--set", "no-sync.world_size=3"], "different numbers of ranks"),
+    (["--set", "sync=never", "--set", "parallel=fsdp"],
+     "FSDP's optimizer steps on the gradient shards a reduce-scatter makes"),
+    (["--set", "parallel=fsdp", "--set", "zero_grad=every-step"],
+     "inside a window FSDP holds the gradient in its unsharded parameters"),
+    (["--set", "no-sync.sync=every-micro-batch-overwriting"], "keeps no shards; use parallel=fsdp"),
 ], ids=["zero", "nccl-no-cuda", "cuda-no-cuda", "nccl-on-cpu", "empty-micro-batch",
-        "two-sizes"])
+        "two-sizes", "fsdp-never", "fsdp-zero-grad", "overwrite-ddp"])
 def test_bad_data_parallel_input_is_one_line_and_exit_2(tmp_path, args, expected):
     if ("needs CUDA" in expected or "no CUDA" in expected) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -255,6 +325,10 @@ RUNS = {
     "torchrun": (SHORT, ["--set", "dtype=float64", "--json"]),
     # the token normalisers on two ranks (its defaults: W = 2, N = 2 and 4, three spreads)
     "ddp-tokens": (["ddp-tokens"], []),
+    # FSDP2 on two ranks (its defaults: mlp and transformer-lm, N = 2 and 4)
+    "fsdp": (["fsdp"], []),
+    # a head that sits out micro-batches, DDP with find_unused_parameters (its defaults)
+    "sit-out": (["sit-out"], []),
     # from a folder that holds a folder named gradlab (a clone's root, seen from its parent)
     "clone-folder": (LAUNCHED, ["--set", "dtype=float64"]),
 }
@@ -417,6 +491,54 @@ def test_only_every_ranks_token_count_is_the_big_batch_on_two_ranks(runs):
     assert (summary.xs(64, level="min_len")["verdict"] == "equivalent").all()
     assert (summary.xs(8, level="min_len").drop("global-tokens", level="arm")["verdict"]
             == "differs").all()
+
+
+def test_fsdp_on_two_ranks_sync_last_is_the_big_batch_and_the_global_batch_is_half(runs):
+    process, out = runs["fsdp"]
+    code, _, stderr = finish(process)
+    assert code == 0, stderr
+    assert "returned a view" not in stderr
+    run = the_run(out)
+    summary = pd.read_csv(run / "summary.csv")
+    summary = summary[~summary.baseline].set_index(["model", "arm", "accum_steps"])
+    probe = pd.read_csv(run / "probe.csv").query("param == '*'")
+    alpha = probe.cosine * probe.arm_norm / probe.ref_norm  # <g, g_ref> / |g_ref|^2
+    for model in ("mlp", "transformer-lm"):
+        for n in (2, 4):
+            rows = summary.xs((model, n), level=("model", "accum_steps"))
+            for arm in ("sync-last", "sync-every-micro-batch", "ddp-no-sync"):
+                assert rows.loc[arm, "max_exact_err"] <= 1e-12, (model, n, arm)
+                assert rows.loc[arm, "verdict"] == "equivalent"
+            assert rows.loc["sync-last", "reduce_scatters_per_step"] == 1
+            assert rows.loc["sync-every-micro-batch", "reduce_scatters_per_step"] == n
+            assert rows.loc["ddp-no-sync", "allreduces_per_step"] == 1
+            assert rows.loc["keep-last-micro-batch", "verdict"] == "differs"
+            assert rows.loc["keep-last-micro-batch", "max_exact_err"] > 0.1
+            # each rank holds half of every parameter, gradient and optimizer state
+            ratio = rows.loc["sync-last", "rank_state_bytes"] / \
+                rows.loc["ddp-no-sync", "rank_state_bytes"]
+            assert 0.5 <= ratio <= 0.52, (model, n, ratio)
+    halved = alpha[probe.arm == "divided-by-global-batch"]
+    assert len(halved) == 4 * 4  # 4 trials x 4 probes
+    torch.testing.assert_close(torch.tensor(halved.to_numpy()), torch.full((16,), 0.5,
+                               dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_a_head_that_sits_out_is_synced_and_the_ranks_stay_identical(runs):
+    process, out = runs["sit-out"]
+    code, _, stderr = finish(process)
+    assert code == 0, stderr
+    run = the_run(out)
+    summary = pd.read_csv(run / "summary.csv").set_index("arm")
+    probe = pd.read_csv(run / "probe.csv")
+    for arm in ("find-unused", "find-unused-every-micro-batch"):
+        assert summary.loc[arm, "max_exact_err"] <= 1e-12
+        assert summary.loc[arm, "rank_drift"] == 0  # the replicas are the same bytes
+        head = probe[(probe.arm == arm) & probe.param.str.startswith("heads.1.")]
+        assert len(head) == 2 * 10 and (head.exact_err <= 1e-12).all()  # 2 tensors, 10 probes
+    assert summary.loc["never-synced", "rank_drift"] > 0.01
+    assert summary.loc["never-synced", "verdict"] == "differs"
+    assert pd.isna(summary.loc["big-batch", "rank_drift"])  # one process: nothing to drift
 
 
 def test_torchrun_starts_the_ranks_itself(runs):

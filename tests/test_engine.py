@@ -164,9 +164,11 @@ def test_every_policy_value_is_handled(policy):
         engine.train_step(setup.model, optimizer, setup.train, s, setup)
         engine.train_step(setup.model, optimizer, setup.train, s, setup)
         grads[value] = torch.cat([p.detach().flatten() for p in setup.model.parameters()])
-    # by-rank-size is by-size on one process (its rank's units are the window's): it differs
-    # only on ranks, where test_on_ranks_only_every_ranks_token_count_is_the_big_batch runs it
-    one_process_alike = {LossScale.BY_RANK_SIZE: LossScale.BY_SIZE}
+    # by-rank-size and by-size-then-mean are by-size on one process (its rank's units are the
+    # window's, and there is no mean over ranks to divide by W): they differ only on ranks,
+    # where test_ddp's two-rank runs of ddp-tokens and fsdp measure them
+    one_process_alike = {LossScale.BY_RANK_SIZE: LossScale.BY_SIZE,
+                         LossScale.BY_SIZE_THEN_MEAN: LossScale.BY_SIZE}
     for value, same in one_process_alike.items():
         if value in grads:
             assert_close(grads.pop(value), grads[same], rtol=0, atol=0)
@@ -232,6 +234,9 @@ def test_on_ranks_only_every_ranks_token_count_is_the_big_batch(ranks, accum_ste
     # by-rank-size: this rank's tokens only; a token weighs more where fewer fell
     per_rank = dataclasses.replace(s, loss_scale=LossScale.BY_RANK_SIZE)
     assert rel_err(mean_over_ranks(per_rank, ranks), big) > 1e-3
+    # by-size-then-mean: the window's tokens, as one process divides, then the mean: 1/W
+    global_batch = dataclasses.replace(s, loss_scale=LossScale.BY_SIZE_THEN_MEAN)
+    assert_close(mean_over_ranks(global_batch, ranks), big / ranks, rtol=1e-12, atol=1e-15)
 
 
 def test_on_ranks_of_equal_lengths_this_ranks_tokens_are_enough():

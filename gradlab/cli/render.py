@@ -133,27 +133,39 @@ def render_divergence(summaries: list[dict], out: Console, one_line: bool = Fals
 
 
 def render_data_parallel(summaries: list[dict], out: Console) -> None:
-    """What syncing cost each arm of a run with data-parallel arms: all-reduces and time."""
+    """What syncing cost each arm of a run with data-parallel arms: the gradient reductions
+    (DDP's all-reduces, FSDP's reduce-scatters), their bytes, and time."""
     from gradlab.readers.compare import fmt
 
     if not any(row["world_size"] > 1 for row in summaries):
         return
+
+    def per_step(row: dict, column: str) -> float:
+        value = row.get(column, math.nan)  # (a run before FSDP arms has no reduce-scatters)
+        return 0.0 if value is None or math.isnan(value) else value
+
+    sharded = any(per_step(row, "reduce_scatters_per_step") for row in summaries)
     table = Table(title="data parallel: what syncing cost", title_justify="left",
                   box=box.SIMPLE_HEAD)
-    for column in ("trial", "arm", "W", "N", "micro", "all-reduces/step", "KiB/step",
-                   "ms/step"):
+    columns = ["trial", "arm", "W", "N", "micro", "all-reduces/step",
+               *(["reduce-scatters/step"] if sharded else []), "KiB/step", "ms/step"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "arm" else "right")
     for row in summaries:
+        sent = per_step(row, "allreduce_bytes_per_step") \
+            + per_step(row, "reduce_scatter_bytes_per_step")
         table.add_row(str(row["trial"]), Text(row["arm"]), str(row["world_size"]),
                       str(row["accum_steps"]), str(row["micro_batch"]),
                       fmt(row["allreduces_per_step"]),
-                      fmt(row.get("allreduce_bytes_per_step", math.nan) / 1024),
-                      fmt(row["step_seconds"] * 1000))
+                      *([fmt(row["reduce_scatters_per_step"])] if sharded else []),
+                      fmt(sent / 1024), fmt(row["step_seconds"] * 1000))
     out.print(table)
-    out.print("all-reduces/step: gradient all-reduces per optimizer step, as DDP's "
-              "communication hook counted them (one per bucket); KiB/step: the bytes of the "
-              "buckets they reduced; ms/step: median time of a step on rank 0 (with "
-              "time_steps = true).", highlight=False, soft_wrap=True)
+    scattered = ("; reduce-scatters/step: FSDP's gradient reduce-scatters per optimizer step "
+                 "(one per synced backward: the model is one parameter group)") if sharded else ""
+    out.print(f"all-reduces/step: gradient all-reduces per optimizer step, as DDP's "
+              f"communication hook counted them (one per bucket){scattered}; KiB/step: the "
+              f"bytes of the gradients they reduced; ms/step: median time of a step on rank 0 "
+              f"(with time_steps = true).", highlight=False, soft_wrap=True)
 
 
 def render_checks(checks: list[dict], out: Console) -> None:

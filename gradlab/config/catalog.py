@@ -13,6 +13,8 @@ MODELS = {
            "norm, dropout",
     "gru-lm": "causal LM: byte embedding, one GRU layer, linear head (docstrings)",
     "transformer-lm": "causal LM: 2-layer, 2-head transformer, width 32 (docstrings)",
+    "two-heads": "a trunk Linear-Tanh (hidden) shared by two tasks, a Linear head each; a "
+                 "head whose task is absent from a batch sits it out (two-tasks)",
 }
 
 DATASETS = {
@@ -21,6 +23,8 @@ DATASETS = {
     "digits": "scikit-learn's 8x8 digit images, 10 classes, 1438 train / 359 test",
     "docstrings": "next-token prediction on stdlib docstrings, byte tokens, padded lengths "
                   "min_len..max_len, 1024 train / 256 test",
+    "two-tasks": "two synthetic regression tasks on 10 features (task 1: 1 example in 8), the "
+                 "task in an 11th column, 1024 train / 256 test",
 }
 
 # whole training setups (model, examples, loss) built in: --set setup=NAME

@@ -18,8 +18,10 @@ from gradlab.config.settings import (
     GradAccumDtype,
     GradScaling,
     LossScale,
+    Parallel,
     Scheduler,
     Settings,
+    Sync,
     ZeroGrad,
 )
 from gradlab.errors import GradlabError
@@ -53,6 +55,7 @@ def validate(s: Settings, where: str, origin=lambda key: "") -> None:
                            f"micro-batches is more than {shown('batch_size')} examples, so a "
                            f"rank's micro-batch would be empty; use world_size x accum_steps "
                            f"<= batch_size")
+    validate_sharding(s, where, shown)
     if s.world_size > 1 and s.backend == Backend.NCCL and s.device == Device.CPU:
         raise GradlabError(f"{where}: {shown('backend')} all-reduces CUDA tensors only, and "
                            f"{shown('device')}; use backend=gloo (or auto), or device=cuda")
@@ -88,6 +91,37 @@ def validate(s: Settings, where: str, origin=lambda key: "") -> None:
         raise GradlabError(f"{where}: {shown('warmup_steps')} leaves none of the "
                            f"{shown('steps')} for the cosine; use warmup_steps < steps")
     validate_precision(s, where, shown)
+
+
+def validate_sharding(s: Settings, where: str, shown) -> None:
+    """What FSDP2 (parallel=fsdp) can do: its optimizer steps on gradient shards, which exist
+    only after a reduce-scatter, and the gradient of the micro-batches before it lives in the
+    unsharded parameters, out of .grad's reach."""
+    if s.world_size == 1:
+        return  # one process: nothing is reduced, nothing sharded
+    if s.sync == Sync.OVERWRITING and s.parallel != Parallel.FSDP:
+        raise GradlabError(f"{where}: {shown('sync')} replaces a gradient shard, and "
+                           f"{shown('parallel')} keeps no shards; use parallel=fsdp, or "
+                           f"sync=every-micro-batch")
+    if s.parallel != Parallel.FSDP:
+        return
+    if s.sync == Sync.NEVER:
+        raise GradlabError(f"{where}: {shown('sync')} with {shown('parallel')}: FSDP's optimizer "
+                           f"steps on the gradient shards a reduce-scatter makes, so a window "
+                           f"that never reduces leaves nothing to step on; use sync=no-sync, "
+                           f"every-micro-batch or every-micro-batch-overwriting")
+    if s.zero_grad in (ZeroGrad.EVERY_STEP, ZeroGrad.AFTER_BACKWARD) \
+            or s.clip_at == ClipAt.PER_MICRO_BATCH:
+        asked = shown("clip_at") if s.clip_at == ClipAt.PER_MICRO_BATCH else shown("zero_grad")
+        raise GradlabError(f"{where}: {asked} with {shown('parallel')}: inside a window FSDP "
+                           f"holds the gradient in its unsharded parameters, not in .grad, so "
+                           f"nothing there can clear or clip it; use parallel=ddp to measure "
+                           f"that, or zero_grad=every-n and clip_at=after-accumulation")
+    if s.grad_scaler == GradScaling.ON:
+        raise GradlabError(f"{where}: {shown('grad_scaler')} with {shown('parallel')}: "
+                           f"gradlab's GradScaler path unscales whole gradients, not FSDP's "
+                           f"shards; use grad_scaler=off (bfloat16 autocast needs none), or "
+                           f"parallel=ddp")
 
 
 def validate_precision(s: Settings, where: str, shown) -> None:

@@ -37,6 +37,8 @@ class LossScale(Policy):
     BY_COUNT = "by-count"  # per-micro-batch mean ÷ N: the textbook loss/N, pre-fix transformers
     BY_RANK_SIZE = "by-rank-size"  # ÷ this rank's units of the window, then DDP's mean: W ranks'
                                    # 2024 token bug (exact on one process)
+    BY_SIZE_THEN_MEAN = "by-size-then-mean"  # ÷ the window's units on every rank, then the
+    #                                          ranks' mean on top: 1/W too small (exact on one)
     NONE = "none"          # per-micro-batch mean, not divided by N: gradients N times too large
 
 
@@ -132,6 +134,15 @@ class Sync(Policy):
     NO_SYNC = "no-sync"  # no_sync() on the first N-1 micro-batches: all-reduce once a window
     EVERY_MICRO_BATCH = "every-micro-batch"  # after every backward: right, N× the all-reduces
     NEVER = "never"  # no_sync() on all: each rank steps on its own slice's gradient
+    # fsdp: reduce-scattered after every backward into a gradient shard that is replaced, not
+    # added to (the ZeRO-2-style bug): only the last micro-batch's gradient is left
+    OVERWRITING = "every-micro-batch-overwriting"
+
+
+class Parallel(Policy):
+    """How the W ranks of a data-parallel arm hold the model and combine its gradient."""
+    DDP = "ddp"    # DistributedDataParallel: a whole replica per rank, gradients all-reduced
+    FSDP = "fsdp"  # FSDP2's fully_shard: parameters and gradients sharded, reduce-scattered
 
 
 class Backend(Policy):
@@ -218,8 +229,9 @@ class Settings:
         "loss normalisation: by-size (summed loss / units of the whole window, exact for examples "
         "and tokens alike; on W ranks the units of every rank, times W), by-count (each "
         "micro-batch's mean / N: the textbook loss/N), by-rank-size (summed loss / this rank's "
-        "units of the window, then DDP's mean over the ranks: exact on one process), none "
-        "(each micro-batch's mean, not divided by N)")
+        "units of the window, then DDP's mean over the ranks: exact on one process), "
+        "by-size-then-mean (summed loss / the window's units on every rank, then the ranks' mean "
+        "on top: 1/W too small), none (each micro-batch's mean, not divided by N)")
     accumulation: Accumulation = _setting(
         Role.PASSES, Accumulation.AUTO,
         "how N micro-batches make one gradient: plain (forward, loss, backward per micro-batch; a "
@@ -322,7 +334,23 @@ class Settings:
         Role.STEP, Sync.NO_SYNC,
         "with world_size > 1, when the gradient is all-reduced across ranks: no-sync (once per "
         "window: no_sync() on the first N-1 micro-batches), every-micro-batch (after every "
-        "backward), never (each rank steps on its own gradient)")
+        "backward), never (each rank steps on its own gradient), every-micro-batch-overwriting "
+        "(fsdp: reduce-scattered after every backward into a shard that is replaced, not added "
+        "to)")
+    find_unused_parameters: bool = _setting(
+        Role.PLACEMENT, False,
+        "parallel=ddp: DistributedDataParallel's find_unused_parameters, for a model whose "
+        "parameters sit out some micro-batches (a head, a branch, an expert); false, DDP's "
+        "default, stops the run with DDP's error when one gets no gradient in a synced backward")
+    static_graph: bool = _setting(
+        Role.PLACEMENT, False,
+        "parallel=ddp: DistributedDataParallel's static_graph (the same parameters used in every "
+        "backward)")
+    parallel: Parallel = _setting(
+        Role.PLACEMENT, Parallel.DDP,
+        "with world_size > 1, how the ranks hold the model: ddp (DistributedDataParallel: a "
+        "whole replica each, gradients all-reduced) | fsdp (FSDP2's fully_shard: parameters "
+        "and gradients sharded across the ranks, gradients reduce-scattered)")
     time_steps: bool = _setting(
         Role.OBSERVE, False,
         "record each step's wall time (steps.csv step_seconds, its median in summary.csv): a "

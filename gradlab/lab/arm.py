@@ -17,8 +17,7 @@ from gradlab.lab import setups
 from gradlab.lab.plan import probe_due
 from gradlab.record import schema
 from gradlab.setup import Examples, Setup, num_examples
-from gradlab.train import amp, engine, gradcache, optim
-from gradlab.train.replica import Replica
+from gradlab.train import amp, engine, gradcache, optim, replica
 
 
 class ArmRng:
@@ -74,9 +73,9 @@ class ArmRun:
         return setups.build_setup(self.s, self.setup.device, self.data_cache).model
 
     def replicate(self, model: nn.Module) -> nn.Module:
-        """The model as this arm trains it: a DDP replica on each rank when the arm is
-        data-parallel (world_size > 1), else the model itself."""
-        return Replica(model) if self.s.world_size > 1 else model
+        """The model as this arm trains it: a DDP replica, or FSDP's shards of it, on each rank
+        when the arm is data-parallel (world_size > 1), else the model itself."""
+        return replica.replicate(model, self.s) if self.s.world_size > 1 else model
 
     @property
     def ids(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from gradlab.config.settings import ZeroGrad
@@ -24,7 +25,7 @@ from gradlab.setup import (
     Setup,
     num_examples,
 )
-from gradlab.train import engine, memory, metrics
+from gradlab.train import engine, memory, metrics, replica
 
 
 def same_architecture(a: nn.Module, b: nn.Module) -> bool:
@@ -51,6 +52,8 @@ class Trajectory(Observer):
             "loss": stats.loss, "grad_norm": stats.grad_norm, "update_norm": stats.update_norm,
             "saved_bytes": stats.saved_bytes, "negatives": stats.negatives,
             "allreduces": stats.allreduces, "allreduce_bytes": stats.allreduce_bytes,
+            "reduce_scatters": stats.reduce_scatters,
+            "reduce_scatter_bytes": stats.reduce_scatter_bytes,
             "step_seconds": stats.seconds,
             "skipped": stats.skipped, "grad_scale": stats.grad_scale,
             "weight_dist": weight_dist,
@@ -113,7 +116,7 @@ def elements(model: nn.Module, tensor_of, count: int) -> Iterator[tuple[str, int
     """(parameter name, element index, value) of the first ``count`` elements of each
     ``tensor_of(param)``: a trace costs rows per parameter, not per element of a model."""
     for name, p in model.named_parameters():
-        values = tensor_of(p).detach().flatten()[:count].double().tolist()
+        values = replica.full(tensor_of(p)).detach().flatten()[:count].double().tolist()
         yield from ((name, i, v) for i, v in enumerate(values))
 
 
@@ -126,7 +129,7 @@ class CudaMemory(Observer):
 
     def __init__(self, run: ArmRun):
         self.device = run.setup.device
-        self.params = sum(p.numel() * p.element_size() for p in run.model.parameters())
+        self.params = sum(tensor_bytes(replica.local(p)) for p in run.model.parameters())
         self.start = 0
         self.peak = 0
 
@@ -141,6 +144,43 @@ class CudaMemory(Observer):
 
     def bytes(self) -> int:
         return self.params + self.peak
+
+
+class RankState(Observer):
+    """summary.csv rank_state_bytes, in a run with data-parallel arms: the most bytes of
+    parameters, gradients and optimizer state one rank of the arm holds, read where the
+    gradient is complete (before the step). A DDP replica holds all of them on every rank,
+    FSDP's shards about 1/W; the activations, which FSDP does not shard, are not counted."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def gradient(self, run: ArmRun) -> None:
+        params = list(run.model.parameters())
+        state = [value for per_param in run.optimizer.state.values()
+                 for value in per_param.values() if isinstance(value, torch.Tensor)]
+        held = sum(tensor_bytes(replica.local(t)) for t in
+                   [*params, *(p.grad for p in params if p.grad is not None), *state])
+        self.peak = max(self.peak, held)
+
+
+class RankDrift(Observer):
+    """summary.csv rank_drift, for an arm of DDP replicas: the largest |θ_rank − θ_rank0| over
+    every weight and rank after the arm's last step. Replicas that step on one all-reduced
+    gradient stay identical (0); a gradient some rank did not share pulls them apart."""
+
+    def __init__(self):
+        self.drift = math.nan
+
+    def finished(self, run: ArmRun) -> None:
+        weights = torch.cat([p.detach().double().flatten() for p in run.model.parameters()])
+        every = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, weights)  # every rank calls it: they finish arms in lockstep
+        self.drift = max(float((w - every[0]).abs().max()) for w in every)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class HeldGradientCheck(Observer):
@@ -160,7 +200,7 @@ class HeldGradientCheck(Observer):
         self.worst = 0.0  # largest relative error over the steps so far
 
     def before_step(self, run: ArmRun, window: Examples) -> None:
-        self.scratch.load_state_dict(run.model.state_dict())
+        self.scratch.load_state_dict(replica.full_state_dict(run.model))
         self.scratch.zero_grad(set_to_none=True)
         with run.rng.replay(run.rng.state):  # the random state the step itself starts from
             engine.window_gradient(self.scratch, window, self.settings, run.setup)
@@ -251,7 +291,7 @@ class MaskAverageCheck(Observer):
         for seed in seeds.tolist():
             pair = []
             for settings in (s, big):
-                scratch.load_state_dict(run.model.state_dict())
+                scratch.load_state_dict(replica.full_state_dict(run.model))
                 scratch.zero_grad(set_to_none=True)
                 with run.rng.replay(run.rng.state):  # a fork: seeding it moves no stream
                     torch.manual_seed(seed)

@@ -18,7 +18,9 @@ from gradlab.config.settings import (
     Dtype,
     GradScaling,
     Optimizer,
+    Parallel,
     Settings,
+    Sync,
 )
 from gradlab.config.spec import Arm, Trial
 from gradlab.errors import GradlabError, unhandled
@@ -200,6 +202,41 @@ def check_setup(arm: Arm, setup: Setup) -> None:
                                    f"{num_examples(micro_batch)} ({s.dtype}): "
                                    f"{type(err).__name__}: {first}") from None
             check_loss(name, returned, units, i)
+    check_every_parameter_syncs(arm, setup)
+
+
+def check_every_parameter_syncs(arm: Arm, setup: Setup) -> None:
+    """DDP without find_unused_parameters: every parameter must get a gradient in every
+    backward that all-reduces, on every rank. A rank whose micro-batch leaves one out (a head
+    or branch it did not use) never launches that bucket's all-reduce, and the other ranks
+    wait for it until the collective times out (measured: gloo's 5-minute timeout, see the
+    sit-out experiment). Checked on the run's first window, in one process, before any rank
+    starts."""
+    s = arm.settings
+    if s.world_size == 1 or s.parallel != Parallel.DDP or s.find_unused_parameters \
+            or s.static_graph or s.sync == Sync.NEVER:
+        return
+    window = next(setups.windows(setup, s))
+    engine.set_train_mode(setup.model, s)
+    for rank, part in enumerate(engine.rank_micro_batches(window, s.accum_steps, s.world_size)):
+        for i, micro_batch in enumerate(part):
+            if s.sync == Sync.NO_SYNC and i < len(part) - 1:
+                continue  # under no_sync(): nothing is all-reduced, nothing waits
+            setup.model.zero_grad(set_to_none=True)
+            loss, _ = setup.batch_loss(setup.model, micro_batch)
+            loss.backward()
+            left_out = [n for n, p in setup.model.named_parameters()
+                        if p.requires_grad and p.grad is None]
+            if left_out:
+                setup.model.zero_grad(set_to_none=True)
+                more = f" (and {len(left_out) - 1} more)" if len(left_out) > 1 else ""
+                raise GradlabError(
+                    f"arm '{arm.name}': parameter {left_out[0]}{more} gets no gradient from "
+                    f"rank {rank}'s micro-batch {i + 1} of {len(part)} of the first window, a "
+                    f"backward that all-reduces, and DDP with find_unused_parameters=false "
+                    f"would wait for it until the ranks time out; set "
+                    f"find_unused_parameters=true, or use every parameter in every forward")
+    setup.model.zero_grad(set_to_none=True)
 
 
 def check_embeddings(name: str, embeddings: object, examples: int) -> None:

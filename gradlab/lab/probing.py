@@ -179,8 +179,8 @@ class Probe(Observer):
     def start_at_baseline(self, model: nn.Module, base: ArmRun) -> None:
         """The baseline's weights, and its running statistics before this step's forward
         (its other buffers, like BatchNorm's counter, as its forward left them)."""
-        if model is not base.model:
-            model.load_state_dict(base.model.state_dict())
+        if model is not base.model:  # (the baseline is never sharded: it runs in one process)
+            replica.load_full_state_dict(model, base.model.state_dict())
         load_buffers(model, {**self.after, **self.buffers_before})
         model.zero_grad(set_to_none=True)
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from gradlab.config.settings import ZeroGrad
 from gradlab.config.spec import Trial
@@ -33,6 +34,8 @@ from gradlab.lab.observers import (
     Evaluation,
     HeldGradientCheck,
     MaskAverageCheck,
+    RankDrift,
+    RankState,
     Trace,
     Trajectory,
     same_architecture,
@@ -60,6 +63,10 @@ def start(trial: Trial, data_cache: dict) -> list[ArmRun]:
             run.observers.insert(0, CudaMemory(run))
         run.observers += [Trajectory(base, same_architecture(run.model, base.model)),
                           Evaluation()]
+        if any(r.s.world_size > 1 for r in runs):
+            run.observers.append(RankState())
+        if isinstance(run.replica, DistributedDataParallel):
+            run.observers.append(RankDrift())
         if run.s.trace:
             run.observers.append(Trace(run))
         if run.s.zero_grad == ZeroGrad.NEVER:
@@ -98,6 +105,8 @@ def summary_row(run: ArmRun) -> dict[str, Any]:
     tolerance, verdict = judge(arm.baseline, computed_in, s.accum_steps,
                                {**metrics, "world_size": s.world_size})
     memory = [o.bytes() for o in run.observers if isinstance(o, CudaMemory)]
+    state = [o.peak for o in run.observers if isinstance(o, RankState)]
+    drift = [o.drift for o in run.observers if isinstance(o, RankDrift)]
     if s.cost:
         metrics.update(schema.summarise_cost(run.rows["cost"], s.batch_size))
     return {**run.ids, "baseline": arm.baseline,
@@ -108,6 +117,8 @@ def summary_row(run: ArmRun) -> dict[str, Any]:
             "accum_bound": math.nan if arm.baseline else accumulation_bound(
                 computed_in, s.accum_steps, metrics["max_sum_condition"]),
             "cuda_peak_bytes": memory[0] if memory else math.nan,
+            "rank_state_bytes": state[0] if state else math.nan,
+            "rank_drift": drift[0] if drift else math.nan,
             "rel_tolerance": tolerance, "expect": arm.expect or "", "verdict": verdict}
 
 

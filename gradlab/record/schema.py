@@ -33,8 +33,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
                 "max_exact_err", "exact_floor", "accum_rise", "max_sum_condition", "accum_bound",
                 "final_loss", "max_rel_loss_diff", "final_weight_dist", "final_test_loss",
                 "final_test_accuracy", "max_rel_buffer_diff", "diverged_at_step",
-                "skipped_steps", "cuda_peak_bytes", "max_rel_lr_diff", "allreduces_per_step",
-                "allreduce_bytes_per_step", "step_seconds", "max_saved_bytes", "negatives",
+                "skipped_steps", "cuda_peak_bytes", "rank_state_bytes", "rank_drift",
+                "max_rel_lr_diff",
+                "allreduces_per_step",
+                "allreduce_bytes_per_step", "reduce_scatters_per_step",
+                "reduce_scatter_bytes_per_step", "step_seconds", "max_saved_bytes", "negatives",
                 "rel_tolerance", "expect", "verdict", *COST_METRICS,
                 # gradlab audit's, of the user's own loop
                 "first_difference", "estimate", "diagnosis"),
@@ -44,7 +47,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     # example was scored against (B/N - 1 inside micro-batches, B - 1 over the window),
     # empty for a loss computed per example
     "steps": ("step", "examples", "epoch", "window_size", "units", "lr", "loss", "grad_norm",
-              "update_norm", "allreduces", "allreduce_bytes", "step_seconds", "saved_bytes",
+              "update_norm", "allreduces", "allreduce_bytes", "reduce_scatters",
+              "reduce_scatter_bytes", "step_seconds", "saved_bytes",
               "negatives", "weight_dist", "rel_loss_diff", "skipped", "grad_scale"),
     "probe": ("step", "param", "max_abs_err", "rel_l2_err", "cosine", "ref_norm", "arm_norm",
               "exact_err", "floor_err", "sum_condition", "lr", "ref_lr",
@@ -85,7 +89,8 @@ METRICS = ("max_rel_grad_err", "max_abs_grad_err", "min_grad_cosine", "max_exact
            "exact_floor", "accum_rise", "max_sum_condition", "final_loss", "max_rel_loss_diff",
            "final_weight_dist", "final_test_loss", "final_test_accuracy", "max_rel_buffer_diff",
            "diverged_at_step", "skipped_steps", "max_rel_lr_diff", "allreduces_per_step",
-           "allreduce_bytes_per_step", "step_seconds", "max_saved_bytes", "negatives")
+           "allreduce_bytes_per_step", "reduce_scatters_per_step", "reduce_scatter_bytes_per_step",
+           "step_seconds", "max_saved_bytes", "negatives")
 
 # short labels for tables meant for people (CSV and JSON keep the column names)
 HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel grad err",
@@ -96,9 +101,12 @@ HEADERS = {"accum_steps": "N", "micro_batch": "micro", "max_rel_grad_err": "rel 
            "max_rel_buffer_diff": "rel BN stats diff", "max_exact_err": "vs exact",
            "exact_floor": "floor", "diverged_at_step": "diverged at", "world_size": "W",
            "allreduces_per_step": "all-reduces/step",
-           "allreduce_bytes_per_step": "all-reduced bytes/step", "step_seconds": "s/step",
+           "allreduce_bytes_per_step": "all-reduced bytes/step",
+           "reduce_scatters_per_step": "reduce-scatters/step",
+           "reduce_scatter_bytes_per_step": "reduce-scattered bytes/step", "step_seconds": "s/step",
            "accum_rise": "rise over N=1", "max_sum_condition": "Σ|g_i|/‖g‖",
            "accum_bound": "bound", "skipped_steps": "skipped", "cuda_peak_bytes": "CUDA bytes",
+           "rank_state_bytes": "state bytes/rank", "rank_drift": "drift across ranks",
            "max_rel_lr_diff": "lr diff", "max_saved_bytes": "saved bytes", "negatives": "negatives",
            "step_ms": "ms/step", "example_us": "µs/example", "activation_mb": "activations MB",
            "memory_mb": "step MB", "rss_mb": "peak RSS MB"}
@@ -193,6 +201,8 @@ def summarise(steps: list[Mapping], probes: list[Mapping] = (), evals: list[Mapp
         # what data parallelism costs: the all-reduces DDP's hook counted, and the time
         "allreduces_per_step": _mean(steps, "allreduces"),
         "allreduce_bytes_per_step": _mean(steps, "allreduce_bytes"),
+        "reduce_scatters_per_step": _mean(steps, "reduce_scatters"),
+        "reduce_scatter_bytes_per_step": _mean(steps, "reduce_scatter_bytes"),
         "step_seconds": _median(steps, "step_seconds"),
         "max_saved_bytes": _worst(steps, "saved_bytes"),
         "negatives": _last(steps, "negatives"),

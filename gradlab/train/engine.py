@@ -16,11 +16,11 @@ zero and the scheduler.
 The probe calls ``window_gradient`` as well, so a verdict sees everything the
 step does to the gradient before the optimizer applies it.
 
-A data-parallel arm (world_size W > 1) trains a DistributedDataParallel replica
-(gradlab.lab.distributed) on each of W ranks: ``plan_window`` gives each rank its
-own slice of the window, and the arm's sync policy (gradlab.train.replica) decides
-which backward passes all-reduce, in the same one path. Mixed precision (autocast,
-the GradScaler) is in gradlab.train.amp, the optimizer and schedule in
+A data-parallel arm (world_size W > 1) trains a DistributedDataParallel replica, or FSDP2's
+shards of the model (gradlab.train.replica), on each of W ranks (gradlab.lab.distributed):
+``plan_window`` gives each rank its own slice of the window, and the arm's sync policy
+decides which backward passes reduce across the ranks, in the same one path. Mixed
+precision (autocast, the GradScaler) is in gradlab.train.amp, the optimizer and schedule in
 gradlab.train.optim.
 """
 
@@ -82,6 +82,8 @@ class StepStats:
     grad_scale: float = float("nan")  # what the GradScaler multiplied this window's losses by
     allreduces: int = 0  # gradient all-reduces across ranks (buckets), as DDP's hook counted
     allreduce_bytes: int = 0  # the bytes of the buckets those all-reduces reduced
+    reduce_scatters: float = 0  # FSDP's gradient reduce-scatters (NaN: this torch cannot count)
+    reduce_scatter_bytes: float = 0  # the bytes of the gradients they reduced
     seconds: float = math.nan  # wall time of the forward/backward passes and the step
 
 
@@ -106,7 +108,8 @@ def normalised(loss: torch.Tensor, units, window_units, s: Settings,
     mean of micro-batch means is what DDP's mean over ranks completes (nanoGPT's loss/N).
     by-rank-size divides by this rank's own units of the window (``rank_units``) and leaves
     the rest to DDP's mean: each rank's tokens then weigh by how many fell on the other
-    ranks, the multi-GPU half of the 2024 token bug.
+    ranks, the multi-GPU half of the 2024 token bug. by-size-then-mean divides by the whole
+    window's units as one process would, and DDP's (or FSDP's) mean divides by W again.
     """
     match s.loss_scale:
         case LossScale.BY_SIZE:
@@ -115,6 +118,8 @@ def normalised(loss: torch.Tensor, units, window_units, s: Settings,
             return loss / (units * s.accum_steps)
         case LossScale.BY_RANK_SIZE:
             return loss / (window_units if rank_units is None else rank_units)
+        case LossScale.BY_SIZE_THEN_MEAN:  # the bug: no ×W against the ranks' mean
+            return loss / window_units
         case LossScale.NONE:  # the bug: N means added up, gradients N times too large
             return loss / units
     unhandled(s.loss_scale)
@@ -402,8 +407,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
     so the lab asks for it only on the steps it probes.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in params] if s.update_norm else None
-    allreduces, allreduce_bytes = replica.allreduce_calls(model)
+    # a sharded model's norms: of this rank's shards, then over the ranks (norm_over_shards)
+    before = [replica.local(p).detach().clone() for p in params] if s.update_norm else None
+    counted = [(c.calls, c.bytes) if c is not None else None
+               for c in replica.reductions(model)]
     stopwatch = Stopwatch(params, s.time_steps)
     grad_scale = scaler.get_scale() if scaler is not None else math.nan
     # activations only (parameters left out), and only this step's: observers that compute
@@ -414,7 +421,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
                                             scaler=scaler)
     if watch is not None:  # what the watch does is not the step's cost
         watch.gradient()
-    grad_norm = global_norm(p.grad for p in params)
+    grad_norm = replica.norm_over_shards(global_norm(replica.local(p.grad) for p in params),
+                                         model)
     lr = optim.learning_rate(optimizer)
     with stopwatch:
         step(optimizer, s, scaler)
@@ -425,14 +433,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
             scheduler.step()
     update_norm = math.nan
     if before is not None:
-        torch._foreach_sub_(before, [p.detach() for p in params])  # before - after, in place
-        update_norm = global_norm(before)
+        # before - after, in place
+        torch._foreach_sub_(before, [replica.local(p).detach() for p in params])
+        update_norm = replica.norm_over_shards(global_norm(before), model)
     loss, units, grad_norm, update_norm = to_host(replica.summed_over_ranks(loss, model), units,
                                                   grad_norm, update_norm)
-    calls, sent = replica.allreduce_calls(model)
+    (allreduces, allreduce_bytes), (reduce_scatters, reduce_scatter_bytes) = [
+        (c.calls - was[0], c.bytes - was[1]) if c is not None and was is not None
+        else (math.nan, math.nan) for c, was in zip(replica.reductions(model), counted,
+                                                    strict=True)]
     return StepStats(loss / units, int(units), grad_norm, update_norm, lr, num_examples(window),
                      meter.peak if measure_memory else math.nan, negatives(s, setup), skip,
-                     grad_scale, calls - allreduces, sent - allreduce_bytes, stopwatch.seconds)
+                     grad_scale, allreduces, allreduce_bytes, reduce_scatters,
+                     reduce_scatter_bytes, stopwatch.seconds)
 
 
 class Stopwatch:

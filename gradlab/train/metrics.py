@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from gradlab.train import replica
+
 # elements of a tensor compared at once (8 MiB in float64)
 CHUNK = 2**20
 
@@ -84,8 +86,9 @@ def compare_tensors(pairs: Iterable[tuple[str, torch.Tensor, torch.Tensor]]
 
 
 def grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
-    """A parameter's .grad, or zeros where backward left None (set_to_none, unused)."""
-    return p.grad if p.grad is not None else torch.zeros_like(p)
+    """A parameter's .grad, or zeros where backward left None (set_to_none, unused); whole,
+    for a sharded parameter."""
+    return replica.full(p.grad if p.grad is not None else torch.zeros_like(p))
 
 
 def compare_models(arm: nn.Module, ref: nn.Module,
@@ -104,5 +107,6 @@ def grads_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def param_distance(a: nn.Module, b: nn.Module) -> float:
     """||θ_a − θ_b|| over all parameters, in float64, one parameter at a time."""
-    return math.sqrt(sum(float((pa.detach().double() - pb.detach().double()).pow(2).sum())
+    return math.sqrt(sum(float((replica.full(pa).detach().double()
+                                - replica.full(pb).detach().double()).pow(2).sum())
                          for pa, pb in zip(a.parameters(), b.parameters(), strict=True)))

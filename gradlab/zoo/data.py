@@ -105,9 +105,23 @@ def docstrings(settings) -> Data:
     return Data(train, x_test=test, loss="next-token")
 
 
+def two_tasks(settings) -> Data:
+    """Two regression tasks on the same 10 features, each with its own weights; task 1 is rare
+    (1 example in 8). The last input column holds the task (0 or 1)."""
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(1280, 10, generator=g, dtype=torch.float64)
+    task = (torch.rand(1280, generator=g) < 1 / 8).to(torch.float64)
+    w = torch.randn(2, 10, generator=g, dtype=torch.float64)
+    y = (x * w[task.long()]).sum(1, keepdim=True) \
+        + 0.1 * torch.randn(1280, 1, generator=g, dtype=torch.float64)
+    x = torch.cat([x, task[:, None]], dim=1)
+    return Data(x[:1024], y[:1024], x[1024:], y[1024:], loss="mse")
+
+
 DATASETS = {name: (factory, catalog.DATASETS[name]) for name, factory in {
     "toy-pairs": toy_pairs,
     "regression": regression,
     "digits": digits,
     "docstrings": docstrings,
+    "two-tasks": two_tasks,
 }.items()}

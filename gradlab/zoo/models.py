@@ -112,10 +112,38 @@ def transformer_lm(settings, data) -> nn.Module:
     return TransformerLanguageModel(max_len=settings.max_len)
 
 
+class TwoHeads(nn.Module):
+    """A shared trunk and one linear head per task; each example is scored by its own task's
+    head, and a head whose task is absent from the batch is not called at all, so its
+    parameters get no gradient from that batch (they sit it out)."""
+
+    def __init__(self, features: int, hidden: int, tasks: int = 2):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(features, hidden), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(tasks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        task = x[:, -1].long()  # the last column says which task an example belongs to
+        h = self.trunk(x[:, :-1])
+        out = torch.zeros(len(x), 1, dtype=h.dtype, device=h.device)
+        for t, head in enumerate(self.heads):
+            mine = (task == t).nonzero().flatten()
+            if len(mine):  # (a host sync per head: fine for a model this small)
+                out = out.index_put((mine,), head(h[mine]))
+        return out
+
+
+def two_heads(settings, data) -> nn.Module:
+    """A trunk Linear(10, hidden)-Tanh shared by two tasks, a Linear(hidden, 1) head each
+    (two-tasks data: the last input column is the task)."""
+    return TwoHeads(data.example_shape[0] - 1, settings.hidden)
+
+
 MODELS = {name: (factory, catalog.MODELS[name]) for name, factory in {
     "toy-linear": toy_linear,
     "mlp": mlp,
     "cnn": cnn,
     "gru-lm": gru_lm,
     "transformer-lm": transformer_lm,
+    "two-heads": two_heads,
 }.items()}
