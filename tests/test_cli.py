@@ -219,8 +219,10 @@ def test_list_shows_experiments_models_datasets_settings():
     assert result.exit_code == 0
     doc = json.loads(result.stdout)
     assert {"toy", "equivalence"} <= set(doc["experiments"])
-    assert set(doc["models"]) == {"toy-linear", "mlp", "cnn", "gru-lm", "transformer-lm"}
-    assert set(doc["datasets"]) == {"toy-pairs", "regression", "digits", "docstrings"}
+    assert set(doc["models"]) == {"toy-linear", "mlp", "cnn", "gru-lm", "transformer-lm",
+                                  "two-heads"}
+    assert set(doc["datasets"]) == {"toy-pairs", "regression", "digits", "docstrings",
+                                    "two-tasks"}
     names = {s["name"] for s in doc["settings"]}
     assert {"batch_size", "accum_steps", "model", "dataset", "norm", "optimizer", "lr", "steps",
             "seed", "dtype", "device"} <= names

@@ -138,11 +138,14 @@ def test_every_setting_has_one_role_and_the_lab_sets_come_from_the_roles():
     # what a model factory may read: each arm differing in one of these gets its own probe model
     assert {f.name for f in fields} - FACTORY_BLIND == {
         "setup", "model", "dataset", "norm", "hidden", "depth", "channels", "groups",
-        "min_len", "max_len", "temperature", "dropout", "seed", "dtype", "device", "world_size"}
+        "min_len", "max_len", "temperature", "dropout", "seed", "dtype", "device", "world_size",
+        # how the ranks hold the model: a data-parallel arm's own replica or shards
+        "parallel", "find_unused_parameters", "static_graph"}
     # what preflight builds and times one window for, per distinct value
     assert {f.name for f in fields} - PREFLIGHT_BLIND == FACTORY_BLIND - PREFLIGHT_BLIND | {
         "setup", "model", "dataset", "norm", "hidden", "depth", "channels", "groups",
-        "min_len", "max_len", "temperature", "dropout", "dtype", "device", "world_size"}
+        "min_len", "max_len", "temperature", "dropout", "dtype", "device", "world_size",
+        "parallel", "find_unused_parameters", "static_graph"}
     assert FACTORY_BLIND - PREFLIGHT_BLIND == {
         "batch_size", "accum_steps", "accumulation", "bn_mode", "dropout_mode",
         "dropout_masks", "autocast", "grad_accum_dtype", "grad_scaler", "threads", "backend"}
