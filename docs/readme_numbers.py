@@ -447,7 +447,44 @@ def block_ddp_findings(runs: dict, printed: dict) -> str:
     ])
 
 
-DDP_TOKENS_ARMS = ("global-tokens", "rank-tokens", "mean-of-means")
+DDP_TOKENS_ARMS = ("global-tokens", "rank-tokens", "global-tokens-by-length",
+                   "rank-tokens-by-length", "mean-of-means")
+
+
+def rank_token_skew(arm_name: str, min_len: int) -> float:
+    """The mean over the run's windows of (most tokens on a rank) / (fewest), replayed from the
+    ddp-tokens spec with gradlab's own window stream, order and split (the run's windows)."""
+    import torch
+
+    from gradlab.config import spec as specs
+    from gradlab.lab import setups
+    from gradlab.train import engine
+
+    trials = specs.expand(specs.load_spec("ddp-tokens"))
+    s = next(a.settings for t in trials for a in t.arms
+             if a.name == arm_name and a.settings.min_len == min_len)
+    setup = setups.build_setup(s, torch.device("cpu"), {})
+    windows, ratios = setups.windows(setup, s), []
+    for _ in range(s.steps):
+        window = engine.ordered(next(windows), s, setup)
+        shares = [sum(int(setup.count_units(mb)) for mb in mine) for mine in
+                  engine.rank_micro_batches(window, s.accum_steps, s.world_size)]
+        ratios.append(max(shares) / min(shares))
+    return sum(ratios) / len(ratios)
+
+
+def block_ddp_tokens_skew(runs: dict, printed: dict) -> str:
+    s = summary(runs["ddp-tokens"])
+    s = s[~s.baseline]
+    rows = []
+    for low, part in s.groupby("min_len", sort=False):
+        high = int(part.max_len.iloc[0])
+        for arm, order in (("rank-tokens", "as drawn"), ("rank-tokens-by-length", "by length")):
+            mine = part[part.arm == arm]
+            rows.append([f"{low}..{high}", order, g(rank_token_skew(arm, low)),
+                         g(mine.max_exact_err.max())])
+    return table(["lengths", "window order", "tokens on the fuller rank / the emptier "
+                  "(mean over windows)", "`rank-tokens` vs exact"], rows)
 
 
 def block_ddp_tokens(runs: dict, printed: dict) -> str:
@@ -1067,6 +1104,7 @@ BLOCKS: dict[str, Callable] = {
     "tokens-training": block_tokens_training, "my_lm": block_my_lm, "ddp": block_ddp,
     "ddp-findings": block_ddp_findings, "margins": block_margins,
     "ddp-tokens": block_ddp_tokens, "ddp-tokens-findings": block_ddp_tokens_findings,
+    "ddp-tokens-skew": block_ddp_tokens_skew,
     "fsdp": block_fsdp, "fsdp-findings": block_fsdp_findings,
     "sit-out": block_sit_out, "sit-out-findings": block_sit_out_findings,
     "precision": block_precision,

@@ -483,14 +483,19 @@ def test_only_every_ranks_token_count_is_the_big_batch_on_two_ranks(runs):
     for low in (8, 32, 64):
         for n in (2, 4):
             assert summary.loc[(low, "global-tokens", n), "max_exact_err"] <= 1e-12
+            assert summary.loc[(low, "global-tokens-by-length", n), "max_exact_err"] <= 1e-12
     # each rank's own count: wrong as soon as lengths vary, more the more they vary, and the
     # same at every N (it is the ranks' shares that differ, not the micro-batches')
     rank = summary.xs("rank-tokens", level="arm")["max_exact_err"]
     assert rank.loc[(8, 2)] > rank.loc[(32, 2)] > 1e-3 > 1e-12 >= rank.loc[(64, 2)]
     torch.testing.assert_close(rank.loc[(8, 4)], rank.loc[(8, 2)], rtol=1e-6, atol=0)
+    # sorted by length, the ranks' token counts are skewed, and the per-rank count errs more
+    grouped = summary.xs("rank-tokens-by-length", level="arm")["max_exact_err"]
+    for low in (8, 32):
+        assert grouped.loc[(low, 2)] > 2 * rank.loc[(low, 2)]
     assert (summary.xs(64, level="min_len")["verdict"] == "equivalent").all()
-    assert (summary.xs(8, level="min_len").drop("global-tokens", level="arm")["verdict"]
-            == "differs").all()
+    assert (summary.xs(8, level="min_len").drop(["global-tokens", "global-tokens-by-length"],
+                                                level="arm")["verdict"] == "differs").all()
 
 
 def test_fsdp_on_two_ranks_sync_last_is_the_big_batch_and_the_global_batch_is_half(runs):

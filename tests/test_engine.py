@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from gradlab.config.settings import LossScale, Settings, ZeroGrad
+from gradlab.config.settings import LossScale, Settings, WindowOrder, ZeroGrad
 from gradlab.setup import Setup, mse_loss, split
 from gradlab.train import engine
 from gradlab.zoo.text import TransformerLanguageModel, count_tokens, lm_loss, token_examples
@@ -237,6 +237,26 @@ def test_on_ranks_only_every_ranks_token_count_is_the_big_batch(ranks, accum_ste
     # by-size-then-mean: the window's tokens, as one process divides, then the mean: 1/W
     global_batch = dataclasses.replace(s, loss_scale=LossScale.BY_SIZE_THEN_MEAN)
     assert_close(mean_over_ranks(global_batch, ranks), big / ranks, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_sorted_by_length_the_ranks_skew_and_only_every_ranks_count_holds(ranks):
+    """window_order=by-length (a length-grouped sampler): rank 0 takes the shortest sequences,
+    the last rank the longest. Every rank's count stays the big batch; this rank's own count
+    errs more than on the window as drawn, because the ranks' shares differ more."""
+    s = dataclasses.replace(BIG, accum_steps=2)
+    grouped = dataclasses.replace(s, window_order=WindowOrder.BY_LENGTH)
+    setup = token_setup()
+    plans = [engine.plan_window(setup.train, grouped, setup, r, ranks) for r in range(ranks)]
+    shares = [int(p.micro_batches[0].rank_units) for p in plans]
+    assert shares == sorted(shares) and shares[0] < shares[-1]
+    big = gradient(BIG, token_setup)
+    assert_close(mean_over_ranks(grouped, ranks), big, rtol=1e-12, atol=1e-15)
+    per_rank = dataclasses.replace(s, loss_scale=LossScale.BY_RANK_SIZE)
+    drawn = rel_err(mean_over_ranks(per_rank, ranks), big)
+    skewed = rel_err(mean_over_ranks(dataclasses.replace(
+        per_rank, window_order=WindowOrder.BY_LENGTH), ranks), big)
+    assert skewed > 2 * drawn > 0
 
 
 def test_on_ranks_of_equal_lengths_this_ranks_tokens_are_enough():

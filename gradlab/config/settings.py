@@ -88,6 +88,13 @@ class SchedulerStep(Policy):
     PER_MICRO_BATCH = "per-micro-batch"  # once per micro-batch: the schedule runs N times fast
 
 
+class WindowOrder(Policy):
+    """The order of a window's examples before the ranks take their slices and micro-batches."""
+    AS_DRAWN = "as-drawn"    # as the seeded stream drew them
+    BY_LENGTH = "by-length"  # fewest loss units first, as a length-grouped sampler leaves them
+    #                          (group_by_length): rank 0 the shortest, the last rank the longest
+
+
 class EpochEnd(Policy):
     """What the window stream does where an epoch ends (n training examples, B per window)."""
     RUN_ON = "run-on"            # no boundary: a window may hold the end of one epoch and the
@@ -277,6 +284,11 @@ class Settings:
         Role.OBSERVE, 0,
         "dropout: at step 1, average the accumulated minus big-batch gradient over this many mask "
         "draws, and check that the mean is zero within 4 standard errors (checks.csv); 0: no check")
+    window_order: WindowOrder = _setting(
+        Role.WINDOW, WindowOrder.AS_DRAWN,
+        "as-drawn | by-length: the window's examples sorted by their loss units (tokens) before "
+        "the ranks and micro-batches take their slices, as a length-grouped sampler leaves "
+        "them: on W ranks, rank 0 the shortest sequences and the last rank the longest")
     epoch_end: EpochEnd = _setting(
         Role.STEP, EpochEnd.RUN_ON,
         "where an epoch ends: run-on (no boundary, every window holds B examples), short-window "

@@ -48,10 +48,11 @@ from gradlab.config.settings import (
     LossScale,
     SchedulerStep,
     Settings,
+    WindowOrder,
     ZeroGrad,
 )
 from gradlab.errors import unhandled
-from gradlab.setup import Examples, Setup, num_examples, split, split_at
+from gradlab.setup import Examples, Setup, num_examples, split, split_at, take
 from gradlab.train import amp, gradcache, optim, replica
 from gradlab.train.dropout import example_keys
 from gradlab.train.memory import SavedTensors
@@ -214,6 +215,7 @@ def plan_window(window: Examples, s: Settings, setup: Setup, rank: int,
     only runs them. Each window the step applies (step_windows) is cut into its micro-batches
     and normalised by its own units; with W ranks each rank takes its slice, in order, and
     its examples' dropout keys are their places in the whole window."""
+    window = ordered(window, s, setup)
     keys = mask_keys(window, s)  # one draw from the arm's stream per step, before any forward
     planned, units, start = [], 0, 0
     for part in step_windows(window, s):
@@ -229,6 +231,18 @@ def plan_window(window: Examples, s: Settings, setup: Setup, rank: int,
         units, start = units + part_units, start + num_examples(part)
     planned[-1] = planned[-1]._replace(last=True)
     return WindowPlan(planned, units)
+
+
+def ordered(window: Examples, s: Settings, setup: Setup) -> Examples:
+    """The window in the order its ranks and micro-batches take it (window_order)."""
+    match s.window_order:
+        case WindowOrder.AS_DRAWN:
+            return window
+        case WindowOrder.BY_LENGTH:  # a stable sort: equal lengths keep the stream's order
+            units = torch.tensor([int(setup.count_units(example))
+                                  for example in split(window, num_examples(window))])
+            return take(window, torch.sort(units, stable=True).indices.to(setup.device))
+    unhandled(s.window_order)
 
 
 def window_gradient(model: nn.Module, window: Examples, s: Settings, setup: Setup,
