@@ -148,5 +148,6 @@ def test_every_setting_has_one_role_and_the_lab_sets_come_from_the_roles():
         "parallel", "find_unused_parameters", "static_graph"}
     assert FACTORY_BLIND - PREFLIGHT_BLIND == {
         "batch_size", "accum_steps", "accumulation", "bn_mode", "dropout_mode",
-        "dropout_masks", "autocast", "grad_accum_dtype", "grad_scaler", "threads", "backend"}
+        "dropout_masks", "autocast", "grad_accum_dtype", "grad_scaler", "threads", "backend",
+        "window_order"}
     assert Settings.with_roles(Role.SEED) == {"seed"}
