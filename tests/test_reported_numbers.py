@@ -100,3 +100,16 @@ def test_an_arm_with_no_measured_gradient_is_not_probed_never_equivalent(unmeasu
     assert verdict_of(False, unmeasured, 1e-6, abs_err=0.0, abs_tol=1.0) == Verdict.NOT_PROBED
     assert verdict_of(True, unmeasured, 1e-6) == Verdict.BASELINE
     assert verdict_of(False, 0.0, 1e-6) == Verdict.EQUIVALENT
+
+
+def test_the_exact_gradient_replays_the_baselines_dropout_masks(tmp_path):
+    """In float32 the exact float64 gradient is computed apart from the baseline's step (in
+    float64 the baseline's own gradient is it): with per-example masks it must draw the masks
+    the baseline drew, or the arm's distance from it would be a mask's worth (0.1 and more),
+    not float32's rounding."""
+    run = run_dir("dropout", "--set", "dtype=float32", "--set", "steps=2", "--set",
+                  "dropout_masks=per-example", "--set", "mask_draws=0", "--set",
+                  "dropout_mode=train", "--out", tmp_path / "results")
+    arm = pd.read_csv(run / "summary.csv").set_index("arm").loc["accumulated"]
+    assert arm.max_exact_err < 1e-5 and arm.exact_floor < 1e-5  # float32's rounding, both
+    assert arm.verdict == "equivalent"
