@@ -165,3 +165,32 @@ def test_each_case_promises_and_compare_check_holds_it(norm_run):
               for r in json.loads(result.stdout)["rows"] if r["arm"] == "accumulated"}
     assert checks[("bn", "train", 1)] == "n/a"  # nothing to accumulate at N = 1
     assert {v for (norm, _, n), v in checks.items() if n > 1} == {"ok"}
+
+
+def test_the_mlps_batchnorm1d_running_statistics_follow_each_micro_batch():
+    """The mlp's BatchNorm1d, by its formula: each of the N forwards of a window moves the
+    running mean and variance by momentum 0.1 towards that micro-batch's mean and unbiased
+    variance (so N micro-batches are N updates, not the big batch's one), and bn_mode=frozen
+    moves nothing."""
+    from gradlab.train import engine
+
+    s = Settings(model="mlp", norm="bn", hidden=6, dataset="regression", batch_size=8,
+                 accum_steps=2, dtype="float64")
+    setup = setups.build_setup(s, torch.device("cpu"), {})
+    linear, bn = setup.model[1], setup.model[2]
+    assert isinstance(bn, torch.nn.BatchNorm1d)
+    window = tuple(t[:8] for t in setup.train)
+    engine.window_gradient(setup.model, window, s, setup)
+    mean, var = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    with torch.no_grad():
+        for x in window[0].split(4):
+            h = linear(x)
+            mean = 0.9 * mean + 0.1 * h.mean(0)
+            var = 0.9 * var + 0.1 * h.var(0, unbiased=True)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-12, atol=1e-15)
+    assert int(bn.num_batches_tracked) == 2
+    before = {k: b.clone() for k, b in setup.model.named_buffers()}
+    engine.window_gradient(setup.model, window, dataclasses.replace(s, bn_mode="frozen"), setup)
+    for name, b in setup.model.named_buffers():
+        torch.testing.assert_close(b, before[name], rtol=0, atol=0)
