@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ["toy", "equivalence", "zero-grad-toy", "zero-grad", "batch-lr", "norm",
                "norm-training", "tokens", "tokens-training", "precision", "clipping",
                "scheduler", "last-window", "dropout", "cost", "ddp", "ddp-tokens", "fsdp",
-               "sit-out", "contrastive", "contrastive-training"]
+               "sit-out", "context-parallel", "contrastive", "contrastive-training"]
 LOCAL = ["my_lm"]  # examples of your own setup, run from the repository root
 # runs of a spec with other settings: name -> gradlab run arguments
 VARIANTS = {"norm-low": ["norm", "--set", "dtype=bfloat16,float16", "--set", "steps=11"],
@@ -451,16 +451,16 @@ DDP_TOKENS_ARMS = ("global-tokens", "rank-tokens", "global-tokens-by-length",
                    "rank-tokens-by-length", "mean-of-means")
 
 
-def rank_token_skew(arm_name: str, min_len: int) -> float:
+def rank_token_skew(arm_name: str, min_len: int, experiment: str = "ddp-tokens") -> float:
     """The mean over the run's windows of (most tokens on a rank) / (fewest), replayed from the
-    ddp-tokens spec with gradlab's own window stream, order and split (the run's windows)."""
+    experiment's spec with gradlab's own window stream, order and split (the run's windows)."""
     import torch
 
     from gradlab.config import spec as specs
     from gradlab.lab import setups
     from gradlab.train import engine
 
-    trials = specs.expand(specs.load_spec("ddp-tokens"))
+    trials = specs.expand(specs.load_spec(experiment))
     s = next(a.settings for t in trials for a in t.arms
              if a.name == arm_name and a.settings.min_len == min_len)
     setup = setups.build_setup(s, torch.device("cpu"), {})
@@ -468,7 +468,7 @@ def rank_token_skew(arm_name: str, min_len: int) -> float:
     for _ in range(s.steps):
         window = engine.ordered(next(windows), s, setup)
         shares = [sum(int(setup.count_units(mb)) for mb in mine) for mine in
-                  engine.rank_micro_batches(window, s.accum_steps, s.world_size)]
+                  engine.rank_micro_batches(window, s.accum_steps, s.world_size, s.rank_split)]
         ratios.append(max(shares) / min(shares))
     return sum(ratios) / len(ratios)
 
@@ -634,6 +634,22 @@ def sit_out_counts(arm_name: str = "find-unused") -> dict[str, int]:
         # pytorch #69031's case: used under no_sync(), unused on every rank when it syncs
         counts["bug_windows"] += all(last_absent) and used_before
     return counts
+
+
+def block_context_parallel(runs: dict, printed: dict) -> str:
+    s = summary(runs["context-parallel"])
+    alpha = fsdp_alpha(runs["context-parallel"])
+    s = s[~s.baseline]
+    rows = []
+    for low, part in s.groupby("min_len", sort=False):
+        high = int(part.max_len.iloc[0])
+        skew = g(rank_token_skew("global-tokens", low, "context-parallel"))
+        for _, row in part.iterrows():
+            a = alpha.loc[(row.trial, row.arm)]
+            rows.append([f"{low}..{high}", f"`{row.arm}`", skew, g(row.max_exact_err),
+                         span([a["min"], a["max"]]), g(row.min_grad_cosine, 6), row.verdict])
+    return table(["lengths", "arm", "shard tokens, fuller / emptier", "vs exact", "α",
+                  "min cosine", "verdict"], rows)
 
 
 SIT_OUT_ARMS = ("find-unused", "find-unused-every-micro-batch", "never-synced")
@@ -1107,6 +1123,7 @@ BLOCKS: dict[str, Callable] = {
     "ddp-tokens-skew": block_ddp_tokens_skew,
     "fsdp": block_fsdp, "fsdp-findings": block_fsdp_findings,
     "sit-out": block_sit_out, "sit-out-findings": block_sit_out_findings,
+    "context-parallel": block_context_parallel,
     "precision": block_precision,
     "cost": block_cost, "cost-prose": block_cost_prose, "cost-budget": block_cost_budget,
     "pitfalls": block_pitfalls, "clipping": block_clipping, "scheduler": block_scheduler,
@@ -1203,6 +1220,8 @@ def needs(block: str) -> list[str]:
         return ["fsdp"]
     if block.startswith("sit-out"):
         return ["sit-out"]
+    if block.startswith("context-parallel"):
+        return ["context-parallel"]
     if block.startswith("ddp"):
         return ["ddp"]
     return {"toy-output": ["toy"], "equivalence-losses": ["equivalence"],

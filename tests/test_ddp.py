@@ -327,6 +327,8 @@ RUNS = {
     "ddp-tokens": (["ddp-tokens"], []),
     # FSDP2 on two ranks (its defaults: mlp and transformer-lm, N = 2 and 4)
     "fsdp": (["fsdp"], []),
+    # sequences split across two ranks (its defaults: lengths 8..64 and 64)
+    "context-parallel": (["context-parallel"], []),
     # a head that sits out micro-batches, DDP with find_unused_parameters (its defaults)
     "sit-out": (["sit-out"], []),
     # from a folder that holds a folder named gradlab (a clone's root, seen from its parent)
@@ -526,6 +528,23 @@ def test_fsdp_on_two_ranks_sync_last_is_the_big_batch_and_the_global_batch_is_ha
     halved = alpha[probe.arm == "divided-by-global-batch"]
     assert len(halved) == 4 * 4  # 4 trials x 4 probes
     torch.testing.assert_close(torch.tensor(halved.to_numpy()), torch.full((16,), 0.5,
+                               dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_context_shards_need_every_ranks_count_on_two_ranks(runs):
+    process, out = runs["context-parallel"]
+    code, _, stderr = finish(process)
+    assert code == 0, stderr
+    run = the_run(out)
+    summary = pd.read_csv(run / "summary.csv")
+    summary = summary[~summary.baseline].set_index(["min_len", "arm"])
+    probe = pd.read_csv(run / "probe.csv").query("param == '*' and arm == 'global-tokens-no-w'")
+    for low in (8, 64):
+        assert summary.loc[(low, "global-tokens"), "max_exact_err"] <= 1e-12
+        assert summary.loc[(low, "shard-tokens"), "verdict"] == "differs"
+    assert summary.loc[(8, "shard-tokens"), "max_exact_err"] > 0.05
+    alpha = probe.cosine * probe.arm_norm / probe.ref_norm
+    torch.testing.assert_close(torch.tensor(alpha.to_numpy()), torch.full((len(alpha),), 0.5,
                                dtype=torch.float64), rtol=1e-12, atol=0)
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from gradlab.config.settings import LossScale, Settings, WindowOrder, ZeroGrad
+from gradlab.config.settings import LossScale, RankSplit, Settings, WindowOrder, ZeroGrad
+from gradlab.errors import GradlabError
 from gradlab.setup import Setup, mse_loss, split
 from gradlab.train import engine
 from gradlab.zoo.text import TransformerLanguageModel, count_tokens, lm_loss, token_examples
@@ -257,6 +258,34 @@ def test_sorted_by_length_the_ranks_skew_and_only_every_ranks_count_holds(ranks)
     skewed = rel_err(mean_over_ranks(dataclasses.replace(
         per_rank, window_order=WindowOrder.BY_LENGTH), ranks), big)
     assert skewed > 2 * drawn > 0
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_context_shards_add_up_to_the_window_and_only_every_ranks_count_holds(ranks):
+    """rank_split=tokens: every rank reads every sequence and scores its own 1/W of the
+    positions. The shards' tokens partition the window's; every rank's count (x W against
+    the mean) is the big batch, each shard's own count is not (later shards hold fewer
+    tokens: padding), and the global count without x W is 1/W (Megatron-LM PR #7513's
+    halving at CP = 2)."""
+    s = dataclasses.replace(BIG, accum_steps=2, rank_split=RankSplit.TOKENS)
+    setup = token_setup()
+    plans = [engine.plan_window(setup.train, s, setup, r, ranks) for r in range(ranks)]
+    shares = [int(p.micro_batches[0].rank_units) for p in plans]
+    assert sum(shares) == int(setup.count_units(setup.train)) == int(plans[0].units)
+    assert shares[0] > shares[-1]  # the last positions are mostly padding
+    big = gradient(BIG, token_setup)
+    assert_close(mean_over_ranks(s, ranks), big, rtol=1e-12, atol=1e-15)
+    shard = dataclasses.replace(s, loss_scale=LossScale.BY_RANK_SIZE)
+    assert rel_err(mean_over_ranks(shard, ranks), big) > 1e-2
+    whole = dataclasses.replace(s, loss_scale=LossScale.BY_SIZE_THEN_MEAN)
+    assert_close(mean_over_ranks(whole, ranks), big / ranks, rtol=1e-12, atol=1e-15)
+
+
+def test_context_shards_need_token_sequences():
+    s = dataclasses.replace(BIG, rank_split=RankSplit.TOKENS)
+    setup = regression_setup()
+    with pytest.raises(GradlabError, match="rank_split=tokens .* needs a token setup"):
+        engine.plan_window(setup.train, s, setup, 0, 2)
 
 
 def test_on_ranks_of_equal_lengths_this_ranks_tokens_are_enough():

@@ -88,6 +88,13 @@ class SchedulerStep(Policy):
     PER_MICRO_BATCH = "per-micro-batch"  # once per micro-batch: the schedule runs N times fast
 
 
+class RankSplit(Policy):
+    """How W ranks share a window."""
+    EXAMPLES = "examples"  # data parallel: each rank takes B/W whole examples
+    TOKENS = "tokens"      # context parallel in miniature: every rank reads every sequence and
+    #                        scores the W-th of its positions that is its own shard
+
+
 class WindowOrder(Policy):
     """The order of a window's examples before the ranks take their slices and micro-batches."""
     AS_DRAWN = "as-drawn"    # as the seeded stream drew them
@@ -284,6 +291,11 @@ class Settings:
         Role.OBSERVE, 0,
         "dropout: at step 1, average the accumulated minus big-batch gradient over this many mask "
         "draws, and check that the mean is zero within 4 standard errors (checks.csv); 0: no check")
+    rank_split: RankSplit = _setting(
+        Role.WINDOW, RankSplit.EXAMPLES,
+        "with world_size > 1, how the ranks share a window: examples (data parallel: B/W "
+        "examples each) | tokens (context parallel in miniature: every rank reads every "
+        "sequence and scores its own 1/W of the positions; token setups only)")
     window_order: WindowOrder = _setting(
         Role.WINDOW, WindowOrder.AS_DRAWN,
         "as-drawn | by-length: the window's examples sorted by their loss units (tokens) before "

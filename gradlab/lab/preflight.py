@@ -182,7 +182,7 @@ def check_setup(arm: Arm, setup: Setup) -> None:
     gradcache.check_gradcache(s, setup, name)
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     engine.set_train_mode(setup.model, s)
-    every_rank = engine.rank_micro_batches(window, s.accum_steps, s.world_size)
+    every_rank = engine.rank_micro_batches(window, s.accum_steps, s.world_size, s.rank_split)
     with torch.no_grad():
         for i, micro_batch in enumerate(mb for part in every_rank for mb in part):
             units = int(setup.count_units(micro_batch))
@@ -218,7 +218,8 @@ def check_every_parameter_syncs(arm: Arm, setup: Setup) -> None:
         return
     window = next(setups.windows(setup, s))
     engine.set_train_mode(setup.model, s)
-    for rank, part in enumerate(engine.rank_micro_batches(window, s.accum_steps, s.world_size)):
+    every_rank = engine.rank_micro_batches(window, s.accum_steps, s.world_size, s.rank_split)
+    for rank, part in enumerate(every_rank):
         for i, micro_batch in enumerate(part):
             if s.sync == Sync.NO_SYNC and i < len(part) - 1:
                 continue  # under no_sync(): nothing is all-reduced, nothing waits

@@ -46,12 +46,13 @@ from gradlab.config.settings import (
     GradAccumDtype,
     GradScaling,
     LossScale,
+    RankSplit,
     SchedulerStep,
     Settings,
     WindowOrder,
     ZeroGrad,
 )
-from gradlab.errors import unhandled
+from gradlab.errors import GradlabError, unhandled
 from gradlab.setup import Examples, Setup, num_examples, split, split_at, take
 from gradlab.train import amp, gradcache, optim, replica
 from gradlab.train.dropout import example_keys
@@ -219,10 +220,12 @@ def plan_window(window: Examples, s: Settings, setup: Setup, rank: int,
     keys = mask_keys(window, s)  # one draw from the arm's stream per step, before any forward
     planned, units, start = [], 0, 0
     for part in step_windows(window, s):
-        every_rank = rank_micro_batches(part, micro_batch_count(num_examples(part), s), ranks)
+        every_rank = rank_micro_batches(part, micro_batch_count(num_examples(part), s), ranks,
+                                        s.rank_split)
         part_units = sum(setup.count_units(mb) for mine in every_rank for mb in mine)
         rank_units = sum(setup.count_units(mb) for mb in every_rank[rank])
-        offset = start + sum(num_examples(mb) for mine in every_rank[:rank] for mb in mine)
+        offset = start if s.rank_split == RankSplit.TOKENS else \
+            start + sum(num_examples(mb) for mine in every_rank[:rank] for mb in mine)
         for micro_batch in every_rank[rank]:
             size = num_examples(micro_batch)
             mine = None if keys is None else keys[offset:offset + size]
@@ -377,11 +380,40 @@ def clip(model: nn.Module, s: Settings) -> None:
                                        s.clip_norm)
 
 
-def rank_micro_batches(window: Examples, n: int, ranks: int) -> list[list[Examples]]:
+def rank_micro_batches(window: Examples, n: int, ranks: int,
+                       by: RankSplit = RankSplit.EXAMPLES) -> list[list[Examples]]:
     """The window's micro-batches, rank by rank: each of the W ranks takes its own slice of
     the window, in order, and splits it into N, so the ranks together see every example of
-    the window once (W = 1: the window's N micro-batches)."""
-    return [split(part, n) for part in split(window, ranks)]  # (split(window, 1): [window])
+    the window once (W = 1: the window's N micro-batches). Split by tokens, each rank takes
+    every sequence with only its own shard of the positions scored (context_shard)."""
+    match by:
+        case RankSplit.EXAMPLES:
+            parts = split(window, ranks)  # (split(window, 1): [window])
+        case RankSplit.TOKENS:
+            parts = [context_shard(window, rank, ranks) for rank in range(ranks)]
+        case _:
+            unhandled(by)
+    return [split(part, n) for part in parts]
+
+
+# the label a token loss skips (PyTorch's cross_entropy default, as Hugging Face's)
+IGNORE_INDEX = -100
+
+
+def context_shard(window: Examples, rank: int, ranks: int) -> Examples:
+    """Context parallelism in miniature: rank r of W scores the r-th of W contiguous shards of
+    the positions of every sequence (their labels; the others become IGNORE_INDEX). Every
+    rank still reads whole sequences (real context parallelism passes attention's keys and
+    values between the ranks instead), so the shards' losses add up to the window's, and the
+    later shards hold fewer tokens: sequences end in padding."""
+    if not isinstance(window, dict) or "labels" not in window:
+        raise GradlabError("rank_split=tokens shards the positions of token sequences, so it "
+                           "needs a token setup (batches with 'labels', as the docstrings "
+                           "dataset); use rank_split=examples")
+    labels = window["labels"]
+    mine = torch.zeros(labels.shape[1], dtype=torch.bool, device=labels.device)
+    mine[torch.tensor_split(torch.arange(labels.shape[1]), ranks)[rank]] = True
+    return {**window, "labels": labels.masked_fill(~mine, IGNORE_INDEX)}
 
 
 def micro_batch_sizes(batch_size: int, accum_steps: int) -> list[int]:
