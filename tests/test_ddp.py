@@ -244,8 +244,9 @@ def test_fsdp_that_torch_lacks_or_cannot_apply_is_one_line(monkeypatch):
     (["--set", "parallel=fsdp", "--set", "zero_grad=every-step"],
      "inside a window FSDP holds the gradient in its unsharded parameters"),
     (["--set", "no-sync.sync=every-micro-batch-overwriting"], "keeps no shards; use parallel=fsdp"),
+    (["--set", "rank_split=tokens"], "rank_split=tokens shards the positions of token sequences"),
 ], ids=["zero", "nccl-no-cuda", "cuda-no-cuda", "nccl-on-cpu", "empty-micro-batch",
-        "two-sizes", "fsdp-never", "fsdp-zero-grad", "overwrite-ddp"])
+        "two-sizes", "fsdp-never", "fsdp-zero-grad", "overwrite-ddp", "context-no-tokens"])
 def test_bad_data_parallel_input_is_one_line_and_exit_2(tmp_path, args, expected):
     if ("needs CUDA" in expected or "no CUDA" in expected) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
