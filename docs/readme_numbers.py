@@ -50,12 +50,15 @@ FIGURES = {"equivalence-grad-error.png": "equivalence", "norm-grad-error.png": "
            "clipping-grad-error.png": "clipping", "scheduler-lr.png": "scheduler",
            "scheduler-loss.png": "scheduler", "cost-cost.png": "cost",
            "precision-precision.png": "precision",
-           "ddp-tokens-grad-error.png": "ddp-tokens", "fsdp-grad-error.png": "fsdp"}
+           "ddp-tokens-grad-error.png": "ddp-tokens", "fsdp-grad-error.png": "fsdp",
+           "sit-out-loss.png": "sit-out"}
 # figures of a named metric: docs/figures/FILE <- (run, `gradlab plot` options, file it makes)
 PLOTTED = {"last-window-grad-error.png": ("last-window", ["-y", "exact_err"],
                                           "last-window-exact_err-vs-step.png"),
            "dropout-grad-error.png": ("dropout", ["-y", "exact_err"],
-                                      "dropout-exact_err-vs-step.png")}
+                                      "dropout-exact_err-vs-step.png"),
+           "context-parallel-grad-error.png": ("context-parallel", ["-y", "exact_err"],
+                                               "context-parallel-exact_err-vs-step.png")}
 
 
 def gradlab() -> list[str]:
