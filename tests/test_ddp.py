@@ -244,14 +244,30 @@ def test_fsdp_that_torch_lacks_or_cannot_apply_is_one_line(monkeypatch):
     (["--set", "parallel=fsdp", "--set", "zero_grad=every-step"],
      "inside a window FSDP holds the gradient in its unsharded parameters"),
     (["--set", "no-sync.sync=every-micro-batch-overwriting"], "keeps no shards; use parallel=fsdp"),
-    (["--set", "rank_split=tokens"], "rank_split=tokens shards the positions of token sequences"),
 ], ids=["zero", "nccl-no-cuda", "cuda-no-cuda", "nccl-on-cpu", "empty-micro-batch",
-        "two-sizes", "fsdp-never", "fsdp-zero-grad", "overwrite-ddp", "context-no-tokens"])
+        "two-sizes", "fsdp-never", "fsdp-zero-grad", "overwrite-ddp"])
 def test_bad_data_parallel_input_is_one_line_and_exit_2(tmp_path, args, expected):
     if ("needs CUDA" in expected or "no CUDA" in expected) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = tmp_path / "results"
     assert_clean_failure(gradlab("run", "ddp", *args, "--out", out), expected, out)
+
+
+def test_what_only_the_ranks_can_check_is_one_line_and_exit_2_from_them(tmp_path):
+    """Checked once a rank has built the setup (preflight runs there): context shards of a
+    setup without token labels, and DDP that would wait for a head left out."""
+    cases = [(["ddp", "--set", "rank_split=tokens", "--set", "steps=1"],
+              "rank_split=tokens shards the positions of token sequences"),
+             (["sit-out", "--set", "find_unused_parameters=false"],
+              "gets no gradient from rank 0's micro-batch 4 of 4 of the first window")]
+    for args, expected in cases:
+        out = tmp_path / "results"
+        code, stdout, stderr = finish(start(*args, "--out", str(out)))
+        assert code == 2, stderr
+        lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and expected in lines[0], stderr
+        assert "Traceback" not in stderr
+        assert not out.exists() or not any(out.iterdir())  # no run directory left
 
 
 def test_more_ranks_than_cores_names_the_limit(tmp_path):

@@ -149,5 +149,5 @@ def test_every_setting_has_one_role_and_the_lab_sets_come_from_the_roles():
     assert FACTORY_BLIND - PREFLIGHT_BLIND == {
         "batch_size", "accum_steps", "accumulation", "bn_mode", "dropout_mode",
         "dropout_masks", "autocast", "grad_accum_dtype", "grad_scaler", "threads", "backend",
-        "window_order"}
+        "window_order", "rank_split"}
     assert Settings.with_roles(Role.SEED) == {"seed"}
