@@ -469,9 +469,9 @@ def rank_token_skew(arm_name: str, min_len: int, experiment: str = "ddp-tokens")
     setup = setups.build_setup(s, torch.device("cpu"), {})
     windows, ratios = setups.windows(setup, s), []
     for _ in range(s.steps):
-        window = engine.ordered(next(windows), s, setup)
-        shares = [sum(int(setup.count_units(mb)) for mb in mine) for mine in
-                  engine.rank_micro_batches(window, s.accum_steps, s.world_size, s.rank_split)]
+        window = next(windows)
+        shares = [int(engine.plan_window(window, s, setup, rank, s.world_size)
+                      .micro_batches[0].rank_units) for rank in range(s.world_size)]
         ratios.append(max(shares) / min(shares))
     return sum(ratios) / len(ratios)
 
@@ -533,7 +533,7 @@ FSDP_ARMS = ("sync-last", "sync-every-micro-batch", "divided-by-global-batch",
              "keep-last-micro-batch", "ddp-no-sync")
 
 
-def fsdp_alpha(run_dir: Path) -> pd.Series:
+def probe_alpha(run_dir: Path) -> pd.Series:
     """α = <g, g_ref> / |g_ref|² of every probe (the whole gradient), by trial and arm:
     what the arm's gradient is, as a multiple of the big batch's."""
     probe = read(run_dir, "probe").query("param == '*'")
@@ -543,7 +543,7 @@ def fsdp_alpha(run_dir: Path) -> pd.Series:
 
 def block_fsdp(runs: dict, printed: dict) -> str:
     s = summary(runs["fsdp"])
-    alpha = fsdp_alpha(runs["fsdp"])
+    alpha = probe_alpha(runs["fsdp"])
     s = s[~s.baseline]
     ns = sorted(s.accum_steps.unique())
     rows = []
@@ -565,7 +565,7 @@ def block_fsdp(runs: dict, printed: dict) -> str:
 
 def block_fsdp_findings(runs: dict, printed: dict) -> str:
     s = summary(runs["fsdp"])
-    alpha = fsdp_alpha(runs["fsdp"])
+    alpha = probe_alpha(runs["fsdp"])
     base = s[s.baseline]
     s = s[~s.baseline]
     ranks = int(s.world_size.max())
@@ -641,7 +641,7 @@ def sit_out_counts(arm_name: str = "find-unused") -> dict[str, int]:
 
 def block_context_parallel(runs: dict, printed: dict) -> str:
     s = summary(runs["context-parallel"])
-    alpha = fsdp_alpha(runs["context-parallel"])
+    alpha = probe_alpha(runs["context-parallel"])
     s = s[~s.baseline]
     rows = []
     for low, part in s.groupby("min_len", sort=False):

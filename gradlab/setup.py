@@ -60,6 +60,7 @@ from torch import nn
 
 from gradlab.errors import GradlabError
 
+IGNORE_INDEX = -100  # label value cross-entropy skips (PyTorch's and Hugging Face's default)
 Examples = tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 # loss(model, batch) -> (summed loss over the batch, number of loss units in it)
 LossFn = Callable[[nn.Module, Examples], tuple[torch.Tensor, torch.Tensor | int]]

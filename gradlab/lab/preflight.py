@@ -210,21 +210,21 @@ def check_every_parameter_syncs(arm: Arm, setup: Setup) -> None:
     backward that all-reduces, on every rank. A rank whose micro-batch leaves one out (a head
     or branch it did not use) never launches that bucket's all-reduce, and the other ranks
     wait for it until the collective times out (measured: gloo's 5-minute timeout, see the
-    sit-out experiment). Checked on the run's first window, in one process, before any rank
-    starts."""
+    sit-out experiment). Checked on the run's first window, each rank's micro-batches as the
+    engine plans them, in this process alone (preflight runs on every rank before training)."""
     s = arm.settings
     if s.world_size == 1 or s.parallel != Parallel.DDP or s.find_unused_parameters \
             or s.static_graph or s.sync == Sync.NEVER:
         return
     window = next(setups.windows(setup, s))
     engine.set_train_mode(setup.model, s)
-    every_rank = engine.rank_micro_batches(window, s.accum_steps, s.world_size, s.rank_split)
-    for rank, part in enumerate(every_rank):
+    for rank in range(s.world_size):
+        part = engine.plan_window(window, s, setup, rank, s.world_size).micro_batches
         for i, micro_batch in enumerate(part):
-            if s.sync == Sync.NO_SYNC and i < len(part) - 1:
+            if s.sync == Sync.NO_SYNC and not micro_batch.last:
                 continue  # under no_sync(): nothing is all-reduced, nothing waits
             setup.model.zero_grad(set_to_none=True)
-            loss, _ = setup.batch_loss(setup.model, micro_batch)
+            loss, _ = setup.batch_loss(setup.model, micro_batch.examples)
             loss.backward()
             left_out = [n for n, p in setup.model.named_parameters()
                         if p.requires_grad and p.grad is None]

@@ -53,7 +53,7 @@ from gradlab.config.settings import (
     ZeroGrad,
 )
 from gradlab.errors import GradlabError, unhandled
-from gradlab.setup import Examples, Setup, num_examples, split, split_at, take
+from gradlab.setup import IGNORE_INDEX, Examples, Setup, num_examples, split, split_at, take
 from gradlab.train import amp, gradcache, optim, replica
 from gradlab.train.dropout import example_keys
 from gradlab.train.memory import SavedTensors
@@ -396,10 +396,6 @@ def rank_micro_batches(window: Examples, n: int, ranks: int,
     return [split(part, n) for part in parts]
 
 
-# the label a token loss skips (PyTorch's cross_entropy default, as Hugging Face's)
-IGNORE_INDEX = -100
-
-
 def context_shard(window: Examples, rank: int, ranks: int) -> Examples:
     """Context parallelism in miniature: rank r of W scores the r-th of W contiguous shards of
     the positions of every sequence (their labels; the others become IGNORE_INDEX). Every
@@ -455,8 +451,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
     params = [p for p in model.parameters() if p.requires_grad]
     # a sharded model's norms: of this rank's shards, then over the ranks (norm_over_shards)
     before = [replica.local(p).detach().clone() for p in params] if s.update_norm else None
-    counted = [(c.calls, c.bytes) if c is not None else None
-               for c in replica.reductions(model)]
+    counted = replica.reduction_counts(model)
     stopwatch = Stopwatch(params, s.time_steps)
     grad_scale = scaler.get_scale() if scaler is not None else math.nan
     # activations only (parameters left out), and only this step's: observers that compute
@@ -484,10 +479,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, window: Examp
         update_norm = replica.norm_over_shards(global_norm(before), model)
     loss, units, grad_norm, update_norm = to_host(replica.summed_over_ranks(loss, model), units,
                                                   grad_norm, update_norm)
-    (allreduces, allreduce_bytes), (reduce_scatters, reduce_scatter_bytes) = [
-        (c.calls - was[0], c.bytes - was[1]) if c is not None and was is not None
-        else (math.nan, math.nan) for c, was in zip(replica.reductions(model), counted,
-                                                    strict=True)]
+    allreduces, allreduce_bytes, reduce_scatters, reduce_scatter_bytes = (
+        now - was for now, was in zip(replica.reduction_counts(model), counted, strict=True))
     return StepStats(loss / units, int(units), grad_norm, update_norm, lr, num_examples(window),
                      meter.peak if measure_memory else math.nan, negatives(s, setup), skip,
                      grad_scale, allreduces, allreduce_bytes, reduce_scatters,

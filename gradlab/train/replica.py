@@ -15,6 +15,7 @@ on a backward with gradient sync on. What the observers compare is always the wh
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -159,15 +160,17 @@ def module_of(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def reductions(model: nn.Module) -> tuple[ReductionCount | None, ReductionCount | None]:
-    """(all-reduces, reduce-scatters) of the gradient counted so far: a DDP replica's
-    all-reduces, a sharded model's reduce-scatters (None where this torch cannot count them);
-    nothing is reduced in one process."""
+def reduction_counts(model: nn.Module) -> tuple[float, float, float, float]:
+    """The gradient reductions counted so far: (all-reduces, their bytes, reduce-scatters,
+    their bytes). A DDP replica all-reduces, a sharded model reduce-scatters (NaN where this
+    torch cannot count them), one process reduces nothing."""
     if isinstance(model, Replica):
-        return model.allreduces, ReductionCount()
+        return model.allreduces.calls, model.allreduces.bytes, 0, 0
     if is_sharded(model):
-        return ReductionCount(), model.reduce_scatters
-    return ReductionCount(), ReductionCount()
+        count = model.reduce_scatters
+        return (0, 0, *((count.calls, count.bytes) if count is not None
+                        else (math.nan, math.nan)))
+    return 0, 0, 0, 0
 
 
 def local(t: torch.Tensor | None) -> torch.Tensor | None:

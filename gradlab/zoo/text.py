@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradlab.errors import GradlabError
+from gradlab.setup import IGNORE_INDEX
 
 VOCAB_SIZE = 128  # byte-level tokens: every ASCII code point is its own id
 PAD_ID = 0  # NUL never occurs in the corpus, so it is free to mean "padding"
-IGNORE_INDEX = -100  # label value cross-entropy skips (PyTorch's and Hugging Face's default)
 
 # Pure-Python standard-library modules present on Python 3.11 and later (none is
 # deprecated for removal), sorted. A fixed list keeps the corpus the same from one
