@@ -23,7 +23,9 @@ RUNS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(RUNS))
+# the transformer's run in the slow set (CI runs it): the default suite keeps its 5 minutes
+@pytest.fixture(scope="module", params=["mlp", pytest.param("transformer-lm",
+                                                            marks=pytest.mark.slow)])
 def run(request, tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     out = tmp_path_factory.mktemp(request.param) / "results"
     directory = run_dir(*RUNS[request.param], "--out", out)
