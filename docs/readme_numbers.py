@@ -40,7 +40,11 @@ VARIANTS = {"norm-low": ["norm", "--set", "dtype=bfloat16,float16", "--set", "st
             # the mask-average check alone (it runs at step 1), for 16 to 1024 draws
             "dropout-draws": ["dropout", "--set", "mask_draws=16,64,256,1024", "--set",
                               "steps=1"],
-            "cost-budget": ["cost", "--set", "budget_mb=10"]}
+            "cost-budget": ["cost", "--set", "budget_mb=10"],
+            # four ranks (on a 2-core machine they share the cores: the same gradients)
+            "ddp-tokens-4": ["ddp-tokens", "--set", "world_size=4"],
+            "context-parallel-4": ["context-parallel", "--set", "world_size=4"],
+            "fsdp-4": ["fsdp", "--set", "world_size=4"]}
 # figures the README shows: docs/figures/FILE <- the standard figure of that run
 FIGURES = {"equivalence-grad-error.png": "equivalence", "norm-grad-error.png": "norm",
            "norm-training-accuracy.png": "norm-training", "toy-trace.png": "toy",
@@ -655,6 +659,32 @@ def block_context_parallel(runs: dict, printed: dict) -> str:
                   "min cosine", "verdict"], rows)
 
 
+# per experiment, the arms whose numbers change with W (the fix, and the bugs that scale)
+FOUR_RANKS_ARMS = {"ddp-tokens": ("global-tokens", "rank-tokens", "rank-tokens-by-length"),
+                   "context-parallel": ("global-tokens", "shard-tokens", "global-tokens-no-w"),
+                   "fsdp": ("sync-last", "divided-by-global-batch", "keep-last-micro-batch")}
+
+
+def block_four_ranks(runs: dict, printed: dict) -> str:
+    """W = 2 beside W = 4: each arm's largest distance from the exact gradient over the trials,
+    and the span of α over every probe."""
+    rows = []
+    for experiment, arms in FOUR_RANKS_ARMS.items():
+        by_w = {}
+        for w, name in ((2, experiment), (4, f"{experiment}-4")):
+            s = summary(runs[name])
+            by_w[w] = (s[~s.baseline].groupby("arm").max_exact_err.max(),
+                       probe_alpha(runs[name]).groupby(level="arm").agg(
+                           {"min": "min", "max": "max"}))
+        for arm in arms:
+            cells = []
+            for w in (2, 4):
+                err, alpha = by_w[w]
+                cells += [g(err[arm]), span([alpha.loc[arm, "min"], alpha.loc[arm, "max"]])]
+            rows.append([experiment, f"`{arm}`", *cells])
+    return table(["experiment", "arm", "vs exact W=2", "α W=2", "vs exact W=4", "α W=4"], rows)
+
+
 SIT_OUT_ARMS = ("find-unused", "find-unused-every-micro-batch", "never-synced")
 
 
@@ -1126,7 +1156,7 @@ BLOCKS: dict[str, Callable] = {
     "ddp-tokens-skew": block_ddp_tokens_skew,
     "fsdp": block_fsdp, "fsdp-findings": block_fsdp_findings,
     "sit-out": block_sit_out, "sit-out-findings": block_sit_out_findings,
-    "context-parallel": block_context_parallel,
+    "context-parallel": block_context_parallel, "four-ranks": block_four_ranks,
     "precision": block_precision,
     "cost": block_cost, "cost-prose": block_cost_prose, "cost-budget": block_cost_budget,
     "pitfalls": block_pitfalls, "clipping": block_clipping, "scheduler": block_scheduler,
@@ -1229,6 +1259,7 @@ def needs(block: str) -> list[str]:
         return ["ddp"]
     return {"toy-output": ["toy"], "equivalence-losses": ["equivalence"],
             "margins": [], "cost-prose": ["cost"],
+            "four-ranks": [*FOUR_RANKS_ARMS, *(f"{e}-4" for e in FOUR_RANKS_ARMS)],
             "pitfalls": ["clipping", "scheduler", "last-window", "dropout"]
             }.get(block, [block])
 

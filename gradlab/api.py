@@ -138,7 +138,7 @@ def audit(entrypoint: str | Callable, accum_steps: int, *, micro_batch_size: int
     """Audit a training loop: ``train(micro_batch_size, accum_steps, max_steps)`` (given as
     'pkg.module:train' or as the function) against its big-batch twin, step by step. The
     result has the verdict, the first difference and its measured diagnosis, and the run
-    directory. ``options``: copy_limit, parallel, nproc_per_node (see
+    directory. ``options``: copy_limit, parallel, nproc_per_node, timeout (see
     gradlab.auditing.parent.audit)."""
     from gradlab import auditing
 

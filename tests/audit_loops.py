@@ -367,3 +367,24 @@ def nan_in_one_micro_batch(micro_batch_size: int, accum_steps: int, max_steps: i
         return value * math.nan if len(out) < 8 else value  # only micro-batches of < 8
 
     _train(model, x, y, micro_batch_size, accum_steps, max_steps, loss_fn=loss)
+
+
+def hangs_after_two_steps(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """Steps twice, then waits for ever (a dead data loader, a lock never released)."""
+    import time
+
+    x, y = _regression()
+    _train(nn.Linear(3, 1).double(), x, y, micro_batch_size, accum_steps, min(2, max_steps))
+    while True:
+        time.sleep(1)
+
+
+def leaves_a_thread_running(micro_batch_size: int, accum_steps: int, max_steps: int) -> None:
+    """The right loop, which returns with a (non-daemon) thread still running: a logger or a
+    prefetcher nobody stops, that would keep the process alive after train() returns."""
+    import threading
+    import time
+
+    threading.Thread(target=lambda: time.sleep(3600), name="prefetcher").start()
+    x, y = _regression()
+    _train(nn.Linear(3, 1).double(), x, y, micro_batch_size, accum_steps, max_steps)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -647,3 +649,36 @@ def test_large_models_are_estimated_from_projections(tmp_path):
     # the norms are exact and the projections of 4g are 4 times those of g: cosine 1
     torch.testing.assert_close(wrong.first_difference["cosine"], 1.0, rtol=0, atol=1e-12)
     assert "not divided by N = 4" in wrong.diagnosis
+
+
+@pytest.mark.slow  # whole audits: two processes each
+def test_a_loop_that_hangs_is_stopped_after_the_timeout_with_both_processes(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(GradlabError) as caught:
+        auditing.audit("audit_loops:hangs_after_two_steps", 4, steps=5, out=tmp_path,
+                       timeout=3)
+    took = time.monotonic() - started
+    message = str(caught.value)
+    assert re.match(r"stopped the audit: no optimizer step for [34] s \(--timeout 3\); "
+                    r"train\(32, 1, 5\) is still running after 2 of 5 steps; "
+                    r"train\(8, 4, 5\) is still running after 2 of 5 steps\.", message), message
+    assert "give --timeout SECONDS (0: no limit)" in message
+    assert took < 60, took  # imports, two steps, 3 s, the grace: not for ever
+    assert not any(tmp_path.iterdir())  # no run directory
+
+
+@pytest.mark.slow
+def test_a_thread_left_running_after_train_returns_does_not_keep_the_audit_waiting(tmp_path):
+    started = time.monotonic()
+    result = auditing.audit("audit_loops:leaves_a_thread_running", 4, steps=3, out=tmp_path)
+    assert result.verdict == "equivalent"
+    assert time.monotonic() - started < 60  # the thread sleeps an hour
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_a_timeout_that_is_not_seconds_is_refused(value, tmp_path):
+    result = gradlab("audit", "audit_loops:right", "-n", "4", "--timeout", value,
+                     "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"error: --timeout {float(value)}: give the seconds a loop "
+                                     f"may go without an optimizer step (> 0), or 0 for no limit")

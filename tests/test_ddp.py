@@ -9,6 +9,7 @@ start together with the module, and each test waits for its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,22 +51,28 @@ def rank_env() -> dict[str, str]:
 
 def start(*args: str, launcher: tuple[str, ...] = (sys.executable, "-m", "gradlab"),
           cwd: Path | None = None) -> subprocess.Popen:
+    # a session of its own: stop() can end the launcher and every rank it started at once
     return subprocess.Popen([*launcher, "run", *args], env=rank_env(), text=True, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
 
 
 def stop(process: subprocess.Popen) -> None:
     """End a launcher that is still running, and its ranks, which hold its pipes open: a
-    SIGTERM, which both launchers pass to their ranks, then SIGKILL; never wait forever."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        for pipe in (process.stdout, process.stderr):
+    SIGTERM, which both launchers pass to their ranks, then SIGKILL to the whole process
+    group (ranks included, should the launcher be gone); never wait forever."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # its group's id is its pid (a new session)
+    for pipe in (process.stdout, process.stderr):
+        if pipe is not None:
             pipe.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=20)
 
 
@@ -270,14 +277,17 @@ def test_what_only_the_ranks_can_check_is_one_line_and_exit_2_from_them(tmp_path
         assert not out.exists() or not any(out.iterdir())  # no run directory left
 
 
-def test_more_ranks_than_cores_names_the_limit(tmp_path):
+def test_more_ranks_than_the_cores_can_share_names_the_limit(tmp_path):
     cores = parallel.usable_cores()
+    most = distributed.RANKS_PER_CPU_CORE * cores
     out = tmp_path / "results"
-    result = gradlab("run", "ddp", "--set", f"world_size={cores + 1}", "--set", "accum_steps=1",
-                     "--set", f"batch_size={max(64, cores + 1)}", "--out", out)
-    assert_clean_failure(result, "CPU cores (one per rank)", out)
-    assert f"world_size={cores + 1} asks for {cores + 1} ranks on this machine but it has " \
-           f"{cores} CPU cores" in result.stderr
+    result = gradlab("run", "ddp", "--set", f"world_size={most + 1}", "--set", "accum_steps=1",
+                     "--set", f"batch_size={max(64, most + 1)}", "--out", out)
+    assert_clean_failure(result, f"CPU cores ({cores}; ranks may share them, "
+                                 f"{distributed.RANKS_PER_CPU_CORE} to a core at most)", out)
+    assert f"world_size={most + 1} asks for {most + 1} ranks on this machine but it has " \
+           in result.stderr
+    assert f"use --set world_size={most} or fewer" in result.stderr
     assert "--nnodes" in result.stderr
 
 
@@ -348,6 +358,11 @@ RUNS = {
     "context-parallel": (["context-parallel"], []),
     # a head that sits out micro-batches, DDP with find_unused_parameters (its defaults)
     "sit-out": (["sit-out"], []),
+    # four ranks on this machine's cores (two in CI: they share them), two steps each
+    "ddp-tokens-4": (["ddp-tokens"], ["--set", "world_size=4", "--set", "accum_steps=2",
+                                      "--set", "steps=2"]),
+    "context-parallel-4": (["context-parallel"], ["--set", "world_size=4", "--set", "steps=2"]),
+    "fsdp-4": (["fsdp"], ["--set", "world_size=4", "--set", "steps=2"]),
     # from a folder that holds a folder named gradlab (a clone's root, seen from its parent)
     "clone-folder": (LAUNCHED, ["--set", "dtype=float64"]),
 }
@@ -569,6 +584,49 @@ def test_context_shards_need_every_ranks_count_on_two_ranks(runs):
     alpha = alphas(probe)
     torch.testing.assert_close(alpha, torch.full((len(alpha),), 0.5, dtype=torch.float64),
                                rtol=1e-12, atol=0)
+
+
+def test_on_four_ranks_only_the_global_count_and_the_synced_shards_are_the_big_batch(runs):
+    """W = 4, the ranks sharing the cores where there are fewer: every fix stays exact, and
+    what was 1/2 at W = 2 is 1/4 (the loss divided by W twice, the shard count without x W)."""
+    summaries, alpha = {}, {}
+    for name in ("ddp-tokens-4", "context-parallel-4", "fsdp-4"):
+        process, out = runs[name]
+        code, _, stderr = finish(process)
+        assert code == 0, stderr
+        if parallel.usable_cores() < 4:
+            assert f"4 ranks share this machine's {parallel.usable_cores()} CPU cores" in stderr
+        run = the_run(out)
+        summary = pd.read_csv(run / "summary.csv")
+        assert (summary[~summary.baseline].world_size == 4).all()
+        summaries[name] = summary[~summary.baseline]
+        probe = pd.read_csv(run / "probe.csv").query("param == '*'")
+        alpha[name] = {arm: alphas(rows) for arm, rows in probe.groupby("arm")}
+    tokens = summaries["ddp-tokens-4"].set_index(["min_len", "arm"])
+    for low in (8, 32, 64):
+        assert tokens.loc[(low, "global-tokens"), "max_exact_err"] <= 1e-12
+        assert tokens.loc[(low, "global-tokens-by-length"), "max_exact_err"] <= 1e-12
+    rank = tokens.xs("rank-tokens", level="arm")["max_exact_err"]
+    assert rank.loc[8] > rank.loc[32] > 1e-3 > 1e-12 >= rank.loc[64]
+    shards = summaries["context-parallel-4"].set_index(["min_len", "arm"])
+    for low in (8, 64):
+        assert shards.loc[(low, "global-tokens"), "max_exact_err"] <= 1e-12
+        assert shards.loc[(low, "shard-tokens"), "verdict"] == "differs"
+    fsdp = summaries["fsdp-4"].set_index(["model", "arm", "accum_steps"])
+    for arm in ("sync-last", "sync-every-micro-batch", "ddp-no-sync"):
+        assert (fsdp.xs(arm, level="arm")["max_exact_err"] <= 1e-12).all(), arm
+    assert (fsdp.xs("sync-every-micro-batch", level="arm").reset_index()
+            .eval("reduce_scatters_per_step == accum_steps")).all()
+    # a quarter of every parameter, gradient and optimizer state on each rank
+    ratio = fsdp.xs("sync-last", level="arm")["rank_state_bytes"] / \
+        fsdp.xs("ddp-no-sync", level="arm")["rank_state_bytes"]
+    assert ((0.25 <= ratio) & (ratio <= 0.27)).all(), ratio
+    for name, arm in (("context-parallel-4", "global-tokens-no-w"),
+                      ("fsdp-4", "divided-by-global-batch")):
+        quartered = alpha[name][arm]
+        assert len(quartered) >= 2 * 2  # two trials or more, two probes each
+        torch.testing.assert_close(quartered, torch.full_like(quartered, 0.25), rtol=1e-12,
+                                   atol=0)
 
 
 def test_a_head_that_sits_out_is_synced_and_the_ranks_stay_identical(runs):

@@ -163,3 +163,23 @@ def test_a_signal_mid_run_marks_the_run_interrupted_and_keeps_finished_trials(st
                        "run_dir": str(run)}
     result = gradlab("compare", run)
     assert result.exit_code == 2 and "was interrupted" in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_that_arrives_inside_an_import_waits_for_it_to_finish(tmp_path, signum):
+    """A module that gets the signal while it loads and swallows what the signal raised there
+    (tests/stop_in_import.py): gradlab raises nothing inside the import, then stops."""
+    marker = tmp_path / "said"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get(
+        "PYTHONPATH", "")]), "GRADLAB_TEST_MARKER": str(marker),
+        "GRADLAB_TEST_SIGNAL": str(int(signum))}
+    done = subprocess.run([sys.executable, "-m", "gradlab", "run", "toy", "--set",
+                           "model=stop_in_import:tiny_net", "--set",
+                           "dataset=user_factories:noisy_line", "--set", "batch_size=8",
+                           "--out", str(tmp_path / "results")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert marker.read_text() == "imported whole"  # not "... raised inside the import"
+    assert done.returncode == 128 + signum, done.stderr
+    word = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "stopped by SIGTERM"
+    assert done.stderr == f"error: {word} before the run started; nothing was written\n"
+    assert not (tmp_path / "results").exists()

@@ -63,15 +63,29 @@ def verdict_of(dtype: str, pieces: int, rel_err: float) -> tuple[Verdict, float]
     return verdict, tolerance
 
 
+# A loop that takes no optimizer step for this long (since it started, or since its last step)
+# is stopped, with its twin: one that hangs, or never returns. Unless --timeout says how long,
+# the limit follows the loops' pace: PACE_FACTOR times the slowest step seen so far in either,
+# and never less than NO_STEP_SECONDS, which covers imports, data and a first step.
+NO_STEP_SECONDS = 300.0
+PACE_FACTOR = 10
+# how often the parent reads the beat files, and how long a stopped worker gets before SIGKILL
+WATCH_EVERY = 0.25
+END_GRACE = 5.0
+
+
 def audit(entrypoint: str | Callable, accum_steps: int, *,
           micro_batch_size: int = 8, steps: int = 5, out: str | Path = "results",
           copy_limit: int = COPY_LIMIT, parallel: bool = True, nproc_per_node: int = 1,
+          timeout: float | None = None,
           say: Callable[[str], object] = lambda message: None) -> AuditResult:
     """Run train(m, N, K) and train(m*N, 1, K), compare them step by step, diagnose, and
     write the run directory. ``entrypoint``: 'pkg.module:function', or a module-level
     function (the workers import it by its name). ``nproc_per_node``: W > 1 runs
     train(m, N, K) on W ranks and the big batch train(m*N*W, 1, K) on one, both under
-    torch's launcher. ``say``: progress, one line at a time."""
+    torch's launcher. ``timeout``: seconds a loop may go without an optimizer step before
+    both are stopped (None: from their pace, see NO_STEP_SECONDS; 0: no limit). ``say``:
+    progress, one line at a time."""
     if callable(entrypoint):
         entrypoint = entrypoints.import_path_of(entrypoint)
     max_steps, out = steps, Path(out)  # K, as the worker calls it
@@ -82,6 +96,9 @@ def audit(entrypoint: str | Callable, accum_steps: int, *,
         if value < least:
             extra = " (N = 1 would compare the loop with itself)" if least == 2 else ""
             raise GradlabError(f"{flag} {value}: give an integer >= {least}{extra}")
+    if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
+        raise GradlabError(f"--timeout {timeout}: give the seconds a loop may go without an "
+                           f"optimizer step (> 0), or 0 for no limit")
     locate_entrypoint(entrypoint)  # imports nothing: the user's module may be slow to import
     if nproc_per_node > 1 and not _has_distributed():
         raise GradlabError("--nproc-per-node needs torch.distributed, which this torch build "
@@ -95,7 +112,8 @@ def audit(entrypoint: str | Callable, accum_steps: int, *,
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="gradlab-audit-", dir=shm) as tmp:
         runs = [(base, "big-batch", "lead"), (arm, "accumulated", "follow")]
-        captured = run_loops(entrypoint, runs, max_steps, copy_limit, Path(tmp), parallel)
+        captured = run_loops(entrypoint, runs, max_steps, copy_limit, Path(tmp), parallel,
+                             timeout)
         result = examine(entrypoint, base, arm, max_steps, captured)
         result.copy_limit = copy_limit
         diagnosis = diagnose(result) if result.failed else None
@@ -103,7 +121,7 @@ def audit(entrypoint: str | Callable, accum_steps: int, *,
         if result.rechecked:  # before blaming accumulation: does the loop repeat itself?
             say(f"they differ; running {base.call(max_steps)} again: is the loop deterministic?")
             again = run_loops(entrypoint, [(base, "again", "alone")], max_steps, copy_limit,
-                              Path(tmp), parallel)
+                              Path(tmp), parallel, timeout)
             check_deterministic(base, max_steps, captured["big-batch"], again["again"],
                                 result.dtype)
     result.diagnosis = diagnosis.text if diagnosis else None
@@ -126,12 +144,14 @@ def load_record(path: Path) -> dict[str, Any]:
 
 
 def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
-              copy_limit: int, tmp: Path, parallel: bool) -> dict[str, dict[str, Any]]:
+              copy_limit: int, tmp: Path, parallel: bool,
+              timeout: float | None = None) -> dict[str, dict[str, Any]]:
     """Each (arm, label, role) in a fresh process; what its hooks saw, by label.
 
     role: 'lead' leaves its weights after every step in tmp/weights, 'follow' takes
     them after each of its own steps; the parent marks the leader done when it exits,
-    so a follower never waits for a leader that failed or stopped early.
+    so a follower never waits for a leader that failed or stopped early. Loops that stop
+    stepping are ended (Watch), and no process outlives this call.
     """
     # the worker imports the user's module from where the parent could, and gradlab itself
     env = {**os.environ, "PYTHONPATH": entrypoints.subprocess_path()}
@@ -139,29 +159,35 @@ def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
     shared.mkdir(exist_ok=True)
     (shared / "done").unlink(missing_ok=True)
     started = []
-    for arm, label, role in runs:
-        out, log = tmp / f"{label}.pkl", tmp / f"{label}.log"
-        # on ranks: torch's own launcher (torchrun), on this machine alone, one worker a rank
-        launcher = ["-m", "torch.distributed.run", "--standalone",
-                    f"--nproc-per-node={arm.ranks}"] if arm.ranks else []
-        command = [sys.executable, *launcher, "-m", "gradlab.auditing.worker", entrypoint,
-                   str(arm.micro_batch_size), str(arm.accum_steps), str(max_steps),
-                   str(copy_limit), str(out), role, str(shared)]
-        with log.open("wb") as sink:  # the loop's own prints: shown only if it dies
-            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                       stdin=subprocess.DEVNULL)
-        started.append((arm, label, role, process, out, log))
-        if not parallel:
-            process.wait()
-            if role == "lead":
+    watch = Watch(timeout, max_steps)
+    try:
+        for arm, label, role in runs:
+            out, log = tmp / f"{label}.pkl", tmp / f"{label}.log"
+            # on ranks: torch's own launcher (torchrun), on this machine alone, one worker a rank
+            launcher = ["-m", "torch.distributed.run", "--standalone",
+                        f"--nproc-per-node={arm.ranks}"] if arm.ranks else []
+            command = [sys.executable, *launcher, "-m", "gradlab.auditing.worker", entrypoint,
+                       str(arm.micro_batch_size), str(arm.accum_steps), str(max_steps),
+                       str(copy_limit), str(out), role, str(shared)]
+            with log.open("wb") as sink:  # the loop's own prints: shown only if it dies
+                process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
+                                           env=env, stdin=subprocess.DEVNULL)
+            started.append((arm, label, role, process, out, log))
+            watch.add(arm.call(max_steps), process, out)
+            if not parallel:
+                watch.wait([process])
+                if role == "lead":
+                    (shared / "done").touch()
+        # while the loops start: what writing the run directory needs (pandas, half a second)
+        import gradlab.record.store  # noqa: F401
+        while any(process.poll() is None for *_, process, _, _ in started):
+            if all(process.poll() is not None for _, _, role, process, _, _ in started
+                   if role == "lead"):
                 (shared / "done").touch()
-    # while the loops start: what writing the run directory needs (pandas, half a second)
-    import gradlab.record.store  # noqa: F401
-    while any(process.poll() is None for *_, process, _, _ in started):
-        if all(process.poll() is not None for _, _, role, process, _, _ in started
-               if role == "lead"):
-            (shared / "done").touch()
-        time.sleep(0.01)
+            watch.check()
+            time.sleep(0.01)
+    finally:
+        end(process for *_, process, _, _ in started)
     captured = {}
     for arm, label, _, process, out, log in started:
         records = read_records(arm, out, log, process.returncode, max_steps)
@@ -169,6 +195,82 @@ def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
         if len(records) > 1:
             captured[label]["ranks"] = records
     return captured
+
+
+class Watch:
+    """When each loop last took an optimizer step (the beat files its workers rewrite at
+    every step, beside their records), and the limit past which the audit ends them."""
+
+    def __init__(self, timeout: float | None, max_steps: int):
+        self.timeout, self.max_steps = timeout, max_steps
+        self.loops: list[dict[str, Any]] = []
+        self.slowest = 0.0  # the longest time between two steps of a loop, so far
+        self.read_at = 0.0
+
+    def add(self, call: str, process: subprocess.Popen, out: Path) -> None:
+        self.loops.append({"call": call, "process": process, "beats": f"{out.name}*.beat",
+                           "folder": out.parent, "steps": 0, "since": time.monotonic()})
+
+    def limit(self) -> float:
+        if self.timeout is not None:
+            return self.timeout or math.inf
+        return max(NO_STEP_SECONDS, PACE_FACTOR * self.slowest)
+
+    def wait(self, processes: list[subprocess.Popen]) -> None:
+        while any(p.poll() is None for p in processes):
+            self.check()
+            time.sleep(0.01)
+
+    def check(self) -> None:
+        """GradlabError when no running loop has stepped for longer than the limit."""
+        now = time.monotonic()
+        if now - self.read_at < WATCH_EVERY:
+            return
+        self.read_at = now
+        running = [loop for loop in self.loops if loop["process"].poll() is None]
+        for loop in running:
+            steps = max((_steps_in(beat) for beat in loop["folder"].glob(loop["beats"])),
+                        default=0)
+            if steps > loop["steps"]:
+                if loop["steps"]:  # the time to the first step holds imports and data
+                    self.slowest = max(self.slowest, (now - loop["since"]) / (steps - loop[
+                        "steps"]))
+                loop["steps"], loop["since"] = steps, now
+        if not running or now - max(loop["since"] for loop in running) <= self.limit():
+            return
+        waited = now - max(loop["since"] for loop in running)
+        said = "; ".join(
+            f"{loop['call']} {'is still running' if loop in running else 'ended'} after "
+            f"{loop['steps']} of {self.max_steps} steps" for loop in self.loops)
+        rule = (f"--timeout {self.timeout:g}" if self.timeout is not None else
+                f"the limit: {PACE_FACTOR} x the slowest step so far, {NO_STEP_SECONDS:g} s at "
+                f"least")
+        raise GradlabError(f"stopped the audit: no optimizer step for {waited:.0f} s ({rule}); "
+                           f"{said}. A loop that hangs, or does not return after max_steps "
+                           f"steps, never ends; if a step takes longer, give --timeout "
+                           f"SECONDS (0: no limit)")
+
+
+def _steps_in(beat: Path) -> int:
+    try:
+        return int(beat.read_text() or 0)
+    except (OSError, ValueError):  # gone, or being rewritten this moment
+        return 0
+
+
+def end(processes) -> None:
+    """Every process still running ended: SIGTERM (torch's launcher passes it on to its ranks),
+    then SIGKILL after END_GRACE seconds."""
+    alive = [p for p in processes if p.poll() is None]
+    for process in alive:
+        process.terminate()
+    deadline = time.monotonic() + END_GRACE
+    for process in alive:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def read_records(arm: Arm, out: Path, log: Path, code: int, max_steps: int) -> list[dict]:

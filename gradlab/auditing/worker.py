@@ -119,8 +119,11 @@ class Recorder:
     """The hooks of one worker: what each optimizer step receives, and what led to it."""
 
     def __init__(self, max_steps: int, copy_limit: int, lead: Path | None = None,
-                 follow: Path | None = None):
+                 follow: Path | None = None, beat: Path | None = None):
         self.max_steps, self.copy_limit = max_steps, copy_limit
+        # rewritten with the step count at every optimizer step: the parent reads how long
+        # the loop has gone without one (auditing.parent.Watch)
+        self.beat = beat
         # the big-batch run leads: it leaves its weights after every step in `lead`; the
         # accumulated run follows: after each of its steps it takes those weights, so
         # every step's gradient of both runs is taken at the same weights
@@ -316,6 +319,8 @@ class Recorder:
                 for g, (_, _, p) in zip(grads, params, strict=True)]).to("cpu", copy=True)
         self.steps.append(record)
         self.window = Window()
+        if self.beat is not None:
+            self.beat.write_text(str(len(self.steps)))
 
     def after_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         if self.sketch:  # too large to pass along every step: each run keeps its own
@@ -440,13 +445,17 @@ def _where(err: BaseException) -> str:
 
 def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: int,
            copy_limit: int, out: Path, lead: Path | None = None,
-           follow: Path | None = None) -> None:
+           follow: Path | None = None) -> bool:
     """Run train() once under the hooks and pickle what they saw (or why not) to out: numbers,
-    strings and numpy arrays, so that the parent reads it without torch."""
+    strings and numpy arrays, so that the parent reads it without torch. Whether it ran
+    without an error."""
     call = f"train({micro_batch_size}, {accum_steps}, {max_steps})"
     result: dict[str, Any] = {"error": None}
+    rank = ranks.of_environment()
+    if rank and rank[1] > 1:  # each rank its own record
+        out = rank_record(out, rank[0])
     try:
-        recorder = Recorder(max_steps, copy_limit, lead, follow)
+        recorder = Recorder(max_steps, copy_limit, lead, follow, beat=beat_of(out))
         recorder.install()
         try:
             train = resolve_entrypoint(entrypoint)
@@ -471,29 +480,32 @@ def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: 
                            f"{': ' + message[0] if message else ''}{_where(e)}; fix the loop "
                            f"(run it alone to see the traceback) and audit again")
         result["lost_peer"] = ranks.lost_peer(e)
-    rank = ranks.of_environment()
-    if rank and rank[1] > 1:  # each rank its own record
-        out = rank_record(out, rank[0])
     for step in result.get("steps", ()):  # read by a parent that imports no torch
         if "grad" in step:
             step["grad"] = _array(step["grad"])
         if "projections" in step:
             step["projections"] = [_array(t) for t in step["projections"]]
     _write_whole(out, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
-    if rank:
-        # a rank that failed must end the others, which would wait for it in a collective:
-        # torch's launcher stops them all when one exits with an error. And no rank frees
-        # its DDP model: in torch 2.13 freeing a DDP reducer whose gloo group has work in
-        # flight can deadlock (the group's destructor, holding the GIL, joins a thread that
-        # waits for the GIL), so the recorder keeps the models and the process ends here,
-        # its record saved, without running destructors.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1 if result["error"] else 0)
+    return result["error"] is None
+
+
+def beat_of(record: Path) -> Path:
+    """The file a worker rewrites at every optimizer step, beside its record."""
+    return record.with_name(record.name + ".beat")
 
 
 if __name__ == "__main__":
     entry, m, n, k, limit, path, role, shared = sys.argv[1:]
-    worker(entry, int(m), int(n), int(k), int(limit), Path(path),
-           lead=Path(shared) if role == "lead" else None,
-           follow=Path(shared) if role == "follow" else None)
+    ran = worker(entry, int(m), int(n), int(k), int(limit), Path(path),
+                 lead=Path(shared) if role == "lead" else None,
+                 follow=Path(shared) if role == "follow" else None)
+    # The process ends here, its record saved, without waiting for what the loop left
+    # running (a thread that is not a daemon would keep it alive for ever) and without
+    # running destructors: in torch 2.13 freeing a DDP reducer whose gloo group has work in
+    # flight can deadlock (the group's destructor, holding the GIL, joins a thread that
+    # waits for the GIL), so the recorder keeps the models. A rank that failed must end the
+    # others, which would wait for it in a collective: torch's launcher stops them all when
+    # one exits with an error.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if not ran and ranks.of_environment() else 0)

@@ -21,6 +21,7 @@ import signal
 import sys
 
 from gradlab.cli.signals import (
+    Held,
     Interrupted,
     Stop,
     _on_stop_signal,
@@ -49,6 +50,7 @@ def main() -> None:
     """The `gradlab` command: the app, with SIGINT and SIGTERM ending it in one line."""
     Stop.signum, Stop.finishing, Stop.reported, Stop.began = None, False, False, False
     Stop.rank, Stop.world, Stop.quiet = False, None, False
+    Held.since = Held.alarm = None
     previous = catch_stop_signals(_on_stop_signal)
     try:
         app()

@@ -37,6 +37,11 @@ def audit(
         help="W: run the accumulated loop on W ranks, started by torch's launcher (torchrun) "
              "on this machine, against the big batch m*N*W on one process. For loops that "
              "call torch.distributed.init_process_group() (DDP, FSDP2).")] = 1,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", metavar="SECONDS",
+        help="Stop both loops when neither has taken an optimizer step for this long (a loop "
+             "that hangs or never returns). 0: no limit.",
+        show_default="10x the slowest step so far, 300 s at least")] = None,
     sequential: Annotated[bool, typer.Option(
         "--sequential", help="Run the two loops one after the other, not side by side (when "
                              "both do not fit in memory at once).")] = False,
@@ -70,7 +75,7 @@ def audit(
             result = run_audit(
                 entrypoint, accum_steps, micro_batch_size=micro_batch_size, steps=steps, out=out,
                 copy_limit=COPY_LIMIT if copy_limit is None else copy_limit,
-                parallel=not sequential, nproc_per_node=nproc_per_node,
+                parallel=not sequential, nproc_per_node=nproc_per_node, timeout=timeout,
                 say=status.update if status else lambda line: None)
     except GradlabError as e:
         raise ended(e, json_out) from None

@@ -54,6 +54,10 @@ RANK_TIMEOUT = dt.timedelta(minutes=5)
 GRACE_SECONDS = 2.0
 KILL_AFTER_SECONDS = 10.0
 POLL_SECONDS = 0.05
+# on CPU, ranks may share cores up to this many per core: the gradients are the same bytes
+# (each rank computes alone, in one thread), only slower, so a 2-core laptop can still check
+# W = 4; past it a run would spend its time switching between processes
+RANKS_PER_CPU_CORE = 4
 
 
 # ----------------------------------------------------------------------------- this rank
@@ -102,6 +106,7 @@ class Ranks:
     size: int
     backend: str
     device_type: str
+    note: str | None = None  # for people: these ranks share the CPU cores
 
 
 def device_type(s: Settings) -> str:
@@ -158,13 +163,20 @@ def ranks_needed(trials: list[Trial], rank: Rank | None) -> Ranks | None:
     if device == "cuda":
         allowed, what = torch.cuda.device_count(), "CUDA devices (one per rank)"
     else:
-        allowed, what = usable_cores(), "CPU cores (one per rank)"
+        cores = usable_cores()
+        allowed, what = RANKS_PER_CPU_CORE * cores, \
+            f"CPU cores ({cores}; ranks may share them, {RANKS_PER_CPU_CORE} to a core at most)"
     if local > allowed:
         more = " per machine; for more, start torchrun on several machines (--nnodes)"
         raise GradlabError(f"world_size={size} asks for {local} ranks on this machine but it "
-                           f"has {allowed} {what}; use --set world_size={max(allowed, 1)} or "
+                           f"has {what}; use --set world_size={max(allowed, 1)} or "
                            f"fewer{more}")
-    return Ranks(size, backend, device)
+    note = None
+    if device == "cpu" and local > usable_cores():
+        note = (f"{local} ranks share this machine's {usable_cores()} CPU cores: the gradients "
+                f"are the same, the run about {local / usable_cores():.3g}x slower and its "
+                f"step times not those of one rank per core")
+    return Ranks(size, backend, device, note)
 
 
 
@@ -183,6 +195,7 @@ class World:
         self.rank, self.size = rank.rank, rank.world_size
         self.records = records
         self.run_dir: Path | None = None  # rank 0's, once it made it: the same on every rank
+        self.notes: list[str] = []  # for people, from rank 0 (ranks.note)
 
     def share(self, value: Any) -> Any:
         """Rank 0's value, on every rank (the run directory's path: ranks agree on it)."""
@@ -242,7 +255,9 @@ def join(rank: Rank, ranks: Ranks) -> World:
     # hosts it; without one, rank 0 does), for the failure records
     client = dist.TCPStore(rank.master_addr, rank.master_port, is_master=False,
                            timeout=RANK_TIMEOUT)
-    return World(rank, dist.PrefixStore(records_prefix(rank.restart), client))
+    world = World(rank, dist.PrefixStore(records_prefix(rank.restart), client))
+    world.notes = [ranks.note] if ranks.note else []
+    return world
 
 
 def records_prefix(restart: int) -> str:

@@ -205,7 +205,7 @@ def execute(loaded: spec.Spec, trials: list[spec.Trial], estimate: Plan | None,
             run_dir = store.RunDir(out, run_meta(loaded, trials, overrides, estimate, ranks))
         if world is not None:  # the ranks agree on the run directory: rank 0's
             world.run_dir = Path(world.share(str(run_dir.path) if run_dir else None))
-        for note in [*loaded.notes, *estimate.notes]:
+        for note in [*loaded.notes, *(world.notes if world else []), *estimate.notes]:
             hooks.say(note)
         hooks.plan(plan_line(loaded.name, trials, estimate, world))
         steps = sum(a.settings.steps for t in trials for a in t.arms)
