@@ -7,6 +7,15 @@ gradlab/api.py.
 
 __version__ = "0.1.0"
 
+import os as _os  # noqa: E402
+
+if _os.environ.pop("GRADLAB_FORK_SERVER", None):  # (lab/parallel.py: FORK_SERVER)
+    # this process is the fork server of a run's workers, importing torch for seconds before
+    # multiprocessing makes it ignore Ctrl-C: ignore it from here on (the run handles it)
+    import signal as _signal
+
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+
 from gradlab.api import RunResult, audit, load_run, run  # noqa: E402  (after the version)
 from gradlab.errors import GradlabError  # noqa: E402
 from gradlab.lab.experiment import RunEnded  # noqa: E402

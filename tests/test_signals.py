@@ -183,3 +183,45 @@ def test_a_stop_that_arrives_inside_an_import_waits_for_it_to_finish(tmp_path, s
     word = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "stopped by SIGTERM"
     assert done.stderr == f"error: {word} before the run started; nothing was written\n"
     assert not (tmp_path / "results").exists()
+
+
+def test_ctrl_c_to_the_process_group_while_the_fork_server_imports_is_one_line(tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group: the workers' fork server, still
+    importing torch, must not print a KeyboardInterrupt traceback beside gradlab's line."""
+    def default_sigint():  # as in a terminal (a background job of a script ignores SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradlab", "run", "equivalence", "--jobs", "2", "--out",
+         str(tmp_path / "results")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, preexec_fn=default_sigint, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not any(importing_torch(pid) for pid in fork_servers_of(process.pid)):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)  # torch's library is loaded, its modules not yet
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)"), stderr
+
+
+def importing_torch(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def fork_servers_of(parent: int) -> list[int]:
+    """The multiprocessing fork servers among ``parent``'s children (Linux: /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent and \
+                    b"forkserver" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found

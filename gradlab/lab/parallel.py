@@ -41,6 +41,8 @@ RunTrial = Callable[[Trial, dict, Callable[[int], None]], dict[str, list[dict]]]
 
 # seconds a terminated worker gets to exit before it is killed
 GRACE_SECONDS = 5
+# set in the fork server's environment as it starts: gradlab's import there ignores Ctrl-C
+FORK_SERVER = "GRADLAB_FORK_SERVER"
 
 
 def context() -> multiprocessing.context.BaseContext:
@@ -69,9 +71,18 @@ def warm_up() -> None:
     sys.stdout.flush()
     own_stdout = os.dup(1)
     os.dup2(2, 1)  # what the server inherits
+    # The server imports torch for seconds before it ignores Ctrl-C (multiprocessing's
+    # forkserver.main does, after its imports), and a terminal sends Ctrl-C to the whole
+    # process group: it would die with a KeyboardInterrupt traceback beside gradlab's one
+    # line. So gradlab, the first thing the server imports (its __main__ is gradlab's), makes
+    # it ignore Ctrl-C from the start (gradlab/__init__.py reads FORK_SERVER); Ctrl-C is this
+    # process's to handle. (A blocked signal mask would not do: the server is started with
+    # fork and exec, which resets the mask.)
+    os.environ[FORK_SERVER] = "1"
     try:
         forkserver.ensure_running()
     finally:
+        del os.environ[FORK_SERVER]
         os.dup2(own_stdout, 1)
         os.close(own_stdout)
 
