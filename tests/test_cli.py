@@ -31,6 +31,9 @@ BAD_SETS = [
     (["--set", "model=user_factories:exits"], "model 'user_factories:exits' called sys.exit(3)"),
     (["--set", "dataset=user_factories:line_with_a_nan", "--set", "model=user_factories:tiny_net"],
      "training examples[0] holds NaN or inf in 1 example(s) (the first: row 17)"),
+    (["--set", "model=user_factories:nan_net", "--set", "dataset=user_factories:noisy_line"],
+     "arm 'big-batch', the baseline: its loss is nan at the initial weights (micro-batch 1 of "
+     "the first window, before any step)"),
     (["--set", "model=user_factories:frozen_net", "--set", "dataset=user_factories:noisy_line"],
      "the model has nothing to train: all 4 of its parameters are frozen"),
     (["--set", "setup=user_setups:exits_in_loss"], "your code called sys.exit(4)"),

@@ -76,3 +76,17 @@ def line_with_a_nan(settings):  # one example's input is NaN, as a sensor gap wo
 def printing_net(settings, data):  # a factory that talks, as research code does
     print("building my model")
     return tiny_net(settings, data)
+
+
+class _NanOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.linear(x) * float("nan")
+
+
+def nan_net(settings, data):
+    """Its output is NaN from the first forward (a log of a negative, a 0/0 in the model)."""
+    return _NanOut()

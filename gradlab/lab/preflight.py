@@ -6,6 +6,7 @@ estimate the run's time and memory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import torch
@@ -183,6 +184,7 @@ def check_setup(arm: Arm, setup: Setup) -> None:
     window = take(setup.train, torch.arange(s.batch_size).to(setup.device))
     engine.set_train_mode(setup.model, s)
     every_rank = engine.rank_micro_batches(window, s.accum_steps, s.world_size, s.rank_split)
+    losses = []
     with torch.no_grad():
         for i, micro_batch in enumerate(mb for part in every_rank for mb in part):
             units = int(setup.count_units(micro_batch))
@@ -202,6 +204,16 @@ def check_setup(arm: Arm, setup: Setup) -> None:
                                    f"{num_examples(micro_batch)} ({s.dtype}): "
                                    f"{type(err).__name__}: {first}") from None
             check_loss(name, returned, units, i)
+            losses.append(float(returned[0]))
+    if arm.baseline and not all(math.isfinite(loss) for loss in losses):
+        # every arm is judged against the baseline: one whose loss is not a number before any
+        # step measures nothing (an arm that diverges later is a finding, this is bad input)
+        first = next(i for i, loss in enumerate(losses) if not math.isfinite(loss))
+        raise GradlabError(f"{name}, the baseline: its loss is {losses[first]} at the initial "
+                           f"weights (micro-batch {first + 1} of the first window, before any "
+                           f"step), so there is nothing to compare the arms with; the model or "
+                           f"its loss gives non-finite values there (a log of 0, a 0/0, an "
+                           f"overflow in {s.dtype}): fix the model, or its initialisation")
     check_every_parameter_syncs(arm, setup)
 
 
