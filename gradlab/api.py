@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradlab.record.meta import Status
+from gradlab.record.meta import STOPPED, Status
 
 if TYPE_CHECKING:
     from gradlab.auditing.result import AuditResult
@@ -93,13 +94,19 @@ def run(experiment: str = "equivalence",
                        launched.code, Status.FAILED)
     if executed.run_dir is None:  # a rank other than 0
         return RunResult(None, Status.COMPLETE, name, executed.trials, results=executed.results)
-    # only now: pandas takes a while to import, and a stop before this point is the run's to
-    # report ("before the run started", or the trials kept)
-    from gradlab.readers import compare
-    from gradlab.record import store
+    try:
+        # only now: pandas takes a while to import, and a stop before this point is the run's
+        # to report ("before the run started", or the trials kept)
+        from gradlab.readers import compare
+        from gradlab.record import store
 
-    written = store.load_run(executed.run_dir)
-    comparison = compare.compare([written])
+        written = store.load_run(executed.run_dir)
+        comparison = compare.compare([written])
+    except KeyboardInterrupt as stop:  # a stop now leaves the run complete, and says so
+        signum = getattr(stop, "signum", None) or hooks_signal(hooks) or signal.SIGINT
+        raise RunEnded(f"{STOPPED[signum]} after the run completed; its results are in "
+                       f"{executed.run_dir}", 128 + signum, Status.COMPLETE,
+                       executed.run_dir) from None
     if launched is None:
         summary = [row for r in executed.results for row in r["summary"]]
         checks = [row for r in executed.results for row in r["checks"]]
@@ -108,6 +115,10 @@ def run(experiment: str = "equivalence",
     return RunResult(executed.run_dir, Status(written.meta["status"]), written.experiment,
                      executed.trials, summary, checks, comparison.failures, comparison,
                      executed.results)
+
+
+def hooks_signal(hooks: Hooks | None) -> int | None:
+    return hooks.stop_signal() if hooks is not None else None
 
 
 def _counting(progress: Callable[[int, int], None]):

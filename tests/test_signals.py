@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -225,3 +226,38 @@ def fork_servers_of(parent: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return found
+
+
+def test_sigterm_at_twenty_moments_of_the_first_second_is_exit_143_and_one_line(tmp_path):
+    """Twenty runs, each stopped at its own moment of its first second (while Python starts,
+    gradlab's commands load, torch imports), four at a time: every one ends with the shell's
+    exit status 143 and no traceback, and nothing is left looking complete."""
+    moments = sorted(random.Random(27).uniform(0, 1) for _ in range(20))
+    ended = []
+    for batch in range(0, len(moments), 4):
+        started = []
+        for moment in moments[batch:batch + 4]:
+            out = tmp_path / f"at-{moment:.3f}"
+            started.append((moment, out, subprocess.Popen(
+                [sys.executable, "-m", "gradlab", "run", "toy", "--out", str(out)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)))
+        begun = time.monotonic()
+        for moment, _, process in started:
+            time.sleep(max(0.0, begun + moment - time.monotonic()))
+            process.send_signal(signal.SIGTERM)
+        for moment, out, process in started:
+            _, stderr = process.communicate(timeout=120)
+            ended.append((moment, out, process.returncode, stderr))
+    for moment, out, code, stderr in ended:
+        # before Python has installed gradlab's handlers (its first milliseconds) SIGTERM ends
+        # it by the signal itself: the shell says 143 for both
+        assert code in (128 + signal.SIGTERM, -signal.SIGTERM), (moment, code, stderr)
+        assert "Traceback" not in stderr, (moment, stderr)
+        if code > 0:
+            line = stderr.strip()
+            assert line.startswith("error: stopped by SIGTERM") and "\n" not in line, \
+                (moment, stderr)
+        for meta in out.glob("*/run.json"):  # complete only if the stop came after that
+            status = json.loads(meta.read_text())["status"]
+            assert status == "interrupted" or (status == "complete" and "after the run "
+                                               "completed" in stderr), (moment, meta, stderr)

@@ -21,11 +21,11 @@ import signal
 import sys
 
 from gradlab.cli.signals import (
+    Early,
     Held,
-    Interrupted,
     Stop,
+    _note_early_stop,
     _on_stop_signal,
-    _raise_interrupted,
     catch_stop_signals,
     early_stop,
     restore_signal_handlers,
@@ -34,14 +34,14 @@ from gradlab.cli.signals import (
 
 # before anything slow: torch and pandas take seconds to import, and a Ctrl-C meanwhile gets
 # the one line too (only Python's own start-up, some milliseconds, comes before this)
-_handlers_before_import = catch_stop_signals(_raise_interrupted)
+_handlers_before_import = catch_stop_signals(_note_early_stop)
 try:
     from gradlab.cli import audit, read, run, specs  # noqa: F401  (each adds its commands)
     from gradlab.cli.shared import app
-except Interrupted as stop:
-    raise early_stop(stop.signum, starting()) from None
 finally:
     restore_signal_handlers(_handlers_before_import)
+if Early.signum is not None:
+    raise early_stop(Early.signum, starting())
 
 __all__ = ["app", "main", "script"]
 

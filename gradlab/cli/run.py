@@ -37,7 +37,7 @@ from gradlab.cli.shared import (
     ended,
     say,
 )
-from gradlab.cli.signals import Stop
+from gradlab.cli.signals import Stop, act_on_held_stop
 from gradlab.errors import GradlabError
 from gradlab.lab.experiment import Hooks, RunEnded, count
 from gradlab.record.meta import Status
@@ -81,7 +81,9 @@ def run(
 
     * `gradlab run my_spec.toml --set model=mypkg.nets:make_net --json`
     """
-    Stop.began = True
+    # Stop.began stays False while the library runs: it reports a stop itself from the moment
+    # it begins ("before the run started", or the trials kept), and one that comes before
+    # that (held while typer imports, say) has written nothing
     check_choice("--table", table, TABLES)
     import gradlab  # the library call this command adapts
 
@@ -105,6 +107,7 @@ def run(
         raise typer.Exit(result.launched.code)
     if result.run_dir is None:
         return  # a rank other than 0: rank 0 judges and shows the run
+    Stop.began = True  # a stop from here on: the run is complete on disk
     show_run(result, json_out, table)
     if result.failures:
         raise typer.Exit(1)
@@ -144,7 +147,11 @@ def run_hooks(json_out: bool) -> Hooks:
     def progress(name: str, trials: int, steps: int, seconds: float
                  ) -> Iterator[Callable[[int], None]]:
         with RunProgress(name, trials, steps, seconds, shown=not json_out) as shown:
-            yield shown.advance
+            def advance(steps_taken: int) -> None:
+                shown.advance(steps_taken)
+                act_on_held_stop()  # a step is a safe point for a stop held in an import
+
+            yield advance
 
     def finishing() -> None:
         Stop.finishing = True

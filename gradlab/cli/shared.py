@@ -125,5 +125,6 @@ def ended(error: GradlabError | RunEnded, json_out: bool = False) -> typer.Exit:
     if json_out and not Stop.quiet:  # (quiet: a rank other than 0, which rank 0 speaks for)
         # plain json: store (and pandas) may be what was being imported when it stopped
         typer.echo(json.dumps({"status": status, "error": " ".join(message.split()),
-                               "run_dir": str(run_dir.path) if run_dir else None}, indent=2))
+                               "run_dir": str(getattr(run_dir, "path", run_dir)) if run_dir
+                               else None}, indent=2))
     return fail(message, code)

@@ -48,8 +48,16 @@ def catch_stop_signals(handler) -> dict:
     return previous
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
+class Early:
+    """A stop signal that arrived while gradlab.cli imports its commands (typer, rich)."""
+    signum: int | None = None
+
+
+def _note_early_stop(signum, frame):
+    # noted, not raised: raised inside those imports, a library's guarded import could catch
+    # it and go on half-loaded; gradlab.cli acts on it as soon as they are done (under a second)
+    if Early.signum is None:
+        Early.signum = signum
 
 
 def restore_signal_handlers(previous: dict) -> None:
@@ -147,6 +155,14 @@ def hold_until_imported() -> bool:
     Held.alarm = signal.signal(signal.SIGALRM, _on_held_stop_poll)
     signal.setitimer(signal.ITIMER_REAL, HELD_POLL)
     return True
+
+
+def act_on_held_stop() -> None:
+    """A safe point (a step taken): a stop held during an import ends the run here, if the
+    poll has not ended it already."""
+    if Held.since is not None and not Stop.finishing:
+        release()
+        stop_now(Stop.signum)
 
 
 def release() -> None:

@@ -201,6 +201,8 @@ def execute(loaded: spec.Spec, trials: list[spec.Trial], estimate: Plan | None,
             estimate = plan.spread(trials, 1, preflight.preflight(trials))
         ranks = world.gather({"rank": world.rank, "pid": os.getpid(),
                               "host": socket.gethostname()}) if world else None
+        if hooks.stop_signal() is not None:  # one held until an import was done (cli.signals)
+            raise KeyboardInterrupt
         if writes:
             run_dir = store.RunDir(out, run_meta(loaded, trials, overrides, estimate, ranks))
         if world is not None:  # the ranks agree on the run directory: rank 0's
@@ -211,6 +213,8 @@ def execute(loaded: spec.Spec, trials: list[spec.Trial], estimate: Plan | None,
         steps = sum(a.settings.steps for t in trials for a in t.arms)
         with hooks.progress(loaded.name, len(trials), steps, estimate.seconds) as advance:
             results = trial.run_trials(trials, run_dir, advance, estimate.workers)
+        if hooks.stop_signal() is not None:  # received during the run, held until now
+            raise KeyboardInterrupt
         if run_dir is not None:
             run_dir.finish(Status.COMPLETE)
     except KeyboardInterrupt as stop:  # Ctrl-C, or a caller's stop signal raised as one
