@@ -153,12 +153,20 @@ def test_at_80_columns_the_cli_prints_the_pivot_whole(equivalence_dir):
 
 
 @pytest.mark.parametrize("width", ["80", "120"])
-def test_the_full_table_never_cuts_n_verdict_or_check(equivalence_dir, width):
+def test_the_full_table_never_cuts_a_number_n_verdict_or_check(equivalence_dir, width):
     result = gradlab("compare", equivalence_dir, "--table", "full", env={"COLUMNS": width})
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert max(len(line.rstrip()) for line in lines) <= int(width)
     doc = json.loads(gradlab("compare", equivalence_dir, "--json").stdout)
+    if width == "80":  # too narrow for every number whole: each row's cells a line each
+        blocks = "\n".join(lines).split("\ntrial ")[1:]
+        assert len(blocks) == len(doc["rows"])
+        for block, row in zip(blocks, doc["rows"], strict=True):
+            assert block.startswith(f"{row['trial']}, arm {row['arm']}\n")
+            assert f"\n  N: {row['accum_steps']}\n" in block
+            assert f"\n  verdict: {row['verdict']}" in block
+        return
     arms = {row["arm"] for row in doc["rows"]}
     rows = [line for line in lines if arms & set(line.split())]
     assert len(rows) == len(doc["rows"])
@@ -171,6 +179,21 @@ def test_the_full_table_never_cuts_n_verdict_or_check(equivalence_dir, width):
     if width == "120":  # at 120 every column fits whole: nothing folded
         table = lines[:next(i for i, line in enumerate(lines) if line.startswith("verdict:"))]
         assert len([line for line in table if line[:1].isdigit()]) == len(doc["rows"])
+
+
+@pytest.mark.parametrize("table", ["compact", "full"])
+def test_at_20_columns_every_number_is_a_line_of_its_own(equivalence_dir, table):
+    result = gradlab("compare", equivalence_dir, "--table", table, env={"COLUMNS": "20"})
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(gradlab("compare", equivalence_dir, "--json").stdout)
+    if table == "compact":  # every measured cell of the pivot, whole, with its mark
+        cells = re.findall(r"^  N=(\d+): (\S+)$", result.stdout, re.M)
+        assert len(cells) == len(doc["rows"])  # one per arm and N (the baseline's floor too)
+        marked = [value for _, value in cells if value[-1] in "✓✗·"]
+        assert len(marked) == sum(1 for row in doc["rows"] if row["verdict"] != "baseline")
+    else:
+        assert result.stdout.count("\n  verdict: ") == len(doc["rows"])
+    assert "Traceback" not in result.stderr
 
 
 def test_a_run_of_one_arm_gets_a_pivot_of_what_it_measured(tmp_path):

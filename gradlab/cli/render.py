@@ -201,6 +201,9 @@ def render_trace(traces: list[dict], weights: list[dict], out: Console) -> None:
 OUTCOME_STYLE = {"ok": "green", "FAIL": "bold red", "n/a": "dim", Verdict.BASELINE: "dim"}
 # what a reader must see whole; the other columns fold (wrap inside the cell) first
 KEY_COLUMNS = ("arm", "accum_steps", "verdict", "check")
+# the fewest characters a setting of the compact table folds to before the table gives way
+# to one line per cell
+FOLDED_SETTING = 4
 
 
 def compact_table() -> Table:
@@ -230,6 +233,18 @@ def render_comparison(result: compare.Comparison, out: Console) -> None:
     folded_settings = 3 * sum(1 for c, n in zip(result.columns, numeric, strict=True)
                               if not n and c not in KEY_COLUMNS)
     fits = whole + folded_settings + len(result.columns) - 1 <= out.width
+    if not fits:  # the numbers would fold inside their cells: one "column: value" a line
+        labels = [" ".join(result.header(c).split()) for c in result.columns]
+        render_as_lines(out, result.title, [
+            ([f"{label} {cell}" for label, cell, column in zip(labels, cells, result.columns,
+                                                                strict=True)
+              if column in ("trial", "arm")],
+             [(label, cell) for label, cell, column in zip(labels, cells, result.columns,
+                                                           strict=True)
+              if column not in ("trial", "arm")]) for cells in rows])
+        for note in result.notes:
+            out.print(note, markup=False, highlight=False)
+        return
     for column, header, width, number in zip(result.columns, headers, widest, numeric,
                                              strict=True):
         justify = "right" if result.numeric(column) else "left"
@@ -245,6 +260,18 @@ def render_comparison(result: compare.Comparison, out: Console) -> None:
     out.print(table)
     for note in result.notes:  # wrapped at the terminal's width, between words
         out.print(note, markup=False, highlight=False)
+
+
+def render_as_lines(out: Console, title: str,
+                    rows: list[tuple[list[str], list[tuple[str, str]]]]) -> None:
+    """A table too wide for the terminal, as lines: each row's name, then one "column: value"
+    line per cell, so that no number is cut or folded however narrow the terminal is."""
+    out.print(Text(title, style="bold"))
+    for name, cells in rows:
+        out.print(Text(", ".join(part for part in name if part.strip()), style="bold"))
+        for label, value in cells:
+            if value.strip():
+                out.print(Text(f"  {label}: {value}"), overflow="ignore", crop=False)
 
 
 def _wrapped(header: str, width: int) -> str:
@@ -269,8 +296,24 @@ def _style(column: str, cell: str) -> str:
 def render_pivot(pivot: compact.Pivot, out: Console) -> None:
     """The compact table: one row per arm and setting, one column per N; then the totals
     and how to read a cell. The N columns never shrink; the setting and arm columns fold."""
-    table = compact_table()
     header = pivot.header()
+    # the arm and the numbers whole, each setting folded to FOLDED_SETTING characters at least
+    widths = [max([len(label), *(len(c) for c in column)]) for label, column in zip(
+        header, zip(*([*labels, *(c.text for c in cells)] for labels, cells in pivot.rows),
+                    strict=True), strict=True)] if pivot.rows else []
+    least = sum(w if j >= len(pivot.labels) or pivot.labels[j] == "arm" else
+                min(w, FOLDED_SETTING) for j, w in enumerate(widths)) + len(widths) - 1
+    if least > out.width:  # too narrow for the table: "N=2: 9.0e-16✓", a line each
+        n_labels = header[len(pivot.labels):]
+        render_as_lines(out, pivot.title, [
+            ([f"{h} {v}" if h != "arm" else v for h, v in zip(header, labels, strict=False)],
+             [(h, c.text) for h, c in zip(n_labels, cells, strict=True)])
+            for labels, cells in pivot.rows])
+        out.print(Text(pivot.totals, style="bold"))
+        for note in pivot.notes:
+            out.print(note, markup=False, highlight=False)
+        return
+    table = compact_table()
     for name, label in zip(pivot.labels, header, strict=False):
         if name == "arm":  # a row's name: whole, like the numbers
             widest = max([len(label), *(len(labels[-1]) for labels, _ in pivot.rows)])
