@@ -11,6 +11,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
+from matplotlib import font_manager
 from matplotlib.colors import to_rgba
 from torch.testing import assert_close
 
@@ -300,3 +301,47 @@ def test_bad_plot_options_exit_2(mini, tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.stderr and "\n" not in result.stderr.strip()
     assert not (tmp_path / "figs").exists()
+
+
+CJK_SPEC = """
+name = "cjk"
+[settings]
+model = "mlp"
+dataset = "regression"
+batch_size = 8
+steps = 3
+dtype = "float64"
+[arms."大批量"]
+baseline = true
+accum_steps = 1
+[arms."累积"]
+accum_steps = 2
+expect = "equivalent"
+"""
+
+
+def test_labels_no_font_has_are_said_once_and_warn_nothing(tmp_path_factory, tmp_path,
+                                                           monkeypatch):
+    run = spec_run(tmp_path_factory, CJK_SPEC)
+    monkeypatch.setattr(plots, "installed_fonts", lambda: [])  # as on a machine without CJK
+    said = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = plots.write([store.load_run(run)], tmp_path, say=said.append)
+    assert written and [str(w.message) for w in caught if "Glyph" in str(w.message)] == []
+    assert len(said) == 1 and said[0].startswith("note: no installed font has the characters ")
+    assert set(said[0].split()[7]) == set("大批量累积")
+
+
+def test_a_font_that_has_the_missing_glyphs_is_used_for_those_texts(monkeypatch):
+    # DejaVu Sans lacks U+2322 (a frown); DejaVu's math font, which matplotlib ships, has it
+    math = font_manager.findfont("DejaVu Math TeX Gyre", fallback_to_default=False)
+    assert 0x2322 not in plots.glyphs(plots.DEJAVU) and 0x2322 in plots.glyphs(math)
+    monkeypatch.setattr(plots, "installed_fonts", lambda: [math])
+    with plt.rc_context(plots.RC):
+        fig, ax = plt.subplots()
+        plain, frown = ax.set_title("no-sync"), ax.set_xlabel("arm \u2322")
+        assert plots.fall_back_for_missing_glyphs(fig) == set()
+    assert frown.get_fontfamily() == ["DejaVu Sans", "DejaVu Math TeX Gyre"]
+    assert plain.get_fontfamily() == ["DejaVu Sans"]
+    plt.close(fig)

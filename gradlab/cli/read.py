@@ -138,7 +138,8 @@ def plot(
         from gradlab.record import store
 
         paths = plots.write(store.load_runs(runs), out, format_,
-                            [m.strip() for m in y.split(",") if m.strip()] if y else None, x)
+                            [m.strip() for m in y.split(",") if m.strip()] if y else None, x,
+                            say=lambda note: typer.echo(note, err=True))
     except GradlabError as e:
         raise fail(str(e)) from None
     for path in paths:
@@ -162,7 +163,8 @@ def report(
         from gradlab.readers import report as reports  # imports matplotlib: slow, so only here
         from gradlab.record import store
 
-        paths = reports.write(store.load_run(run_dir))
+        paths = reports.write(store.load_run(run_dir),
+                              say=lambda note: typer.echo(note, err=True))
     except GradlabError as e:
         raise fail(str(e)) from None
     for path in paths:

@@ -30,6 +30,9 @@ mean, with the std as a band or an error bar.
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -39,6 +42,7 @@ matplotlib.use("Agg")  # files only: must work on a server with no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib import font_manager, ft2font  # noqa: E402
 
 from gradlab.errors import GradlabError  # noqa: E402
 from gradlab.readers import compare
@@ -307,8 +311,11 @@ def default_out(runs: list[Run]) -> Path:
 
 
 def write(runs: list[Run], out: Path | None = None, fmt: str = "png",
-          ys: list[str] | None = None, x: str | None = None) -> dict[Path, str]:
-    """Draw the standard figures (or the requested ones) and save them: {path: title}."""
+          ys: list[str] | None = None, x: str | None = None,
+          say: Callable[[str], object] = lambda note: None) -> dict[Path, str]:
+    """Draw the standard figures (or the requested ones) and save them: {path: title}.
+    ``say``: a note for people, once, when the labels hold characters DejaVu Sans lacks
+    (arm names in CJK, say) and no installed font has them either."""
     if fmt not in FORMATS:
         raise GradlabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     if x is not None and x not in X_AXES:
@@ -316,14 +323,59 @@ def write(runs: list[Run], out: Path | None = None, fmt: str = "png",
     plots = requested_plots(runs, ys or [], x) if ys or x else standard_plots(runs)
     out = out or default_out(runs)
     out.mkdir(parents=True, exist_ok=True)
-    written = {}
+    written, lacking = {}, set()
     for plot in plots:
-        with plt.rc_context(RC):
+        with plt.rc_context(RC), warnings.catch_warnings():
+            # a glyph no font has is drawn as a box, and said once below, not once a glyph
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
             fig = draw(plot, runs[0].experiment)
+            lacking |= fall_back_for_missing_glyphs(fig)
             path = out / f"{runs[0].experiment}-{plot.name}.{fmt}"
             # no date in the file: the same run gives the same bytes
             fig.savefig(path, dpi=110, bbox_inches="tight",
                         metadata={"Date": None} if fmt == "svg" else None)
         plt.close(fig)
         written[path] = plot.title
+    if lacking:
+        shown = "".join(sorted(lacking)[:8]) + ("…" if len(lacking) > 8 else "")
+        say(f"note: no installed font has the characters {shown} of the figures' labels; "
+            f"they show as boxes. Install a font that has them (e.g. Noto Sans CJK: "
+            f"apt install fonts-noto-cjk) and plot again")
     return written
+
+
+def fall_back_for_missing_glyphs(fig: plt.Figure) -> set[str]:
+    """Give every text of ``fig`` that holds characters DejaVu Sans lacks a fallback font
+    that has them, if one is installed; the characters that no installed font has."""
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
+    missing = {c for t in texts for c in t.get_text() if ord(c) not in glyphs(DEJAVU)}
+    if not missing:
+        return set()
+    fallback = next((path for path in installed_fonts() if missing <= {
+        chr(code) for code in glyphs(path)}), None)
+    if fallback is None:
+        return missing
+    name = font_manager.FontProperties(fname=fallback).get_name()
+    for text in texts:  # per glyph: DejaVu's where it has one, the fallback's otherwise
+        if set(text.get_text()) & missing:
+            text.set_fontfamily([RC["font.family"], name])
+    return set()
+
+
+DEJAVU = font_manager.findfont(RC["font.family"], fallback_to_default=False)
+
+
+@functools.cache
+def glyphs(path: str) -> frozenset[int]:
+    """The code points the font at ``path`` has glyphs for."""
+    try:
+        return frozenset(ft2font.FT2Font(path).get_charmap())
+    except (OSError, RuntimeError):  # a font file matplotlib cannot read
+        return frozenset()
+
+
+def installed_fonts() -> list[str]:
+    """The font files matplotlib knows, once each, but DejaVu's own and the Last Resort font
+    matplotlib ships (a box for every code point: it has every glyph and shows none)."""
+    return sorted({f.fname for f in font_manager.fontManager.ttflist
+                   if "lastresort" not in f.fname.lower()} - {DEJAVU})

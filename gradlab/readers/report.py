@@ -14,6 +14,7 @@ import base64
 import dataclasses
 import html
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,9 +314,10 @@ def html_table(table: Table) -> str:
 
 # ----------------------------------------------------------------------------- files
 
-def write(run: Run) -> list[Path]:
-    """report.md, index.html (and the figures in figures/) in the run directory."""
-    figures = plots.write([run], run.path / "figures", "png")
+def write(run: Run, say: Callable[[str], object] = lambda note: None) -> list[Path]:
+    """report.md, index.html (and the figures in figures/) in the run directory; ``say``: a
+    note for people (plots.write's)."""
+    figures = plots.write([run], run.path / "figures", "png", say=say)
     content = blocks(run, figures)
     md_path, html_path = run.path / "report.md", run.path / "index.html"
     md_path.write_text(markdown(content), encoding="utf-8")
