@@ -30,3 +30,28 @@ def _frames(err: BaseException) -> list:
     import traceback  # only when something failed
 
     return traceback.extract_tb(err.__traceback__)
+
+
+def out_of_memory(err: BaseException) -> str | None:
+    """'out of memory (an allocation of 512 MiB failed)' when ``err``, or an error it caused
+    or was raised while handling, is the allocator giving up (CPU or CUDA); else None. A
+    failed allocation can leave tensors half-made, so the error that surfaces is often a
+    later one (a gradient of the wrong dtype): the chain is searched."""
+    import re
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err)
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or \
+                "can't allocate memory" in text or "out of memory" in text.lower():
+            tried = re.search(r"allocate (\d+) bytes", text) or \
+                re.search(r"allocate ([\d.]+ [KMGT]iB)", text)
+            if tried is None:
+                return "out of memory"
+            size = tried.group(1)
+            if size.isdigit():
+                size = f"{int(size) / 2**20:.0f} MiB"
+            return f"out of memory (an allocation of {size} failed)"
+        err = err.__cause__ or err.__context__
+    return None

@@ -78,6 +78,35 @@ def test_user_code_that_exits_while_training_is_bad_input_and_the_run_is_failed(
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
 
 
+def test_running_out_of_memory_is_said_with_what_to_lower(tmp_path):
+    out = tmp_path / "results"
+    result = gradlab("run", "equivalence", "--set", "setup=user_setups:runs_out_of_memory_"
+                     "while_training", "--set", "steps=3", "--jobs", "1", "--out", out)
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the run stopped: out of memory (an allocation of 256 MiB "
+                           "failed); preflight estimated "), line
+    assert "Lower batch_size" in line and "grad_dtype" not in line
+    (run_dir,) = out.iterdir()
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "failed" and meta["error"].startswith(line.removeprefix("error: "))
+
+
+def test_out_of_memory_is_found_behind_the_error_it_caused():
+    from gradlab.errors import out_of_memory
+
+    try:
+        try:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 1073741824 bytes")
+        except RuntimeError:
+            raise TypeError("grad_dtype 'Double'") from None
+    except TypeError as later:
+        assert out_of_memory(later) == "out of memory (an allocation of 1024 MiB failed)"
+    assert out_of_memory(MemoryError()) == "out of memory"
+    assert out_of_memory(ValueError("shapes do not match")) is None
+
+
 def exit_line() -> int:
     import user_setups
 

@@ -159,3 +159,27 @@ def exits_in_loss(settings, calls_before_exit: int = 0):
 
 def exits_while_training(settings):
     return exits_in_loss(settings, calls_before_exit=60)
+
+
+ALLOCATOR_SAYS = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                  "allocate memory: you tried to allocate 268435456 bytes. Error code 12 "
+                  "(Cannot allocate memory)")
+
+
+def runs_out_of_memory_while_training(settings):
+    """At its 61st call (inside a trial, after gradlab's checks) the loss meets the CPU
+    allocator's failure, and what surfaces is a later error raised while handling it, as a
+    half-made gradient gives (torch's "grad_dtype" complaint)."""
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        if len(calls) > 60:
+            try:
+                raise RuntimeError(ALLOCATOR_SAYS)
+            except RuntimeError:
+                raise TypeError("attempting to assign a gradient with dtype 'float' to a "
+                                "tensor with grad_dtype 'Double'") from None
+        return summed_mse(model, batch)
+
+    return Setup(torch.nn.Linear(3, 1), regression(), loss)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradlab import entrypoints
 from gradlab.config import spec
-from gradlab.errors import GradlabError, where
+from gradlab.errors import GradlabError, out_of_memory, where
 from gradlab.record.meta import STOPPED, RunMeta, Status
 
 if TYPE_CHECKING:
@@ -160,6 +160,8 @@ def run_experiment(experiment: str, overrides: list[str] = (), *, out: Path = Pa
     except Exception as e:
         if hooks.stop_signal() is not None:
             raise stopped(hooks.stop_signal(), None, hooks) from None
+        if (memory := out_of_memory(e)) is not None:
+            raise RunEnded(memory_advice(memory, None), 1, Status.FAILED) from None
         raise RunEnded(f"preparing the run failed: {type(e).__name__}: {e} (at {place(e)})",
                        1, Status.FAILED) from None
     if ranks is not None and rank is None:  # data-parallel arms: start the ranks, as torchrun
@@ -239,6 +241,11 @@ def execute(loaded: spec.Spec, trials: list[spec.Trial], estimate: Plan | None,
             raise stopped(hooks.stop_signal(), run_dir, hooks, world) from None
         if world is not None:
             raise rank_failed(world, e, traceback.format_exc(), 1, run_dir, hooks) from None
+        if (memory := out_of_memory(e)) is not None:
+            said = memory_advice(memory, estimate)
+            if run_dir is not None:
+                mark(run_dir, Status.FAILED, f"{said}\n{traceback.format_exc()}")
+            raise RunEnded(said, 1, Status.FAILED, run_dir) from None
         if run_dir is None:
             raise RunEnded(f"preparing the run failed: {type(e).__name__}: {e} (at "
                            f"{place(e)})", 1, Status.FAILED) from None
@@ -248,6 +255,21 @@ def execute(loaded: spec.Spec, trials: list[spec.Trial], estimate: Plan | None,
     if world is not None:
         world.leave()
     return Executed(loaded.name, run_dir.path if run_dir else None, trials, results)
+
+
+def memory_advice(memory: str, estimate: Plan | None) -> str:
+    """The one line of a run that ran out of memory: what it was estimated to need, and what
+    to lower."""
+    from gradlab.lab.plan import memory_text
+
+    need = ""
+    if estimate is not None and estimate.memory_bytes:
+        workers = estimate.workers.processes if estimate.workers else 1
+        need = (f"; preflight estimated {memory_text(estimate.memory_bytes)} a trial"
+                f"{f', {workers} trials at once' if workers > 1 else ''}")
+    return (f"the run stopped: {memory}{need}. Lower batch_size (the big-batch arm holds a "
+            f"whole window at once), use a smaller model, or run fewer trials at once "
+            f"(--jobs 1)")
 
 
 def run_meta(loaded: spec.Spec, trials: list[spec.Trial], overrides: list[str],

@@ -44,16 +44,18 @@ class Plan:
 
     def estimate(self) -> str:
         processes = self.workers.processes if self.workers else 1
-        held = self.memory_bytes * processes
-        if held >= 2**30:
-            memory = f"{held / 2**30:.1f} GiB"
-        elif held >= 2**20:
-            memory = f"{held / 2**20:.0f} MiB"
-        else:
-            memory = "under 1 MiB"
+        memory = memory_text(self.memory_bytes * processes)
         where = f" in {processes} worker processes" if processes > 1 else ""
         return (f"about {format_seconds(self.seconds / processes)}{where} and {memory} "
                 f"(estimated from one timed step of each model)")
+
+
+def memory_text(held: float) -> str:
+    if held >= 2**30:
+        return f"{held / 2**30:.1f} GiB"
+    if held >= 2**20:
+        return f"{held / 2**20:.0f} MiB"
+    return "under 1 MiB"
 
 
 def format_seconds(seconds: float) -> str:

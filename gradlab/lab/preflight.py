@@ -24,7 +24,7 @@ from gradlab.config.settings import (
     Sync,
 )
 from gradlab.config.spec import Arm, Trial
-from gradlab.errors import GradlabError, unhandled
+from gradlab.errors import GradlabError, out_of_memory, unhandled
 from gradlab.lab import setups
 from gradlab.lab.device import configure, resolve_device
 from gradlab.lab.plan import Plan, probe_due
@@ -72,6 +72,11 @@ def preflight(trials: list[Trial]) -> Plan:
                 try:
                     step_seconds = time_one_window(setup, s)
                 except Exception as err:  # the forward passed check_setup: backward failed
+                    if (memory := out_of_memory(err)) is not None:
+                        raise GradlabError(
+                            f"arm '{arm.name}': {memory} in one window's forward and backward "
+                            f"(batch_size={s.batch_size}, {s.dtype}); lower batch_size or "
+                            f"use a smaller model") from None
                     raise GradlabError(f"arm '{arm.name}': backward through the model and loss "
                                        f"failed: {type(err).__name__}: {err}") from None
                 measured[key] = (step_seconds,
