@@ -22,7 +22,14 @@ from conftest import gradlab
 from gradlab import auditing
 from gradlab.auditing import parent as audit
 from gradlab.auditing.diagnosis import diagnose
-from gradlab.auditing.result import COPY_LIMIT, AuditResult, twins
+from gradlab.auditing.result import (
+    COPY_LIMIT,
+    AuditResult,
+    beat_of,
+    rank_record,
+    records_of,
+    twins,
+)
 from gradlab.auditing.rundir import write_run
 from gradlab.auditing.worker import resolve_entrypoint, worker
 from gradlab.errors import GradlabError
@@ -682,3 +689,19 @@ def test_a_timeout_that_is_not_seconds_is_refused(value, tmp_path):
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == (f"error: --timeout {float(value)}: give the seconds a loop "
                                      f"may go without an optimizer step (> 0), or 0 for no limit")
+
+
+def test_the_watch_reads_every_ranks_beat(tmp_path):
+    """A loop on W ranks steps when any of its ranks does: the watch reads the beat files
+    beside each rank's record, where the workers write them."""
+    class Running:
+        def poll(self):
+            return None
+
+    _, arm = twins(8, 4, ranks=2)
+    out = tmp_path / "accumulated.pkl"
+    watch = audit.Watch(timeout=0, max_steps=5)
+    watch.add(arm.call(5), Running(), [beat_of(r) for r in records_of(arm, out)])
+    beat_of(rank_record(out, 1)).write_text("3")  # as worker.Recorder.record writes it
+    watch.check()
+    assert watch.loops[0]["steps"] == 3

@@ -42,8 +42,9 @@ from gradlab.auditing.result import (
     PROJECTIONS,
     Arm,
     AuditResult,
+    beat_of,
     locate_entrypoint,
-    rank_record,
+    records_of,
     twins,
 )
 from gradlab.auditing.rundir import write_run
@@ -173,7 +174,7 @@ def run_loops(entrypoint: str, runs: list[tuple[Arm, str, str]], max_steps: int,
                 process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
                                            env=env, stdin=subprocess.DEVNULL)
             started.append((arm, label, role, process, out, log))
-            watch.add(arm.call(max_steps), process, out)
+            watch.add(arm.call(max_steps), process, [beat_of(r) for r in records_of(arm, out)])
             if not parallel:
                 watch.wait([process])
                 if role == "lead":
@@ -207,9 +208,9 @@ class Watch:
         self.slowest = 0.0  # the longest time between two steps of a loop, so far
         self.read_at = 0.0
 
-    def add(self, call: str, process: subprocess.Popen, out: Path) -> None:
-        self.loops.append({"call": call, "process": process, "beats": f"{out.name}*.beat",
-                           "folder": out.parent, "steps": 0, "since": time.monotonic()})
+    def add(self, call: str, process: subprocess.Popen, beats: list[Path]) -> None:
+        self.loops.append({"call": call, "process": process, "beats": beats, "steps": 0,
+                           "since": time.monotonic()})
 
     def limit(self) -> float:
         if self.timeout is not None:
@@ -229,8 +230,7 @@ class Watch:
         self.read_at = now
         running = [loop for loop in self.loops if loop["process"].poll() is None]
         for loop in running:
-            steps = max((_steps_in(beat) for beat in loop["folder"].glob(loop["beats"])),
-                        default=0)
+            steps = max(_steps_in(beat) for beat in loop["beats"])
             if steps > loop["steps"]:
                 if loop["steps"]:  # the time to the first step holds imports and data
                     self.slowest = max(self.slowest, (now - loop["since"]) / (steps - loop[
@@ -254,7 +254,7 @@ class Watch:
 def _steps_in(beat: Path) -> int:
     try:
         return int(beat.read_text() or 0)
-    except (OSError, ValueError):  # gone, or being rewritten this moment
+    except (OSError, ValueError):  # not yet written, or being rewritten this moment
         return 0
 
 
@@ -276,7 +276,7 @@ def end(processes) -> None:
 def read_records(arm: Arm, out: Path, log: Path, code: int, max_steps: int) -> list[dict]:
     """What the run's workers saved: one record, or one per rank (label.rankR.pkl); the first
     error any of them met, or which rank died without a record."""
-    paths = [out] if arm.ranks <= 1 else [rank_record(out, r) for r in range(arm.ranks)]
+    paths = records_of(arm, out)
     records = [load_record(p) if p.is_file() else None for p in paths]
     failed = [r for r, c in enumerate(records) if c is None or c["error"]]
     if failed:

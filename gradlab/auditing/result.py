@@ -74,6 +74,16 @@ def rank_record(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
 
 
+def records_of(arm: Arm, out: Path) -> list[Path]:
+    """Where the run's workers save their records: ``out``, or one per rank."""
+    return [out] if arm.ranks <= 1 else [rank_record(out, r) for r in range(arm.ranks)]
+
+
+def beat_of(record: Path) -> Path:
+    """The file a worker rewrites at every optimizer step, beside its record."""
+    return record.with_name(record.name + ".beat")
+
+
 def twins(micro_batch_size: int, accum_steps: int, ranks: int = 1) -> tuple[Arm, Arm]:
     """The baseline (m*N*W x 1) and the accumulated arm (m x N on each of W ranks).
 

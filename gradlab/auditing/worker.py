@@ -42,7 +42,14 @@ from torch import nn
 
 from gradlab import entrypoints
 from gradlab.auditing import ranks
-from gradlab.auditing.result import CHUNK, PROJECTIONS, locate_entrypoint, no_module, rank_record
+from gradlab.auditing.result import (
+    CHUNK,
+    PROJECTIONS,
+    beat_of,
+    locate_entrypoint,
+    no_module,
+    rank_record,
+)
 from gradlab.errors import GradlabError, where
 
 
@@ -487,11 +494,6 @@ def worker(entrypoint: str, micro_batch_size: int, accum_steps: int, max_steps: 
             step["projections"] = [_array(t) for t in step["projections"]]
     _write_whole(out, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
     return result["error"] is None
-
-
-def beat_of(record: Path) -> Path:
-    """The file a worker rewrites at every optimizer step, beside its record."""
-    return record.with_name(record.name + ".beat")
 
 
 if __name__ == "__main__":
