@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +78,7 @@ def run(experiment: str = "equivalence",
     bar). ``hooks``: messages, progress and stop signals in full (gradlab.lab.experiment.Hooks;
     what `gradlab run` uses); ``rank_args``: the command line a data-parallel run's ranks
     start with."""
-    from gradlab.lab.experiment import Hooks, RunEnded, run_experiment
+    from gradlab.lab.experiment import Hooks, RunEnded, run_experiment, signal_of
 
     if progress is not None:
         hooks = dataclasses.replace(hooks or Hooks(), progress=_counting(progress))
@@ -103,7 +102,7 @@ def run(experiment: str = "equivalence",
         written = store.load_run(executed.run_dir)
         comparison = compare.compare([written])
     except KeyboardInterrupt as stop:  # a stop now leaves the run complete, and says so
-        signum = getattr(stop, "signum", None) or hooks_signal(hooks) or signal.SIGINT
+        signum = signal_of(stop, hooks or Hooks())
         raise RunEnded(f"{STOPPED[signum]} after the run completed; its results are in "
                        f"{executed.run_dir}", 128 + signum, Status.COMPLETE,
                        executed.run_dir) from None
@@ -115,10 +114,6 @@ def run(experiment: str = "equivalence",
     return RunResult(executed.run_dir, Status(written.meta["status"]), written.experiment,
                      executed.trials, summary, checks, comparison.failures, comparison,
                      executed.results)
-
-
-def hooks_signal(hooks: Hooks | None) -> int | None:
-    return hooks.stop_signal() if hooks is not None else None
 
 
 def _counting(progress: Callable[[int, int], None]):

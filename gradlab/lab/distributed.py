@@ -160,10 +160,10 @@ def ranks_needed(trials: list[Trial], rank: Rank | None) -> Ranks | None:
                            "was built without CUDA); use --set backend=gloo (or auto: gloo "
                            "on CPU)")
     local = rank.local_world_size if rank is not None else size
+    cores = usable_cores()
     if device == "cuda":
         allowed, what = torch.cuda.device_count(), "CUDA devices (one per rank)"
     else:
-        cores = usable_cores()
         allowed, what = RANKS_PER_CPU_CORE * cores, \
             f"CPU cores ({cores}; ranks may share them, {RANKS_PER_CPU_CORE} to a core at most)"
     if local > allowed:
@@ -172,10 +172,10 @@ def ranks_needed(trials: list[Trial], rank: Rank | None) -> Ranks | None:
                            f"has {what}; use --set world_size={max(allowed, 1)} or "
                            f"fewer{more}")
     note = None
-    if device == "cpu" and local > usable_cores():
-        note = (f"{local} ranks share this machine's {usable_cores()} CPU cores: the gradients "
-                f"are the same, the run about {local / usable_cores():.3g}x slower and its "
-                f"step times not those of one rank per core")
+    if device == "cpu" and local > cores:
+        note = (f"{local} ranks share this machine's {cores} CPU cores: the gradients are the "
+                f"same, the run about {local / cores:.3g}x slower and its step times not "
+                f"those of one rank per core")
     return Ranks(size, backend, device, note)
 
 

@@ -45,9 +45,11 @@ MAX_TRIALS = 1000
 
 class RunEnded(Exception):
     """The run did not complete: the one line that says why, the exit code, the status, and
-    the run directory if one was made (marked with that status already)."""
+    the run directory if one was made (marked with that status already; a path when the run
+    completed and a stop came while it was being read back)."""
 
-    def __init__(self, message: str, code: int, status: Status, run_dir: RunDir | None = None):
+    def __init__(self, message: str, code: int, status: Status,
+                 run_dir: RunDir | Path | None = None):
         super().__init__(message)
         self.message, self.code, self.status, self.run_dir = message, code, status, run_dir
 
